@@ -1,0 +1,42 @@
+//! Helpers for the end-to-end tests: locating (and building) the real `thingsgate` binary.
+//!
+//! Test support code: failing loudly (panicking) is how it reports a broken setup.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The path of the `thingsgate` binary, built once per test process with the same profile as
+/// the tests (`THINGSGATE_BIN` overrides it, e.g. to test a release build).
+pub fn thingsgate_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(path) = std::env::var_os("THINGSGATE_BIN") {
+            return PathBuf::from(path);
+        }
+        let root = workspace_root();
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(&root)
+            .args(["build", "--quiet", "-p", "broker", "--bin", "thingsgate"])
+            .status();
+        match status {
+            Ok(s) if s.success() => {}
+            other => panic!("building thingsgate failed: {other:?}"),
+        }
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        target.join("debug").join("thingsgate")
+    })
+    .clone()
+}
+
+/// The repository root (this crate lives in `tests/`).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
