@@ -29,14 +29,23 @@ impl Timestamp {
     /// Parses an RFC 3339 date-time such as `2026-01-31T12:00:00Z` or `…+01:00`.
     pub fn parse_rfc3339(text: &str) -> Result<Self, String> {
         let parsed = OffsetDateTime::parse(text, &Rfc3339).map_err(|e| e.to_string())?;
-        let millis = parsed.unix_timestamp_nanos() / 1_000_000;
-        i64::try_from(millis)
+        // Rounds down (towards the past), also before 1970.
+        let millis = parsed.unix_timestamp_nanos().div_euclid(1_000_000);
+        let timestamp = i64::try_from(millis)
             .map(Timestamp)
-            .map_err(|_| "date is out of range".to_owned())
+            .map_err(|_| "date is out of range".to_owned())?;
+        // An offset can move a valid local time outside the years RFC 3339 can write in UTC
+        // (`0000-01-01T00:00:00+23:59`); such an instant could not be written back.
+        if timestamp.to_rfc3339().is_none() {
+            return Err("date is out of range (years 0000 to 9999 in UTC)".to_owned());
+        }
+        Ok(timestamp)
     }
 
-    fn to_datetime(self) -> Option<OffsetDateTime> {
-        OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.0) * 1_000_000).ok()
+    fn to_rfc3339(self) -> Option<String> {
+        OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.0) * 1_000_000)
+            .ok()
+            .and_then(|d| d.format(&Rfc3339).ok())
     }
 }
 
@@ -53,7 +62,7 @@ impl From<std::time::SystemTime> for Timestamp {
 impl fmt::Display for Timestamp {
     /// RFC 3339 in UTC (`2026-01-31T12:00:00Z`, with `.123` when there are milliseconds).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.to_datetime().and_then(|d| d.format(&Rfc3339).ok()) {
+        match self.to_rfc3339() {
             Some(text) => f.write_str(&text),
             None => write!(f, "@{}ms", self.0),
         }
@@ -75,6 +84,15 @@ mod tests {
             offset,
             Timestamp::parse_rfc3339("2026-01-31T12:00:00Z").unwrap()
         );
+    }
+
+    #[test]
+    fn instants_that_cannot_be_written_back_are_refused() {
+        for text in ["0000-01-01T00:00:00+23:59", "9999-12-31T23:59:59-23:59"] {
+            assert!(Timestamp::parse_rfc3339(text).is_err(), "{text} accepted");
+        }
+        let before_1970 = Timestamp::parse_rfc3339("1969-12-31T23:59:59.9995Z").unwrap();
+        assert_eq!(before_1970.to_string(), "1969-12-31T23:59:59.999Z");
     }
 
     #[test]
