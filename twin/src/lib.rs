@@ -2,7 +2,24 @@
 //! compact MQTT topic form, command application (commands → events, with the permissions each
 //! command needs), and durable embedded storage (journal with group commit, snapshots).
 //!
-//! Not built yet: issue "Twins: the Ditto protocol, command application, and durable embedded
-//! storage" fills this crate. It depends on [`policy`] only (DESIGN.md §8: broker → twin → policy).
+//! Dependencies point one way (DESIGN.md §8): broker → twin → [`policy`].
+//!
+//! # Layout
+//! - [`id`]: thing IDs (policy IDs come from `policy`).
+//! - [`error`]: Ditto's errors (`{status, error, message, description}`).
+//! - [`entity`]: stored entities as JSON documents, and the [`entity::Event`]s that change them.
+//! - [`merge`]: JSON merge patch (RFC 7396).
+//! - [`path`]: the levels of a thing that commands address.
+//! - [`command`]: commands, independent of how they arrived.
 
+pub mod command;
+pub mod entity;
+pub mod error;
+pub mod id;
+pub mod merge;
+pub mod path;
+
+pub use entity::{Entity, EntityKey, EntityKind, Event, EventAction};
+pub use error::DittoError;
+pub use id::{PolicyId, ThingId};
 pub use policy;

@@ -1,0 +1,364 @@
+//! Stored entities (things, policies, solutions) and the events that change them.
+//!
+//! Every entity is kept as its JSON document plus revision and timestamps. An [`Event`] says how
+//! one revision became the next: created, modified (a value set at a path), merged (a JSON merge
+//! patch applied at a path) or deleted (the value at a path, or the entity, removed). Events are
+//! what the journal stores and what subscribers receive; [`Entity::apply`] is the only way state
+//! changes, both live and when the store replays its journal, so the two cannot disagree.
+//!
+//! Paths are JSON pointers into the document whose segments decode `~0` to `~` only (as policy
+//! resource paths do, so that a command's path and the resource it is authorized on are the
+//! same string); document keys therefore never contain `/`.
+
+use std::fmt;
+
+use policy::Timestamp;
+use serde_json::{Map, Value};
+
+use crate::merge::merge_patch;
+
+/// Which kind of entity a key names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EntityKind {
+    Thing,
+    Policy,
+    Solution,
+}
+
+impl EntityKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            EntityKind::Thing => "thing",
+            EntityKind::Policy => "policy",
+            EntityKind::Solution => "solution",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "thing" => Some(EntityKind::Thing),
+            "policy" => Some(EntityKind::Policy),
+            "solution" => Some(EntityKind::Solution),
+            _ => None,
+        }
+    }
+}
+
+/// The key of a stored entity: its kind and ID (validated by whoever built it).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EntityKey {
+    pub kind: EntityKind,
+    pub id: String,
+}
+
+impl EntityKey {
+    pub fn new(kind: EntityKind, id: impl Into<String>) -> Self {
+        EntityKey {
+            kind,
+            id: id.into(),
+        }
+    }
+}
+
+impl fmt::Display for EntityKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.kind.as_str(), self.id)
+    }
+}
+
+/// What an event did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventAction {
+    Created,
+    Modified,
+    Merged,
+    Deleted,
+}
+
+impl EventAction {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            EventAction::Created => "created",
+            EventAction::Modified => "modified",
+            EventAction::Merged => "merged",
+            EventAction::Deleted => "deleted",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "created" => Some(EventAction::Created),
+            "modified" => Some(EventAction::Modified),
+            "merged" => Some(EventAction::Merged),
+            "deleted" => Some(EventAction::Deleted),
+            _ => None,
+        }
+    }
+}
+
+/// One change to one entity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub key: EntityKey,
+    pub action: EventAction,
+    /// JSON pointer into the document (`""` is the whole entity).
+    pub path: String,
+    /// The value set (`modified`, `created`) or the patch applied (`merged`); `None` for `deleted`.
+    pub value: Option<Value>,
+    /// The entity's revision after this event (1 for the event that created it).
+    pub revision: u64,
+    pub timestamp: Timestamp,
+}
+
+/// Why an event could not be applied: the journal and the state disagree, which the store
+/// reports as corruption, never ignores.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyEventError {
+    #[error("event for {key} at revision {revision}: the entity does not exist")]
+    Missing { key: String, revision: u64 },
+    #[error("event for {key}: revision {revision} does not follow {current}")]
+    Revision {
+        key: String,
+        revision: u64,
+        current: u64,
+    },
+    #[error("event for {key}: path `{path}` does not lead to an object to change")]
+    Path { key: String, path: String },
+    #[error("event for {key}: `{action}` at the root needs a JSON object value")]
+    Root { key: String, action: &'static str },
+}
+
+/// A stored entity: its document (without `_revision` and the other `_` fields) and metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entity {
+    pub key: EntityKey,
+    pub doc: Value,
+    pub revision: u64,
+    pub created: Timestamp,
+    pub modified: Timestamp,
+}
+
+/// Decoded segments of a document path (`~0` → `~`; empty segments ignored).
+pub fn path_segments(path: &str) -> impl Iterator<Item = std::borrow::Cow<'_, str>> {
+    path.split('/').filter(|s| !s.is_empty()).map(|s| {
+        if s.contains("~0") {
+            std::borrow::Cow::Owned(s.replace("~0", "~"))
+        } else {
+            std::borrow::Cow::Borrowed(s)
+        }
+    })
+}
+
+/// The value at `path` in `doc`, if there is one.
+pub fn pointer<'v>(doc: &'v Value, path: &str) -> Option<&'v Value> {
+    path_segments(path).try_fold(doc, |v, s| v.as_object()?.get(s.as_ref()))
+}
+
+impl Entity {
+    /// Applies `event` to the current state (`None`: the entity does not exist) and returns the
+    /// new state (`None`: deleted).
+    pub fn apply(
+        current: Option<Entity>,
+        event: &Event,
+    ) -> Result<Option<Entity>, ApplyEventError> {
+        let key = || event.key.to_string();
+        let root = event.path.split('/').all(str::is_empty);
+        if event.action == EventAction::Created || (root && current.is_none()) {
+            return match &event.value {
+                Some(doc @ Value::Object(_)) => Ok(Some(Entity {
+                    key: event.key.clone(),
+                    doc: doc.clone(),
+                    revision: event.revision,
+                    created: event.timestamp,
+                    modified: event.timestamp,
+                })),
+                _ => Err(ApplyEventError::Root {
+                    key: key(),
+                    action: event.action.as_str(),
+                }),
+            };
+        }
+        let Some(mut entity) = current else {
+            return Err(ApplyEventError::Missing {
+                key: key(),
+                revision: event.revision,
+            });
+        };
+        if event.revision <= entity.revision {
+            return Err(ApplyEventError::Revision {
+                key: key(),
+                revision: event.revision,
+                current: entity.revision,
+            });
+        }
+        if root && event.action == EventAction::Deleted {
+            return Ok(None);
+        }
+        let path_error = || ApplyEventError::Path {
+            key: key(),
+            path: event.path.clone(),
+        };
+        let segments: Vec<_> = path_segments(&event.path).collect();
+        match (event.action, segments.split_last()) {
+            (EventAction::Modified, None) => match &event.value {
+                Some(doc @ Value::Object(_)) => entity.doc = doc.clone(),
+                _ => {
+                    return Err(ApplyEventError::Root {
+                        key: key(),
+                        action: "modified",
+                    });
+                }
+            },
+            (EventAction::Merged, None) => {
+                merge_patch(
+                    &mut entity.doc,
+                    event.value.as_ref().unwrap_or(&Value::Null),
+                );
+                if !entity.doc.is_object() {
+                    return Err(ApplyEventError::Root {
+                        key: key(),
+                        action: "merged",
+                    });
+                }
+            }
+            (EventAction::Modified, Some((last, parents))) => {
+                let parent = object_at(&mut entity.doc, parents, true).ok_or_else(path_error)?;
+                parent.insert(last.to_string(), event.value.clone().unwrap_or(Value::Null));
+            }
+            (EventAction::Merged, Some((last, parents))) => {
+                let patch = event.value.as_ref().unwrap_or(&Value::Null);
+                let parent =
+                    object_at(&mut entity.doc, parents, !patch.is_null()).ok_or_else(path_error)?;
+                if patch.is_null() {
+                    parent.remove(last.as_ref());
+                } else {
+                    let target = parent.entry(last.to_string()).or_insert(Value::Null);
+                    merge_patch(target, patch);
+                }
+            }
+            (EventAction::Deleted, Some((last, parents))) => {
+                let parent = object_at(&mut entity.doc, parents, false).ok_or_else(path_error)?;
+                parent.remove(last.as_ref()).ok_or_else(path_error)?;
+            }
+            (EventAction::Created | EventAction::Deleted, _) => return Err(path_error()),
+        }
+        entity.revision = event.revision;
+        entity.modified = event.timestamp;
+        Ok(Some(entity))
+    }
+}
+
+/// The object at `segments` below `doc`; with `create`, missing levels become empty objects
+/// (as Ditto creates the parents of a modified attribute path).
+fn object_at<'v>(
+    doc: &'v mut Value,
+    segments: &[std::borrow::Cow<'_, str>],
+    create: bool,
+) -> Option<&'v mut Map<String, Value>> {
+    let mut current = doc;
+    for segment in segments {
+        let object = current.as_object_mut()?;
+        if create && !object.get(segment.as_ref()).is_some_and(Value::is_object) {
+            object.insert(segment.to_string(), Value::Object(Map::new()));
+        }
+        current = object.get_mut(segment.as_ref())?;
+    }
+    current.as_object_mut()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn event(action: EventAction, path: &str, value: Option<Value>, revision: u64) -> Event {
+        Event {
+            key: EntityKey::new(EntityKind::Thing, "ns:t"),
+            action,
+            path: path.into(),
+            value,
+            revision,
+            timestamp: Timestamp::from_unix_millis(revision as i64),
+        }
+    }
+
+    #[test]
+    fn events_build_and_change_a_document() {
+        let created = Entity::apply(
+            None,
+            &event(EventAction::Created, "", Some(json!({"attributes": {}})), 1),
+        )
+        .unwrap();
+        let modified = Entity::apply(
+            created,
+            &event(
+                EventAction::Modified,
+                "/attributes/a~0b/c",
+                Some(json!(1)),
+                2,
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            modified.as_ref().unwrap().doc,
+            json!({"attributes": {"a~b": {"c": 1}}})
+        );
+        let merged = Entity::apply(
+            modified,
+            &event(
+                EventAction::Merged,
+                "/attributes",
+                Some(json!({"a~b": null, "x": 2})),
+                3,
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            merged.as_ref().unwrap().doc,
+            json!({"attributes": {"x": 2}})
+        );
+        let deleted = Entity::apply(
+            merged,
+            &event(EventAction::Deleted, "/attributes/x", None, 4),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(deleted.doc, json!({"attributes": {}}));
+        assert_eq!(
+            (deleted.revision, deleted.created, deleted.modified),
+            (
+                4,
+                Timestamp::from_unix_millis(1),
+                Timestamp::from_unix_millis(4)
+            )
+        );
+        assert_eq!(
+            Entity::apply(Some(deleted), &event(EventAction::Deleted, "", None, 5)).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn events_that_do_not_fit_the_state_are_errors() {
+        let e = Entity::apply(None, &event(EventAction::Created, "", Some(json!({})), 1)).unwrap();
+        assert!(matches!(
+            Entity::apply(None, &event(EventAction::Modified, "/a", Some(json!(1)), 2)),
+            Err(ApplyEventError::Missing { .. })
+        ));
+        assert!(matches!(
+            Entity::apply(
+                e.clone(),
+                &event(EventAction::Modified, "/a", Some(json!(1)), 1)
+            ),
+            Err(ApplyEventError::Revision { .. })
+        ));
+        assert!(matches!(
+            Entity::apply(e.clone(), &event(EventAction::Deleted, "/nope", None, 2)),
+            Err(ApplyEventError::Path { .. })
+        ));
+        assert!(matches!(
+            Entity::apply(e, &event(EventAction::Modified, "", Some(json!(3)), 2)),
+            Err(ApplyEventError::Root { .. })
+        ));
+    }
+}

@@ -1,0 +1,183 @@
+//! The resource levels of a thing that commands address (`/attributes/a`, `/features/f/properties/p`, …).
+
+use std::fmt;
+
+use crate::error::DittoError;
+
+/// The level a thing path addresses; borrowed from a [`ThingPath`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level<'a> {
+    Thing,
+    PolicyId,
+    Definition,
+    Attributes,
+    /// An attribute at a non-empty JSON path below `/attributes`.
+    Attribute(&'a [String]),
+    Features,
+    Feature(&'a str),
+    FeatureDefinition(&'a str),
+    FeatureProperties(&'a str),
+    FeatureProperty(&'a str, &'a [String]),
+    FeatureDesiredProperties(&'a str),
+    FeatureDesiredProperty(&'a str, &'a [String]),
+}
+
+/// A validated path into a thing: decoded segments (`~0` → `~`), empty segments dropped.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct ThingPath {
+    segments: Vec<String>,
+}
+
+/// The longest path (in bytes, as written) a command may address.
+pub const MAX_PATH_LEN: usize = 1024;
+
+impl ThingPath {
+    /// The whole thing.
+    pub fn root() -> Self {
+        ThingPath::default()
+    }
+
+    /// Parses a JSON-pointer-like path (`/features/lamp/properties/on`). Refuses paths that do
+    /// not address a level of a thing (400 `things:path.invalid`).
+    pub fn parse(path: &str) -> Result<Self, DittoError> {
+        if path.len() > MAX_PATH_LEN {
+            return Err(DittoError::new(
+                400,
+                "things:path.invalid",
+                format!("the path is longer than {MAX_PATH_LEN} bytes"),
+            ));
+        }
+        if path.chars().any(char::is_control) {
+            return Err(DittoError::new(
+                400,
+                "things:path.invalid",
+                "the path contains a control character",
+            ));
+        }
+        let segments = crate::entity::path_segments(path)
+            .map(|s| s.into_owned())
+            .collect();
+        let parsed = ThingPath { segments };
+        parsed.check()?;
+        Ok(parsed)
+    }
+
+    fn check(&self) -> Result<(), DittoError> {
+        let invalid = || {
+            DittoError::new(400, "things:path.invalid", format!("`{self}` does not address a part of a thing"))
+                .with_description("Valid paths: /, /policyId, /definition, /attributes[/…], /features[/ID[/definition|/properties[/…]|/desiredProperties[/…]]]")
+        };
+        match self
+            .segments
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice()
+        {
+            []
+            | ["policyId"]
+            | ["definition"]
+            | ["attributes", ..]
+            | ["features"]
+            | ["features", _] => Ok(()),
+            ["features", _, "definition"]
+            | ["features", _, "properties", ..]
+            | ["features", _, "desiredProperties", ..] => Ok(()),
+            _ => Err(invalid()),
+        }
+    }
+
+    pub fn level(&self) -> Level<'_> {
+        match self.segments.as_slice() {
+            [] => Level::Thing,
+            [a] if a == "policyId" => Level::PolicyId,
+            [a] if a == "definition" => Level::Definition,
+            [a] if a == "attributes" => Level::Attributes,
+            [a, rest @ ..] if a == "attributes" => Level::Attribute(rest),
+            [a] if a == "features" => Level::Features,
+            [a, f] if a == "features" => Level::Feature(f),
+            [a, f, b] if a == "features" && b == "definition" => Level::FeatureDefinition(f),
+            [a, f, b] if a == "features" && b == "properties" => Level::FeatureProperties(f),
+            [a, f, b, rest @ ..] if a == "features" && b == "properties" => {
+                Level::FeatureProperty(f, rest)
+            }
+            [a, f, b] if a == "features" && b == "desiredProperties" => {
+                Level::FeatureDesiredProperties(f)
+            }
+            [a, f, b, rest @ ..] if a == "features" && b == "desiredProperties" => {
+                Level::FeatureDesiredProperty(f, rest)
+            }
+            // `check` admits nothing else.
+            _ => Level::Thing,
+        }
+    }
+
+    /// The decoded segments.
+    pub fn segments(&self) -> &[String] {
+        &self.segments
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.segments.is_empty()
+    }
+
+    /// The path one level deeper (e.g. a merge patch's key). `key` is a decoded JSON key.
+    pub fn child(&self, key: &str) -> ThingPath {
+        let mut segments = self.segments.clone();
+        segments.push(key.to_owned());
+        ThingPath { segments }
+    }
+}
+
+impl fmt::Display for ThingPath {
+    /// The path as a JSON pointer (`/` for the root; `~` written `~0`): the same string is the
+    /// `thing:` resource it is authorized on.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.segments.is_empty() {
+            return f.write_str("/");
+        }
+        for s in &self.segments {
+            write!(f, "/{}", s.replace('~', "~0"))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_level_parses_and_others_are_refused() {
+        let level = |p: &str| ThingPath::parse(p).map(|t| format!("{:?}", t.level()));
+        assert_eq!(level("").unwrap(), "Thing");
+        assert_eq!(level("/").unwrap(), "Thing");
+        assert_eq!(level("/policyId").unwrap(), "PolicyId");
+        assert_eq!(
+            level("/attributes/a/b").unwrap(),
+            r#"Attribute(["a", "b"])"#
+        );
+        assert_eq!(
+            level("/features/f~0x/properties/p").unwrap(),
+            r#"FeatureProperty("f~x", ["p"])"#
+        );
+        assert_eq!(
+            level("/features/f/desiredProperties").unwrap(),
+            r#"FeatureDesiredProperties("f")"#
+        );
+        for bad in [
+            "/thingId",
+            "/features/f/other",
+            "/features/f/definition/x",
+            "/x",
+            "/policyId/x",
+        ] {
+            let e = ThingPath::parse(bad).unwrap_err();
+            assert_eq!((e.status, e.error), (400, "things:path.invalid"), "{bad}");
+        }
+        assert_eq!(
+            ThingPath::parse("/attributes//a~0b/").unwrap().to_string(),
+            "/attributes/a~0b"
+        );
+    }
+}
