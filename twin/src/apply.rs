@@ -1,0 +1,1 @@
+//! Command application: a command and the current entity give an event (or a retrieve answer).

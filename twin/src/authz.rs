@@ -1,0 +1,1 @@
+//! What each command needs from the policy, and retrieve answers cut to the requester's view.

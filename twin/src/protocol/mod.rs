@@ -1,0 +1,1 @@
+//! The Ditto protocol: topics, the JSON envelope, and the compact MQTT topic form.

@@ -1,0 +1,1 @@
+//! Durable storage of things, policies and solutions: journal with group commit, snapshots.

@@ -1,0 +1,1 @@
+//! The thing model (Eclipse Ditto's): document shape, validation and size limits.
