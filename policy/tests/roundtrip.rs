@@ -1,5 +1,10 @@
 //! Parse → serialize → parse gives the same policy, for generated policies of every shape.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
 
 use policy::{parse_policy, policy_from_value, policy_to_value};
 use proptest::prelude::*;
@@ -24,12 +29,19 @@ fn resource() -> impl Strategy<Value = String> {
     )
         .prop_map(|(kind, segs, slash)| {
             let path = segs.join("/");
-            if slash || !path.is_empty() { format!("{kind}:/{path}") } else { format!("{kind}:") }
+            if slash || !path.is_empty() {
+                format!("{kind}:/{path}")
+            } else {
+                format!("{kind}:")
+            }
         })
 }
 
 fn perms() -> impl Strategy<Value = Vec<&'static str>> {
-    prop::collection::vec(prop::sample::select(vec!["READ", "WRITE", "EXECUTE", "CREATE"]), 0..5)
+    prop::collection::vec(
+        prop::sample::select(vec!["READ", "WRITE", "EXECUTE", "CREATE"]),
+        0..5,
+    )
 }
 
 fn subject() -> impl Strategy<Value = (String, Value)> {
@@ -54,7 +66,10 @@ fn entry() -> impl Strategy<Value = Value> {
     (
         prop::collection::btree_map(any::<u8>(), subject(), 0..3),
         prop::collection::btree_map(resource(), (perms(), perms()), 0..4),
-        prop::option::of(prop::collection::vec(prop::sample::select(vec!["org.acme", "org.acme.*", "a_1.b"]), 0..3)),
+        prop::option::of(prop::collection::vec(
+            prop::sample::select(vec!["org.acme", "org.acme.*", "a_1.b"]),
+            0..3,
+        )),
         prop::option::of(prop::sample::select(vec!["implicit", "explicit", "never"])),
     )
         .prop_map(|(subjects, resources, namespaces, importable)| {
@@ -81,7 +96,11 @@ fn policy_json() -> impl Strategy<Value = Value> {
     (
         prop::option::of("[a-z]{1,3}(\\.[a-z][a-z0-9_]{0,3}){0,2}:[a-zA-Z0-9-]{1,8}"),
         prop::collection::btree_map("[A-Za-z][A-Za-z0-9_-]{0,6}", entry(), 0..4),
-        prop::collection::btree_map("org\\.[a-z]{1,3}:[a-z]{1,3}", prop::collection::vec("[A-Z]{1,3}", 0..3), 0..2),
+        prop::collection::btree_map(
+            "org\\.[a-z]{1,3}:[a-z]{1,3}",
+            prop::collection::vec("[A-Z]{1,3}", 0..3),
+            0..2,
+        ),
         prop::option::of(any::<u32>()),
         any::<bool>(),
     )
@@ -91,8 +110,10 @@ fn policy_json() -> impl Strategy<Value = Value> {
                 p["policyId"] = json!(id);
             }
             if !imports.is_empty() {
-                let imports: serde_json::Map<_, _> =
-                    imports.into_iter().map(|(id, labels)| (id, json!({"entries": labels}))).collect();
+                let imports: serde_json::Map<_, _> = imports
+                    .into_iter()
+                    .map(|(id, labels)| (id, json!({"entries": labels})))
+                    .collect();
                 p["imports"] = Value::Object(imports);
             }
             if let Some(r) = revision {
