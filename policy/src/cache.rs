@@ -2,8 +2,9 @@
 //!
 //! Read by every connection task on every message that meets a policy not yet in its own memo,
 //! written only when a policy is loaded or changes. Sharded `RwLock`s keep readers from meeting
-//! each other; recency is a per-shard tick that only writers advance, so a read does one
-//! relaxed load and, at most, one relaxed store. When a shard is full, an insert evicts the
+//! each other; recency is a per-shard tick that only writers advance (by 2: an insert stamps its
+//! entry with the new even tick, a read stamps with tick + 1, so a read counts as more recent
+//! than every insert before it), so a read does one relaxed load and, at most, one relaxed store. When a shard is full, an insert evicts the
 //! entry that was used least recently (ties: any of them).
 
 use std::collections::HashMap;
@@ -81,7 +82,7 @@ impl PolicyCache {
         let shard = self.shard(policy_id)?;
         let map = shard.read();
         let slot = map.get(policy_id)?;
-        let now = shard.clock.load(Ordering::Relaxed);
+        let now = shard.clock.load(Ordering::Relaxed) + 1;
         if slot.last_used.load(Ordering::Relaxed) != now {
             slot.last_used.store(now, Ordering::Relaxed);
         }
@@ -99,7 +100,7 @@ impl PolicyCache {
             return false;
         };
         let mut map = shard.write();
-        let tick = shard.clock.fetch_add(1, Ordering::Relaxed) + 1;
+        let tick = shard.clock.fetch_add(2, Ordering::Relaxed) + 2;
         if let Some(slot) = map.get_mut(policy_id) {
             if slot.revision > revision {
                 return false;

@@ -27,16 +27,26 @@ pub(crate) struct Node {
     /// subject so that one subject's records are adjacent.
     pub first_record: u32,
     pub record_count: u32,
-    /// The resource this node stands for (explanations only).
-    pub resource: ResourceKey,
 }
 
 /// A labelled edge to a child node; the label is `keys[key_start .. key_start + key_len]`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Edge {
+    /// The label's first 8 bytes, zero-padded ([`prefix_of`]): most comparisons end here.
+    pub prefix: u64,
     pub key_start: u32,
     pub key_len: u32,
     pub child: u32,
+}
+
+/// The first 8 bytes of `key` as a number, zero-padded; equal keys have equal prefixes.
+#[inline]
+pub(crate) fn prefix_of(key: &[u8]) -> u64 {
+    let mut buf = [0u8; 8];
+    for (slot, byte) in buf.iter_mut().zip(key) {
+        *slot = *byte;
+    }
+    u64::from_le_bytes(buf)
 }
 
 /// One subject's grant/revoke at one node, from one entry.
@@ -68,6 +78,9 @@ impl CompiledEntry {
 pub(crate) struct Trie {
     pub roots: [u32; ResourceType::ALL.len()],
     pub nodes: Vec<Node>,
+    /// The resource each node stands for (explanations only; kept out of [`Node`] so the
+    /// nodes a check walks stay small).
+    pub resources: Vec<ResourceKey>,
     pub edges: Vec<Edge>,
     pub keys: String,
     pub records: Vec<Record>,
@@ -166,6 +179,7 @@ pub(crate) fn compile(policy: &Policy, imported: &[&Policy]) -> Trie {
 
     // Flatten: nodes keep their indices (a child always has a larger index than its parent).
     let mut nodes = Vec::with_capacity(building.len());
+    let mut resources = Vec::with_capacity(building.len());
     let mut edges = Vec::new();
     let mut keys = String::new();
     let mut records = Vec::new();
@@ -175,6 +189,7 @@ pub(crate) fn compile(policy: &Policy, imported: &[&Policy]) -> Trie {
             let key_start = u32::try_from(keys.len()).unwrap_or(NONE);
             keys.push_str(key);
             edges.push(Edge {
+                prefix: prefix_of(key.as_bytes()),
                 key_start,
                 key_len: u32::try_from(key.len()).unwrap_or(NONE),
                 child: *child,
@@ -189,12 +204,13 @@ pub(crate) fn compile(policy: &Policy, imported: &[&Policy]) -> Trie {
             edge_count: u32::try_from(b.children.len()).unwrap_or(NONE),
             first_record,
             record_count: u32::try_from(b.records.len()).unwrap_or(NONE),
-            resource: b.resource,
         });
+        resources.push(b.resource);
     }
     Trie {
         roots,
         nodes,
+        resources,
         edges,
         keys,
         records,

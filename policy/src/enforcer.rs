@@ -7,23 +7,26 @@
 //! that depends on the path's length, not on the number of entries or subjects.
 //!
 //! # The decision (DESIGN.md §1, rules 1–5), per permission p
-//! Along the walk we remember the depth of the deepest node where some subject of the set grants
-//! p (`grant`) and where some subject revokes p (`revoke`):
-//! - `allowed` (rule 2, 3): `grant > revoke`, so the deepest level decides and a revoke at the
-//!   same level as a grant wins;
-//! - unrestricted (rule 4): `allowed` and no subject revokes p anywhere below the resource;
-//! - partial (rule 5): `allowed`, or some subject grants p somewhere below the resource where that
-//!   same subject does not also revoke p.
+//! Building a view computes, for every trie node n and the view's subjects:
+//! - `allowed(n)` (rules 2, 3): the deepest node on the way to n where some subject grants p is
+//!   strictly deeper than the deepest where some subject revokes p — so the deepest level
+//!   decides, and a revoke at the same level as a grant wins;
+//! - `revoked_below(n)`: some subject revokes p strictly below n;
+//! - `partial_below(n)`: some subject grants p strictly below n where that same subject does not
+//!   also revoke p.
+//!
+//! A check finds the deepest node on the resource's path. If the path ends at that node,
+//! unrestricted (rule 4) is `allowed && !revoked_below` and partial (rule 5) is
+//! `allowed || partial_below`. If the path goes on below it, no entry names anything there, so
+//! both are `allowed` of that node.
 
 use std::fmt;
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
-use crate::compile::{self, Edge, NONE, Node, Trie};
-use crate::model::{
-    Permission, Permissions, Policy, PolicyId, ResourceKey, ResourceType, raw_segments,
-};
+use crate::compile::{self, Edge, NONE, Node, Trie, prefix_of};
+use crate::model::{Permission, Permissions, Policy, PolicyId, ResourceKey, ResourceType};
 use crate::timestamp::Timestamp;
 
 /// Which check a request needs.
@@ -38,15 +41,16 @@ pub enum Mode {
 /// Bit layout of a view's per-node flags: four groups of four bits, one bit per permission
 /// (in [`Permission::index`] order).
 mod bits {
-    /// Some subject of the set grants p at this node.
-    pub const GRANT: u32 = 0;
-    /// Some subject of the set revokes p at this node.
+    /// Rule 2 holds at this node: the deepest grant on its path is deeper than every revoke.
+    pub const ALLOWED: u32 = 0;
+    /// Some subject of the set revokes p at this node (used while building the view).
     pub const REVOKE: u32 = 4;
     /// Some subject of the set revokes p strictly below this node.
     pub const REVOKE_BELOW: u32 = 8;
     /// Some subject grants p strictly below this node and does not revoke it at that node.
     pub const PARTIAL_BELOW: u32 = 12;
 
+    #[inline]
     pub fn has(flags: u16, group: u32, permission: super::Permission) -> bool {
         (flags >> (group + permission.index() as u32)) & 1 != 0
     }
@@ -114,9 +118,16 @@ impl Enforcer {
             .map(|e| e.applies_to(namespace))
             .collect();
         let mut valid_until: Option<Timestamp> = None;
-        let mut flags = vec![0u16; trie.nodes.len()];
-        let mut partial_here = vec![0u16; trie.nodes.len()];
+        let node_count = trie.nodes.len();
+        let mut flags = vec![0u16; node_count];
+        let mut partial_here = vec![0u16; node_count];
+        // Per node and permission: 1 + depth of the deepest grant / revoke on its path (0: none).
+        let mut grant_depth = vec![[0u16; 4]; node_count];
+        let mut revoke_depth = vec![[0u16; 4]; node_count];
+        let mut depth = vec![0u16; node_count];
 
+        // INVARIANT: a parent's index is smaller than its children's, so one forward pass sees
+        // each node's whole path and one backward pass each node's whole subtree.
         for (i, node) in trie.nodes.iter().enumerate() {
             let mut grant = Permissions::NONE;
             let mut revoke = Permissions::NONE;
@@ -145,13 +156,39 @@ impl Enforcer {
                 revoke = revoke.union(subject_revoke);
                 partial = partial.union(subject_grant.minus(subject_revoke));
             }
-            if let (Some(f), Some(p)) = (flags.get_mut(i), partial_here.get_mut(i)) {
-                *f = u16::from(grant.bits()) << bits::GRANT
-                    | u16::from(revoke.bits()) << bits::REVOKE;
-                *p = u16::from(partial.bits());
+            let parent = node.parent as usize;
+            let here = depth.get(parent).map_or(1, |d| d.saturating_add(1));
+            let mut grants = grant_depth.get(parent).copied().unwrap_or_default();
+            let mut revokes = revoke_depth.get(parent).copied().unwrap_or_default();
+            let mut allowed = 0u16;
+            for p in Permission::ALL {
+                let k = p.index();
+                if let (Some(g), Some(r)) = (grants.get_mut(k), revokes.get_mut(k)) {
+                    if grant.contains(p) {
+                        *g = here;
+                    }
+                    if revoke.contains(p) {
+                        *r = here;
+                    }
+                    if *g > *r {
+                        allowed |= 1 << k;
+                    }
+                }
+            }
+            if let (Some(f), Some(ph), Some(d), Some(g), Some(r)) = (
+                flags.get_mut(i),
+                partial_here.get_mut(i),
+                depth.get_mut(i),
+                grant_depth.get_mut(i),
+                revoke_depth.get_mut(i),
+            ) {
+                *f = allowed << bits::ALLOWED | u16::from(revoke.bits()) << bits::REVOKE;
+                *ph = u16::from(partial.bits());
+                *d = here;
+                *g = grants;
+                *r = revokes;
             }
         }
-        // Children have larger indices than their parents: one backward pass aggregates subtrees.
         for (i, node) in trie.nodes.iter().enumerate().rev() {
             let (Some(&f), Some(&p)) = (flags.get(i), partial_here.get(i)) else {
                 continue;
@@ -207,7 +244,7 @@ impl Enforcer {
         while node != NONE {
             on_path.push(node);
             node = match segments.next() {
-                Some(segment) => self.child(node, segment, false).unwrap_or(NONE),
+                Some(segment) => self.child(node, segment.as_bytes(), false).unwrap_or(NONE),
                 None => break,
             };
         }
@@ -260,7 +297,11 @@ impl Enforcer {
                     explanation.contributions.push(Contribution {
                         effect,
                         place,
-                        resource: nd.resource.clone(),
+                        resource: trie
+                            .resources
+                            .get(n as usize)
+                            .cloned()
+                            .unwrap_or_else(|| ResourceKey::root(resource.kind())),
                         subject,
                         entry: label,
                     });
@@ -277,6 +318,7 @@ impl Enforcer {
         explanation
     }
 
+    #[inline]
     fn edges_of(&self, node: &Node) -> &[Edge] {
         let start = node.first_edge as usize;
         self.trie
@@ -285,25 +327,43 @@ impl Enforcer {
             .unwrap_or(&[])
     }
 
-    fn edge_key(&self, edge: &Edge) -> &str {
+    #[inline]
+    fn edge_key(&self, edge: &Edge) -> &[u8] {
         let start = edge.key_start as usize;
         self.trie
             .keys
+            .as_bytes()
             .get(start..start + edge.key_len as usize)
-            .unwrap_or("")
+            .unwrap_or(&[])
     }
 
-    /// The child of `node` along `segment`. `raw`: the segment still has to be decoded (`~0`).
-    fn child(&self, node: u32, segment: &str, raw: bool) -> Option<u32> {
+    #[inline]
+    fn root(&self, kind: ResourceType) -> u32 {
+        self.trie.roots.get(kind.index()).copied().unwrap_or(NONE)
+    }
+
+    /// The child of `node` along `segment`. `raw`: the segment may still hold `~0` for `~`.
+    #[inline]
+    fn child(&self, node: u32, segment: &[u8], raw: bool) -> Option<u32> {
         let edges = self.edges_of(self.trie.nodes.get(node as usize)?);
-        if raw && segment.contains('~') {
+        if raw && segment.contains(&b'~') {
             return edges
                 .iter()
                 .find(|e| eq_decoded(self.edge_key(e), segment))
                 .map(|e| e.child);
         }
+        // Edge keys are short and few: compare length and first 8 bytes before anything else.
+        let (len, prefix) = (segment.len(), prefix_of(segment));
+        let same = |e: &&Edge| {
+            e.key_len as usize == len
+                && e.prefix == prefix
+                && (len <= 8 || self.edge_key(e) == segment)
+        };
+        if edges.len() <= 16 {
+            return edges.iter().find(same).map(|e| e.child);
+        }
         edges
-            .binary_search_by(|e| self.edge_key(e).as_bytes().cmp(segment.as_bytes()))
+            .binary_search_by(|e| self.edge_key(e).cmp(segment))
             .ok()
             .and_then(|i| edges.get(i))
             .map(|e| e.child)
@@ -318,39 +378,57 @@ fn records_of<'t>(trie: &'t Trie, node: &Node) -> &'t [compile::Record] {
 }
 
 /// Whether `key` equals the decoding of `raw` (`~0` → `~`), without allocating.
-fn eq_decoded(key: &str, raw: &str) -> bool {
-    let mut key = key.bytes();
-    let mut raw = raw.bytes().peekable();
-    while let Some(b) = raw.next() {
-        let decoded = if b == b'~' && raw.peek() == Some(&b'0') {
+fn eq_decoded(key: &[u8], raw: &[u8]) -> bool {
+    let mut key = key.iter();
+    let mut raw = raw.iter().peekable();
+    while let Some(&b) = raw.next() {
+        if b == b'~' && raw.peek() == Some(&&b'0') {
             raw.next();
-            b'~'
-        } else {
-            b
-        };
-        if key.next() != Some(decoded) {
+        }
+        if key.next() != Some(&b) {
             return false;
         }
     }
     key.next().is_none()
 }
 
-/// Where a walk ended and what it saw on the way.
-#[derive(Clone, Copy)]
-struct Walk {
-    /// The node of the resource, or [`NONE`] when the path leaves the trie.
-    node: u32,
-    /// 1 + depth of the deepest granting node on the path, 0 if none.
-    grant: u32,
-    /// 1 + depth of the deepest revoking node on the path, 0 if none.
-    revoke: u32,
-    depth: u32,
+/// Splits `/`-separated path bytes into non-empty segments without `memchr` (segments are
+/// short, and a byte loop beats its setup cost).
+#[derive(Clone)]
+struct Segments<'a> {
+    rest: &'a [u8],
 }
 
-impl Walk {
-    fn allowed(self) -> bool {
-        self.grant > self.revoke
+impl<'a> Iterator for Segments<'a> {
+    type Item = &'a [u8];
+
+    #[inline]
+    fn next(&mut self) -> Option<&'a [u8]> {
+        loop {
+            let end = self
+                .rest
+                .iter()
+                .position(|&b| b == b'/')
+                .unwrap_or(self.rest.len());
+            let (segment, rest) = self.rest.split_at_checked(end)?;
+            self.rest = rest.get(1..).unwrap_or(&[]);
+            if !segment.is_empty() {
+                return Some(segment);
+            }
+            if self.rest.is_empty() {
+                return None;
+            }
+        }
     }
+}
+
+/// Where a walk down the trie stopped.
+#[derive(Clone, Copy)]
+struct At {
+    /// The node of the resource, or [`NONE`] when the path went on below the deepest node.
+    node: u32,
+    /// The flags of the deepest node reached.
+    flags: u16,
 }
 
 /// A policy as seen by one subject set, in one namespace, at one time. Cheap to keep per
@@ -377,83 +455,61 @@ impl SubjectView {
         self.valid_until.is_none_or(|t| now < t)
     }
 
+    #[inline]
     fn flags(&self, node: u32) -> u16 {
         self.flags.get(node as usize).copied().unwrap_or(0)
     }
 
-    fn start(&self, kind: ResourceType, permission: Permission) -> Walk {
-        let root = self
-            .enforcer
-            .trie
-            .roots
-            .get(kind.index())
-            .copied()
-            .unwrap_or(NONE);
-        let walk = Walk {
-            node: root,
-            grant: 0,
-            revoke: 0,
-            depth: 0,
-        };
-        if root == NONE {
-            walk
-        } else {
-            self.enter(walk, root, permission)
-        }
-    }
-
-    /// Moves the walk onto `node` (one level deeper than where it was, or the root).
-    fn enter(&self, mut walk: Walk, node: u32, permission: Permission) -> Walk {
-        let flags = self.flags(node);
-        walk.node = node;
-        walk.depth += 1;
-        if bits::has(flags, bits::GRANT, permission) {
-            walk.grant = walk.depth;
-        }
-        if bits::has(flags, bits::REVOKE, permission) {
-            walk.revoke = walk.depth;
-        }
-        walk
-    }
-
-    fn step(&self, walk: Walk, segment: &str, raw: bool, permission: Permission) -> Walk {
-        if walk.node == NONE {
-            return walk;
-        }
-        match self.enforcer.child(walk.node, segment, raw) {
-            Some(child) => self.enter(walk, child, permission),
-            None => Walk { node: NONE, ..walk },
-        }
-    }
-
+    /// Walks from the root of `kind` along `segments` as far as the trie goes.
+    #[inline]
     fn walk<'a>(
         &self,
         kind: ResourceType,
-        segments: impl Iterator<Item = &'a str>,
+        segments: impl Iterator<Item = &'a [u8]>,
         raw: bool,
-        permission: Permission,
-    ) -> Walk {
-        let mut walk = self.start(kind, permission);
-        for segment in segments.filter(|s| !s.is_empty()) {
-            if walk.node == NONE {
-                break;
-            }
-            walk = self.step(walk, segment, raw, permission);
+    ) -> At {
+        let root = self.enforcer.root(kind);
+        let mut at = At {
+            node: root,
+            flags: self.flags(root),
+        };
+        if root == NONE {
+            return at;
         }
-        walk
+        for segment in segments {
+            match self.enforcer.child(at.node, segment, raw) {
+                Some(child) => {
+                    at = At {
+                        node: child,
+                        flags: self.flags(child),
+                    }
+                }
+                None => {
+                    at.node = NONE;
+                    break;
+                }
+            }
+        }
+        at
     }
 
-    fn decide(&self, walk: Walk, permission: Permission, mode: Mode) -> bool {
-        let below =
-            |group| walk.node != NONE && bits::has(self.flags(walk.node), group, permission);
+    #[inline]
+    fn decide(at: At, permission: Permission, mode: Mode) -> bool {
+        let allowed = bits::has(at.flags, bits::ALLOWED, permission);
+        let exact = at.node != NONE;
         match mode {
-            Mode::Unrestricted => walk.allowed() && !below(bits::REVOKE_BELOW),
-            Mode::Partial => walk.allowed() || below(bits::PARTIAL_BELOW),
+            Mode::Unrestricted => {
+                allowed && !(exact && bits::has(at.flags, bits::REVOKE_BELOW, permission))
+            }
+            Mode::Partial => {
+                allowed || (exact && bits::has(at.flags, bits::PARTIAL_BELOW, permission))
+            }
         }
     }
 
     /// Checks `permission` on `kind:path`, where `path` is `/`-separated and JSON-pointer encoded
     /// (`~0` is `~`; empty segments are ignored).
+    #[inline]
     pub fn check(
         &self,
         kind: ResourceType,
@@ -461,10 +517,18 @@ impl SubjectView {
         permission: Permission,
         mode: Mode,
     ) -> bool {
-        self.check_segments(kind, raw_segments(path), permission, mode)
+        let at = self.walk(
+            kind,
+            Segments {
+                rest: path.as_bytes(),
+            },
+            true,
+        );
+        Self::decide(at, permission, mode)
     }
 
-    /// Like [`SubjectView::check`] with the path already split (e.g. MQTT topic levels).
+    /// Like [`SubjectView::check`] with the path already split (e.g. MQTT topic levels); each
+    /// segment is JSON-pointer encoded, empty ones are ignored.
     pub fn check_segments<'a>(
         &self,
         kind: ResourceType,
@@ -472,8 +536,8 @@ impl SubjectView {
         permission: Permission,
         mode: Mode,
     ) -> bool {
-        let walk = self.walk(kind, segments, true, permission);
-        self.decide(walk, permission, mode)
+        let segments = segments.filter(|s| !s.is_empty()).map(str::as_bytes);
+        Self::decide(self.walk(kind, segments, true), permission, mode)
     }
 
     /// Checks a resource written as `type:path` (`thing:/features/x`). An unknown type is denied.
@@ -487,17 +551,23 @@ impl SubjectView {
         self.check(kind, path, permission, mode)
     }
 
-    /// Checks a parsed resource key.
+    /// Checks a parsed resource key (its segments are already decoded).
     pub fn check_key(&self, key: &ResourceKey, permission: Permission, mode: Mode) -> bool {
-        let walk = self.walk(key.kind(), key.segments(), false, permission);
-        self.decide(walk, permission, mode)
+        let at = self.walk(key.kind(), key.segments().map(str::as_bytes), false);
+        Self::decide(at, permission, mode)
     }
 
     /// The part of `value` (the JSON found at `kind:path`) that READ lets this subject set see
     /// (rule 6), or `None` when nothing is visible.
     pub fn partial_view(&self, kind: ResourceType, path: &str, value: &Value) -> Option<Value> {
-        let walk = self.walk(kind, raw_segments(path), true, Permission::Read);
-        self.view_at(walk, value)
+        let at = self.walk(
+            kind,
+            Segments {
+                rest: path.as_bytes(),
+            },
+            true,
+        );
+        self.view_at(at, value)
     }
 
     /// A retrieve's answer at the root of `kind`: the partial view, plus the top-level `fields`
@@ -528,24 +598,33 @@ impl SubjectView {
         Some(Value::Object(out))
     }
 
-    fn view_at(&self, walk: Walk, value: &Value) -> Option<Value> {
-        let allowed = walk.allowed();
-        if walk.node == NONE {
+    fn view_at(&self, at: At, value: &Value) -> Option<Value> {
+        let allowed = bits::has(at.flags, bits::ALLOWED, Permission::Read);
+        if at.node == NONE {
             // Below every resource the policy names: the decision is the same for the subtree.
             return allowed.then(|| value.clone());
         }
-        let flags = self.flags(walk.node);
-        if allowed && !bits::has(flags, bits::REVOKE_BELOW, Permission::Read) {
+        if allowed && !bits::has(at.flags, bits::REVOKE_BELOW, Permission::Read) {
             return Some(value.clone());
         }
-        if !allowed && !bits::has(flags, bits::PARTIAL_BELOW, Permission::Read) {
+        if !allowed && !bits::has(at.flags, bits::PARTIAL_BELOW, Permission::Read) {
             return None;
         }
         match value {
             Value::Object(map) => {
                 let mut out = Map::new();
                 for (key, v) in map {
-                    let child = self.step(walk, key, false, Permission::Read);
+                    // JSON keys are literal: no decoding.
+                    let child = match self.enforcer.child(at.node, key.as_bytes(), false) {
+                        Some(node) => At {
+                            node,
+                            flags: self.flags(node),
+                        },
+                        None => At {
+                            node: NONE,
+                            flags: at.flags,
+                        },
+                    };
                     if let Some(kept) = self.view_at(child, v) {
                         out.insert(key.clone(), kept);
                     }
@@ -554,7 +633,7 @@ impl SubjectView {
             }
             // Array elements are judged at the array's own node.
             Value::Array(items) => {
-                let out: Vec<Value> = items.iter().filter_map(|v| self.view_at(walk, v)).collect();
+                let out: Vec<Value> = items.iter().filter_map(|v| self.view_at(at, v)).collect();
                 (allowed || !out.is_empty()).then_some(Value::Array(out))
             }
             scalar => allowed.then(|| scalar.clone()),

@@ -163,7 +163,9 @@ impl Entity {
     ) -> Result<Option<Entity>, ApplyEventError> {
         let key = || event.key.to_string();
         let root = event.path.split('/').all(str::is_empty);
-        if event.action == EventAction::Created || (root && current.is_none()) {
+        // Only a root event creates the entity; `created` below the root sets a value there like
+        // `modified` (Ditto's AttributeCreated and friends).
+        if root && (event.action == EventAction::Created || current.is_none()) {
             return match &event.value {
                 Some(doc @ Value::Object(_)) => Ok(Some(Entity {
                     key: event.key.clone(),
@@ -221,14 +223,14 @@ impl Entity {
                     });
                 }
             }
-            (EventAction::Modified, Some((last, parents))) => {
+            (EventAction::Modified | EventAction::Created, Some((last, parents))) => {
                 let parent = object_at(&mut entity.doc, parents, true).ok_or_else(path_error)?;
                 parent.insert(last.to_string(), event.value.clone().unwrap_or(Value::Null));
             }
             (EventAction::Merged, Some((last, parents))) => {
                 let patch = event.value.as_ref().unwrap_or(&Value::Null);
-                let parent =
-                    object_at(&mut entity.doc, parents, !patch.is_null()).ok_or_else(path_error)?;
+                // As RFC 7396 of the patch wrapped down to this path: missing parents appear.
+                let parent = object_at(&mut entity.doc, parents, true).ok_or_else(path_error)?;
                 if patch.is_null() {
                     parent.remove(last.as_ref());
                 } else {
@@ -240,7 +242,7 @@ impl Entity {
                 let parent = object_at(&mut entity.doc, parents, false).ok_or_else(path_error)?;
                 parent.remove(last.as_ref()).ok_or_else(path_error)?;
             }
-            (EventAction::Created | EventAction::Deleted, _) => return Err(path_error()),
+            (EventAction::Created | EventAction::Deleted, None) => return Err(path_error()),
         }
         entity.revision = event.revision;
         entity.modified = event.timestamp;

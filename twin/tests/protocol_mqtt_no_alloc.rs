@@ -1,0 +1,143 @@
+//! Parsing a valid compact MQTT topic allocates nothing (DESIGN.md §4: "parse topic
+//! (zero-copy)"), and neither do the topic writers once their buffer has grown.
+//!
+//! This file is its own test binary with a counting global allocator and a single test, so no
+//! other test's allocations are counted.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+// The allocator below forwards to the system allocator; `GlobalAlloc` is an unsafe trait.
+#![allow(unsafe_code)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde_json::json;
+use twin::command::Action;
+use twin::policy::Timestamp;
+use twin::protocol::mqtt::{write_event_topic, write_message_topic, write_response_topic};
+use twin::protocol::{LiveMessage, MessageDirection, MqttTopic, is_twin_topic, parse_mqtt_topic};
+use twin::{EntityKey, EntityKind, Event, EventAction, ThingId};
+
+struct Counting;
+
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// Only the measuring thread counts: the test harness allocates on other threads meanwhile.
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+}
+
+fn count() {
+    if COUNTING.try_with(Cell::get).unwrap_or(false) {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+// SAFETY: every call is forwarded unchanged to `System`; we only count.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count();
+        // SAFETY: same contract as ours.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as ours.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count();
+        // SAFETY: same contract as ours.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+#[test]
+fn valid_twin_topics_parse_and_topics_are_written_without_allocating() {
+    let topics = [
+        "org.acme/sensor-1/things/twin/commands/modify/features/temp/properties/value",
+        "org.acme/sensor-1/things/twin/commands/create",
+        "org.acme/sensor-1/things/twin/commands/merge/attributes",
+        "org.acme.fleet.eu/device-000123/things/twin/commands/retrieve/features/temp/",
+        "org.acme/sensor-1/things/twin/commands/delete/attributes/a~0b/c",
+        "org.acme/policy-1/policies/commands/modify/entries/owner/subjects/google:1",
+        "org.acme/policy-1/policies/commands/retrieve",
+        "org.acme/sensor-1/things/live/messages/alarm",
+        "org.acme/sensor-1/things/live/messages/alarm/outbox",
+        "org.acme/sensor-1/things/live/messages/alarm/features/smoke",
+        "org.acme/sensor-1/things/live/messages/alarm/features/smoke/outbox",
+        "ditto/commands",
+        "ditto/lamp/things/twin/commands/modify/attributes/on",
+        "org.acme/sënsor-€/things/twin/commands/modify/attributes/ünïcode",
+    ];
+    let thing = ThingId::parse("org.acme:sensor-1").unwrap();
+    let event = Event {
+        key: EntityKey::new(EntityKind::Thing, "org.acme:sensor-1"),
+        action: EventAction::Modified,
+        path: "/features/temp/properties/value".into(),
+        value: Some(json!(21.5)),
+        revision: 9,
+        timestamp: Timestamp::from_unix_millis(0),
+    };
+    let message = LiveMessage::new(
+        thing.clone(),
+        MessageDirection::Outbox,
+        Some("smoke".into()),
+        "alarm",
+    );
+    // A connection's reusable buffer, already grown.
+    let mut buf = String::with_capacity(256);
+
+    // The counter itself must work, or a zero below would prove nothing.
+    COUNTING.with(|c| c.set(true));
+    let probe = std::hint::black_box(vec![1u8; 8]);
+    COUNTING.with(|c| c.set(false));
+    drop(probe);
+    assert_eq!(
+        ALLOCATIONS.swap(0, Ordering::Relaxed),
+        1,
+        "the counting allocator does not count"
+    );
+
+    COUNTING.with(|c| c.set(true));
+    let mut parsed = 0usize;
+    let mut written = 0usize;
+    for _ in 0..1_000 {
+        for topic in topics {
+            let topic = std::hint::black_box(topic);
+            if let Ok(t) = parse_mqtt_topic(topic) {
+                parsed += 1;
+                if let MqttTopic::ThingCommand { path, .. } = t {
+                    written += path.len();
+                }
+            }
+            parsed += usize::from(is_twin_topic(topic));
+        }
+        buf.clear();
+        written += usize::from(write_event_topic(&mut buf, &event).is_ok());
+        buf.clear();
+        written += usize::from(
+            write_response_topic(&mut buf, &thing, Action::Retrieve, "/features/temp").is_ok(),
+        );
+        buf.clear();
+        written += usize::from(write_message_topic(&mut buf, &message).is_ok());
+        written += buf.len();
+    }
+    COUNTING.with(|c| c.set(false));
+    let allocations = ALLOCATIONS.load(Ordering::Relaxed);
+
+    assert_eq!(
+        allocations, 0,
+        "{allocations} allocations in 14,000 parses and 3,000 writes"
+    );
+    // Every topic was accepted (and the loop was not optimized into nothing).
+    assert_eq!(parsed, 2 * 1_000 * topics.len());
+    assert!(written > 3_000, "written {written}");
+}
