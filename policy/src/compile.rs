@@ -34,14 +34,36 @@ pub(crate) struct Node {
 pub(crate) struct Edge {
     /// The label's first 8 bytes, zero-padded ([`prefix_of`]): most comparisons end here.
     pub prefix: u64,
+    /// Selects the label's bytes among the first 8 (all ones for labels of 8 bytes or more).
+    pub mask: u64,
+    /// The label's bytes 8 to 15, zero-padded, and their mask: labels up to 16 bytes compare
+    /// as two numbers.
+    pub prefix2: u64,
+    pub mask2: u64,
     pub key_start: u32,
     pub key_len: u32,
     pub child: u32,
+    /// The label holds a `~`: an encoded path segment must be decoded to compare with it.
+    /// Labels without `~` compare equal to a raw segment exactly when to its decoding, so most
+    /// checks never scan for `~0`.
+    pub tilde: bool,
+}
+
+/// The mask that keeps the first `len` bytes (at most 8) of a little-endian 8-byte number.
+pub(crate) fn mask_of(len: usize) -> u64 {
+    match len {
+        0 => 0,
+        1..8 => u64::MAX >> (64 - 8 * len),
+        _ => u64::MAX,
+    }
 }
 
 /// The first 8 bytes of `key` as a number, zero-padded; equal keys have equal prefixes.
 #[inline]
 pub(crate) fn prefix_of(key: &[u8]) -> u64 {
+    if let Some(first) = key.first_chunk::<8>() {
+        return u64::from_le_bytes(*first);
+    }
     let mut buf = [0u8; 8];
     for (slot, byte) in buf.iter_mut().zip(key) {
         *slot = *byte;
@@ -188,11 +210,17 @@ pub(crate) fn compile(policy: &Policy, imported: &[&Policy]) -> Trie {
         for (key, child) in &b.children {
             let key_start = u32::try_from(keys.len()).unwrap_or(NONE);
             keys.push_str(key);
+            let bytes = key.as_bytes();
+            let second = bytes.get(8..).unwrap_or(&[]);
             edges.push(Edge {
-                prefix: prefix_of(key.as_bytes()),
+                prefix: prefix_of(bytes),
+                mask: mask_of(bytes.len()),
+                prefix2: prefix_of(second),
+                mask2: mask_of(second.len()),
                 key_start,
                 key_len: u32::try_from(key.len()).unwrap_or(NONE),
                 child: *child,
+                tilde: key.contains('~'),
             });
         }
         b.records.sort_by_key(|r| (r.subject, r.entry));

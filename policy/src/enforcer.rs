@@ -342,31 +342,38 @@ impl Enforcer {
         self.trie.roots.get(kind.index()).copied().unwrap_or(NONE)
     }
 
-    /// The child of `node` along `segment`. `raw`: the segment may still hold `~0` for `~`.
+    /// The child of `node` along `segment`. `raw`: the segment is JSON-pointer encoded (`~0`
+    /// stands for `~`); otherwise it is a literal key.
     #[inline]
     fn child(&self, node: u32, segment: &[u8], raw: bool) -> Option<u32> {
         let edges = self.edges_of(self.trie.nodes.get(node as usize)?);
-        if raw && segment.contains(&b'~') {
-            return edges
-                .iter()
-                .find(|e| eq_decoded(self.edge_key(e), segment))
-                .map(|e| e.child);
-        }
-        // Edge keys are short and few: compare length and first 8 bytes before anything else.
         let (len, prefix) = (segment.len(), prefix_of(segment));
-        let same = |e: &&Edge| {
+        let literal = |e: &Edge| {
             e.key_len as usize == len
                 && e.prefix == prefix
                 && (len <= 8 || self.edge_key(e) == segment)
         };
+        let same = |e: &&Edge| {
+            if raw && e.tilde {
+                eq_decoded(self.edge_key(e), segment)
+            } else {
+                literal(e)
+            }
+        };
+        // Edge keys are short and few: compare length and first 8 bytes before anything else.
         if edges.len() <= 16 {
             return edges.iter().find(same).map(|e| e.child);
         }
-        edges
+        let found = edges
             .binary_search_by(|e| self.edge_key(e).cmp(segment))
             .ok()
             .and_then(|i| edges.get(i))
-            .map(|e| e.child)
+            .filter(same);
+        match found {
+            Some(e) => Some(e.child),
+            None if raw => edges.iter().filter(|e| e.tilde).find(same).map(|e| e.child),
+            None => None,
+        }
     }
 }
 
@@ -375,6 +382,20 @@ fn records_of<'t>(trie: &'t Trie, node: &Node) -> &'t [compile::Record] {
     trie.records
         .get(start..start + node.record_count as usize)
         .unwrap_or(&[])
+}
+
+/// The first (up to) 8 bytes of `rest` as a little-endian number, zero above its length. `rest`
+/// is a suffix of `path`: when it is shorter than 8 bytes, the last 8 bytes of `path` are loaded
+/// and shifted instead of copying byte by byte.
+#[inline]
+fn load8(rest: &[u8], path: &[u8]) -> u64 {
+    if let Some(first) = rest.first_chunk::<8>() {
+        return u64::from_le_bytes(*first);
+    }
+    if let Some(last) = path.last_chunk::<8>() {
+        return u64::from_le_bytes(*last) >> (8 * (8 - rest.len()));
+    }
+    prefix_of(rest)
 }
 
 /// Whether `key` equals the decoding of `raw` (`~0` → `~`), without allocating.
@@ -392,8 +413,8 @@ fn eq_decoded(key: &[u8], raw: &[u8]) -> bool {
     key.next().is_none()
 }
 
-/// Splits `/`-separated path bytes into non-empty segments without `memchr` (segments are
-/// short, and a byte loop beats its setup cost).
+/// Splits `/`-separated path bytes into non-empty segments with a byte loop: segments are short,
+/// and `memchr`'s setup would cost more than it saves.
 #[derive(Clone)]
 struct Segments<'a> {
     rest: &'a [u8],
@@ -460,7 +481,8 @@ impl SubjectView {
         self.flags.get(node as usize).copied().unwrap_or(0)
     }
 
-    /// Walks from the root of `kind` along `segments` as far as the trie goes.
+    /// Walks from the root of `kind` along `segments` as far as the trie goes. `raw`: segments
+    /// are JSON-pointer encoded.
     #[inline]
     fn walk<'a>(
         &self,
@@ -493,6 +515,75 @@ impl SubjectView {
         at
     }
 
+    /// [`SubjectView::walk`] for an encoded path given whole: instead of splitting it first,
+    /// each edge label is matched in place against the path (first 8 bytes as one number, then
+    /// the rest, then the `/` or end that must follow), so most bytes are read once.
+    #[inline]
+    fn walk_path(&self, kind: ResourceType, path: &[u8]) -> At {
+        let enforcer = &*self.enforcer;
+        let root = enforcer.root(kind);
+        let mut at = At {
+            node: root,
+            flags: self.flags(root),
+        };
+        let mut rest = path;
+        while at.node != NONE {
+            match rest.split_first() {
+                Some((b'/', tail)) => rest = tail,
+                Some(_) => {}
+                None => break,
+            }
+            if rest.first() == Some(&b'/') {
+                // Empty segments are ignored (rare).
+                while let Some((b'/', tail)) = rest.split_first() {
+                    rest = tail;
+                }
+            }
+            if rest.is_empty() {
+                break;
+            }
+            let Some(node) = enforcer.trie.nodes.get(at.node as usize) else {
+                break;
+            };
+            let head = load8(rest, path);
+            let mut next = None;
+            for e in enforcer.edges_of(node) {
+                if head & e.mask == e.prefix && !e.tilde {
+                    let len = e.key_len as usize;
+                    let tail_matches = len <= 8
+                        || match rest.get(8..) {
+                            Some(second) if len <= 16 => load8(second, path) & e.mask2 == e.prefix2,
+                            Some(second) => second.get(..len - 8) == enforcer.edge_key(e).get(8..),
+                            None => false,
+                        };
+                    if tail_matches && matches!(rest.get(len), None | Some(b'/')) {
+                        next = Some((e.child, len));
+                        break;
+                    }
+                } else if e.tilde {
+                    // Rare: the label holds `~`, so the segment must be decoded to compare.
+                    let end = rest.iter().position(|&b| b == b'/').unwrap_or(rest.len());
+                    let segment = rest.get(..end).unwrap_or(&[]);
+                    if eq_decoded(enforcer.edge_key(e), segment) {
+                        next = Some((e.child, end));
+                        break;
+                    }
+                }
+            }
+            match next {
+                Some((child, consumed)) => {
+                    at = At {
+                        node: child,
+                        flags: self.flags(child),
+                    };
+                    rest = rest.get(consumed..).unwrap_or(&[]);
+                }
+                None => at.node = NONE,
+            }
+        }
+        at
+    }
+
     #[inline]
     fn decide(at: At, permission: Permission, mode: Mode) -> bool {
         let allowed = bits::has(at.flags, bits::ALLOWED, permission);
@@ -517,13 +608,7 @@ impl SubjectView {
         permission: Permission,
         mode: Mode,
     ) -> bool {
-        let at = self.walk(
-            kind,
-            Segments {
-                rest: path.as_bytes(),
-            },
-            true,
-        );
+        let at = self.walk_path(kind, path.as_bytes());
         Self::decide(at, permission, mode)
     }
 
