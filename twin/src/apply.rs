@@ -556,22 +556,25 @@ pub fn apply_thing_command(
                 if current.is_none() {
                     return Err(thing_missing());
                 }
-                let response = match target {
-                    None => Response {
-                        status: 201,
-                        value: Some(value.clone()),
-                    },
-                    Some(_) => Response {
-                        status: 204,
-                        value: None,
-                    },
+                // A new sub-resource is `created` (Ditto's AttributeCreated, FeatureCreated, …),
+                // an existing one `modified`.
+                let (action, response) = match target {
+                    None => (
+                        EventAction::Created,
+                        Response {
+                            status: 201,
+                            value: Some(value.clone()),
+                        },
+                    ),
+                    Some(_) => (
+                        EventAction::Modified,
+                        Response {
+                            status: 204,
+                            value: None,
+                        },
+                    ),
                 };
-                (
-                    EventAction::Modified,
-                    path.to_string(),
-                    Some(value.clone()),
-                    response,
-                )
+                (action, path.to_string(), Some(value.clone()), response)
             }
         }
         Action::Merge => {
@@ -616,8 +619,10 @@ pub fn apply_thing_command(
     let doc = current.map_or(&Value::Null, |e| &e.doc);
     let segments: Vec<Cow<'_, str>> = path_segments(&event_path).collect();
     match (action, &value) {
-        (EventAction::Created, Some(new_doc)) => thing::validate_thing(new_doc, thing_id, limits)?,
-        (EventAction::Modified, Some(v)) => {
+        (EventAction::Created, Some(new_doc)) if segments.is_empty() => {
+            thing::validate_thing(new_doc, thing_id, limits)?
+        }
+        (EventAction::Created | EventAction::Modified, Some(v)) => {
             thing::validate_thing_change(doc, &segments, Some(v), thing_id, limits)?
         }
         (EventAction::Merged, Some(patch)) if !patch.is_null() => {

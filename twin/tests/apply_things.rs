@@ -278,12 +278,13 @@ fn modify_at_every_level_creates_it_with_201_then_changes_it_with_204() {
         let event = applied.event().unwrap();
         assert_eq!(
             (event.action, event.path.as_str(), event.value.as_ref()),
-            (EventAction::Modified, path, Some(&first)),
+            (EventAction::Created, path, Some(&first)),
             "{path}"
         );
         assert_eq!(twin.at(path), Some(&first), "{path}");
         let applied = twin.ok(cmd(Action::Modify, path, Some(second.clone())));
         assert_eq!(status_value(&applied), (204, None), "{path}");
+        assert_eq!(applied.event().unwrap().action, EventAction::Modified, "{path}");
         assert_eq!(twin.at(path), Some(&second), "{path}");
         assert_eq!(twin.revision(), 3, "{path}");
     }
