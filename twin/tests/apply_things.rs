@@ -284,7 +284,11 @@ fn modify_at_every_level_creates_it_with_201_then_changes_it_with_204() {
         assert_eq!(twin.at(path), Some(&first), "{path}");
         let applied = twin.ok(cmd(Action::Modify, path, Some(second.clone())));
         assert_eq!(status_value(&applied), (204, None), "{path}");
-        assert_eq!(applied.event().unwrap().action, EventAction::Modified, "{path}");
+        assert_eq!(
+            applied.event().unwrap().action,
+            EventAction::Modified,
+            "{path}"
+        );
         assert_eq!(twin.at(path), Some(&second), "{path}");
         assert_eq!(twin.revision(), 3, "{path}");
     }

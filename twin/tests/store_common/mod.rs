@@ -114,10 +114,49 @@ pub fn copy_dir(from: &Path, to: &Path) {
 #[derive(Debug, Clone, Default)]
 pub struct Logs(pub Arc<Mutex<Vec<String>>>);
 
+thread_local! {
+    /// The lines of the thread's running [`Logs::capture`], if any.
+    static CAPTURED: std::cell::RefCell<Option<Logs>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The process-wide subscriber: hands each event to the capture running on its thread.
+///
+/// A global subscriber rather than `with_default` per test: tracing caches each callsite's
+/// interest across threads, and a callsite first hit on a thread without a subscriber can stay
+/// disabled for a test running in parallel (a flaky missing warning).
+struct ToCapture;
+
+impl tracing::Subscriber for ToCapture {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        CAPTURED.with(|c| {
+            if let Some(logs) = c.borrow().as_ref() {
+                tracing::Subscriber::event(logs, event);
+            }
+        });
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
 impl Logs {
-    /// Runs `f` with this subscriber as the thread's default.
+    /// Runs `f`, collecting what the store logs on this thread meanwhile.
     pub fn capture<T>(&self, f: impl FnOnce() -> T) -> T {
-        tracing::subscriber::with_default(self.clone(), f)
+        static GLOBAL: std::sync::Once = std::sync::Once::new();
+        GLOBAL.call_once(|| {
+            let _ = tracing::subscriber::set_global_default(ToCapture);
+        });
+        CAPTURED.with(|c| *c.borrow_mut() = Some(self.clone()));
+        let result = f();
+        CAPTURED.with(|c| *c.borrow_mut() = None);
+        result
     }
 
     pub fn lines(&self) -> Vec<String> {
