@@ -414,10 +414,7 @@ fn first_missing(doc: &Value, path: &ThingPath) -> ThingPath {
         Level::FeatureProperty(..) | Level::FeatureDesiredProperty(..) if !exists(3) => 3,
         _ => segments.len(),
     };
-    segments
-        .iter()
-        .take(keep)
-        .fold(ThingPath::root(), |p, s| p.child(s))
+    path.prefix(keep)
 }
 
 /// A root body for `thing_id`: an object, `thingId` filled in or checked, `policyId` kept from

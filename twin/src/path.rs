@@ -107,7 +107,8 @@ impl ThingPath {
             [a, f, b, rest @ ..] if a == "features" && b == "desiredProperties" => {
                 Level::FeatureDesiredProperty(f, rest)
             }
-            // `check` admits nothing else.
+            // INVARIANT: a `ThingPath` is only built by `parse` (checked), `root` and `prefix`
+            // (every prefix of a valid path is valid), so no other shape exists.
             _ => Level::Thing,
         }
     }
@@ -121,11 +122,11 @@ impl ThingPath {
         self.segments.is_empty()
     }
 
-    /// The path one level deeper (e.g. a merge patch's key). `key` is a decoded JSON key.
-    pub fn child(&self, key: &str) -> ThingPath {
-        let mut segments = self.segments.clone();
-        segments.push(key.to_owned());
-        ThingPath { segments }
+    /// The first `n` segments of this path: still a valid thing path (every prefix of one is).
+    pub fn prefix(&self, n: usize) -> ThingPath {
+        ThingPath {
+            segments: self.segments.iter().take(n).cloned().collect(),
+        }
     }
 }
 
