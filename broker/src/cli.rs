@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::policy_cmd;
+use crate::{policy_cmd, solution_cmd};
 
 /// Thingsgate: a device-connection broker for digital twins, authorizing every message against
 /// Ditto-style policies.
@@ -21,6 +21,98 @@ pub enum Command {
     /// Test and inspect policies offline.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Manage solutions (tenants) in a stopped data dir: credentials, namespaces, policy.
+    ///
+    /// Exits 0 on success, 2 on bad input or any error (the message is on stderr).
+    #[command(subcommand)]
+    Solution(SolutionCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SolutionCommand {
+    /// Create a solution; prints its ID, API token and first secret, once.
+    ///
+    /// Only SHA-256 digests of the token and the secret are stored: keep them now.
+    Create {
+        /// The data directory (the server must not be running on it).
+        #[arg(long)]
+        data: PathBuf,
+        /// A namespace the solution owns (repeat for several); owned by one solution only.
+        #[arg(long = "namespace", required = true)]
+        namespaces: Vec<String>,
+        /// The solution ID (lowercase letters, digits, `-`); default: generated `s-<8 hex>`.
+        #[arg(long)]
+        id: Option<String>,
+        /// Print only `{"solutionId","apiToken","secret"}` on stdout (the rest goes to stderr).
+        #[arg(long)]
+        json: bool,
+    },
+    /// List solutions: IDs, namespaces, number of active secrets (never secrets or digests).
+    List {
+        #[arg(long)]
+        data: PathBuf,
+        /// JSON array on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a generated secret to a solution; prints it once.
+    AddSecret {
+        #[arg(long)]
+        data: PathBuf,
+        /// The solution ID.
+        #[arg(long)]
+        solution: String,
+        /// Print only `{"solutionId","secretId","secret"}` on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a secret of a solution (by its ID, e.g. `s1`).
+    RevokeSecret {
+        #[arg(long)]
+        data: PathBuf,
+        /// The solution ID.
+        #[arg(long)]
+        solution: String,
+        /// The secret's ID, as printed when it was created (`s1`, `s2`, …).
+        #[arg(long = "secret-id")]
+        secret_id: String,
+    },
+    /// Add a namespace to a solution (refused if another solution owns it).
+    AddNamespace {
+        #[arg(long)]
+        data: PathBuf,
+        /// The solution ID.
+        #[arg(long)]
+        solution: String,
+        /// The namespace, e.g. `org.acme.fleet`.
+        #[arg(long)]
+        namespace: String,
+    },
+    /// Show or replace a solution's policy.
+    #[command(subcommand)]
+    Policy(SolutionPolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SolutionPolicyCommand {
+    /// Print the solution policy (JSON, without `policyId`).
+    Get {
+        #[arg(long)]
+        data: PathBuf,
+        /// The solution ID.
+        #[arg(long)]
+        solution: String,
+    },
+    /// Replace the solution policy; refused if nobody could administer the solution after it.
+    Set {
+        #[arg(long)]
+        data: PathBuf,
+        /// The solution ID.
+        #[arg(long)]
+        solution: String,
+        /// The policy (Ditto policy JSON, without `policyId`).
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,5 +185,41 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             resource: &resource,
             permission: &permission,
         }),
+        Command::Solution(command) => run_solution(command),
+    }
+}
+
+fn run_solution(command: SolutionCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        SolutionCommand::Create {
+            data,
+            namespaces,
+            id,
+            json,
+        } => solution_cmd::create(&data, &namespaces, id.as_deref(), json),
+        SolutionCommand::List { data, json } => solution_cmd::list(&data, json),
+        SolutionCommand::AddSecret {
+            data,
+            solution,
+            json,
+        } => solution_cmd::add_secret(&data, &solution, json),
+        SolutionCommand::RevokeSecret {
+            data,
+            solution,
+            secret_id,
+        } => solution_cmd::revoke_secret(&data, &solution, &secret_id),
+        SolutionCommand::AddNamespace {
+            data,
+            solution,
+            namespace,
+        } => solution_cmd::add_namespace(&data, &solution, &namespace),
+        SolutionCommand::Policy(SolutionPolicyCommand::Get { data, solution }) => {
+            solution_cmd::policy_get(&data, &solution)
+        }
+        SolutionCommand::Policy(SolutionPolicyCommand::Set {
+            data,
+            solution,
+            file,
+        }) => solution_cmd::policy_set(&data, &solution, &file),
     }
 }
