@@ -26,6 +26,9 @@ pub enum Command {
     /// Exits 0 on success, 2 on bad input or any error (the message is on stderr).
     #[command(subcommand)]
     Solution(SolutionCommand),
+    /// Mint a JWT signed with a PKCS#8 PEM private key (RSA → RS256, P-256 → ES256,
+    /// Ed25519 → EdDSA); prints the token. For development and tests.
+    Token(crate::token_cmd::TokenArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -186,6 +189,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             permission: &permission,
         }),
         Command::Solution(command) => run_solution(command),
+        Command::Token(args) => {
+            println!("{}", crate::token_cmd::run(&args)?);
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -3,12 +3,17 @@
 //!
 //! # Layout
 //! - `cli`: the command line (a contract: DESIGN.md §7; extend it, never rename).
+//! - `config`: the TOML configuration (`THINGSGATE_…` environment overrides); JWT issuers.
 //! - `auth`: credentials → solution and subjects: generated secrets and their digests
-//!   (`auth::secret`), solutions and the in-memory registry (`auth::solution`).
+//!   (`auth::secret`), solutions and the in-memory registry (`auth::solution`), JWT
+//!   validation against configured issuers and subject templates (`auth::jwt`).
 //! - `policy_cmd`: `thingsgate policy test` and `thingsgate policy check`.
 //! - `solution_cmd`: `thingsgate solution …`, managing solutions in a stopped data dir.
+//! - `token_cmd`: `thingsgate token …`, minting JWTs (development, tests, `serve --dev`).
 
 pub mod auth;
 pub mod cli;
+pub mod config;
 pub mod policy_cmd;
 pub mod solution_cmd;
+pub mod token_cmd;

@@ -4,7 +4,10 @@
 //! - [`secret`]: generated secrets and API tokens, their SHA-256 digests, constant-time checks.
 //! - [`solution`]: solutions (tenants) as stored in the twin store, the in-memory
 //!   [`solution::Solutions`] registry, and authentication with a solution secret or API token.
+//! - [`jwt`]: JWTs from configured issuers: signature (JWKS, `kid`), algorithm allow-list,
+//!   `iss`/`aud`/`exp`/`nbf`, and the subjects from each issuer's templates.
 
+pub mod jwt;
 pub mod secret;
 pub mod solution;
 

@@ -1,0 +1,552 @@
+//! The TOML configuration file (DESIGN.md §7), with `THINGSGATE_…` environment overrides.
+//!
+//! For now it holds the JWT issuers (DESIGN.md §1, §2):
+//!
+//! ```toml
+//! [[issuer]]
+//! key = "google"                          # subject prefix: subjects are `google:<value>`
+//! issuer = "https://accounts.google.com"  # the exact `iss` claim
+//! audiences = ["thingsgate"]              # at least one, unless `allow_any_audience = true`
+//! jwks_file = "google-jwks.json"          # relative to this file's directory
+//! # jwks_url = "https://…"                # not supported yet (no HTTP client in the broker)
+//! algorithms = ["RS256"]                  # default ["RS256", "ES256", "EdDSA"]; never none/HS*
+//! leeway_seconds = 30                     # default 30, at most 300
+//! auth_subjects = ["{{ jwt:sub }}", "{{ jwt:sub }}@{{ jwt:azp }}"]  # default ["{{ jwt:sub }}"]
+//! solution_claim = "solution_id"          # optional claim path naming the solution
+//! ```
+//!
+//! # Environment overrides
+//! Every field of an issuer can be replaced by `THINGSGATE_ISSUER_<KEY>_<FIELD>`, where `<KEY>` is
+//! the issuer's `key` upper-cased with every character other than `A-Z0-9` turned into `_`, and
+//! `<FIELD>` the field name upper-cased: `THINGSGATE_ISSUER_GOOGLE_LEEWAY_SECONDS=60`,
+//! `THINGSGATE_ISSUER_GOOGLE_AUDIENCES=a,b`. Lists are comma-separated (so a template containing
+//! `,` can only be set in the file); booleans are `true`/`false`. Overrides apply to issuers
+//! present in the file (an issuer cannot be created from the environment); a
+//! `THINGSGATE_ISSUER_…` variable that matches no issuer field is an error, so a typo is not
+//! silently ignored.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use jsonwebtoken::Algorithm;
+use serde::Deserialize;
+
+use crate::auth::jwt::{ClaimPath, SubjectTemplate};
+
+/// Prefix of the environment variables that override issuer fields.
+pub const ISSUER_ENV_PREFIX: &str = "THINGSGATE_ISSUER_";
+
+/// The default algorithm allow-list of an issuer.
+pub const DEFAULT_ALGORITHMS: [Algorithm; 3] =
+    [Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA];
+
+/// The default clock-skew allowance for `exp` and `nbf`.
+pub const DEFAULT_LEEWAY_SECONDS: u64 = 30;
+
+/// The largest leeway accepted: more would keep expired tokens alive noticeably.
+pub const MAX_LEEWAY_SECONDS: u64 = 300;
+
+/// Subject prefixes that other credential kinds produce (DESIGN.md §1): a JWT issuer with one of
+/// these keys could mint subjects that impersonate solution clients, bridges or operators.
+pub const RESERVED_KEYS: [&str; 3] = ["iot-things", "integration", "operator"];
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    /// `[[issuer]]` tables: the JWT issuers whose tokens are accepted.
+    pub issuers: Vec<IssuerConfig>,
+}
+
+/// A configured JWT issuer, validated.
+#[derive(Debug, Clone)]
+pub struct IssuerConfig {
+    /// The subject prefix (`google` → `google:<sub>`).
+    pub key: String,
+    /// The exact `iss` claim of its tokens.
+    pub issuer: String,
+    /// Accepted `aud` values (a token needs one of them), unless `allow_any_audience`.
+    pub audiences: Vec<String>,
+    /// Skip the audience check: only for issuers that mint tokens for us alone.
+    pub allow_any_audience: bool,
+    /// Where the verification keys come from.
+    pub jwks: JwksSource,
+    /// The algorithm allow-list (asymmetric algorithms only).
+    pub algorithms: Vec<Algorithm>,
+    /// Clock-skew allowance for `exp` and `nbf`, in seconds.
+    pub leeway_seconds: u64,
+    /// Subject templates; each resolved value becomes `<key>:<value>`.
+    pub auth_subjects: Vec<SubjectTemplate>,
+    /// The claim naming the connection's solution (like Suite Auth's service-instance ID).
+    pub solution_claim: Option<ClaimPath>,
+}
+
+/// Where an issuer's JWKS comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksSource {
+    /// A JWKS JSON file, re-read on [`crate::auth::jwt::Issuers::reload_jwks`].
+    File(PathBuf),
+    /// An HTTP(S) URL. Not supported yet: loading a config that uses it fails with a clear error.
+    // TODO(JWKS over HTTP): needs an HTTP client in the broker (DESIGN.md §9: no second stack;
+    // reuse the one axum brings); fetch, cache, refresh periodically and on an unknown kid.
+    Url(String),
+}
+
+/// The configuration cannot be used. Every message names the file (or variable) and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file `{path}`: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file `{path}` is not valid: {message}")]
+    Syntax { path: String, message: String },
+    #[error("config file `{path}`: {field}: {message}")]
+    Invalid {
+        path: String,
+        field: String,
+        message: String,
+    },
+    #[error("environment variable `{var}`: {message}")]
+    Env { var: String, message: String },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default, rename = "issuer")]
+    issuers: Vec<RawIssuer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIssuer {
+    key: String,
+    issuer: String,
+    #[serde(default)]
+    audiences: Vec<String>,
+    #[serde(default)]
+    allow_any_audience: bool,
+    jwks_file: Option<String>,
+    jwks_url: Option<String>,
+    algorithms: Option<Vec<String>>,
+    leeway_seconds: Option<u64>,
+    #[serde(alias = "auth-subjects")]
+    auth_subjects: Option<Vec<String>>,
+    solution_claim: Option<String>,
+}
+
+/// The overridable issuer fields, as named in the file and (upper-cased) in variables.
+const ISSUER_FIELDS: [&str; 9] = [
+    "issuer",
+    "audiences",
+    "allow_any_audience",
+    "jwks_file",
+    "jwks_url",
+    "algorithms",
+    "leeway_seconds",
+    "auth_subjects",
+    "solution_claim",
+];
+
+impl Config {
+    /// Reads `path` and applies the process environment's overrides.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    /// Reads `path` and applies overrides from `env` (name, value pairs).
+    pub fn load_with_env(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, path, env)
+    }
+
+    /// Parses config text; `path` names the file in errors and anchors relative paths.
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let display = path.display().to_string();
+        let mut raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: display.clone(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let overridden = apply_env(&mut raw, env)?;
+        let base_dir = path.parent().unwrap_or(Path::new(""));
+        let mut issuers: Vec<IssuerConfig> = Vec::with_capacity(raw.issuers.len());
+        for (index, raw_issuer) in raw.issuers.into_iter().enumerate() {
+            let site = Site {
+                path: &display,
+                index,
+                key: raw_issuer.key.clone(),
+                overridden: &overridden,
+            };
+            let issuer = validate_issuer(raw_issuer, &site, base_dir)?;
+            if issuers.iter().any(|i| i.key == issuer.key) {
+                return Err(site.invalid("key", "another issuer has the same key"));
+            }
+            if issuers
+                .iter()
+                .any(|i| env_key(&i.key) == env_key(&issuer.key))
+            {
+                return Err(site.invalid(
+                    "key",
+                    "another issuer's key maps to the same THINGSGATE_ISSUER_ variable name",
+                ));
+            }
+            if issuers.iter().any(|i| i.issuer == issuer.issuer) {
+                return Err(site.invalid("issuer", "another issuer has the same `iss`"));
+            }
+            issuers.push(issuer);
+        }
+        Ok(Config { issuers })
+    }
+}
+
+/// The environment-variable form of an issuer key: `my-idp` → `MY_IDP`.
+pub fn env_key(key: &str) -> String {
+    key.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The variable that overrides `field` of the issuer with `key`.
+pub fn issuer_env_var(key: &str, field: &str) -> String {
+    format!(
+        "{ISSUER_ENV_PREFIX}{}_{}",
+        env_key(key),
+        field.to_ascii_uppercase()
+    )
+}
+
+/// Applies `THINGSGATE_ISSUER_…` overrides; returns `(issuer index, field)` pairs it set, so that
+/// errors can say where a bad value came from.
+fn apply_env(
+    raw: &mut RawConfig,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<HashSet<(usize, &'static str)>, ConfigError> {
+    let mut overridden = HashSet::new();
+    for (var, value) in env {
+        if !var.starts_with(ISSUER_ENV_PREFIX) {
+            continue;
+        }
+        let target = raw.issuers.iter_mut().enumerate().find_map(|(i, issuer)| {
+            ISSUER_FIELDS
+                .iter()
+                .find(|f| issuer_env_var(&issuer.key, f) == var)
+                .map(|f| (i, *f, issuer))
+        });
+        let Some((index, field, issuer)) = target else {
+            return Err(ConfigError::Env {
+                var,
+                message: "names no field of a configured issuer \
+                          (THINGSGATE_ISSUER_<KEY>_<FIELD>)"
+                    .to_owned(),
+            });
+        };
+        let env_error = |message: String| ConfigError::Env {
+            var: var.clone(),
+            message,
+        };
+        let list = || -> Vec<String> {
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
+        let text = || Some(value.clone()).filter(|v| !v.is_empty());
+        match field {
+            "issuer" => issuer.issuer = value.clone(),
+            "audiences" => issuer.audiences = list(),
+            "allow_any_audience" => {
+                issuer.allow_any_audience = match value.trim() {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    other => return Err(env_error(format!("`{other}` is not true or false"))),
+                }
+            }
+            "jwks_file" => issuer.jwks_file = text(),
+            "jwks_url" => issuer.jwks_url = text(),
+            "algorithms" => issuer.algorithms = Some(list()),
+            "leeway_seconds" => {
+                issuer.leeway_seconds = Some(value.trim().parse().map_err(|_| {
+                    env_error(format!("`{value}` is not a whole number of seconds"))
+                })?)
+            }
+            "auth_subjects" => issuer.auth_subjects = Some(list()),
+            "solution_claim" => issuer.solution_claim = text(),
+            _ => {}
+        }
+        overridden.insert((index, field));
+    }
+    Ok(overridden)
+}
+
+/// Where a value sits, for error messages.
+struct Site<'a> {
+    path: &'a str,
+    index: usize,
+    key: String,
+    overridden: &'a HashSet<(usize, &'static str)>,
+}
+
+impl Site<'_> {
+    fn invalid(&self, field: &'static str, message: impl Into<String>) -> ConfigError {
+        let from_env = if self.overridden.contains(&(self.index, field)) {
+            format!(" (set by {})", issuer_env_var(&self.key, field))
+        } else {
+            String::new()
+        };
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            field: format!(
+                "[[issuer]] #{} (key `{}`) field `{field}`{from_env}",
+                self.index + 1,
+                self.key
+            ),
+            message: message.into(),
+        }
+    }
+}
+
+fn validate_issuer(
+    raw: RawIssuer,
+    site: &Site<'_>,
+    base_dir: &Path,
+) -> Result<IssuerConfig, ConfigError> {
+    let key = raw.key.trim().to_owned();
+    if key.is_empty()
+        || !key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(site.invalid(
+            "key",
+            format!("`{key}` must be non-empty ASCII letters, digits, `-`, `_` or `.`"),
+        ));
+    }
+    if RESERVED_KEYS.contains(&key.as_str()) {
+        return Err(site.invalid(
+            "key",
+            format!("`{key}` is reserved for subjects of another credential kind"),
+        ));
+    }
+    if raw.issuer.trim().is_empty() {
+        return Err(site.invalid("issuer", "must not be empty"));
+    }
+    let audiences: Vec<String> = raw
+        .audiences
+        .into_iter()
+        .filter(|a| !a.is_empty())
+        .collect();
+    match (audiences.is_empty(), raw.allow_any_audience) {
+        (true, false) => {
+            return Err(site.invalid(
+                "audiences",
+                "list at least one audience (or set `allow_any_audience = true` to skip the check)",
+            ));
+        }
+        (false, true) => {
+            return Err(site.invalid(
+                "allow_any_audience",
+                "`audiences` are listed: remove them or `allow_any_audience`",
+            ));
+        }
+        _ => {}
+    }
+    let jwks = match (raw.jwks_file, raw.jwks_url) {
+        (Some(file), None) if !file.is_empty() => JwksSource::File(base_dir.join(file)),
+        (None, Some(_)) => {
+            return Err(site.invalid(
+                "jwks_url",
+                "JWKS from a URL is not supported yet; download it and use `jwks_file`",
+            ));
+        }
+        (Some(_), Some(_)) => {
+            return Err(site.invalid("jwks_file", "set `jwks_file` or `jwks_url`, not both"));
+        }
+        _ => return Err(site.invalid("jwks_file", "missing: set `jwks_file`")),
+    };
+    let algorithms = match raw.algorithms {
+        None => DEFAULT_ALGORITHMS.to_vec(),
+        Some(names) => {
+            if names.is_empty() {
+                return Err(site.invalid("algorithms", "must list at least one algorithm"));
+            }
+            let mut algorithms = Vec::with_capacity(names.len());
+            for name in &names {
+                let alg = parse_algorithm(name).map_err(|m| site.invalid("algorithms", m))?;
+                if !algorithms.contains(&alg) {
+                    algorithms.push(alg);
+                }
+            }
+            algorithms
+        }
+    };
+    let leeway_seconds = raw.leeway_seconds.unwrap_or(DEFAULT_LEEWAY_SECONDS);
+    if leeway_seconds > MAX_LEEWAY_SECONDS {
+        return Err(site.invalid(
+            "leeway_seconds",
+            format!("{leeway_seconds} is more than {MAX_LEEWAY_SECONDS}"),
+        ));
+    }
+    let auth_subjects = match raw.auth_subjects {
+        None => vec![SubjectTemplate::sub()],
+        Some(templates) if templates.is_empty() => {
+            return Err(site.invalid("auth_subjects", "must list at least one template"));
+        }
+        Some(templates) => templates
+            .iter()
+            .map(|t| {
+                SubjectTemplate::from_str(t)
+                    .map_err(|e| site.invalid("auth_subjects", format!("`{t}`: {e}")))
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let solution_claim = raw
+        .solution_claim
+        .map(|c| {
+            ClaimPath::parse(&c).map_err(|e| site.invalid("solution_claim", format!("`{c}`: {e}")))
+        })
+        .transpose()?;
+    Ok(IssuerConfig {
+        key,
+        issuer: raw.issuer,
+        audiences,
+        allow_any_audience: raw.allow_any_audience,
+        jwks,
+        algorithms,
+        leeway_seconds,
+        auth_subjects,
+        solution_claim,
+    })
+}
+
+/// An allowed algorithm name: asymmetric only.
+fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
+    if name.eq_ignore_ascii_case("none") {
+        return Err("`none` (unsigned tokens) is never allowed".to_owned());
+    }
+    if name.to_ascii_uppercase().starts_with("HS") {
+        return Err(format!(
+            "`{name}` is symmetric (a shared secret): only RS*, PS*, ES256, ES384 and EdDSA \
+             can be verified with an issuer's public keys"
+        ));
+    }
+    Algorithm::from_str(name).map_err(|_| {
+        format!("unknown algorithm `{name}` (RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA)")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [[issuer]]
+        key = "google"
+        issuer = "https://accounts.google.com"
+        audiences = ["thingsgate"]
+        jwks_file = "jwks.json"
+    "#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/tg/config.toml"), Vec::new())
+    }
+
+    fn error(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_apply_to_a_minimal_issuer() {
+        let config = parse(GOOD).unwrap();
+        let [issuer] = config.issuers.as_slice() else {
+            panic!("one issuer expected")
+        };
+        assert_eq!(issuer.key, "google");
+        assert_eq!(issuer.algorithms, DEFAULT_ALGORITHMS);
+        assert_eq!(issuer.leeway_seconds, 30);
+        assert_eq!(issuer.auth_subjects, [SubjectTemplate::sub()]);
+        assert_eq!(
+            issuer.jwks,
+            JwksSource::File(PathBuf::from("/etc/tg/jwks.json"))
+        );
+        assert!(issuer.solution_claim.is_none());
+    }
+
+    #[test]
+    fn an_empty_file_has_no_issuers() {
+        assert!(parse("").unwrap().issuers.is_empty());
+    }
+
+    #[test]
+    fn audiences_are_required_unless_any_audience_is_allowed() {
+        let text = GOOD.replace(r#"audiences = ["thingsgate"]"#, "");
+        let message = error(&text);
+        assert!(message.contains("field `audiences`"), "{message}");
+        let allowed = text.replace("jwks_file", "allow_any_audience = true\njwks_file");
+        assert!(parse(&allowed).unwrap().issuers[0].allow_any_audience);
+    }
+
+    #[test]
+    fn reserved_keys_are_refused() {
+        let message = error(&GOOD.replace(r#""google""#, r#""iot-things""#));
+        assert!(message.contains("reserved"), "{message}");
+    }
+
+    #[test]
+    fn duplicate_keys_and_issuers_are_refused() {
+        let twice = format!("{GOOD}{GOOD}");
+        assert!(error(&twice).contains("same key"));
+        let other_key = format!("{GOOD}{}", GOOD.replace(r#""google""#, r#""g2""#));
+        assert!(error(&other_key).contains("same `iss`"));
+    }
+
+    #[test]
+    fn jwks_url_is_refused_for_now() {
+        let text = GOOD.replace(r#"jwks_file = "jwks.json""#, r#"jwks_url = "https://x""#);
+        let message = error(&text);
+        assert!(message.contains("field `jwks_url`"), "{message}");
+        assert!(message.contains("not supported yet"), "{message}");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let message = error(&GOOD.replace("jwks_file", "jwks_fil"));
+        assert!(message.contains("jwks_fil"), "{message}");
+    }
+
+    #[test]
+    fn bad_templates_and_leeway_name_the_field() {
+        let text = format!("{GOOD}auth_subjects = [\"{{{{ jwt:sub\"]\n");
+        assert!(error(&text).contains("field `auth_subjects`"));
+        let text = format!("{GOOD}leeway_seconds = 3600\n");
+        assert!(error(&text).contains("field `leeway_seconds`"));
+    }
+
+    #[test]
+    fn env_key_replaces_non_alphanumerics() {
+        assert_eq!(env_key("my-idp.eu"), "MY_IDP_EU");
+        assert_eq!(
+            issuer_env_var("google", "leeway_seconds"),
+            "THINGSGATE_ISSUER_GOOGLE_LEEWAY_SECONDS"
+        );
+    }
+}
