@@ -4,10 +4,12 @@
 //! - [`secret`]: generated secrets and API tokens, their SHA-256 digests, constant-time checks.
 //! - [`solution`]: solutions (tenants) as stored in the twin store, the in-memory
 //!   [`solution::Solutions`] registry, and authentication with a solution secret or API token.
+//! - [`limiter`]: rate limiting of failed attempts per source address.
 //! - [`jwt`]: JWTs from configured issuers: signature (JWKS, `kid`), algorithm allow-list,
 //!   `iss`/`aud`/`exp`/`nbf`, and the subjects from each issuer's templates.
 
 pub mod jwt;
+pub mod limiter;
 pub mod secret;
 pub mod solution;
 
