@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - `cli`: the command line (a contract: DESIGN.md §7; extend it, never rename).
+//! - `codec`: MQTT 3.1.1/5.0 packets: check the fixed header, then parse; encoding.
 //! - `config`: the TOML configuration (`THINGSGATE_…` environment overrides); JWT issuers.
 //! - `auth`: credentials → solution and subjects: generated secrets and their digests
 //!   (`auth::secret`), solutions and the in-memory registry (`auth::solution`), JWT
@@ -13,6 +14,7 @@
 
 pub mod auth;
 pub mod cli;
+pub mod codec;
 pub mod config;
 pub mod policy_cmd;
 pub mod solution_cmd;
