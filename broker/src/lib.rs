@@ -11,6 +11,7 @@
 //! - `policy_cmd`: `thingsgate policy test` and `thingsgate policy check`.
 //! - `solution_cmd`: `thingsgate solution …`, managing solutions in a stopped data dir.
 //! - `token_cmd`: `thingsgate token …`, minting JWTs (development, tests, `serve --dev`).
+//! - `topics`: the subscription tree (topic filters → subscriptions, MQTT matching rules).
 
 pub mod auth;
 pub mod cli;
@@ -19,3 +20,4 @@ pub mod config;
 pub mod policy_cmd;
 pub mod solution_cmd;
 pub mod token_cmd;
+pub mod topics;
