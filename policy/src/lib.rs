@@ -62,7 +62,7 @@ pub use cache::{Cached, PolicyCache};
 pub use compile::effective_entries;
 pub use enforcer::{Enforcer, Explanation, Mode, SubjectView};
 pub use json::{PolicyJsonError, parse_policy, policy_from_value, policy_to_value};
-pub use lockout::{LockoutError, check_lockout};
+pub use lockout::{LockoutError, check_lockout, check_lockout_on};
 pub use model::{
     Permission, Permissions, Policy, PolicyEntry, PolicyId, ResourceKey, ResourceType, SubjectId,
 };

@@ -6,12 +6,15 @@ use crate::enforcer::{Enforcer, Mode};
 use crate::model::{Permission, Policy, ResourceType};
 use crate::timestamp::Timestamp;
 
-/// Why a policy was refused by [`check_lockout`].
+/// Why a policy was refused by [`check_lockout`] or [`check_lockout_on`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "the policy would lock everyone out: no permanent subject (one without `expiry`) keeps unrestricted WRITE on `policy:/`"
+    "the policy would lock everyone out: no permanent subject (one without `expiry`) keeps unrestricted WRITE on `{kind}:/`"
 )]
-pub struct LockoutError;
+pub struct LockoutError {
+    /// The resource type whose root must stay writable (`policy` for thing policies).
+    pub kind: ResourceType,
+}
 
 /// Accepts a policy only if at least one subject *without expiry*, on its own, has unrestricted
 /// WRITE on `policy:/` — as Ditto refuses to store a policy nobody could change afterwards.
@@ -20,6 +23,12 @@ pub struct LockoutError;
 /// with the imported policy, and a namespace-restricted entry does not apply to the policy
 /// resource itself.
 pub fn check_lockout(policy: &Policy) -> Result<(), LockoutError> {
+    check_lockout_on(policy, ResourceType::Policy)
+}
+
+/// [`check_lockout`] for another resource type's root: a solution policy, for instance, must
+/// keep someone with unrestricted WRITE on `solution:/`.
+pub fn check_lockout_on(policy: &Policy, kind: ResourceType) -> Result<(), LockoutError> {
     let enforcer = Arc::new(Enforcer::compile(policy));
     let permanent = policy
         .entries
@@ -30,14 +39,9 @@ pub fn check_lockout(policy: &Policy) -> Result<(), LockoutError> {
     for (subject, _) in permanent {
         // At `Timestamp::MAX` every subject with an expiry has expired, wherever it appears.
         let view = enforcer.for_subjects(&[subject.as_str()], None, Timestamp::MAX);
-        if view.check(
-            ResourceType::Policy,
-            "/",
-            Permission::Write,
-            Mode::Unrestricted,
-        ) {
+        if view.check(kind, "/", Permission::Write, Mode::Unrestricted) {
             return Ok(());
         }
     }
-    Err(LockoutError)
+    Err(LockoutError { kind })
 }

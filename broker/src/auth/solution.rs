@@ -48,7 +48,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use policy::{Enforcer, Mode, Permission, Policy, PolicyJsonError, ResourceType, Timestamp};
+use policy::{Policy, PolicyJsonError, ResourceType, Timestamp};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use twin::store::{StoreError, TwinStore, TwinStoreExt, WriteError};
@@ -341,26 +341,7 @@ pub fn check_solution_policy(policy: &Policy) -> Result<(), SolutionError> {
     if !policy.imports.is_empty() {
         return Err(SolutionError::PolicyHasImports);
     }
-    let enforcer = Arc::new(Enforcer::compile(policy));
-    let permanent = policy
-        .entries
-        .values()
-        .filter(|e| e.namespaces.as_ref().is_none_or(Vec::is_empty))
-        .flat_map(|e| e.subjects.iter())
-        .filter(|(_, s)| s.expiry.is_none());
-    for (subject, _) in permanent {
-        // At `Timestamp::MAX` every subject with an expiry has expired.
-        let view = enforcer.for_subjects(&[subject.as_str()], None, Timestamp::MAX);
-        if view.check(
-            ResourceType::Solution,
-            "/",
-            Permission::Write,
-            Mode::Unrestricted,
-        ) {
-            return Ok(());
-        }
-    }
-    Err(SolutionError::Lockout)
+    policy::check_lockout_on(policy, ResourceType::Solution).map_err(|_| SolutionError::Lockout)
 }
 
 /// What `create` hands back: the credentials, shown to the operator once.
@@ -776,6 +757,7 @@ mod tests {
         clippy::panic
     )]
 
+    use policy::{Enforcer, Mode, Permission};
     use twin::store::{EmbeddedStore, StoreOptions};
 
     use super::*;
