@@ -40,3 +40,21 @@ pub fn workspace_root() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_default()
 }
+
+/// Runs the real `thingsgate` with `args` and collects its output.
+pub fn thingsgate(args: &[&str]) -> std::process::Output {
+    Command::new(thingsgate_bin())
+        .args(args)
+        .output()
+        .expect("thingsgate runs")
+}
+
+/// A process's stdout as text.
+pub fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A process's stderr as text.
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

@@ -7,20 +7,8 @@
 )]
 
 use std::path::Path;
-use std::process::{Command, Output};
 
-use e2e::{thingsgate_bin, workspace_root};
-
-fn thingsgate(args: &[&str]) -> Output {
-    Command::new(thingsgate_bin())
-        .args(args)
-        .output()
-        .expect("thingsgate runs")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+use e2e::{stdout, thingsgate, workspace_root};
 
 fn write(dir: &Path, name: &str, text: &str) -> String {
     let path = dir.join(name);

@@ -7,25 +7,9 @@
 )]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-use e2e::thingsgate_bin;
+use e2e::{stderr, stdout, thingsgate};
 use serde_json::Value;
-
-fn thingsgate(args: &[&str]) -> Output {
-    Command::new(thingsgate_bin())
-        .args(args)
-        .output()
-        .expect("thingsgate runs")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 /// Runs a command that must succeed; returns its stdout.
 fn ok(args: &[&str]) -> String {
