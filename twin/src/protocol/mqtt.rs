@@ -183,6 +183,31 @@ pub fn is_twin_topic(topic: &str) -> bool {
     levels.next() == Some("ditto") || matches!(levels.nth(1), Some("things" | "policies"))
 }
 
+/// The criterion and action levels of a thing (twin channel) or policy command topic: only
+/// `commands/{action}` is for clients; events, responses and errors go server → client.
+fn parse_command_criterion(levels: &mut Levels<'_>) -> Result<Action, TopicError> {
+    match levels.expect(TopicLevel::Criterion, EXPECTED_TWIN_CRITERION)? {
+        "commands" => parse_action(levels),
+        criterion @ ("events" | "responses" | "errors") => Err(TopicError::ServerToClient {
+            criterion: server_to_client(criterion),
+        }),
+        other => Err(TopicError::invalid(
+            TopicLevel::Criterion,
+            levels.position(),
+            other,
+            EXPECTED_TWIN_CRITERION,
+        )),
+    }
+}
+
+fn server_to_client(criterion: &str) -> &'static str {
+    match criterion {
+        "events" => "events",
+        "responses" => "responses",
+        _ => "errors",
+    }
+}
+
 /// Parses a twin topic a client published to, without allocating when it is valid.
 ///
 /// Refuses, with the level and reason: an empty or too long topic, wildcards, an empty or
@@ -200,32 +225,15 @@ pub fn parse_mqtt_topic(topic: &str) -> Result<MqttTopic<'_>, TopicError> {
     check_entity(namespace, name, false)?;
     match levels.expect(TopicLevel::Group, EXPECTED_GROUP)? {
         "things" => match levels.expect(TopicLevel::Channel, EXPECTED_CHANNEL)? {
-            "twin" => match levels.expect(TopicLevel::Criterion, EXPECTED_TWIN_CRITERION)? {
-                "commands" => {
-                    let action = parse_action(&mut levels)?;
-                    Ok(MqttTopic::ThingCommand {
-                        namespace,
-                        name,
-                        action,
-                        path: levels.remainder(),
-                    })
-                }
-                "events" => Err(TopicError::ServerToClient {
-                    criterion: "events",
-                }),
-                "responses" => Err(TopicError::ServerToClient {
-                    criterion: "responses",
-                }),
-                "errors" => Err(TopicError::ServerToClient {
-                    criterion: "errors",
-                }),
-                other => Err(TopicError::invalid(
-                    TopicLevel::Criterion,
-                    levels.position(),
-                    other,
-                    EXPECTED_TWIN_CRITERION,
-                )),
-            },
+            "twin" => {
+                let action = parse_command_criterion(&mut levels)?;
+                Ok(MqttTopic::ThingCommand {
+                    namespace,
+                    name,
+                    action,
+                    path: levels.remainder(),
+                })
+            }
             "live" => match levels.expect(TopicLevel::Criterion, EXPECTED_LIVE_CRITERION)? {
                 "messages" => parse_message_topic(namespace, name, levels),
                 "commands" | "events" => Err(TopicError::Unsupported {
@@ -249,32 +257,15 @@ pub fn parse_mqtt_topic(topic: &str) -> Result<MqttTopic<'_>, TopicError> {
                 EXPECTED_CHANNEL,
             )),
         },
-        "policies" => match levels.expect(TopicLevel::Criterion, EXPECTED_TWIN_CRITERION)? {
-            "commands" => {
-                let action = parse_action(&mut levels)?;
-                Ok(MqttTopic::PolicyCommand {
-                    namespace,
-                    name,
-                    action,
-                    path: levels.remainder(),
-                })
-            }
-            "events" => Err(TopicError::ServerToClient {
-                criterion: "events",
-            }),
-            "responses" => Err(TopicError::ServerToClient {
-                criterion: "responses",
-            }),
-            "errors" => Err(TopicError::ServerToClient {
-                criterion: "errors",
-            }),
-            other => Err(TopicError::invalid(
-                TopicLevel::Criterion,
-                levels.position(),
-                other,
-                EXPECTED_TWIN_CRITERION,
-            )),
-        },
+        "policies" => {
+            let action = parse_command_criterion(&mut levels)?;
+            Ok(MqttTopic::PolicyCommand {
+                namespace,
+                name,
+                action,
+                path: levels.remainder(),
+            })
+        }
         other => Err(TopicError::invalid(
             TopicLevel::Group,
             levels.position(),
