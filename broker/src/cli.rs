@@ -29,6 +29,10 @@ pub enum Command {
     /// Mint a JWT signed with a PKCS#8 PEM private key (RSA → RS256, P-256 → ES256,
     /// Ed25519 → EdDSA); prints the token. For development and tests.
     Token(crate::token_cmd::TokenArgs),
+    /// Run the broker: MQTT listeners (plain and TLS) until SIGINT/SIGTERM.
+    ///
+    /// Prints `mqtt listening on ADDR` per listener, then `ready`, on stdout.
+    Serve(crate::serve_cmd::ServeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -189,6 +193,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             permission: &permission,
         }),
         Command::Solution(command) => run_solution(command),
+        Command::Serve(args) => crate::serve_cmd::run(args),
         Command::Token(args) => {
             println!("{}", crate::token_cmd::run(&args)?);
             Ok(ExitCode::SUCCESS)

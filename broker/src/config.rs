@@ -7,8 +7,11 @@
 //! key = "google"                          # subject prefix: subjects are `google:<value>`
 //! issuer = "https://accounts.google.com"  # the exact `iss` claim
 //! audiences = ["thingsgate"]              # at least one, unless `allow_any_audience = true`
-//! jwks_file = "google-jwks.json"          # relative to this file's directory
-//! # jwks_url = "https://…"                # not supported yet (no HTTP client in the broker)
+//! jwks_file = "google-jwks.json"          # relative to this file's directory, or instead:
+//! # jwks_url = "https://www.googleapis.com/oauth2/v3/certs"  # http:// or https://
+//! # jwks_refresh_seconds = 300            # with jwks_url: default 300, at least 10, at most 86400
+//! # jwks_ca_file = "idp-ca.pem"           # with jwks_url: extra trusted roots (PEM), relative
+//! #                                       # to this file's directory; the platform's roots stay
 //! algorithms = ["RS256"]                  # default ["RS256", "ES256", "EdDSA"]; never none/HS*
 //! leeway_seconds = 30                     # default 30, at most 300
 //! auth_subjects = ["{{ jwt:sub }}", "{{ jwt:sub }}@{{ jwt:azp }}"]  # default ["{{ jwt:sub }}"]
@@ -47,6 +50,17 @@ pub const DEFAULT_LEEWAY_SECONDS: u64 = 30;
 /// The largest leeway accepted: more would keep expired tokens alive noticeably.
 pub const MAX_LEEWAY_SECONDS: u64 = 300;
 
+/// The default time between two fetches of a `jwks_url`.
+pub const DEFAULT_JWKS_REFRESH_SECONDS: u64 = 300;
+
+/// The shortest `jwks_refresh_seconds`: more often would hammer the identity provider (a key
+/// rotation is picked up anyway, by the re-fetch on an unknown `kid`).
+pub const MIN_JWKS_REFRESH_SECONDS: u64 = 10;
+
+/// The longest `jwks_refresh_seconds`: a key the identity provider withdrew must stop verifying
+/// tokens within a day.
+pub const MAX_JWKS_REFRESH_SECONDS: u64 = 86_400;
+
 /// Subject prefixes that other credential kinds produce (DESIGN.md §1): a JWT issuer with one of
 /// these keys could mint subjects that impersonate solution clients, bridges or operators.
 pub const RESERVED_KEYS: [&str; 3] = ["iot-things", "integration", "operator"];
@@ -56,6 +70,10 @@ pub const RESERVED_KEYS: [&str; 3] = ["iot-things", "integration", "operator"];
 pub struct Config {
     /// `[[issuer]]` tables: the JWT issuers whose tokens are accepted.
     pub issuers: Vec<IssuerConfig>,
+    /// The `[mqtt]` table: listeners, TLS files, limits (`crate::limits`).
+    pub mqtt: crate::limits::MqttSettings,
+    /// The directory relative paths of the file are resolved against.
+    pub base_dir: PathBuf,
 }
 
 /// A configured JWT issuer, validated.
@@ -84,12 +102,23 @@ pub struct IssuerConfig {
 /// Where an issuer's JWKS comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JwksSource {
-    /// A JWKS JSON file, re-read on [`crate::auth::jwt::Issuers::reload_jwks`].
+    /// A JWKS JSON file, re-read on [`crate::auth::jwt::Issuers::reload_jwks`] and
+    /// [`crate::auth::jwt::Issuers::refresh_on_unknown_kid`].
     File(PathBuf),
-    /// An HTTP(S) URL. Not supported yet: loading a config that uses it fails with a clear error.
-    // TODO(JWKS over HTTP): needs an HTTP client in the broker (DESIGN.md §9: no second stack;
-    // reuse the one axum brings); fetch, cache, refresh periodically and on an unknown kid.
-    Url(String),
+    /// A JWKS fetched over HTTP(S) at start-up, periodically and on an unknown `kid`.
+    Url(JwksUrl),
+}
+
+/// An issuer's `jwks_url` and how it is fetched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwksUrl {
+    /// An `http://` or `https://` URL with a host and no credentials.
+    pub url: hyper::Uri,
+    /// The time between two periodic fetches (`jwks_refresh_seconds`).
+    pub refresh_interval: std::time::Duration,
+    /// PEM certificates trusted for this URL besides the platform's roots (`jwks_ca_file`), e.g.
+    /// a private CA of an on-premises identity provider.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// The configuration cannot be used. Every message names the file (or variable) and the field.
@@ -117,6 +146,8 @@ pub enum ConfigError {
 struct RawConfig {
     #[serde(default, rename = "issuer")]
     issuers: Vec<RawIssuer>,
+    #[serde(default)]
+    mqtt: crate::limits::MqttSettings,
 }
 
 #[derive(Debug, Deserialize)]
@@ -130,6 +161,8 @@ struct RawIssuer {
     allow_any_audience: bool,
     jwks_file: Option<String>,
     jwks_url: Option<String>,
+    jwks_refresh_seconds: Option<u64>,
+    jwks_ca_file: Option<String>,
     algorithms: Option<Vec<String>>,
     leeway_seconds: Option<u64>,
     #[serde(alias = "auth-subjects")]
@@ -138,12 +171,14 @@ struct RawIssuer {
 }
 
 /// The overridable issuer fields, as named in the file and (upper-cased) in variables.
-const ISSUER_FIELDS: [&str; 9] = [
+const ISSUER_FIELDS: [&str; 11] = [
     "issuer",
     "audiences",
     "allow_any_audience",
     "jwks_file",
     "jwks_url",
+    "jwks_refresh_seconds",
+    "jwks_ca_file",
     "algorithms",
     "leeway_seconds",
     "auth_subjects",
@@ -179,7 +214,13 @@ impl Config {
             path: display.clone(),
             message: e.to_string().trim_end().to_owned(),
         })?;
-        let overridden = apply_env(&mut raw, env)?;
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let overridden = apply_env(&mut raw, env.iter().cloned())?;
+        raw.mqtt.apply_env(env).map_err(|e| ConfigError::Invalid {
+            path: display.clone(),
+            field: format!("[mqtt] {}", e.field),
+            message: e.message,
+        })?;
         let base_dir = path.parent().unwrap_or(Path::new(""));
         let mut issuers: Vec<IssuerConfig> = Vec::with_capacity(raw.issuers.len());
         for (index, raw_issuer) in raw.issuers.into_iter().enumerate() {
@@ -207,7 +248,11 @@ impl Config {
             }
             issuers.push(issuer);
         }
-        Ok(Config { issuers })
+        Ok(Config {
+            issuers,
+            mqtt: raw.mqtt,
+            base_dir: base_dir.to_path_buf(),
+        })
     }
 }
 
@@ -283,6 +328,12 @@ fn apply_env(
             }
             "jwks_file" => issuer.jwks_file = text(),
             "jwks_url" => issuer.jwks_url = text(),
+            "jwks_refresh_seconds" => {
+                issuer.jwks_refresh_seconds = Some(value.trim().parse().map_err(|_| {
+                    env_error(format!("`{value}` is not a whole number of seconds"))
+                })?)
+            }
+            "jwks_ca_file" => issuer.jwks_ca_file = text(),
             "algorithms" => issuer.algorithms = Some(list()),
             "leeway_seconds" => {
                 issuer.leeway_seconds = Some(value.trim().parse().map_err(|_| {
@@ -371,17 +422,47 @@ fn validate_issuer(
         _ => {}
     }
     let jwks = match (raw.jwks_file, raw.jwks_url) {
-        (Some(file), None) if !file.is_empty() => JwksSource::File(base_dir.join(file)),
-        (None, Some(_)) => {
-            return Err(site.invalid(
-                "jwks_url",
-                "JWKS from a URL is not supported yet; download it and use `jwks_file`",
-            ));
+        (Some(file), None) if !file.is_empty() => {
+            if raw.jwks_refresh_seconds.is_some() {
+                return Err(site.invalid("jwks_refresh_seconds", "only applies to `jwks_url`"));
+            }
+            if raw.jwks_ca_file.is_some() {
+                return Err(site.invalid("jwks_ca_file", "only applies to `jwks_url`"));
+            }
+            JwksSource::File(base_dir.join(file))
+        }
+        (None, Some(url)) => {
+            let url = parse_jwks_url(&url).map_err(|m| site.invalid("jwks_url", m))?;
+            let refresh_seconds = raw
+                .jwks_refresh_seconds
+                .unwrap_or(DEFAULT_JWKS_REFRESH_SECONDS);
+            if !(MIN_JWKS_REFRESH_SECONDS..=MAX_JWKS_REFRESH_SECONDS).contains(&refresh_seconds) {
+                return Err(site.invalid(
+                    "jwks_refresh_seconds",
+                    format!(
+                        "{refresh_seconds} is not between {MIN_JWKS_REFRESH_SECONDS} and \
+                         {MAX_JWKS_REFRESH_SECONDS}"
+                    ),
+                ));
+            }
+            let ca_file = match raw.jwks_ca_file {
+                Some(file) if file.is_empty() => {
+                    return Err(site.invalid("jwks_ca_file", "must not be empty"));
+                }
+                file => file.map(|f| base_dir.join(f)),
+            };
+            JwksSource::Url(JwksUrl {
+                url,
+                refresh_interval: std::time::Duration::from_secs(refresh_seconds),
+                ca_file,
+            })
         }
         (Some(_), Some(_)) => {
             return Err(site.invalid("jwks_file", "set `jwks_file` or `jwks_url`, not both"));
         }
-        _ => return Err(site.invalid("jwks_file", "missing: set `jwks_file`")),
+        _ => {
+            return Err(site.invalid("jwks_file", "missing: set `jwks_file` or `jwks_url`"));
+        }
     };
     let algorithms = match raw.algorithms {
         None => DEFAULT_ALGORITHMS.to_vec(),
@@ -436,6 +517,25 @@ fn validate_issuer(
         auth_subjects,
         solution_claim,
     })
+}
+
+/// A `jwks_url`: `http://` or `https://`, with a host and without credentials (they would end
+/// up in logs and error messages).
+fn parse_jwks_url(text: &str) -> Result<hyper::Uri, String> {
+    let not_http = || format!("`{text}` is not an http:// or https:// URL");
+    let url: hyper::Uri = text.trim().parse().map_err(|_| not_http())?;
+    if !matches!(url.scheme_str(), Some("http" | "https")) {
+        return Err(not_http());
+    }
+    match url.authority() {
+        None => Err(format!("`{text}` has no host")),
+        // Not echoed: the URL holds a secret.
+        Some(authority) if authority.as_str().contains('@') => {
+            Err("holds credentials (`user:password@`): a JWKS URL must not".to_owned())
+        }
+        Some(authority) if authority.host().is_empty() => Err(format!("`{text}` has no host")),
+        Some(_) => Ok(url),
+    }
 }
 
 /// An allowed algorithm name: asymmetric only.
@@ -519,12 +619,114 @@ mod tests {
         assert!(error(&other_key).contains("same `iss`"));
     }
 
+    fn with_url(url_lines: &str) -> String {
+        GOOD.replace(r#"jwks_file = "jwks.json""#, url_lines)
+    }
+
     #[test]
-    fn jwks_url_is_refused_for_now() {
-        let text = GOOD.replace(r#"jwks_file = "jwks.json""#, r#"jwks_url = "https://x""#);
+    fn jwks_url_takes_defaults_and_resolves_the_ca_file() {
+        let config = parse(&with_url(r#"jwks_url = "https://idp.test/jwks""#)).unwrap();
+        let JwksSource::Url(jwks) = &config.issuers[0].jwks else {
+            panic!("a URL source expected")
+        };
+        assert_eq!(jwks.url, "https://idp.test/jwks");
+        assert_eq!(
+            jwks.refresh_interval,
+            std::time::Duration::from_secs(DEFAULT_JWKS_REFRESH_SECONDS)
+        );
+        assert_eq!(jwks.ca_file, None);
+
+        let text = with_url(
+            "jwks_url = \"http://127.0.0.1:8080/keys\"\n\
+             jwks_refresh_seconds = 60\njwks_ca_file = \"ca.pem\"",
+        );
+        let config = parse(&text).unwrap();
+        let JwksSource::Url(jwks) = &config.issuers[0].jwks else {
+            panic!("a URL source expected")
+        };
+        assert_eq!(jwks.refresh_interval, std::time::Duration::from_secs(60));
+        assert_eq!(jwks.ca_file, Some(PathBuf::from("/etc/tg/ca.pem")));
+    }
+
+    #[test]
+    fn jwks_url_must_be_http_or_https_with_a_host() {
+        for url in [
+            "ftp://idp.test/jwks",
+            "idp.test/jwks",
+            "file:///etc/jwks.json",
+            "",
+        ] {
+            let message = error(&with_url(&format!("jwks_url = \"{url}\"")));
+            assert!(message.contains("field `jwks_url`"), "{message}");
+            assert!(
+                message.contains("is not an http:// or https:// URL")
+                    || message.contains("has no host"),
+                "{message}"
+            );
+        }
+        let message = error(&with_url(r#"jwks_url = "ftp://idp.test/jwks""#));
+        assert!(
+            message.contains("`ftp://idp.test/jwks` is not an http:// or https:// URL"),
+            "{message}"
+        );
+        let message = error(&with_url(r#"jwks_url = "https://user:pw@idp.test/jwks""#));
+        assert!(message.contains("credentials"), "{message}");
+        assert!(!message.contains("pw"), "{message}");
+    }
+
+    #[test]
+    fn jwks_refresh_seconds_is_bounded() {
+        let text = with_url("jwks_url = \"https://idp.test/jwks\"\njwks_refresh_seconds = 5");
         let message = error(&text);
-        assert!(message.contains("field `jwks_url`"), "{message}");
-        assert!(message.contains("not supported yet"), "{message}");
+        assert!(
+            message.contains("field `jwks_refresh_seconds`"),
+            "{message}"
+        );
+        assert!(message.contains("between 10 and 86400"), "{message}");
+        let text = with_url("jwks_url = \"https://idp.test/jwks\"\njwks_refresh_seconds = 10");
+        assert!(parse(&text).is_ok());
+    }
+
+    #[test]
+    fn url_options_without_jwks_url_are_refused() {
+        let message = error(&format!("{GOOD}jwks_refresh_seconds = 60\n"));
+        assert!(
+            message.contains("field `jwks_refresh_seconds`"),
+            "{message}"
+        );
+        assert!(message.contains("only applies to `jwks_url`"), "{message}");
+        let message = error(&format!("{GOOD}jwks_ca_file = \"ca.pem\"\n"));
+        assert!(message.contains("field `jwks_ca_file`"), "{message}");
+        let both = format!("{GOOD}jwks_url = \"https://idp.test/jwks\"\n");
+        assert!(error(&both).contains("not both"));
+    }
+
+    #[test]
+    fn jwks_url_fields_can_be_set_from_the_environment() {
+        let env = [
+            ("THINGSGATE_ISSUER_GOOGLE_JWKS_FILE", ""),
+            ("THINGSGATE_ISSUER_GOOGLE_JWKS_URL", "https://idp.test/jwks"),
+            ("THINGSGATE_ISSUER_GOOGLE_JWKS_REFRESH_SECONDS", "120"),
+            ("THINGSGATE_ISSUER_GOOGLE_JWKS_CA_FILE", "/ca/idp.pem"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let config = Config::parse(GOOD, Path::new("/etc/tg/config.toml"), env).unwrap();
+        let JwksSource::Url(jwks) = &config.issuers[0].jwks else {
+            panic!("a URL source expected")
+        };
+        assert_eq!(jwks.url, "https://idp.test/jwks");
+        assert_eq!(jwks.refresh_interval, std::time::Duration::from_secs(120));
+        assert_eq!(jwks.ca_file, Some(PathBuf::from("/ca/idp.pem")));
+
+        let env = [("THINGSGATE_ISSUER_GOOGLE_JWKS_REFRESH_SECONDS", "often")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let message = Config::parse(GOOD, Path::new("/etc/tg/config.toml"), env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("THINGSGATE_ISSUER_GOOGLE_JWKS_REFRESH_SECONDS"),
+            "{message}"
+        );
     }
 
     #[test]

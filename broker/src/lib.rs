@@ -12,12 +12,27 @@
 //! - `solution_cmd`: `thingsgate solution …`, managing solutions in a stopped data dir.
 //! - `token_cmd`: `thingsgate token …`, minting JWTs (development, tests, `serve --dev`).
 //! - `topics`: the subscription tree (topic filters → subscriptions, MQTT matching rules).
+//! - `limits`: every limit of the MQTT server and what happens when it is reached.
+//! - The MQTT server, in the order bytes flow: `server` (listeners, accept loop, shutdown) →
+//!   `connection` (CONNECT, authentication via `auth::connect`, packets, keep-alive, takeover)
+//!   → `session` (subscriptions, queue, inflight) and `space` (a solution's topic tree,
+//!   retained messages, sessions) → `dispatch` (authorized fan-out, per-subscriber checks).
+//! - `metrics`: counters (Prometheus format). `serve_cmd`, `dev`: `thingsgate serve [--dev]`.
 
 pub mod auth;
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod connection;
+pub mod dev;
+pub mod dispatch;
+pub mod limits;
+pub mod metrics;
 pub mod policy_cmd;
+pub mod serve_cmd;
+pub mod server;
+pub mod session;
 pub mod solution_cmd;
+pub mod space;
 pub mod token_cmd;
 pub mod topics;

@@ -16,14 +16,14 @@ use twin::store::{EmbeddedStore, StoreError, StoreOptions, TwinStore};
 use crate::auth::solution::{SolutionId, Solutions, default_policy_summary};
 
 /// An open data dir: the store and the solutions loaded from it.
-struct DataDir {
-    store: EmbeddedStore,
-    solutions: Solutions,
+pub(crate) struct DataDir {
+    pub(crate) store: EmbeddedStore,
+    pub(crate) solutions: Solutions,
 }
 
 impl DataDir {
     /// Opens `dir`; unless `create`, it must exist already (a typo should not make a new one).
-    fn open(dir: &Path, create: bool) -> anyhow::Result<Self> {
+    pub(crate) fn open(dir: &Path, create: bool) -> anyhow::Result<Self> {
         if !create && !dir.is_dir() {
             bail!("data directory `{}` does not exist", dir.display());
         }
@@ -43,7 +43,7 @@ impl DataDir {
     }
 
     /// Flushes and releases the data dir.
-    fn close(self) -> anyhow::Result<()> {
+    pub(crate) fn close(self) -> anyhow::Result<()> {
         self.store
             .close()
             .context("cannot close the data directory cleanly")

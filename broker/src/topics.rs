@@ -115,6 +115,25 @@ impl<T> TopicTree<T> {
     }
 }
 
+/// Whether `filter` (without `$share/group/`) matches `topic`: the same rules as the tree, for
+/// one pair (retained messages are matched against a new subscription this way).
+pub fn matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 fn remove_at<T>(
     node: &mut Node<T>,
     levels: &[&str],
@@ -328,6 +347,13 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 2_000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn the_pairwise_match_agrees_with_the_specifications_rule(
+            f in filter(), t in topic()
+        ) {
+            prop_assert_eq!(matches(&f, &t), naive_matches(&f, &t));
+        }
 
         #[test]
         fn the_tree_agrees_with_the_specifications_rule(

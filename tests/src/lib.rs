@@ -1,7 +1,24 @@
 //! Helpers for the end-to-end tests: locating (and building) the real `thingsgate` binary.
 //!
 //! Test support code: failing loudly (panicking) is how it reports a broken setup.
-#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+//!
+//! # Layout
+//! - this file: the binary ([`thingsgate_bin`]) and running one-shot commands.
+//! - [`broker`]: a running `thingsgate serve` per test (temp data dir, config, port 0, logs).
+//! - [`issuer`]: a local JWT issuer: keys, JWKS file, config block, good and bad tokens.
+//! - [`raw`]: a raw MQTT client on the broker's codec, for AUTH packets and exact reason codes.
+//! - [`clients`]: rumqttc 3.1.1 and 5 clients with their event loop in a task, bounded waits.
+#![allow(
+    clippy::panic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing
+)]
+
+pub mod broker;
+pub mod clients;
+pub mod issuer;
+pub mod raw;
 
 use std::path::PathBuf;
 use std::process::Command;

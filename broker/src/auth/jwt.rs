@@ -18,23 +18,48 @@
 //!
 //! Refusals are values ([`JwtRefusal`]) for metrics and debug logs; nothing here logs or returns
 //! a token or key material.
+//!
+//! # Where keys come from
+//! An issuer's JWKS is a file or an `http(s)://` URL ([`JwksSource`]). [`Issuers::load`] reads
+//! or fetches every JWKS before the broker accepts a connection; a URL that cannot be fetched
+//! then is an error. Afterwards keys are replaced whole, while [`Issuers::validate`] keeps
+//! running on other threads with the set it cloned (validation never does I/O):
+//! - every `jwks_refresh_seconds`, URLs are fetched again ([`Issuers::spawn_refresher`]);
+//! - after [`JwtRefusal::UnknownKid`] (a key rotation), [`Issuers::refresh_on_unknown_kid`]
+//!   re-reads files and re-fetches URLs, at most once per issuer per minimum reload interval,
+//!   so a flood of invented `kid`s costs the identity provider one request per interval;
+//!   concurrent callers share the fetch in flight.
+//!
+//! A failed refresh keeps the previous keys (logged as a warning). Fetches trust the platform's
+//! root certificates plus the issuer's `jwks_ca_file`, use aws-lc-rs (DESIGN.md §9), follow no
+//! redirects, and are bounded: [`JWKS_CONNECT_TIMEOUT`], [`JWKS_FETCH_TIMEOUT`],
+//! [`MAX_JWKS_BYTES`].
 
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use jsonwebtoken::crypto::CryptoProvider;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk};
 use jsonwebtoken::{Algorithm, DecodingKey};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::config::{IssuerConfig, JwksSource};
+use crate::config::{IssuerConfig, JwksSource, JwksUrl};
 
 /// Longest token accepted, in bytes. Large enough for identity-provider tokens with group lists,
 /// small enough that a hostile client cannot make us decode megabytes.
@@ -46,6 +71,21 @@ pub const MAX_SUBJECTS: usize = 256;
 
 /// Default for the least time between two JWKS reloads of one issuer.
 pub const DEFAULT_MIN_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How long opening the TCP connection to a JWKS URL may take.
+pub const JWKS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long one JWKS fetch may take in all: connection, TLS handshake, request and whole body.
+/// A hanging identity provider must not hold a refresh (and the connections waiting on it) long.
+pub const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The largest JWKS body accepted. Real ones are a few KiB; the cap keeps a misbehaving server
+/// from filling our memory.
+pub const MAX_JWKS_BYTES: usize = 1024 * 1024;
+
+/// The least time between two periodic fetches, whatever an [`IssuerConfig`] built by hand says
+/// (the config file allows no less than 10 s).
+const MIN_REFRESH_PERIOD: Duration = Duration::from_millis(100);
 
 /// Makes sure jsonwebtoken uses the aws-lc-rs backend (DESIGN.md §9). jsonwebtoken 12 picks it
 /// from the crate features when exactly one backend is enabled, and panics at first use when it
@@ -90,7 +130,8 @@ pub enum JwtRefusal {
     AlgorithmNotAllowed,
     /// No `kid`, and the issuer has several keys.
     MissingKid,
-    /// `kid` names no key of the issuer: the caller may [`Issuers::reload_jwks`] and retry.
+    /// `kid` names no key of the issuer: the caller may [`Issuers::refresh_on_unknown_kid`] and,
+    /// if that returns `true`, validate once more.
     UnknownKid,
     /// `alg` does not fit the selected key's type (or the `alg` its JWK names).
     AlgorithmKeyMismatch,
@@ -182,10 +223,50 @@ pub enum JwksError {
         path: String,
         message: String,
     },
-    #[error("issuer `{issuer}`: JWKS from a URL is not supported yet (use `jwks_file`)")]
-    UrlNotSupported { issuer: String },
+    #[error("issuer `{issuer}`: JWKS URL `{url}`: {source}")]
+    Fetch {
+        issuer: String,
+        url: String,
+        source: FetchError,
+    },
+    #[error("issuer `{issuer}`: jwks_ca_file `{path}`: {message}")]
+    CaFile {
+        issuer: String,
+        path: String,
+        message: String,
+    },
+    #[error("issuer `{issuer}`: cannot set up TLS for JWKS URL `{url}`: {message}")]
+    Tls {
+        issuer: String,
+        url: String,
+        message: String,
+    },
+    #[error(
+        "issuer `{issuer}`: a JWKS URL is fetched at start-up: use `Issuers::load`, not `from_config`"
+    )]
+    UrlNeedsAsyncLoad { issuer: String },
     #[error(transparent)]
     CryptoProvider(#[from] CryptoProviderMissing),
+}
+
+/// Why fetching a JWKS URL failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// A status other than 2xx (redirects are not followed).
+    #[error("HTTP status {0}")]
+    Status(hyper::StatusCode),
+    /// No complete answer within [`JWKS_FETCH_TIMEOUT`].
+    #[error("no complete answer within {0:?}")]
+    Timeout(Duration),
+    /// The body is larger than [`MAX_JWKS_BYTES`].
+    #[error("the answer is larger than {0} bytes")]
+    TooLarge(usize),
+    /// Connecting, TLS (e.g. an untrusted certificate) or HTTP failed; the whole cause chain.
+    #[error("{0}")]
+    Transport(String),
+    /// The body is not a JWKS we accept.
+    #[error("not a usable JWKS: {0}")]
+    Invalid(String),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -511,21 +592,286 @@ fn parse_jwk(item: &Value) -> Result<VerifyingKey, String> {
 #[derive(Debug)]
 struct Issuer {
     config: IssuerConfig,
-    jwks_file: PathBuf,
+    source: KeySource,
     keys: RwLock<Arc<KeySet>>,
     /// When the JWKS was last (re)loaded, for rate-limiting reloads.
     loaded_at: Mutex<Instant>,
+    /// Bumped whenever `keys` is replaced, so that a caller that waited for another's refresh
+    /// learns whether the keys changed meanwhile.
+    generation: AtomicU64,
+    /// Held during a refresh: concurrent callers (a flood of unknown `kid`s) wait for the fetch
+    /// in flight instead of starting their own.
+    refreshing: tokio::sync::Mutex<()>,
 }
 
 impl Issuer {
+    fn loaded(config: &IssuerConfig, source: KeySource, keys: KeySet) -> Self {
+        tracing::info!(
+            issuer = %config.key,
+            keys = keys.keys.len(),
+            jwks = %source,
+            "JWT issuer loaded"
+        );
+        Issuer {
+            config: config.clone(),
+            source,
+            keys: RwLock::new(Arc::new(keys)),
+            loaded_at: Mutex::new(Instant::now()),
+            generation: AtomicU64::new(0),
+            refreshing: tokio::sync::Mutex::new(()),
+        }
+    }
+
     fn current_keys(&self) -> Arc<KeySet> {
         // A poisoned lock still holds a complete `Arc` (it is only ever swapped whole).
         Arc::clone(&self.keys.read().unwrap_or_else(|e| e.into_inner()))
     }
 
-    fn load_keys(&self) -> Result<KeySet, JwksError> {
-        load_jwks_file(&self.config.key, &self.jwks_file)
+    /// Starts a reload unless the last one is less than `min_interval` ago.
+    fn claim_reload(&self, min_interval: Duration) -> bool {
+        let mut loaded_at = self.loaded_at.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if now.saturating_duration_since(*loaded_at) < min_interval {
+            return false;
+        }
+        *loaded_at = now;
+        true
     }
+
+    /// Replaces the keys if they differ from the current ones; returns whether they did.
+    fn install(&self, keys: KeySet) -> bool {
+        if keys.jwks == self.current_keys().jwks {
+            return false;
+        }
+        tracing::info!(issuer = %self.config.key, keys = keys.keys.len(), "JWKS changed");
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        true
+    }
+
+    /// Reads or fetches the JWKS again and installs it; returns whether the keys changed. With
+    /// `min_interval`, does nothing if the last reload is more recent. A failure keeps the
+    /// previous keys and is logged.
+    async fn refresh(&self, min_interval: Option<Duration>) -> bool {
+        let seen = self.generation.load(Ordering::Acquire);
+        let _refreshing = self.refreshing.lock().await;
+        if self.generation.load(Ordering::Acquire) != seen {
+            // Another caller's refresh replaced the keys while this one waited.
+            return true;
+        }
+        match min_interval {
+            Some(min_interval) if !self.claim_reload(min_interval) => return false,
+            Some(_) => {}
+            None => *self.loaded_at.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now(),
+        }
+        match self.source.load(&self.config.key).await {
+            Ok(keys) => self.install(keys),
+            Err(error) => {
+                tracing::warn!(
+                    issuer = %self.config.key,
+                    %error,
+                    "JWKS refresh failed; keeping the previous keys"
+                );
+                false
+            }
+        }
+    }
+}
+
+/// Where an issuer's keys are loaded from.
+#[derive(Debug)]
+enum KeySource {
+    File(PathBuf),
+    Url(Box<UrlSource>),
+}
+
+impl KeySource {
+    /// Prepares the source (for a URL: its HTTP client and trusted roots); loads nothing yet.
+    fn new(
+        config: &IssuerConfig,
+        native_roots: &mut Option<Vec<CertificateDer<'static>>>,
+    ) -> Result<Self, JwksError> {
+        match &config.jwks {
+            JwksSource::File(path) => Ok(KeySource::File(path.clone())),
+            JwksSource::Url(jwks) => {
+                if jwks.url.scheme_str() == Some("http") {
+                    tracing::warn!(
+                        issuer = %config.key,
+                        url = %jwks.url,
+                        "JWKS fetched over plain http: anyone on the path can replace the keys"
+                    );
+                }
+                let roots = native_roots.get_or_insert_with(load_native_roots);
+                Ok(KeySource::Url(Box::new(UrlSource {
+                    url: jwks.url.clone(),
+                    refresh_interval: jwks.refresh_interval,
+                    client: https_client(&config.key, jwks, roots)?,
+                })))
+            }
+        }
+    }
+
+    async fn load(&self, issuer: &str) -> Result<KeySet, JwksError> {
+        match self {
+            // A small local file: read in place rather than on a blocking thread.
+            KeySource::File(path) => load_jwks_file(issuer, path),
+            KeySource::Url(source) => source.fetch().await.map_err(|error| JwksError::Fetch {
+                issuer: issuer.to_owned(),
+                url: source.url.to_string(),
+                source: error,
+            }),
+        }
+    }
+}
+
+impl fmt::Display for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySource::File(path) => write!(f, "{}", path.display()),
+            KeySource::Url(source) => write!(f, "{}", source.url),
+        }
+    }
+}
+
+type HttpsClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+/// A JWKS URL with the client that fetches it (one per issuer: trusted roots differ).
+#[derive(Debug)]
+struct UrlSource {
+    url: hyper::Uri,
+    refresh_interval: Duration,
+    client: HttpsClient,
+}
+
+impl UrlSource {
+    async fn fetch(&self) -> Result<KeySet, FetchError> {
+        let body = tokio::time::timeout(JWKS_FETCH_TIMEOUT, self.fetch_body())
+            .await
+            .map_err(|_| FetchError::Timeout(JWKS_FETCH_TIMEOUT))??;
+        let text = std::str::from_utf8(&body)
+            .map_err(|_| FetchError::Invalid("the body is not UTF-8".to_owned()))?;
+        parse_jwks(text).map_err(FetchError::Invalid)
+    }
+
+    async fn fetch_body(&self) -> Result<Bytes, FetchError> {
+        let request = hyper::Request::get(self.url.clone())
+            .header(
+                hyper::header::ACCEPT,
+                "application/jwk-set+json, application/json",
+            )
+            .header(
+                hyper::header::USER_AGENT,
+                concat!("thingsgate/", env!("CARGO_PKG_VERSION")),
+            )
+            .body(Empty::new())
+            .map_err(|e| FetchError::Transport(error_chain(&e)))?;
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| FetchError::Transport(error_chain(&e)))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(FetchError::Status(status));
+        }
+        let body = Limited::new(response.into_body(), MAX_JWKS_BYTES)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<LengthLimitError>() {
+                    FetchError::TooLarge(MAX_JWKS_BYTES)
+                } else {
+                    FetchError::Transport(error_chain(e.as_ref()))
+                }
+            })?;
+        Ok(body.to_bytes())
+    }
+}
+
+/// An error with its causes, `: `-separated (hyper's own message is only "client error
+/// (Connect)"; the cause says "invalid peer certificate: UnknownIssuer").
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
+}
+
+/// The platform's trusted root certificates (what hyper-rustls's `native-tokio` reads). None
+/// found is not an error here: an issuer may bring its own in `jwks_ca_file`.
+fn load_native_roots() -> Vec<CertificateDer<'static>> {
+    let found = rustls_native_certs::load_native_certs();
+    for error in &found.errors {
+        tracing::debug!(%error, "a platform root certificate could not be loaded");
+    }
+    found.certs
+}
+
+/// The HTTP(S) client of one JWKS URL: rustls with aws-lc-rs, the platform's roots plus the
+/// issuer's `jwks_ca_file`, HTTP/1.1, a connect timeout, no kept-alive connections (a fetch
+/// every few minutes gains nothing from them).
+fn https_client(
+    issuer: &str,
+    jwks: &JwksUrl,
+    native_roots: &[CertificateDer<'static>],
+) -> Result<HttpsClient, JwksError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(native_roots.iter().cloned());
+    if let Some(path) = &jwks.ca_file {
+        let ca_error = |message: String| JwksError::CaFile {
+            issuer: issuer.to_owned(),
+            path: path.display().to_string(),
+            message,
+        };
+        let pem = std::fs::read(path).map_err(|e| ca_error(e.to_string()))?;
+        let mut found = 0_usize;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| ca_error(format!("not valid PEM: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| ca_error(format!("not a usable certificate: {e}")))?;
+            found += 1;
+        }
+        if found == 0 {
+            return Err(ca_error("holds no `CERTIFICATE` PEM block".to_owned()));
+        }
+    }
+    let tls_error = |message: String| JwksError::Tls {
+        issuer: issuer.to_owned(),
+        url: jwks.url.to_string(),
+        message,
+    };
+    if roots.is_empty() && jwks.url.scheme_str() == Some("https") {
+        return Err(tls_error(
+            "no trusted root certificates: the platform has none and no `jwks_ca_file` is set"
+                .to_owned(),
+        ));
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_error(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    // The TLS layer above handles `https`; without this the plain connector refuses it.
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(JWKS_CONNECT_TIMEOUT));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build(https))
 }
 
 fn load_jwks_file(issuer: &str, path: &Path) -> Result<KeySet, JwksError> {
@@ -542,7 +888,8 @@ fn load_jwks_file(issuer: &str, path: &Path) -> Result<KeySet, JwksError> {
 }
 
 /// The configured JWT issuers, routed by `iss`. Shared by every connection (`Arc<Issuers>`):
-/// validation only takes a read lock to clone the current key set.
+/// validation only takes a read lock to clone the current key set, which refreshes replace
+/// whole.
 #[derive(Debug)]
 pub struct Issuers {
     issuers: Vec<Issuer>,
@@ -561,41 +908,51 @@ struct Header {
 }
 
 impl Issuers {
-    /// Loads every issuer's JWKS. Installs the crypto provider if needed.
+    /// Reads every issuer's JWKS file; an issuer with a `jwks_url` is an error
+    /// ([`JwksError::UrlNeedsAsyncLoad`]): use [`Issuers::load`]. Installs the crypto provider if
+    /// needed.
     pub fn from_config(configs: &[IssuerConfig]) -> Result<Self, JwksError> {
         install_crypto_provider()?;
         let mut issuers = Vec::with_capacity(configs.len());
-        let mut by_iss = HashMap::with_capacity(configs.len());
-        for (index, config) in configs.iter().enumerate() {
-            let jwks_file = match &config.jwks {
-                JwksSource::File(path) => path.clone(),
-                // TODO(JWKS over HTTP): fetch, cache, refresh periodically and on unknown kid.
-                JwksSource::Url(_) => {
-                    return Err(JwksError::UrlNotSupported {
-                        issuer: config.key.clone(),
-                    });
-                }
+        for config in configs {
+            let JwksSource::File(path) = &config.jwks else {
+                return Err(JwksError::UrlNeedsAsyncLoad {
+                    issuer: config.key.clone(),
+                });
             };
-            let keys = load_jwks_file(&config.key, &jwks_file)?;
-            tracing::info!(
-                issuer = %config.key,
-                keys = keys.keys.len(),
-                jwks = %jwks_file.display(),
-                "JWT issuer loaded"
-            );
-            by_iss.insert(config.issuer.clone(), index);
-            issuers.push(Issuer {
-                config: config.clone(),
-                jwks_file,
-                keys: RwLock::new(Arc::new(keys)),
-                loaded_at: Mutex::new(Instant::now()),
-            });
+            let keys = load_jwks_file(&config.key, path)?;
+            issuers.push(Issuer::loaded(config, KeySource::File(path.clone()), keys));
         }
-        Ok(Issuers {
+        Ok(Self::from_issuers(issuers))
+    }
+
+    /// Reads every issuer's JWKS file and fetches every JWKS URL (one after the other, each
+    /// within [`JWKS_FETCH_TIMEOUT`]). Any failure is an error naming the issuer and the file or
+    /// URL: the broker should not start with an issuer whose tokens it cannot check. Installs
+    /// the crypto provider if needed.
+    pub async fn load(configs: &[IssuerConfig]) -> Result<Self, JwksError> {
+        install_crypto_provider()?;
+        let mut native_roots = None;
+        let mut issuers = Vec::with_capacity(configs.len());
+        for config in configs {
+            let source = KeySource::new(config, &mut native_roots)?;
+            let keys = source.load(&config.key).await?;
+            issuers.push(Issuer::loaded(config, source, keys));
+        }
+        Ok(Self::from_issuers(issuers))
+    }
+
+    fn from_issuers(issuers: Vec<Issuer>) -> Self {
+        let by_iss = issuers
+            .iter()
+            .enumerate()
+            .map(|(index, issuer)| (issuer.config.issuer.clone(), index))
+            .collect();
+        Issuers {
             issuers,
             by_iss,
             min_reload_interval: DEFAULT_MIN_RELOAD_INTERVAL,
-        })
+        }
     }
 
     /// Changes the least time between two reloads of one issuer's JWKS (default 10 s).
@@ -613,39 +970,81 @@ impl Issuers {
         self.issuers.is_empty()
     }
 
-    /// Re-reads the JWKS of every issuer not reloaded within the minimum interval; returns
-    /// whether any issuer's keys changed. A file that cannot be read or parsed leaves that
-    /// issuer's keys as they were (logged as a warning). Called after [`JwtRefusal::UnknownKid`]
-    /// (a key rotation) and periodically.
+    /// Re-reads the JWKS file of every file issuer not reloaded within the minimum interval (and
+    /// not being refreshed right now); returns whether any issuer's keys changed. A file that
+    /// cannot be read or parsed leaves that issuer's keys as they were (logged as a warning).
+    /// Synchronous, so URL issuers are left to [`Issuers::refresh_on_unknown_kid`] and
+    /// [`Issuers::spawn_refresher`].
     pub fn reload_jwks(&self) -> bool {
         let mut changed = false;
         for issuer in &self.issuers {
-            {
-                let mut loaded_at = issuer.loaded_at.lock().unwrap_or_else(|e| e.into_inner());
-                let now = Instant::now();
-                if now.saturating_duration_since(*loaded_at) < self.min_reload_interval {
-                    continue;
-                }
-                *loaded_at = now;
+            let KeySource::File(path) = &issuer.source else {
+                continue;
+            };
+            let Ok(_refreshing) = issuer.refreshing.try_lock() else {
+                continue;
+            };
+            if !issuer.claim_reload(self.min_reload_interval) {
+                continue;
             }
-            match issuer.load_keys() {
-                Ok(keys) => {
-                    if keys.jwks != issuer.current_keys().jwks {
-                        tracing::info!(
-                            issuer = %issuer.config.key,
-                            keys = keys.keys.len(),
-                            "JWKS changed"
-                        );
-                        *issuer.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
-                        changed = true;
-                    }
-                }
+            match load_jwks_file(&issuer.config.key, path) {
+                Ok(keys) => changed |= issuer.install(keys),
                 Err(error) => {
-                    tracing::warn!(%error, "JWKS reload failed; keeping the previous keys");
+                    tracing::warn!(
+                        issuer = %issuer.config.key,
+                        %error,
+                        "JWKS reload failed; keeping the previous keys"
+                    );
                 }
             }
         }
         changed
+    }
+
+    /// Called by a connection whose token was refused with [`JwtRefusal::UnknownKid`] (the
+    /// identity provider may have rotated its keys): re-reads JWKS files and re-fetches JWKS
+    /// URLs of every issuer not reloaded within the minimum interval; returns whether any
+    /// issuer's keys changed, in which case the caller validates the token once more. Callers
+    /// arriving while a refresh is in flight wait for it and share its outcome; a failed
+    /// refresh keeps the previous keys (logged as a warning) and returns `false`.
+    pub async fn refresh_on_unknown_kid(&self) -> bool {
+        let mut changed = false;
+        for issuer in &self.issuers {
+            changed |= issuer.refresh(Some(self.min_reload_interval)).await;
+        }
+        changed
+    }
+
+    /// Starts a task that fetches every JWKS URL again each `jwks_refresh_seconds` of its
+    /// issuer (file issuers are reloaded on demand only). A failed fetch keeps the previous keys
+    /// and logs a warning; the next one comes a full interval later. Runs until the returned
+    /// handle is aborted (at shutdown). Must be called within a Tokio runtime.
+    pub fn spawn_refresher(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let issuers = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut loops = tokio::task::JoinSet::new();
+            for index in 0..issuers.issuers.len() {
+                let issuers = Arc::clone(&issuers);
+                loops.spawn(async move { issuers.refresh_periodically(index).await });
+            }
+            // Aborting this task drops the set, which aborts every loop.
+            while loops.join_next().await.is_some() {}
+        })
+    }
+
+    /// The refresh loop of the issuer at `index`; returns at once for a file issuer.
+    async fn refresh_periodically(&self, index: usize) {
+        let Some(issuer) = self.issuers.get(index) else {
+            return;
+        };
+        let KeySource::Url(source) = &issuer.source else {
+            return;
+        };
+        let period = source.refresh_interval.max(MIN_REFRESH_PERIOD);
+        loop {
+            tokio::time::sleep(period).await;
+            issuer.refresh(None).await;
+        }
     }
 
     /// Validates a token at `now` (see the module documentation for the order of checks).

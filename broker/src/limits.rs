@@ -1,0 +1,241 @@
+//! Every limit of the MQTT server and what happens when it is reached, in one place (STYLE.md:
+//! "Limits and backpressure written down in one place"). The `[mqtt]` table of the config file
+//! sets them; `THINGSGATE_MQTT_<FIELD>` environment variables override single fields.
+//!
+//! | limit | default | when reached |
+//! |---|---|---|
+//! | `max_connections` | 19,000 | `accept` waits (a semaphore before `accept`): new clients queue in the kernel's backlog, nobody is dropped |
+//! | `connect_timeout_seconds` | 10 | a socket that has not completed CONNECT by then is closed |
+//! | `max_packet_size` | 1 MiB | a bigger packet is refused from its fixed header, before buffering: v5 DISCONNECT 0x95, then close |
+//! | `receive_maximum` | 1,024 | incoming QoS 2 messages not yet released by PUBREL; one more: v5 DISCONNECT 0x93 |
+//! | `topic_alias_maximum` | 64 | an incoming alias above it: DISCONNECT 0x94 |
+//! | `max_inflight` | 32 | outgoing QoS 1/2 messages awaiting acknowledgement per session (v5: also capped by the client's receive maximum); the rest wait in the queue |
+//! | `max_queued_messages` | 1,000 | per session, messages waiting to be sent (online: a slow reader; offline: a persistent session's QoS 1/2 messages). A message arriving at a full queue is **dropped** (newest dropped, never blocking the publisher), counted in `thingsgate_messages_dropped_total{reason="queue_full"}` |
+//! | `max_session_expiry_seconds` | 7 days | a longer v5 session expiry is lowered (CONNACK says so); a 3.1.1 persistent session also ends after it |
+//! | `max_keep_alive_seconds` | 0 (none) | when set, a longer or zero keep-alive is replaced (v5 Server Keep Alive) |
+//!
+//! Other memory bounds: QoS 0 messages for an offline session are not kept (the specification
+//! allows either); a message whose v5 expiry passes while queued is dropped
+//! (`reason="expired"`); a message bigger than the client's maximum packet size is not sent to it
+//! (`reason="too_large"`). Keep-alive: a client silent for 1.5× its interval is disconnected.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Prefix of the variables that override `[mqtt]` fields.
+pub const MQTT_ENV_PREFIX: &str = "THINGSGATE_MQTT_";
+
+/// The `[mqtt]` table: listeners, TLS files and the limits above.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttSettings {
+    /// Plain TCP listener addresses (`--mqtt` replaces them).
+    pub listen: Vec<String>,
+    /// TLS listener address (`--mqtts` replaces it); needs `tls_cert_file` and `tls_key_file`.
+    pub tls_listen: Option<String>,
+    /// PEM certificate chain, relative to the config file's directory.
+    pub tls_cert_file: Option<String>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1), relative to the config file's directory.
+    pub tls_key_file: Option<String>,
+    pub max_connections: usize,
+    pub connect_timeout_seconds: u64,
+    pub max_packet_size: u32,
+    pub receive_maximum: u16,
+    pub topic_alias_maximum: u16,
+    pub max_inflight: u16,
+    pub max_queued_messages: usize,
+    pub max_session_expiry_seconds: u32,
+    pub max_keep_alive_seconds: u16,
+}
+
+impl Default for MqttSettings {
+    fn default() -> Self {
+        MqttSettings {
+            listen: vec!["127.0.0.1:1883".to_owned()],
+            tls_listen: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            max_connections: 19_000,
+            connect_timeout_seconds: 10,
+            max_packet_size: 1024 * 1024,
+            receive_maximum: 1024,
+            topic_alias_maximum: 64,
+            max_inflight: 32,
+            max_queued_messages: 1000,
+            max_session_expiry_seconds: 7 * 24 * 3600,
+            max_keep_alive_seconds: 0,
+        }
+    }
+}
+
+/// A bad `[mqtt]` value.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct MqttSettingsError {
+    pub field: String,
+    pub message: String,
+}
+
+impl MqttSettings {
+    /// Applies `THINGSGATE_MQTT_<FIELD>` overrides (lists comma-separated); an unknown field is
+    /// an error, so a typo is not silently ignored.
+    pub fn apply_env(
+        &mut self,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), MqttSettingsError> {
+        for (var, value) in env {
+            let Some(field) = var.strip_prefix(MQTT_ENV_PREFIX) else {
+                continue;
+            };
+            let error = |message: &str| MqttSettingsError {
+                field: var.clone(),
+                message: message.to_owned(),
+            };
+            let number = || -> Result<u64, MqttSettingsError> {
+                value
+                    .trim()
+                    .parse::<u64>()
+                    .map_err(|_| error("not a whole number"))
+            };
+            let text = || Some(value.clone()).filter(|v| !v.is_empty());
+            let narrow = |n: u64| error(&format!("{n} is too large"));
+            match field {
+                "LISTEN" => {
+                    self.listen = value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                }
+                "TLS_LISTEN" => self.tls_listen = text(),
+                "TLS_CERT_FILE" => self.tls_cert_file = text(),
+                "TLS_KEY_FILE" => self.tls_key_file = text(),
+                "MAX_CONNECTIONS" => {
+                    let n = number()?;
+                    self.max_connections = usize::try_from(n).map_err(|_| narrow(n))?
+                }
+                "CONNECT_TIMEOUT_SECONDS" => self.connect_timeout_seconds = number()?,
+                "MAX_PACKET_SIZE" => {
+                    let n = number()?;
+                    self.max_packet_size = u32::try_from(n).map_err(|_| narrow(n))?
+                }
+                "RECEIVE_MAXIMUM" => {
+                    let n = number()?;
+                    self.receive_maximum = u16::try_from(n).map_err(|_| narrow(n))?
+                }
+                "TOPIC_ALIAS_MAXIMUM" => {
+                    let n = number()?;
+                    self.topic_alias_maximum = u16::try_from(n).map_err(|_| narrow(n))?
+                }
+                "MAX_INFLIGHT" => {
+                    let n = number()?;
+                    self.max_inflight = u16::try_from(n).map_err(|_| narrow(n))?
+                }
+                "MAX_QUEUED_MESSAGES" => {
+                    let n = number()?;
+                    self.max_queued_messages = usize::try_from(n).map_err(|_| narrow(n))?
+                }
+                "MAX_SESSION_EXPIRY_SECONDS" => {
+                    let n = number()?;
+                    self.max_session_expiry_seconds = u32::try_from(n).map_err(|_| narrow(n))?
+                }
+                "MAX_KEEP_ALIVE_SECONDS" => {
+                    let n = number()?;
+                    self.max_keep_alive_seconds = u16::try_from(n).map_err(|_| narrow(n))?
+                }
+                _ => return Err(error("names no field of [mqtt]")),
+            }
+        }
+        self.validate()
+    }
+
+    /// Refuses values the server cannot work with.
+    pub fn validate(&self) -> Result<(), MqttSettingsError> {
+        let error = |field: &str, message: &str| MqttSettingsError {
+            field: field.to_owned(),
+            message: message.to_owned(),
+        };
+        if self.max_connections == 0 {
+            return Err(error("max_connections", "must be at least 1"));
+        }
+        if self.max_packet_size < 64 {
+            return Err(error("max_packet_size", "must be at least 64 bytes"));
+        }
+        if self.receive_maximum == 0 {
+            return Err(error("receive_maximum", "must be at least 1"));
+        }
+        if self.max_inflight == 0 {
+            return Err(error("max_inflight", "must be at least 1"));
+        }
+        if self.max_queued_messages == 0 {
+            return Err(error("max_queued_messages", "must be at least 1"));
+        }
+        if self.connect_timeout_seconds == 0 {
+            return Err(error("connect_timeout_seconds", "must be at least 1"));
+        }
+        if self.tls_listen.is_some()
+            && (self.tls_cert_file.is_none() || self.tls_key_file.is_none())
+        {
+            return Err(error(
+                "tls_listen",
+                "a TLS listener needs `tls_cert_file` and `tls_key_file`",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout_seconds)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_fields_and_refuses_unknown_ones() {
+        let mut s = MqttSettings::default();
+        s.apply_env([
+            (
+                "THINGSGATE_MQTT_MAX_PACKET_SIZE".to_owned(),
+                "2048".to_owned(),
+            ),
+            (
+                "THINGSGATE_MQTT_LISTEN".to_owned(),
+                "127.0.0.1:0, [::1]:0".to_owned(),
+            ),
+            ("HOME".to_owned(), "/".to_owned()),
+        ])
+        .unwrap();
+        assert_eq!(s.max_packet_size, 2048);
+        assert_eq!(s.listen, ["127.0.0.1:0", "[::1]:0"]);
+        let e = s
+            .apply_env([("THINGSGATE_MQTT_MAX_PAKET_SIZE".to_owned(), "1".to_owned())])
+            .unwrap_err();
+        assert!(e.to_string().contains("names no field"), "{e}");
+        let e = s
+            .apply_env([(
+                "THINGSGATE_MQTT_RECEIVE_MAXIMUM".to_owned(),
+                "70000".to_owned(),
+            )])
+            .unwrap_err();
+        assert!(e.to_string().contains("too large"), "{e}");
+    }
+
+    #[test]
+    fn a_tls_listener_needs_its_files() {
+        let s = MqttSettings {
+            tls_listen: Some("127.0.0.1:0".to_owned()),
+            ..MqttSettings::default()
+        };
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("tls_cert_file")
+        );
+    }
+}

@@ -1,0 +1,215 @@
+//! `thingsgate serve`: load the config and the data dir, start the listeners, print where they
+//! are, run until SIGINT/SIGTERM, then shut down gracefully (connections closed, journal
+//! flushed last). `--dev` prepares a demo solution and a local JWT issuer first.
+//!
+//! Start-up output on stdout (a contract scripts and tests rely on): one line per listener,
+//! `mqtt listening on ADDR` / `mqtts listening on ADDR`, then `ready`. Logs go to stderr.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use twin::store::TwinStore;
+
+use crate::auth::connect::Authenticator;
+use crate::auth::jwt::Issuers;
+use crate::auth::limiter::{FailureLimiter, LimiterConfig};
+use crate::auth::solution::SolutionId;
+use crate::config::Config;
+use crate::server;
+use crate::solution_cmd::DataDir;
+
+/// The arguments of `thingsgate serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// The TOML config file (issuers, `[mqtt]` listeners and limits).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The data directory (created if missing); with `--dev`, default: a temporary one.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// A plain MQTT listener address (repeatable); replaces `[mqtt] listen`.
+    #[arg(long = "mqtt", value_name = "ADDR")]
+    pub mqtt: Vec<String>,
+    /// The MQTT-over-TLS listener address; replaces `[mqtt] tls_listen`.
+    #[arg(long = "mqtts", value_name = "ADDR")]
+    pub mqtts: Option<String>,
+    /// The HTTP API address (not available yet: refused).
+    #[arg(long = "http", value_name = "ADDR")]
+    pub http: Option<String>,
+    /// Development mode: a demo solution, a local JWT issuer, ready-to-paste client commands.
+    #[arg(long)]
+    pub dev: bool,
+}
+
+fn init_logging() {
+    let filter = std::env::var("THINGSGATE_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".to_owned());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// Runs the server until a signal.
+pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    init_logging();
+    if args.http.is_some() {
+        bail!("`--http` is not available yet: the HTTP API comes with a later release");
+    }
+    // One socket per connection: take the whole hard limit of open files (19,000 connections
+    // need it; the usual soft limit is 1,024).
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
+    crate::auth::jwt::install_crypto_provider()
+        .map_err(|e| anyhow::anyhow!("cannot install the crypto provider: {e}"))?;
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => {
+            let mut config = Config::default();
+            config
+                .mqtt
+                .apply_env(std::env::vars())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            config
+        }
+    };
+    let _temp;
+    let data = match (&args.data, args.dev) {
+        (Some(dir), _) => dir.clone(),
+        (None, true) => {
+            let dir = tempfile::Builder::new()
+                .prefix("thingsgate-dev-")
+                .tempdir()
+                .context("cannot create a temporary data directory")?;
+            let path = dir.path().to_path_buf();
+            _temp = dir;
+            path
+        }
+        (None, false) => bail!("`--data DIR` is required (or `--dev` for a temporary one)"),
+    };
+    let dir = DataDir::open(&data, true)?;
+    let dev = if args.dev {
+        Some(crate::dev::prepare(&dir, &data, &mut config)?)
+    } else {
+        None
+    };
+    if !args.mqtt.is_empty() {
+        config.mqtt.listen = args.mqtt.clone();
+    }
+    if args.mqtts.is_some() {
+        config.mqtt.tls_listen = args.mqtts.clone();
+    }
+    config
+        .mqtt
+        .validate()
+        .map_err(|e| anyhow::anyhow!("[mqtt] {e}"))?;
+    let tls = match &config.mqtt.tls_listen {
+        Some(address) => {
+            let resolve = |file: &Option<String>| -> anyhow::Result<PathBuf> {
+                let file = file
+                    .as_deref()
+                    .context("a TLS listener needs `tls_cert_file` and `tls_key_file`")?;
+                Ok(resolve(&config.base_dir, file))
+            };
+            let acceptor = server::tls_acceptor(
+                &resolve(&config.mqtt.tls_cert_file)?,
+                &resolve(&config.mqtt.tls_key_file)?,
+            )?;
+            Some((address.clone(), acceptor))
+        }
+        None => None,
+    };
+    let DataDir { store, solutions } = dir;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = runtime.block_on(async {
+        // JWKS files are read and URLs fetched now; a key set that cannot be had is an error.
+        let issuers = Arc::new(Issuers::load(&config.issuers).await?);
+        let refresher = issuers.spawn_refresher();
+        let auth = Authenticator {
+            solutions: Arc::new(solutions),
+            issuers,
+            limiter: FailureLimiter::new(LimiterConfig::default()),
+        };
+        let server = server::start(
+            config.mqtt.clone(),
+            auth,
+            &config.mqtt.listen,
+            tls.as_ref().map(|(a, t)| (a.as_str(), t.clone())),
+            args.dev && args.mqtt.is_empty(),
+        )
+        .await?;
+        {
+            let mut out = std::io::stdout().lock();
+            for address in &server.mqtt_addrs {
+                writeln!(out, "mqtt listening on {address}")?;
+            }
+            if let Some(address) = server.mqtts_addr {
+                writeln!(out, "mqtts listening on {address}")?;
+            }
+            if let (Some(dev), Some(address)) = (&dev, server.mqtt_addrs.first()) {
+                crate::dev::print_instructions(&mut out, dev, *address)?;
+            }
+            writeln!(out, "ready")?;
+            out.flush()?;
+        }
+        tracing::info!(data = %data.display(), "thingsgate is serving");
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        server.shutdown(Duration::from_secs(10)).await;
+        refresher.abort();
+        anyhow::Ok(())
+    });
+    drop(runtime);
+    store
+        .close()
+        .context("cannot close the data directory cleanly")?;
+    result?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn resolve(base: &Path, file: &str) -> PathBuf {
+    let path = Path::new(file);
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The solution ID `serve --dev` creates.
+pub fn demo_solution_id() -> anyhow::Result<SolutionId> {
+    Ok(SolutionId::parse("demo")?)
+}

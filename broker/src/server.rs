@@ -1,0 +1,226 @@
+//! Listeners and the accept loop: plain TCP and TLS (rustls), a semaphore before `accept`
+//! (`max_connections`), TLS handshakes within the connect timeout, and graceful shutdown as a
+//! pair of signals (STYLE.md): a `watch` that says "stop", and an `mpsc` whose senders every
+//! connection holds, so that waiting for the last one to drop waits for every connection.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+
+use crate::auth::connect::Authenticator;
+use crate::connection::{self, Transport};
+use crate::limits::MqttSettings;
+use crate::metrics::Metrics;
+use crate::space::Spaces;
+
+/// Everything connections share.
+#[derive(Debug)]
+pub struct Broker {
+    pub settings: MqttSettings,
+    pub auth: Authenticator,
+    pub spaces: Spaces,
+    pub metrics: Arc<Metrics>,
+    /// Becomes `true` when the server shuts down.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// A TLS listener's material.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read TLS certificate file `{path}`: {reason}")]
+    Certificate { path: String, reason: String },
+    #[error("cannot read TLS key file `{path}`: {reason}")]
+    Key { path: String, reason: String },
+    #[error("TLS certificate and key do not form a valid server configuration: {0}")]
+    Config(String),
+}
+
+/// Builds the rustls server configuration from PEM files.
+pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, TlsError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::Certificate {
+            path: cert_file.display().to_string(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Certificate {
+            path: cert_file.display().to_string(),
+            reason: "no certificate in the file".to_owned(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| TlsError::Key {
+        path: key_file.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Server {
+    pub broker: Arc<Broker>,
+    /// The bound addresses of the plain listeners, in the order given.
+    pub mqtt_addrs: Vec<SocketAddr>,
+    pub mqtts_addr: Option<SocketAddr>,
+    stop: watch::Sender<bool>,
+    done_tx: Option<mpsc::Sender<()>>,
+    done_rx: mpsc::Receiver<()>,
+}
+
+/// Binds the listeners and starts accepting.
+pub async fn start(
+    settings: MqttSettings,
+    auth: Authenticator,
+    mqtt: &[String],
+    mqtts: Option<(&str, TlsAcceptor)>,
+    fallback_to_any_port: bool,
+) -> io::Result<Server> {
+    let (stop, shutdown) = watch::channel(false);
+    let (done_tx, done_rx) = mpsc::channel(1);
+    let semaphore = Arc::new(Semaphore::new(settings.max_connections));
+    let broker = Arc::new(Broker {
+        settings,
+        auth,
+        spaces: Spaces::default(),
+        metrics: Arc::new(Metrics::default()),
+        shutdown,
+    });
+    let mut mqtt_addrs = Vec::with_capacity(mqtt.len());
+    for address in mqtt {
+        let listener = match bind(address).await {
+            Ok(listener) => listener,
+            // `serve --dev`: another broker on 1883 should not stop a demo.
+            Err(e) if fallback_to_any_port && e.kind() == io::ErrorKind::AddrInUse => {
+                let any = match address.rsplit_once(':') {
+                    Some((host, _)) => format!("{host}:0"),
+                    None => "127.0.0.1:0".to_owned(),
+                };
+                tracing::warn!(%address, "address in use; listening on a free port instead");
+                bind(&any).await?
+            }
+            Err(e) => return Err(e),
+        };
+        mqtt_addrs.push(listener.local_addr()?);
+        tokio::spawn(accept_loop(
+            broker.clone(),
+            listener,
+            None,
+            semaphore.clone(),
+            done_tx.clone(),
+        ));
+    }
+    let mut mqtts_addr = None;
+    if let Some((address, acceptor)) = mqtts {
+        let listener = bind(address).await?;
+        mqtts_addr = Some(listener.local_addr()?);
+        tokio::spawn(accept_loop(
+            broker.clone(),
+            listener,
+            Some(acceptor),
+            semaphore.clone(),
+            done_tx.clone(),
+        ));
+    }
+    Ok(Server {
+        broker,
+        mqtt_addrs,
+        mqtts_addr,
+        stop,
+        done_tx: Some(done_tx),
+        done_rx,
+    })
+}
+
+async fn bind(address: &str) -> io::Result<TcpListener> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on `{address}`: {e}")))
+}
+
+async fn accept_loop(
+    broker: Arc<Broker>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    semaphore: Arc<Semaphore>,
+    done: mpsc::Sender<()>,
+) {
+    let mut shutdown = broker.shutdown.clone();
+    loop {
+        let permit = tokio::select! {
+            permit = semaphore.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            _ = shutdown.changed() => return,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.changed() => return,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // EMFILE and friends: wait a little instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        broker.metrics.connections_accepted.inc();
+        let _ = tcp.set_nodelay(true);
+        let broker = broker.clone();
+        let tls = tls.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _done = done;
+            let transport = match tls {
+                None => Transport::Tcp(tcp),
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(
+                        broker.settings.connect_timeout(),
+                        acceptor.accept(tcp),
+                    )
+                    .await;
+                    match handshake {
+                        Ok(Ok(stream)) => Transport::Tls(Box::new(stream)),
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    }
+                }
+            };
+            connection::serve(broker, transport, peer).await;
+        });
+    }
+}
+
+impl Server {
+    /// Stops accepting, tells every connection to close (v5: DISCONNECT 0x8B) and waits for
+    /// them, at most `grace`.
+    pub async fn shutdown(mut self, grace: std::time::Duration) {
+        let _ = self.stop.send(true);
+        drop(self.done_tx.take());
+        let _ = tokio::time::timeout(grace, self.done_rx.recv()).await;
+    }
+}

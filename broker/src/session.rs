@@ -1,0 +1,451 @@
+//! One client's session (MQTT §4.1): what outlives a network connection — subscriptions,
+//! messages waiting to be sent, QoS 1/2 messages awaiting acknowledgement, QoS 2 packet
+//! identifiers awaiting PUBREL — and the subjects whose policy view decides each delivery.
+//!
+//! A session is shared: publishers (any connection's task) push deliveries into its queue, its
+//! connection (if one is attached) drains the queue into the socket. The state sits behind a
+//! `std::sync::Mutex` that is never held across an `.await`; `wake` tells the attached
+//! connection that there is something to send. The queue is bounded (`crate::limits`).
+
+use std::collections::{HashMap, VecDeque};
+use std::num::{NonZeroU16, NonZeroU32};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use policy::{Enforcer, Mode, Permission, ResourceType, SubjectView, Timestamp};
+use tokio::sync::Notify;
+
+use crate::codec::{
+    Packet, Properties, Protocol, PubResponse, Publish, QoS, QosPid, SubscriptionOptions,
+    TopicName, Utf8Str,
+};
+use crate::metrics::Metrics;
+
+/// One published message as it travels to subscribers: topic and payload copied out of the
+/// publisher's read buffer (so a queued message keeps only its own bytes alive).
+#[derive(Debug)]
+pub struct Message {
+    pub topic: TopicName,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    /// MQTT 5 properties forwarded to subscribers; `None` for most messages.
+    pub properties: Option<Box<ForwardedProperties>>,
+    /// From the v5 Message Expiry Interval: dropped, not sent, once passed.
+    pub expires_at: Option<Instant>,
+    /// The publishing session's [`Session::id`], for No Local (0: none, e.g. a will).
+    pub publisher: u64,
+}
+
+/// The PUBLISH properties the server forwards unchanged (MQTT 5 §3.3.2.3).
+#[derive(Debug, Clone, Default)]
+pub struct ForwardedProperties {
+    pub payload_format_utf8: Option<bool>,
+    pub content_type: Option<Utf8Str>,
+    pub response_topic: Option<TopicName>,
+    pub correlation_data: Option<Bytes>,
+    pub user_properties: Vec<(Utf8Str, Utf8Str)>,
+}
+
+impl ForwardedProperties {
+    /// The forwarded part of `p`, or `None` when there is nothing to forward.
+    pub fn from_publish(p: &Properties) -> Option<Box<Self>> {
+        if p.payload_format_utf8.is_none()
+            && p.content_type.is_none()
+            && p.response_topic.is_none()
+            && p.correlation_data.is_none()
+            && p.user_properties.is_empty()
+        {
+            return None;
+        }
+        Some(Box::new(ForwardedProperties {
+            payload_format_utf8: p.payload_format_utf8,
+            content_type: p.content_type.as_ref().map(deep_copy_utf8),
+            response_topic: p.response_topic.as_ref().map(deep_copy_topic),
+            correlation_data: p.correlation_data.as_deref().map(Bytes::copy_from_slice),
+            user_properties: p
+                .user_properties
+                .iter()
+                .map(|(k, v)| (deep_copy_utf8(k), deep_copy_utf8(v)))
+                .collect(),
+        }))
+    }
+}
+
+fn deep_copy_utf8(s: &Utf8Str) -> Utf8Str {
+    s.as_str().parse().unwrap_or_else(|_| s.clone())
+}
+
+/// A topic name in its own allocation (not a slice of a read buffer).
+pub fn deep_copy_topic(t: &TopicName) -> TopicName {
+    TopicName::new(Bytes::copy_from_slice(t.as_bytes())).unwrap_or_else(|_| t.clone())
+}
+
+/// A message on its way to one subscriber.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub message: Arc<Message>,
+    /// The QoS it is sent with: the message's, capped by the subscription's.
+    pub qos: QoS,
+    pub retain: bool,
+    /// Identifiers of the matching subscriptions (MQTT 5), usually none or one.
+    pub subscription_ids: Vec<NonZeroU32>,
+}
+
+/// What happened to a delivery offered to a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    Queued,
+    /// The subscriber's subjects may not READ the topic.
+    Denied,
+    /// Dropped by a limit (counted in the metrics).
+    Dropped,
+}
+
+/// A subscription as the session remembers it (to answer UNSUBSCRIBE and to rebuild).
+#[derive(Debug, Clone)]
+pub struct SubscriptionRecord {
+    pub options: SubscriptionOptions,
+    pub id: Option<NonZeroU32>,
+}
+
+/// A sent QoS 1/2 message awaiting its acknowledgement.
+#[derive(Debug)]
+struct Inflight {
+    packet_id: NonZeroU16,
+    delivery: Delivery,
+    /// QoS 2 only: PUBREC arrived and PUBREL was sent; waiting for PUBCOMP.
+    released: bool,
+}
+
+/// The handle of the connection currently attached to a session.
+#[derive(Debug, Default)]
+pub struct Link {
+    /// Notified when another connection takes the session over (or the server shuts down).
+    pub kick: Notify,
+}
+
+/// The mutable part of a session.
+#[derive(Debug)]
+pub struct SessionState {
+    /// Increases on every attach: a task that remembers an older value knows its connection
+    /// has been replaced (takeover) and must leave the session alone.
+    pub generation: u64,
+    pub link: Option<Arc<Link>>,
+    /// The connection's subjects and their view of the solution policy, for deliveries.
+    subjects: Arc<[String]>,
+    view: SubjectView,
+    pub subscriptions: HashMap<Box<str>, SubscriptionRecord>,
+    queue: VecDeque<Delivery>,
+    inflight: VecDeque<Inflight>,
+    next_packet_id: u16,
+    /// QoS 2 packet identifiers received and acknowledged with PUBREC, awaiting PUBREL.
+    pub incoming_qos2: Vec<NonZeroU16>,
+    /// Seconds the session outlives its connection (0: it ends with it; `u32::MAX`: never).
+    pub expiry_interval: u32,
+    max_queued: usize,
+}
+
+/// A client's session.
+#[derive(Debug)]
+pub struct Session {
+    /// Unique in the process (No Local compares it).
+    pub id: u64,
+    pub client_id: Box<str>,
+    state: Mutex<SessionState>,
+    /// Something was queued for the attached connection.
+    pub wake: Notify,
+}
+
+static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
+
+impl Session {
+    pub fn new(
+        client_id: &str,
+        subjects: Arc<[String]>,
+        view: SubjectView,
+        expiry_interval: u32,
+        max_queued: usize,
+    ) -> Self {
+        Session {
+            id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
+            client_id: client_id.into(),
+            state: Mutex::new(SessionState {
+                generation: 0,
+                link: None,
+                subjects,
+                view,
+                subscriptions: HashMap::new(),
+                queue: VecDeque::new(),
+                inflight: VecDeque::new(),
+                next_packet_id: 1,
+                incoming_qos2: Vec::new(),
+                expiry_interval,
+                max_queued,
+            }),
+            wake: Notify::new(),
+        }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, SessionState> {
+        // Every change to the state is a few field updates with no panic in between: a
+        // poisoned lock still holds consistent state.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Offers a delivery: checked against the session's subjects (unrestricted READ on
+    /// `topic:/<levels>`), then queued if the queue has room. `policy` is the solution
+    /// policy's current revision; the view is rebuilt when it changed or a subject expired.
+    pub fn offer(
+        &self,
+        delivery: Delivery,
+        policy: &Arc<Enforcer>,
+        now: Timestamp,
+        metrics: &Metrics,
+    ) -> Offer {
+        let mut state = self.lock();
+        state.refresh_view(policy, now);
+        if !state.view.check(
+            ResourceType::Topic,
+            delivery.message.topic.as_str(),
+            Permission::Read,
+            Mode::Unrestricted,
+        ) {
+            return Offer::Denied;
+        }
+        if state.link.is_none() && delivery.qos == QoS::AtMostOnce {
+            // QoS 0 messages are not kept for an offline session (MQTT §3.1.2.4 allows it).
+            return Offer::Dropped;
+        }
+        if state.queue.len() >= state.max_queued {
+            metrics.dropped("queue_full");
+            return Offer::Dropped;
+        }
+        state.queue.push_back(delivery);
+        let online = state.link.is_some();
+        drop(state);
+        if online {
+            self.wake.notify_one();
+        }
+        Offer::Queued
+    }
+}
+
+/// What the connection must do with a client's acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckOutcome {
+    /// Matched an inflight message (which may free room for queued ones).
+    Done,
+    /// PUBREC matched: send PUBREL.
+    SendPubRel,
+    /// No inflight message has this identifier (v5 PUBREL/PUBCOMP reason 0x92).
+    Unknown,
+}
+
+impl SessionState {
+    pub fn subjects(&self) -> &Arc<[String]> {
+        &self.subjects
+    }
+
+    pub fn view(&self) -> &SubjectView {
+        &self.view
+    }
+
+    /// Replaces the subjects (a new connection resumed the session, or re-authenticated).
+    pub fn set_subjects(&mut self, subjects: Arc<[String]>, view: SubjectView) {
+        self.subjects = subjects;
+        self.view = view;
+    }
+
+    /// Rebuilds the view if the policy revision changed or a matched subject expired.
+    pub fn refresh_view(&mut self, policy: &Arc<Enforcer>, now: Timestamp) {
+        if !Arc::ptr_eq(self.view.enforcer(), policy) || !self.view.is_valid_at(now) {
+            self.view = policy.for_subjects(&self.subjects, None, now);
+        }
+    }
+
+    pub fn has_queued(&self) -> bool {
+        !self.queue.is_empty()
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Drops what is queued and in flight (Clean Start on a resumed session is handled by
+    /// creating a new session instead; this is for session end).
+    pub fn clear(&mut self) {
+        self.queue.clear();
+        self.inflight.clear();
+        self.incoming_qos2.clear();
+        self.subscriptions.clear();
+    }
+
+    /// Encodes every message that may be sent now into `out`: queued messages while fewer than
+    /// `max_inflight` QoS 1/2 messages await acknowledgement. Returns how many were sent.
+    pub fn drain_into(&mut self, out: &mut Outbound<'_>, max_inflight: usize) -> usize {
+        let mut sent = 0;
+        while self.inflight.len() < max_inflight {
+            let Some(delivery) = self.queue.pop_front() else {
+                break;
+            };
+            let now = Instant::now();
+            if delivery.message.expires_at.is_some_and(|at| at <= now) {
+                out.metrics.dropped("expired");
+                continue;
+            }
+            let qos = match delivery.qos {
+                QoS::AtMostOnce => QosPid::AtMostOnce,
+                QoS::AtLeastOnce => QosPid::AtLeastOnce(self.allocate_packet_id()),
+                QoS::ExactlyOnce => QosPid::ExactlyOnce(self.allocate_packet_id()),
+            };
+            if !out.publish(&delivery, qos, false) {
+                // Too large for this client: as if it had been delivered (MQTT-3.1.2-25).
+                continue;
+            }
+            sent += 1;
+            if let Some(packet_id) = qos.packet_id() {
+                self.inflight.push_back(Inflight {
+                    packet_id,
+                    delivery,
+                    released: false,
+                });
+            }
+        }
+        sent
+    }
+
+    /// Re-sends what was in flight when the previous connection ended (MQTT §4.4): PUBLISH with
+    /// DUP for unacknowledged messages, PUBREL for QoS 2 messages already received.
+    pub fn resend_inflight(&mut self, out: &mut Outbound<'_>) {
+        for entry in &self.inflight {
+            if entry.released {
+                out.packet(&Packet::PubRel(PubResponse {
+                    packet_id: entry.packet_id,
+                    reason: 0,
+                    properties: Properties::default(),
+                }));
+            } else {
+                let qos = match entry.delivery.qos {
+                    QoS::ExactlyOnce => QosPid::ExactlyOnce(entry.packet_id),
+                    _ => QosPid::AtLeastOnce(entry.packet_id),
+                };
+                out.publish(&entry.delivery, qos, true);
+            }
+        }
+    }
+
+    fn allocate_packet_id(&mut self) -> NonZeroU16 {
+        loop {
+            let id = self.next_packet_id;
+            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+            if let Some(id) = NonZeroU16::new(id)
+                && !self.inflight.iter().any(|e| e.packet_id == id)
+            {
+                return id;
+            }
+        }
+    }
+
+    /// PUBACK (QoS 1) or PUBCOMP (QoS 2) from the client.
+    pub fn complete(&mut self, packet_id: NonZeroU16, qos: QoS) -> AckOutcome {
+        let position = self.inflight.iter().position(|e| {
+            e.packet_id == packet_id
+                && e.delivery.qos == qos
+                && (qos == QoS::AtLeastOnce || e.released)
+        });
+        match position {
+            Some(i) => {
+                self.inflight.remove(i);
+                AckOutcome::Done
+            }
+            None => AckOutcome::Unknown,
+        }
+    }
+
+    /// PUBREC from the client; a failure reason (≥ 0x80) ends the exchange.
+    pub fn received(&mut self, packet_id: NonZeroU16, reason: u8) -> AckOutcome {
+        let Some(i) = self
+            .inflight
+            .iter()
+            .position(|e| e.packet_id == packet_id && e.delivery.qos == QoS::ExactlyOnce)
+        else {
+            return AckOutcome::Unknown;
+        };
+        if reason >= 0x80 {
+            self.inflight.remove(i);
+            return AckOutcome::Done;
+        }
+        if let Some(e) = self.inflight.get_mut(i) {
+            e.released = true;
+        }
+        AckOutcome::SendPubRel
+    }
+}
+
+/// Encodes packets for one connection into its write buffer, honouring the client's maximum
+/// packet size.
+#[derive(Debug)]
+pub struct Outbound<'a> {
+    pub buf: &'a mut BytesMut,
+    pub protocol: Protocol,
+    /// The client's Maximum Packet Size (v5), or `u32::MAX`.
+    pub max_packet_size: u32,
+    pub metrics: &'a Metrics,
+}
+
+impl Outbound<'_> {
+    /// Appends `packet`; false (and nothing written) if it cannot be encoded or is too large.
+    pub fn packet(&mut self, packet: &Packet) -> bool {
+        let start = self.buf.len();
+        match packet.encode(self.protocol, self.buf) {
+            Ok(size) if size <= self.max_packet_size as usize => true,
+            Ok(_) => {
+                self.buf.truncate(start);
+                self.metrics.dropped("too_large");
+                false
+            }
+            Err(_) => {
+                self.buf.truncate(start);
+                self.metrics.dropped("unencodable");
+                false
+            }
+        }
+    }
+
+    /// Appends a PUBLISH for `delivery`.
+    pub fn publish(&mut self, delivery: &Delivery, qos: QosPid, dup: bool) -> bool {
+        let message = &delivery.message;
+        let mut properties = Properties::default();
+        if self.protocol == Protocol::V5 {
+            if let Some(forwarded) = &message.properties {
+                properties.payload_format_utf8 = forwarded.payload_format_utf8;
+                properties.content_type = forwarded.content_type.clone();
+                properties.response_topic = forwarded.response_topic.clone();
+                properties.correlation_data = forwarded.correlation_data.clone();
+                properties.user_properties = forwarded.user_properties.clone();
+            }
+            if let Some(at) = message.expires_at {
+                let left = at.saturating_duration_since(Instant::now());
+                let seconds = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+                properties.message_expiry_interval =
+                    Some(u32::try_from(seconds.max(1)).unwrap_or(u32::MAX));
+            }
+            properties.subscription_identifiers = delivery.subscription_ids.clone();
+        }
+        let ok = self.packet(&Packet::Publish(Publish {
+            dup,
+            qos,
+            retain: delivery.retain,
+            topic: message.topic.clone(),
+            payload: message.payload.clone(),
+            properties,
+        }));
+        if ok {
+            self.metrics.messages_delivered.inc();
+        }
+        ok
+    }
+}

@@ -1,0 +1,181 @@
+//! A solution's plain-topic space (DESIGN.md §3): its own subscription tree, retained messages
+//! and sessions — the "hidden mount point" that keeps two solutions' topics apart — and its
+//! compiled solution policy, which decides every `topic:` check.
+//!
+//! Locks are `std` locks held only for map and tree operations, never across an `.await`.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use policy::{Enforcer, PolicyCache};
+
+use crate::auth::solution::{Solution, SolutionId};
+use crate::codec::SubscriptionOptions;
+use crate::session::{Message, Session};
+use crate::topics::TopicTree;
+
+/// One entry of the subscription tree.
+#[derive(Debug, Clone)]
+pub struct Subscriber {
+    pub session: Arc<Session>,
+    pub options: SubscriptionOptions,
+    pub id: Option<NonZeroU32>,
+    /// `Some(full filter)` for `$share/{group}/{filter}`: one member of the group gets each
+    /// message. The full filter string names the group.
+    pub share: Option<Arc<str>>,
+}
+
+/// A solution's topics, retained messages and sessions.
+#[derive(Debug)]
+pub struct SolutionSpace {
+    pub id: SolutionId,
+    policy: RwLock<Arc<Enforcer>>,
+    pub tree: RwLock<TopicTree<Subscriber>>,
+    /// Retained messages by topic name.
+    pub retained: RwLock<HashMap<Box<str>, Arc<Message>>>,
+    /// Sessions by client ID: a client ID is unique within its solution (DESIGN.md §2).
+    sessions: Mutex<HashMap<Box<str>, Arc<Session>>>,
+    /// Round-robin position for shared subscriptions.
+    pub share_cursor: AtomicUsize,
+}
+
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    // Writers replace values whole: a poisoned lock still holds consistent data.
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl SolutionSpace {
+    pub fn new(id: SolutionId, policy: Arc<Enforcer>) -> Self {
+        SolutionSpace {
+            id,
+            policy: RwLock::new(policy),
+            tree: RwLock::new(TopicTree::new()),
+            retained: RwLock::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+            share_cursor: AtomicUsize::new(0),
+        }
+    }
+
+    /// The solution policy's current compiled revision.
+    pub fn policy(&self) -> Arc<Enforcer> {
+        read(&self.policy).clone()
+    }
+
+    /// Installs a new revision of the solution policy: sessions rebuild their views at their
+    /// next check.
+    pub fn set_policy(&self, policy: Arc<Enforcer>) {
+        *write(&self.policy) = policy;
+    }
+
+    pub fn tree_read(&self) -> RwLockReadGuard<'_, TopicTree<Subscriber>> {
+        read(&self.tree)
+    }
+
+    pub fn tree_write(&self) -> RwLockWriteGuard<'_, TopicTree<Subscriber>> {
+        write(&self.tree)
+    }
+
+    pub fn retained_read(&self) -> RwLockReadGuard<'_, HashMap<Box<str>, Arc<Message>>> {
+        read(&self.retained)
+    }
+
+    pub fn retained_write(&self) -> RwLockWriteGuard<'_, HashMap<Box<str>, Arc<Message>>> {
+        write(&self.retained)
+    }
+
+    pub fn sessions(&self) -> MutexGuard<'_, HashMap<Box<str>, Arc<Session>>> {
+        self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Removes every subscription of `session` from the tree (session end or clean start).
+    pub fn unsubscribe_all(&self, session: &Arc<Session>) {
+        let filters: Vec<Box<str>> = session.lock().subscriptions.keys().cloned().collect();
+        let mut tree = self.tree_write();
+        for filter in filters {
+            tree.remove(tree_filter(&filter), |s| Arc::ptr_eq(&s.session, session));
+        }
+    }
+
+    /// Ends a session if it is still the registered one for its client ID.
+    pub fn end_session(&self, session: &Arc<Session>) {
+        let mut sessions = self.sessions();
+        if sessions
+            .get(&session.client_id)
+            .is_some_and(|s| Arc::ptr_eq(s, session))
+        {
+            sessions.remove(&session.client_id);
+        }
+        drop(sessions);
+        self.unsubscribe_all(session);
+        session.lock().clear();
+    }
+}
+
+/// The filter as stored in the tree: without `$share/{group}/`.
+pub fn tree_filter(filter: &str) -> &str {
+    match filter.strip_prefix("$share/") {
+        Some(rest) => rest.split_once('/').map_or(rest, |(_, f)| f),
+        None => filter,
+    }
+}
+
+/// The spaces of all solutions, created at first use, and the compiled solution policies.
+#[derive(Debug)]
+pub struct Spaces {
+    spaces: RwLock<HashMap<SolutionId, Arc<SolutionSpace>>>,
+    cache: PolicyCache,
+}
+
+impl Default for Spaces {
+    fn default() -> Self {
+        Spaces {
+            spaces: RwLock::new(HashMap::new()),
+            cache: PolicyCache::new(4096),
+        }
+    }
+}
+
+impl Spaces {
+    /// The space of `solution`, created (its policy compiled once, through the cache) if new.
+    pub fn get_or_create(&self, solution: &Solution) -> Arc<SolutionSpace> {
+        if let Some(space) = read(&self.spaces).get(&solution.id) {
+            return space.clone();
+        }
+        let key = format!("{}:solution", solution.id);
+        let enforcer = match self.cache.get(&key) {
+            Some(cached) => cached.enforcer,
+            None => {
+                let enforcer = Arc::new(Enforcer::compile(&solution.policy));
+                self.cache.insert(&key, 0, enforcer.clone());
+                enforcer
+            }
+        };
+        write(&self.spaces)
+            .entry(solution.id.clone())
+            .or_insert_with(|| Arc::new(SolutionSpace::new(solution.id.clone(), enforcer)))
+            .clone()
+    }
+
+    /// Every space (shutdown walks them).
+    pub fn all(&self) -> Vec<Arc<SolutionSpace>> {
+        read(&self.spaces).values().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tree_filter;
+
+    #[test]
+    fn shared_filters_lose_their_group_in_the_tree() {
+        assert_eq!(tree_filter("$share/g/a/+/c"), "a/+/c");
+        assert_eq!(tree_filter("a/#"), "a/#");
+        assert_eq!(tree_filter("$SYS/#"), "$SYS/#");
+    }
+}
