@@ -29,7 +29,7 @@ use crate::dispatch;
 use crate::server::Broker;
 use crate::session::{
     AckOutcome, ForwardedProperties, Link, Message, Outbound, Session, SubscriptionRecord,
-    deep_copy_topic,
+    TopicAliases, deep_copy_topic,
 };
 use crate::space::{SolutionSpace, Subscriber, tree_filter};
 
@@ -58,7 +58,13 @@ impl Transport {
                 }
                 match stream.try_read_buf(buf) {
                     Ok(n) => return Ok(n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // Readiness was stale: give the space back before waiting again.
+                        if buf.is_empty() {
+                            *buf = BytesMut::new();
+                        }
+                        continue;
+                    }
                     Err(e) => return Err(e),
                 }
             },
@@ -230,6 +236,8 @@ struct Conn {
     client_max_packet: u32,
     /// Incoming topic aliases (MQTT 5), allocated at first use.
     aliases: Vec<Option<TopicName>>,
+    /// Outgoing topic aliases (MQTT 5, up to the client's Topic Alias Maximum).
+    out_aliases: TopicAliases,
     /// v5 Request Problem Information: may reason strings be sent on non-final packets.
     problem_information: bool,
 }
@@ -402,6 +410,11 @@ async fn accept(
             .maximum_packet_size
             .map_or(u32::MAX, |n| n.get()),
         aliases: Vec::new(),
+        out_aliases: TopicAliases::new(if v5 {
+            connect.properties.topic_alias_maximum.unwrap_or(0).min(64)
+        } else {
+            0
+        }),
         problem_information: connect.properties.request_problem_information != Some(false),
         identity,
     };
@@ -423,6 +436,7 @@ async fn accept(
             protocol,
             max_packet_size: conn.client_max_packet,
             metrics: &broker.metrics,
+            aliases: &mut conn.out_aliases,
         };
         let mut state = conn.session.lock();
         state.resend_inflight(&mut out);
@@ -470,6 +484,7 @@ impl Conn {
             protocol: self.protocol,
             max_packet_size: self.client_max_packet,
             metrics: &self.broker.metrics,
+            aliases: &mut self.out_aliases,
         }
     }
 
@@ -556,6 +571,7 @@ impl Conn {
             protocol: self.protocol,
             max_packet_size: self.client_max_packet,
             metrics: &self.broker.metrics,
+            aliases: &mut self.out_aliases,
         };
         state.drain_into(&mut out, max_inflight);
     }

@@ -17,7 +17,7 @@
 //!   `connection` (CONNECT, authentication via `auth::connect`, packets, keep-alive, takeover)
 //!   → `session` (subscriptions, queue, inflight) and `space` (a solution's topic tree,
 //!   retained messages, sessions) → `dispatch` (authorized fan-out, per-subscriber checks).
-//! - `metrics`: counters (Prometheus format). `serve_cmd`, `dev`: `thingsgate serve [--dev]`.
+//! - `metrics`: counters (Prometheus format), served by `http` (`/metrics`, `/health`, `/ready`). `serve_cmd`, `dev`: `thingsgate serve [--dev]`.
 
 pub mod auth;
 pub mod cli;
@@ -26,6 +26,7 @@ pub mod config;
 pub mod connection;
 pub mod dev;
 pub mod dispatch;
+pub mod http;
 pub mod limits;
 pub mod metrics;
 pub mod policy_cmd;

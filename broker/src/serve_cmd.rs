@@ -3,7 +3,7 @@
 //! flushed last). `--dev` prepares a demo solution and a local JWT issuer first.
 //!
 //! Start-up output on stdout (a contract scripts and tests rely on): one line per listener,
-//! `mqtt listening on ADDR` / `mqtts listening on ADDR`, then `ready`. Logs go to stderr.
+//! `mqtt listening on ADDR` / `mqtts listening on ADDR` / `http listening on ADDR`, then `ready`. Logs go to stderr.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -37,7 +37,7 @@ pub struct ServeArgs {
     /// The MQTT-over-TLS listener address; replaces `[mqtt] tls_listen`.
     #[arg(long = "mqtts", value_name = "ADDR")]
     pub mqtts: Option<String>,
-    /// The HTTP API address (not available yet: refused).
+    /// The HTTP address: `/metrics`, `/health`, `/ready` (the API comes later).
     #[arg(long = "http", value_name = "ADDR")]
     pub http: Option<String>,
     /// Development mode: a demo solution, a local JWT issuer, ready-to-paste client commands.
@@ -59,9 +59,6 @@ fn init_logging() {
 /// Runs the server until a signal.
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     init_logging();
-    if args.http.is_some() {
-        bail!("`--http` is not available yet: the HTTP API comes with a later release");
-    }
     // One socket per connection: take the whole hard limit of open files (19,000 connections
     // need it; the usual soft limit is 1,024).
     match rlimit::increase_nofile_limit(u64::MAX) {
@@ -149,6 +146,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             args.dev && args.mqtt.is_empty(),
         )
         .await?;
+        let http = match &args.http {
+            Some(address) => Some(crate::http::start(server.broker.clone(), address).await?),
+            None => None,
+        };
         {
             let mut out = std::io::stdout().lock();
             for address in &server.mqtt_addrs {
@@ -156,6 +157,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             }
             if let Some(address) = server.mqtts_addr {
                 writeln!(out, "mqtts listening on {address}")?;
+            }
+            if let Some(address) = http {
+                writeln!(out, "http listening on {address}")?;
             }
             if let (Some(dev), Some(address)) = (&dev, server.mqtt_addrs.first()) {
                 crate::dev::print_instructions(&mut out, dev, *address)?;

@@ -385,8 +385,41 @@ impl SessionState {
     }
 }
 
+/// Topic aliases the server assigned on one connection (MQTT 5 §3.3.2.3.4): the first PUBLISH
+/// on a topic carries topic and alias, later ones only the alias. Aliases are given out until
+/// the client's Topic Alias Maximum is reached and never reassigned; the map is allocated only
+/// when a client allows aliases and a message is sent.
+#[derive(Debug, Default)]
+pub struct TopicAliases {
+    /// The client's Topic Alias Maximum (0: none).
+    pub max: u16,
+    map: HashMap<Box<str>, NonZeroU16>,
+}
+
+impl TopicAliases {
+    pub fn new(max: u16) -> Self {
+        TopicAliases {
+            max,
+            map: HashMap::new(),
+        }
+    }
+
+    /// The alias for `topic` and whether the topic must still be sent with it.
+    fn alias(&mut self, topic: &str) -> Option<(NonZeroU16, bool)> {
+        if let Some(&alias) = self.map.get(topic) {
+            return Some((alias, false));
+        }
+        if self.map.len() >= usize::from(self.max) {
+            return None;
+        }
+        let alias = NonZeroU16::new(u16::try_from(self.map.len() + 1).ok()?)?;
+        self.map.insert(topic.into(), alias);
+        Some((alias, true))
+    }
+}
+
 /// Encodes packets for one connection into its write buffer, honouring the client's maximum
-/// packet size.
+/// packet size and using topic aliases where the client allows them.
 #[derive(Debug)]
 pub struct Outbound<'a> {
     pub buf: &'a mut BytesMut,
@@ -394,6 +427,7 @@ pub struct Outbound<'a> {
     /// The client's Maximum Packet Size (v5), or `u32::MAX`.
     pub max_packet_size: u32,
     pub metrics: &'a Metrics,
+    pub aliases: &'a mut TopicAliases,
 }
 
 impl Outbound<'_> {
@@ -435,11 +469,24 @@ impl Outbound<'_> {
             }
             properties.subscription_identifiers = delivery.subscription_ids.clone();
         }
+        let mut topic = message.topic.clone();
+        // A retransmission (DUP) is sent with its full topic: the alias may be new to this
+        // network connection.
+        if self.protocol == Protocol::V5
+            && self.aliases.max > 0
+            && !dup
+            && let Some((alias, first)) = self.aliases.alias(message.topic.as_str())
+        {
+            properties.topic_alias = Some(alias);
+            if !first {
+                topic = TopicName::default();
+            }
+        }
         let ok = self.packet(&Packet::Publish(Publish {
             dup,
             qos,
             retain: delivery.retain,
-            topic: message.topic.clone(),
+            topic,
             payload: message.payload.clone(),
             properties,
         }));

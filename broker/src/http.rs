@@ -1,0 +1,60 @@
+//! The HTTP listener (axum): for now the operational endpoints — `/metrics` (Prometheus text
+//! format), `/health` (the process serves) and `/ready` (listeners bound, not shutting down).
+//! The Ditto-compatible API joins it in a later release.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use tokio::net::TcpListener;
+
+use crate::server::Broker;
+
+async fn metrics(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        broker.metrics.encode(),
+    )
+}
+
+async fn health() -> &'static str {
+    "ok\n"
+}
+
+async fn ready(State(broker): State<Arc<Broker>>) -> (StatusCode, &'static str) {
+    if *broker.shutdown.borrow() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+    } else {
+        (StatusCode::OK, "ready\n")
+    }
+}
+
+/// Binds `address` and serves until the broker shuts down; returns the bound address.
+pub async fn start(broker: Arc<Broker>, address: &str) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on `{address}`: {e}")))?;
+    let bound = listener.local_addr()?;
+    let mut shutdown = broker.shutdown.clone();
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .with_state(broker);
+    tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "HTTP listener failed");
+        }
+    });
+    Ok(bound)
+}
