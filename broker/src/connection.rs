@@ -693,6 +693,10 @@ impl Conn {
 
     fn on_publish(&mut self, publish: Publish) -> Option<Close> {
         self.broker.metrics.messages_received.inc();
+        if !publish.properties.subscription_identifiers.is_empty() {
+            // MQTT-3.3.4-6: only the server puts subscription identifiers on a PUBLISH.
+            return Some(Close::server(0x82, "subscription_id_from_client"));
+        }
         let topic = match self.resolve_topic(&publish) {
             Ok(topic) => topic,
             Err(close) => return Some(close),

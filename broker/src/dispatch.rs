@@ -180,12 +180,25 @@ pub fn deliver_retained(
         RetainHandling::OnNewSubscribe if existed => return,
         _ => {}
     }
+    let now_instant = std::time::Instant::now();
+    let mut expired = false;
     let matching: Vec<Arc<Message>> = space
         .retained_read()
         .iter()
         .filter(|(topic, _)| topics::matches(filter, topic))
+        .filter(|(_, m)| {
+            let live = m.expires_at.is_none_or(|at| at > now_instant);
+            expired |= !live;
+            live
+        })
         .map(|(_, m)| m.clone())
         .collect();
+    if expired {
+        // A retained message whose expiry passed is gone (MQTT 5 §3.3.2.3.3).
+        space
+            .retained_write()
+            .retain(|_, m| m.expires_at.is_none_or(|at| at > now_instant));
+    }
     if matching.is_empty() {
         return;
     }
