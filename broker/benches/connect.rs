@@ -62,6 +62,20 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// The process's user + system CPU time, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may contain spaces) start after the last `)`.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
 fn connect_packet(client_id: &str, username: Option<&str>, password: &str) -> BytesMut {
     let connect = Connect {
         protocol: Protocol::V311,
@@ -234,11 +248,23 @@ fn main() {
         let d = Duration::from_secs(seconds);
         // Warm-up.
         connect_rate(addr, Some("bench".into()), secret.clone(), Duration::from_millis(500)).await;
+        let cpu = cpu_seconds(pid);
         let secrets = connect_rate(addr, Some("bench".into()), secret.clone(), d).await;
-        println!("connect/secret: {secrets:.0} connections/s (2 client tasks, {seconds} s)");
+        let used = cpu_seconds(pid) - cpu;
+        println!(
+            "connect/secret: {secrets:.0} connections/s (2 client tasks, {seconds} s); broker CPU {:.2} cores, {:.0} µs per connect",
+            used / seconds as f64,
+            used * 1e6 / (secrets * seconds as f64)
+        );
         // 3.1.1 needs a user name with a password; the solution comes from the token's claim.
+        let cpu = cpu_seconds(pid);
         let jwts = connect_rate(addr, Some("device".into()), token.clone(), d).await;
-        println!("connect/jwt-es256: {jwts:.0} connections/s (2 client tasks, {seconds} s)");
+        let used = cpu_seconds(pid) - cpu;
+        println!(
+            "connect/jwt-es256: {jwts:.0} connections/s (2 client tasks, {seconds} s); broker CPU {:.2} cores, {:.0} µs per connect",
+            used / seconds as f64,
+            used * 1e6 / (jwts * seconds as f64)
+        );
 
         tokio::time::sleep(Duration::from_millis(500)).await;
         let before = rss_kib(pid);
