@@ -323,6 +323,7 @@ async fn accept(
     let link = Arc::new(Link::default());
     let (session, session_present, generation) = {
         let mut sessions = space.sessions();
+        space.cancel_pending_will(&client_id);
         let existing = sessions.get(&*client_id).cloned();
         let mut resumed = None;
         if let Some(old) = existing {
@@ -1006,6 +1007,58 @@ impl Conn {
 
     /// Ends the connection: the server's DISCONNECT (v5), the will, the session's fate.
     async fn finish(mut self, close: Close) {
+        // The session is let go before the socket closes: a client that reconnects as soon as
+        // it sees the close finds the session offline (or gone), never still attached.
+        let taken_over = close.label == "session_taken_over";
+        let (still_ours, expiry) = {
+            let mut state = self.session.lock();
+            let ours = state.generation == self.generation;
+            if ours {
+                state.link = None;
+            }
+            (ours, state.expiry_interval)
+        };
+        if let (true, Some(will)) = (close.will, self.will.take()) {
+            let delay = will.properties.will_delay_interval.unwrap_or(0);
+            if delay == 0 {
+                self.publish_will(&will);
+            } else if !taken_over {
+                // A takeover is a new connection for this client ID within the delay: the will
+                // is not sent (MQTT-3.1.3-9). Otherwise it waits for the delay or the end of
+                // the session, whichever comes first, unless a new connection cancels it.
+                let delay = if still_ours { delay.min(expiry) } else { delay };
+                let token = self.space.register_pending_will(&self.client_id);
+                let space = self.space.clone();
+                let broker = self.broker.clone();
+                let subjects = self.identity.subjects.clone();
+                let client_id = self.client_id.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
+                    if space.claim_pending_will(&client_id, token) {
+                        publish_will(&broker, &space, &client_id, &subjects, &will);
+                    }
+                });
+            }
+        }
+        if still_ours {
+            if expiry == 0 {
+                self.space.end_session(&self.session);
+            } else if expiry != u32::MAX {
+                let space = self.space.clone();
+                let session = self.session.clone();
+                let generation = self.generation;
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(u64::from(expiry))).await;
+                    let expired = {
+                        let state = session.lock();
+                        state.generation == generation && state.link.is_none()
+                    };
+                    if expired {
+                        space.end_session(&session);
+                    }
+                });
+            }
+        }
         let v5 = self.protocol == Protocol::V5;
         if let (Some(reason), true) = (close.server_reason, v5) {
             let mut properties = Properties::default();
@@ -1018,62 +1071,13 @@ impl Conn {
         let _ = self.flush().await;
         self.io.shutdown().await;
         tracing::debug!(client = %self.client_id, reason = close.label, "disconnected");
-
-        let taken_over = close.label == "session_taken_over";
-        let (still_ours, expiry) = {
-            let mut state = self.session.lock();
-            let ours = state.generation == self.generation;
-            if ours {
-                state.link = None;
-            }
-            (ours, state.expiry_interval)
-        };
-        if let (true, Some(will)) = (close.will, self.will.take()) {
-            let delay = will.properties.will_delay_interval.unwrap_or(0);
-            if delay == 0 || taken_over {
-                self.publish_will(&will);
-            } else {
-                let delay = delay.min(expiry);
-                let conn_space = self.space.clone();
-                let session = self.session.clone();
-                let generation = self.generation;
-                let broker = self.broker.clone();
-                let subjects = self.identity.subjects.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
-                    if session.lock().generation == generation {
-                        publish_will(&broker, &conn_space, &session, &subjects, &will);
-                    }
-                });
-            }
-        }
-        if !still_ours {
-            return;
-        }
-        if expiry == 0 {
-            self.space.end_session(&self.session);
-        } else if expiry != u32::MAX {
-            let space = self.space.clone();
-            let session = self.session.clone();
-            let generation = self.generation;
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(u64::from(expiry))).await;
-                let expired = {
-                    let state = session.lock();
-                    state.generation == generation && state.link.is_none()
-                };
-                if expired {
-                    space.end_session(&session);
-                }
-            });
-        }
     }
 
     fn publish_will(&self, will: &Will) {
         publish_will(
             &self.broker,
             &self.space,
-            &self.session,
+            &self.client_id,
             &self.identity.subjects,
             will,
         );
@@ -1102,7 +1106,7 @@ fn owned_will(will: &Will) -> Will {
 fn publish_will(
     broker: &Broker,
     space: &SolutionSpace,
-    session: &Session,
+    client_id: &str,
     subjects: &crate::auth::Subjects,
     will: &Will,
 ) {
@@ -1119,7 +1123,7 @@ fn publish_will(
         )
     {
         broker.metrics.denied(space.id.as_str(), "publish");
-        tracing::debug!(solution = %space.id, client = %session.client_id, topic, "will denied");
+        tracing::debug!(solution = %space.id, client = client_id, topic, "will denied");
         return;
     }
     let expires_at = will

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use policy::{Enforcer, PolicyCache};
@@ -39,6 +39,10 @@ pub struct SolutionSpace {
     sessions: Mutex<HashMap<Box<str>, Arc<Session>>>,
     /// Round-robin position for shared subscriptions.
     pub share_cursor: AtomicUsize,
+    /// Wills waiting for their v5 Will Delay, by client ID: a new connection with that client
+    /// ID cancels the will (MQTT-3.1.3-9), whichever session it starts or resumes.
+    pending_wills: Mutex<HashMap<Box<str>, u64>>,
+    next_will: AtomicU64,
 }
 
 fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
@@ -59,6 +63,8 @@ impl SolutionSpace {
             retained: RwLock::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             share_cursor: AtomicUsize::new(0),
+            pending_wills: Mutex::new(HashMap::new()),
+            next_will: AtomicU64::new(1),
         }
     }
 
@@ -91,6 +97,35 @@ impl SolutionSpace {
 
     pub fn sessions(&self) -> MutexGuard<'_, HashMap<Box<str>, Arc<Session>>> {
         self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn pending_wills(&self) -> MutexGuard<'_, HashMap<Box<str>, u64>> {
+        self.pending_wills
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers a delayed will of `client_id`; the token claims it later.
+    pub fn register_pending_will(&self, client_id: &str) -> u64 {
+        let token = self.next_will.fetch_add(1, Ordering::Relaxed);
+        self.pending_wills().insert(client_id.into(), token);
+        token
+    }
+
+    /// A new connection for `client_id`: its pending will is not sent.
+    pub fn cancel_pending_will(&self, client_id: &str) {
+        self.pending_wills().remove(client_id);
+    }
+
+    /// Whether the will registered with `token` is still due (and claims it).
+    pub fn claim_pending_will(&self, client_id: &str, token: u64) -> bool {
+        let mut wills = self.pending_wills();
+        if wills.get(client_id) == Some(&token) {
+            wills.remove(client_id);
+            true
+        } else {
+            false
+        }
     }
 
     /// Removes every subscription of `session` from the tree (session end or clean start).

@@ -8,6 +8,7 @@
 //! - [`issuer`]: a local JWT issuer: keys, JWKS file, config block, good and bad tokens.
 //! - [`raw`]: a raw MQTT client on the broker's codec, for AUTH packets and exact reason codes.
 //! - [`clients`]: rumqttc 3.1.1 and 5 clients with their event loop in a task, bounded waits.
+//! - [`protocol_support`]: packet builders and bounded waits for the protocol tests.
 #![allow(
     clippy::panic,
     clippy::unwrap_used,
@@ -18,6 +19,7 @@
 pub mod broker;
 pub mod clients;
 pub mod issuer;
+pub mod protocol_support;
 pub mod raw;
 
 use std::path::PathBuf;
