@@ -92,14 +92,7 @@ impl MqttSettings {
                 field: var.clone(),
                 message: message.to_owned(),
             };
-            let number = || -> Result<u64, MqttSettingsError> {
-                value
-                    .trim()
-                    .parse::<u64>()
-                    .map_err(|_| error("not a whole number"))
-            };
             let text = || Some(value.clone()).filter(|v| !v.is_empty());
-            let narrow = |n: u64| error(&format!("{n} is too large"));
             match field {
                 "LISTEN" => {
                     self.listen = value
@@ -112,39 +105,17 @@ impl MqttSettings {
                 "TLS_LISTEN" => self.tls_listen = text(),
                 "TLS_CERT_FILE" => self.tls_cert_file = text(),
                 "TLS_KEY_FILE" => self.tls_key_file = text(),
-                "MAX_CONNECTIONS" => {
-                    let n = number()?;
-                    self.max_connections = usize::try_from(n).map_err(|_| narrow(n))?
-                }
-                "CONNECT_TIMEOUT_SECONDS" => self.connect_timeout_seconds = number()?,
-                "MAX_PACKET_SIZE" => {
-                    let n = number()?;
-                    self.max_packet_size = u32::try_from(n).map_err(|_| narrow(n))?
-                }
-                "RECEIVE_MAXIMUM" => {
-                    let n = number()?;
-                    self.receive_maximum = u16::try_from(n).map_err(|_| narrow(n))?
-                }
-                "TOPIC_ALIAS_MAXIMUM" => {
-                    let n = number()?;
-                    self.topic_alias_maximum = u16::try_from(n).map_err(|_| narrow(n))?
-                }
-                "MAX_INFLIGHT" => {
-                    let n = number()?;
-                    self.max_inflight = u16::try_from(n).map_err(|_| narrow(n))?
-                }
-                "MAX_QUEUED_MESSAGES" => {
-                    let n = number()?;
-                    self.max_queued_messages = usize::try_from(n).map_err(|_| narrow(n))?
-                }
+                "MAX_CONNECTIONS" => self.max_connections = whole(&var, &value)?,
+                "CONNECT_TIMEOUT_SECONDS" => self.connect_timeout_seconds = whole(&var, &value)?,
+                "MAX_PACKET_SIZE" => self.max_packet_size = whole(&var, &value)?,
+                "RECEIVE_MAXIMUM" => self.receive_maximum = whole(&var, &value)?,
+                "TOPIC_ALIAS_MAXIMUM" => self.topic_alias_maximum = whole(&var, &value)?,
+                "MAX_INFLIGHT" => self.max_inflight = whole(&var, &value)?,
+                "MAX_QUEUED_MESSAGES" => self.max_queued_messages = whole(&var, &value)?,
                 "MAX_SESSION_EXPIRY_SECONDS" => {
-                    let n = number()?;
-                    self.max_session_expiry_seconds = u32::try_from(n).map_err(|_| narrow(n))?
+                    self.max_session_expiry_seconds = whole(&var, &value)?
                 }
-                "MAX_KEEP_ALIVE_SECONDS" => {
-                    let n = number()?;
-                    self.max_keep_alive_seconds = u16::try_from(n).map_err(|_| narrow(n))?
-                }
+                "MAX_KEEP_ALIVE_SECONDS" => self.max_keep_alive_seconds = whole(&var, &value)?,
                 _ => return Err(error("names no field of [mqtt]")),
             }
         }
@@ -189,6 +160,19 @@ impl MqttSettings {
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_secs(self.connect_timeout_seconds)
     }
+}
+
+/// A whole number for an environment override, in the field's type.
+fn whole<T: TryFrom<u64>>(var: &str, value: &str) -> Result<T, MqttSettingsError> {
+    let error = |message: String| MqttSettingsError {
+        field: var.to_owned(),
+        message,
+    };
+    let n: u64 = value
+        .trim()
+        .parse()
+        .map_err(|_| error("not a whole number".to_owned()))?;
+    T::try_from(n).map_err(|_| error(format!("{n} is too large")))
 }
 
 #[cfg(test)]
