@@ -7,6 +7,7 @@
 //! versions). A shared subscription group (`$share/{group}/{filter}`) gives one delivery to one
 //! member, chosen round-robin among the members whose subjects may read the topic.
 
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
@@ -28,16 +29,95 @@ pub fn now() -> Timestamp {
     Timestamp::from_unix_millis(millis)
 }
 
-/// One session's share of a message: merged over its matching subscriptions.
-struct Target {
+/// One session's share of a routed message, merged over its matching subscriptions.
+#[derive(Debug)]
+pub struct Target {
+    /// The highest QoS granted among the matching subscriptions, capped by the message's.
+    pub qos: QoS,
+    pub retain_as_published: bool,
+    pub subscription_ids: Vec<NonZeroU32>,
+}
+
+struct Candidate {
     session: Arc<Session>,
-    qos: QoS,
-    retain_as_published: bool,
-    ids: Vec<std::num::NonZeroU32>,
+    target: Target,
+}
+
+/// Finds the sessions subscribed to `topic` in `space` and calls `offer` once per session
+/// (overlapping subscriptions merged), and for each shared group with its members in turn
+/// from the round-robin cursor until one accepts. `offer` decides (checks, builds, queues) and
+/// says whether the session took it. Returns how many did.
+pub fn route(
+    space: &SolutionSpace,
+    topic: &str,
+    publisher: u64,
+    max_qos: QoS,
+    mut offer: impl FnMut(&Arc<Session>, Target) -> bool,
+) -> usize {
+    let mut targets: Vec<Candidate> = Vec::new();
+    let mut shared: Vec<Subscriber> = Vec::new();
+    space.tree_read().for_each_match(topic, |sub| {
+        if sub.share.is_some() {
+            shared.push(sub.clone());
+            return;
+        }
+        if sub.options.no_local && sub.session.id == publisher {
+            return;
+        }
+        let qos = sub.options.qos.min(max_qos);
+        match targets
+            .iter_mut()
+            .find(|t| Arc::ptr_eq(&t.session, &sub.session))
+        {
+            Some(t) => {
+                t.target.qos = t.target.qos.max(qos);
+                t.target.retain_as_published |= sub.options.retain_as_published;
+                t.target.subscription_ids.extend(sub.id);
+            }
+            None => targets.push(Candidate {
+                session: sub.session.clone(),
+                target: Target {
+                    qos,
+                    retain_as_published: sub.options.retain_as_published,
+                    subscription_ids: sub.id.into_iter().collect(),
+                },
+            }),
+        }
+    });
+    let mut queued = 0;
+    for c in targets {
+        queued += usize::from(offer(&c.session, c.target));
+    }
+    if shared.is_empty() {
+        return queued;
+    }
+    shared.sort_by(|a, b| a.share.cmp(&b.share));
+    let cursor = space.share_cursor.fetch_add(1, Ordering::Relaxed);
+    let mut rest = shared.as_slice();
+    while let Some(first) = rest.first() {
+        let len = rest.iter().take_while(|s| s.share == first.share).count();
+        let (group, tail) = rest.split_at(len.min(rest.len()));
+        rest = tail;
+        for i in 0..group.len() {
+            let Some(member) = group.get((cursor + i) % group.len()) else {
+                continue;
+            };
+            let target = Target {
+                qos: member.options.qos.min(max_qos),
+                retain_as_published: false,
+                subscription_ids: member.id.into_iter().collect(),
+            };
+            if offer(&member.session, target) {
+                queued += 1;
+                break;
+            }
+        }
+    }
+    queued
 }
 
 /// Publishes an authorized message in `space`: keeps it if retained, then offers it to every
-/// matching subscriber. Returns how many sessions queued it.
+/// matching subscriber, each checked on READ of the topic. Returns how many sessions queued it.
 pub fn publish(space: &SolutionSpace, message: Arc<Message>, metrics: &Metrics) -> usize {
     if message.retain {
         let mut retained = space.retained_write();
@@ -47,54 +127,25 @@ pub fn publish(space: &SolutionSpace, message: Arc<Message>, metrics: &Metrics) 
             retained.insert(message.topic.as_str().into(), message.clone());
         }
     }
-    let mut targets: Vec<Target> = Vec::new();
-    let mut shared: Vec<Subscriber> = Vec::new();
-    space
-        .tree_read()
-        .for_each_match(message.topic.as_str(), |sub| {
-            if sub.share.is_some() {
-                shared.push(sub.clone());
-                return;
-            }
-            if sub.options.no_local && sub.session.id == message.publisher {
-                return;
-            }
-            let qos = sub.options.qos.min(message.qos);
-            match targets
-                .iter_mut()
-                .find(|t| Arc::ptr_eq(&t.session, &sub.session))
-            {
-                Some(t) => {
-                    t.qos = t.qos.max(qos);
-                    t.retain_as_published |= sub.options.retain_as_published;
-                    t.ids.extend(sub.id);
-                }
-                None => targets.push(Target {
-                    session: sub.session.clone(),
-                    qos,
-                    retain_as_published: sub.options.retain_as_published,
-                    ids: sub.id.into_iter().collect(),
-                }),
-            }
-        });
     let policy = space.policy();
     let now = now();
-    let mut queued = 0;
-    for t in targets {
-        let delivery = Delivery {
-            qos: t.qos,
-            // MQTT-3.3.1-9: the retain flag is cleared on normal delivery unless the
-            // subscription asked for Retain As Published.
-            retain: message.retain && t.retain_as_published,
-            subscription_ids: t.ids,
-            message: message.clone(),
-        };
-        queued += usize::from(offer(space, &t.session, delivery, &policy, now, metrics));
-    }
-    if !shared.is_empty() {
-        queued += publish_shared(space, &message, shared, &policy, now, metrics);
-    }
-    queued
+    route(
+        space,
+        message.topic.as_str(),
+        message.publisher,
+        message.qos,
+        |session, target| {
+            let delivery = Delivery {
+                qos: target.qos,
+                // MQTT-3.3.1-9: the retain flag is cleared on normal delivery unless the
+                // subscription asked for Retain As Published.
+                retain: message.retain && target.retain_as_published,
+                subscription_ids: target.subscription_ids,
+                message: message.clone(),
+            };
+            offer(space, session, delivery, &policy, now, metrics)
+        },
+    )
 }
 
 fn offer(
@@ -105,60 +156,30 @@ fn offer(
     now: Timestamp,
     metrics: &Metrics,
 ) -> bool {
-    match session.offer(delivery, policy, now, metrics) {
+    let outcome = session.offer(delivery, policy, now, metrics);
+    note_offer(space, session, outcome, metrics)
+}
+
+/// Counts and logs a denied delivery; whether the session took it.
+pub fn note_offer(
+    space: &SolutionSpace,
+    session: &Session,
+    outcome: Offer,
+    metrics: &Metrics,
+) -> bool {
+    match outcome {
         Offer::Queued => true,
         Offer::Denied => {
             metrics.denied(space.id.as_str(), "delivery");
             tracing::debug!(
                 solution = %space.id,
                 client = %session.client_id,
-                "delivery denied by the solution policy (no READ on the topic)"
+                "delivery denied by policy"
             );
             false
         }
         Offer::Dropped => false,
     }
-}
-
-/// One delivery per share group: members in filter order, starting at the round-robin cursor,
-/// the first one that accepts it.
-fn publish_shared(
-    space: &SolutionSpace,
-    message: &Arc<Message>,
-    mut shared: Vec<Subscriber>,
-    policy: &Arc<Enforcer>,
-    now: Timestamp,
-    metrics: &Metrics,
-) -> usize {
-    shared.sort_by(|a, b| a.share.cmp(&b.share));
-    let cursor = space.share_cursor.fetch_add(1, Ordering::Relaxed);
-    let mut queued = 0;
-    let mut rest = shared.as_slice();
-    while let Some(first) = rest.first() {
-        let len = rest
-            .iter()
-            .take_while(|s| s.share == first.share)
-            .count()
-            .max(1);
-        let (group, tail) = rest.split_at(len.min(rest.len()));
-        rest = tail;
-        for i in 0..group.len() {
-            let Some(member) = group.get((cursor + i) % group.len()) else {
-                continue;
-            };
-            let delivery = Delivery {
-                qos: member.options.qos.min(message.qos),
-                retain: false,
-                subscription_ids: member.id.into_iter().collect(),
-                message: message.clone(),
-            };
-            if offer(space, &member.session, delivery, policy, now, metrics) {
-                queued += 1;
-                break;
-            }
-        }
-    }
-    queued
 }
 
 /// Sends the retained messages matching a new subscription (MQTT §3.3.1.3, v5 Retain

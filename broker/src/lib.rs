@@ -37,3 +37,4 @@ pub mod solution_cmd;
 pub mod space;
 pub mod token_cmd;
 pub mod topics;
+pub mod twins;

@@ -125,6 +125,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let DataDir { store, solutions } = dir;
+    let store = Arc::new(store);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -141,6 +142,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let server = server::start(
             config.mqtt.clone(),
             auth,
+            crate::twins::Twins::new(store.clone()),
             &config.mqtt.listen,
             tls.as_ref().map(|(a, t)| (a.as_str(), t.clone())),
             args.dev && args.mqtt.is_empty(),

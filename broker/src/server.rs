@@ -26,6 +26,8 @@ pub struct Broker {
     pub settings: MqttSettings,
     pub auth: Authenticator,
     pub spaces: Spaces,
+    /// Things, policies and their compiled policies (the twin topic space).
+    pub twins: crate::twins::Twins,
     pub metrics: Arc<Metrics>,
     /// Becomes `true` when the server shuts down.
     pub shutdown: watch::Receiver<bool>,
@@ -86,6 +88,7 @@ pub struct Server {
 pub async fn start(
     settings: MqttSettings,
     auth: Authenticator,
+    twins: crate::twins::Twins,
     mqtt: &[String],
     mqtts: Option<(&str, TlsAcceptor)>,
     fallback_to_any_port: bool,
@@ -97,6 +100,7 @@ pub async fn start(
         settings,
         auth,
         spaces: Spaces::default(),
+        twins,
         metrics: Arc::new(Metrics::default()),
         shutdown,
     });

@@ -137,6 +137,8 @@ pub struct SessionState {
     /// The connection's subjects and their view of the solution policy, for deliveries.
     subjects: Arc<[String]>,
     view: SubjectView,
+    /// The same subjects' views of thing policies (twin commands, events, live messages).
+    pub policy_views: PolicyViews,
     pub subscriptions: HashMap<Box<str>, SubscriptionRecord>,
     queue: VecDeque<Delivery>,
     inflight: VecDeque<Inflight>,
@@ -177,6 +179,7 @@ impl Session {
                 link: None,
                 subjects,
                 view,
+                policy_views: PolicyViews::default(),
                 subscriptions: HashMap::new(),
                 queue: VecDeque::new(),
                 inflight: VecDeque::new(),
@@ -205,16 +208,31 @@ impl Session {
         now: Timestamp,
         metrics: &Metrics,
     ) -> Offer {
+        self.offer_with(metrics, |state| {
+            state.refresh_view(policy, now);
+            state
+                .view
+                .check(
+                    ResourceType::Topic,
+                    delivery.message.topic.as_str(),
+                    Permission::Read,
+                    Mode::Unrestricted,
+                )
+                .then_some(delivery)
+        })
+    }
+
+    /// Offers what `decide` makes of this session (`None`: the session may not have it, e.g.
+    /// its subjects cannot READ it), under the session's lock; queued if there is room.
+    pub fn offer_with(
+        &self,
+        metrics: &Metrics,
+        decide: impl FnOnce(&mut SessionState) -> Option<Delivery>,
+    ) -> Offer {
         let mut state = self.lock();
-        state.refresh_view(policy, now);
-        if !state.view.check(
-            ResourceType::Topic,
-            delivery.message.topic.as_str(),
-            Permission::Read,
-            Mode::Unrestricted,
-        ) {
+        let Some(delivery) = decide(&mut state) else {
             return Offer::Denied;
-        }
+        };
         if state.link.is_none() && delivery.qos == QoS::AtMostOnce {
             // QoS 0 messages are not kept for an offline session (MQTT §3.1.2.4 allows it).
             return Offer::Dropped;
@@ -230,6 +248,46 @@ impl Session {
             self.wake.notify_one();
         }
         Offer::Queued
+    }
+}
+
+/// A session's views of thing and policy policies, one per policy ID: rebuilt when the policy's
+/// revision (its compiled `Enforcer`) changes, a matched subject expires, or the namespace
+/// asked about differs. Bounded: cleared when it reaches [`PolicyViews::MAX`] entries.
+#[derive(Debug, Default)]
+pub struct PolicyViews {
+    map: HashMap<Arc<str>, (Box<str>, SubjectView)>,
+}
+
+impl PolicyViews {
+    pub const MAX: usize = 4096;
+
+    /// The view of `enforcer` (policy `policy_id`) for `subjects`, for a thing in `namespace`.
+    pub fn get(
+        &mut self,
+        policy_id: &Arc<str>,
+        enforcer: &Arc<Enforcer>,
+        namespace: &str,
+        subjects: &[String],
+        now: Timestamp,
+    ) -> &SubjectView {
+        if self.map.len() >= Self::MAX && !self.map.contains_key(policy_id) {
+            self.map.clear();
+        }
+        let build = || {
+            (
+                Box::<str>::from(namespace),
+                enforcer.for_subjects(subjects, Some(namespace), now),
+            )
+        };
+        let slot = self.map.entry(policy_id.clone()).or_insert_with(build);
+        let fresh = Arc::ptr_eq(slot.1.enforcer(), enforcer)
+            && &*slot.0 == namespace
+            && slot.1.is_valid_at(now);
+        if !fresh {
+            *slot = build();
+        }
+        &slot.1
     }
 }
 
@@ -257,6 +315,19 @@ impl SessionState {
     pub fn set_subjects(&mut self, subjects: Arc<[String]>, view: SubjectView) {
         self.subjects = subjects;
         self.view = view;
+        self.policy_views = PolicyViews::default();
+    }
+
+    /// The view of a thing (or policy) policy for this session's subjects.
+    pub fn policy_view(
+        &mut self,
+        policy_id: &Arc<str>,
+        enforcer: &Arc<Enforcer>,
+        namespace: &str,
+        now: Timestamp,
+    ) -> &SubjectView {
+        self.policy_views
+            .get(policy_id, enforcer, namespace, &self.subjects, now)
     }
 
     /// Rebuilds the view if the policy revision changed or a matched subject expired.

@@ -931,25 +931,29 @@ async fn a_wildcard_subscriber_receives_only_topics_it_may_read() {
 }
 
 #[tokio::test]
-async fn the_twin_topic_space_is_refused_for_plain_publish_and_subscribe() {
-    // The default policy grants READ and WRITE on every plain topic: the refusal is the twin
-    // topic space's, not the policy's.
+async fn the_twin_topic_space_of_other_solutions_namespaces_is_refused() {
+    // The solution owns `org.acme` only: commands and subscriptions naming another namespace
+    // are refused whatever any policy says; its own namespace is open (wildcards included).
     let (broker, sol) = started("");
     let addr = broker.mqtt_addr();
-    let twin = "org.acme/thing1/things/twin/commands/modify";
+    let foreign = "com.other/thing1/things/twin/commands/modify";
     let mut c5 = connected(addr, Protocol::V5, "twin-5", &sol).await;
-    assert_eq!(publish_qos1(&mut c5, twin, b"{}", 1).await, 0x87);
+    assert_eq!(publish_qos1(&mut c5, foreign, b"{}", 1).await, 0x87);
     c5.send(&subscribe(
         2,
-        &[("org.acme/+/things/#", opts(QoS::AtLeastOnce))],
+        &[
+            ("com.other/+/things/#", opts(QoS::AtLeastOnce)),
+            ("org.acme/+/things/#", opts(QoS::AtLeastOnce)),
+            ("+/+/things/twin/events/#", opts(QoS::AtMostOnce)),
+        ],
         None,
     ))
     .await;
-    assert_eq!(expect_suback(&mut c5, 2).await.codes, [0x87]);
+    assert_eq!(expect_suback(&mut c5, 2).await.codes, [0x87, 0x01, 0x00]);
     let mut c3 = connected(addr, Protocol::V311, "twin-3", &sol).await;
     c3.send(&subscribe(
         1,
-        &[("org.acme/+/things/#", opts(QoS::AtLeastOnce))],
+        &[("com.other/+/things/#", opts(QoS::AtLeastOnce))],
         None,
     ))
     .await;

@@ -33,6 +33,10 @@ use crate::session::{
 };
 use crate::space::{SolutionSpace, Subscriber, tree_filter};
 
+mod twin_topics;
+
+pub use twin_topics::{PendingWrite, PublishOutcome};
+
 /// Client IDs longer than this are refused (3.1.1: CONNACK 2; 5.0: 0x85).
 const MAX_CLIENT_ID_LEN: usize = 256;
 
@@ -240,6 +244,10 @@ struct Conn {
     out_aliases: TopicAliases,
     /// v5 Request Problem Information: may reason strings be sent on non-final packets.
     problem_information: bool,
+    /// Twin writes waiting for the journal, in PUBLISH order: each one's acknowledgement,
+    /// events and reply go out once it is durable (and acknowledgements that arrive behind
+    /// one wait their turn).
+    pending: std::collections::VecDeque<PendingWrite>,
 }
 
 fn now_timestamp() -> policy::Timestamp {
@@ -417,6 +425,7 @@ async fn accept(
             0
         }),
         problem_information: connect.properties.request_problem_information != Some(false),
+        pending: std::collections::VecDeque::new(),
         identity,
     };
     conn.outbound().packet(&Packet::ConnAck(ConnAck {
@@ -534,6 +543,9 @@ impl Conn {
                     }
                 }
                 _ = session.wake.notified() => {}
+                done = twin_topics::front_durable(&mut self.pending), if !self.pending.is_empty() => {
+                    self.complete_front(done);
+                }
                 _ = sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
                     if token_deadline.is_some_and(|t| t <= tokio::time::Instant::now()) {
                         return Close::server(0x87, "token_expired");
@@ -702,19 +714,78 @@ impl Conn {
             Ok(topic) => topic,
             Err(close) => return Some(close),
         };
-        let (allowed, reason) = if twin::protocol::mqtt::is_twin_topic(topic.as_str()) {
-            (false, "the twin topic space is not open yet")
+        // QoS 2: a PUBLISH whose identifier awaits PUBREL is a duplicate; not delivered again.
+        if let QosPid::ExactlyOnce(id) = publish.qos {
+            let state = self.session.lock();
+            if state.incoming_qos2.contains(&id) {
+                drop(state);
+                self.ack(Packet::PubRec, id, 0, Properties::default());
+                return None;
+            }
+            if state.incoming_qos2.len() >= usize::from(self.broker.settings.receive_maximum) {
+                return Some(Close::server(0x93, "receive_maximum_exceeded"));
+            }
+        }
+        let outcome = if twin::protocol::mqtt::is_twin_topic(topic.as_str()) {
+            self.twin_publish(&publish, &topic)
         } else {
+            self.plain_publish(&publish, &topic)
+        };
+        let ack = match publish.qos {
+            QosPid::AtMostOnce => None,
+            QosPid::AtLeastOnce(id) => Some((Packet::PubAck as fn(PubResponse) -> Packet, id)),
+            QosPid::ExactlyOnce(id) => Some((Packet::PubRec as fn(PubResponse) -> Packet, id)),
+        };
+        match outcome {
+            PublishOutcome::Now { code, reason } => {
+                // 3.1.1 cannot say "denied" (MQTT-3.3.5-2): the acknowledgement is positive.
+                let code = if self.protocol == Protocol::V311 {
+                    0
+                } else {
+                    code
+                };
+                if let QosPid::ExactlyOnce(id) = publish.qos
+                    && code < 0x80
+                {
+                    self.session.lock().incoming_qos2.push(id);
+                }
+                let properties = match reason {
+                    Some(reason) if code >= 0x80 => self.denied_reason(&reason),
+                    _ => Properties::default(),
+                };
+                if let Some((kind, id)) = ack {
+                    if self.pending.is_empty() {
+                        self.ack(kind, id, code, properties);
+                    } else {
+                        // Acknowledgements go out in the order the PUBLISHes came (MQTT §4.6).
+                        self.pending
+                            .push_back(PendingWrite::ack_only(kind, id, code, properties));
+                    }
+                }
+            }
+            PublishOutcome::WhenDurable(mut pending) => {
+                if let QosPid::ExactlyOnce(id) = publish.qos {
+                    self.session.lock().incoming_qos2.push(id);
+                }
+                pending.ack = ack;
+                self.pending.push_back(*pending);
+            }
+        }
+        None
+    }
+
+    /// A plain topic: WRITE on `topic:/<levels>` in the solution policy, then fan-out.
+    fn plain_publish(&mut self, publish: &Publish, topic: &TopicName) -> PublishOutcome {
+        let allowed = {
             let policy = self.space.policy();
             let mut state = self.session.lock();
             state.refresh_view(&policy, now_timestamp());
-            let allowed = state.view().check(
+            state.view().check(
                 ResourceType::Topic,
                 topic.as_str(),
                 Permission::Write,
                 Mode::Unrestricted,
-            );
-            (allowed, "not authorized to publish to this topic")
+            )
         };
         if !allowed {
             self.broker
@@ -727,50 +798,29 @@ impl Conn {
                 subjects = ?self.identity.subjects.as_slice(),
                 "publish denied"
             );
+            return PublishOutcome::Now {
+                code: 0x87,
+                reason: Some("not authorized to publish to this topic".to_owned()),
+            };
         }
-        // QoS 2: a PUBLISH whose identifier awaits PUBREL is a duplicate; not delivered again.
-        if let QosPid::ExactlyOnce(id) = publish.qos {
-            let mut state = self.session.lock();
-            if state.incoming_qos2.contains(&id) {
-                drop(state);
-                self.ack(Packet::PubRec, id, 0, Properties::default());
-                return None;
-            }
-            if state.incoming_qos2.len() >= usize::from(self.broker.settings.receive_maximum) {
-                return Some(Close::server(0x93, "receive_maximum_exceeded"));
-            }
-            if allowed || self.protocol == Protocol::V311 {
-                state.incoming_qos2.push(id);
-            }
+        let expires_at = publish
+            .properties
+            .message_expiry_interval
+            .map(|s| Instant::now() + Duration::from_secs(u64::from(s)));
+        let message = Arc::new(Message {
+            topic: deep_copy_topic(topic),
+            payload: Bytes::copy_from_slice(&publish.payload),
+            qos: publish.qos.qos(),
+            retain: publish.retain,
+            properties: ForwardedProperties::from_publish(&publish.properties),
+            expires_at,
+            publisher: self.session.id,
+        });
+        dispatch::publish(&self.space, message, &self.broker.metrics);
+        PublishOutcome::Now {
+            code: 0,
+            reason: None,
         }
-        if allowed {
-            let expires_at = publish
-                .properties
-                .message_expiry_interval
-                .map(|s| Instant::now() + Duration::from_secs(u64::from(s)));
-            let message = Arc::new(Message {
-                topic: deep_copy_topic(&topic),
-                payload: Bytes::copy_from_slice(&publish.payload),
-                qos: publish.qos.qos(),
-                retain: publish.retain,
-                properties: ForwardedProperties::from_publish(&publish.properties),
-                expires_at,
-                publisher: self.session.id,
-            });
-            dispatch::publish(&self.space, message, &self.broker.metrics);
-        }
-        // 3.1.1 cannot say "denied" (MQTT-3.3.5-2): the acknowledgement is positive.
-        let (code, properties) = if allowed || self.protocol == Protocol::V311 {
-            (0, Properties::default())
-        } else {
-            (0x87, self.denied_reason(reason))
-        };
-        match publish.qos {
-            QosPid::AtMostOnce => {}
-            QosPid::AtLeastOnce(id) => self.ack(Packet::PubAck, id, code, properties),
-            QosPid::ExactlyOnce(id) => self.ack(Packet::PubRec, id, code, properties),
-        }
-        None
     }
 
     fn ack(
@@ -833,7 +883,9 @@ impl Conn {
             }
             let inner = tree_filter(filter);
             let refused = if is_twin_filter(inner) {
-                true
+                // Each event and message is checked on delivery against its thing's policy;
+                // the filter only has to stay inside the solution's namespaces.
+                !crate::twins::twin_filter_allowed(inner, &self.identity.solution.namespaces)
             } else {
                 let mut state = self.session.lock();
                 state.refresh_view(&policy, now_timestamp());
@@ -1007,6 +1059,7 @@ impl Conn {
 
     /// Ends the connection: the server's DISCONNECT (v5), the will, the session's fate.
     async fn finish(mut self, close: Close) {
+        self.settle_pending();
         // The session is let go before the socket closes: a client that reconnects as soon as
         // it sees the close finds the session offline (or gone), never still attached.
         let taken_over = close.label == "session_taken_over";
