@@ -7,7 +7,7 @@
 //! | `max_connections` | 19,000 | `accept` waits (a semaphore before `accept`): new clients queue in the kernel's backlog, nobody is dropped |
 //! | `connect_timeout_seconds` | 10 | a socket that has not completed CONNECT by then is closed |
 //! | `max_packet_size` | 1 MiB | a bigger packet is refused from its fixed header, before buffering: v5 DISCONNECT 0x95, then close |
-//! | `receive_maximum` | 1,024 | incoming QoS 2 messages not yet released by PUBREL; one more: v5 DISCONNECT 0x93 |
+//! | `receive_maximum` | 1,024 | incoming QoS 2 messages not yet released by PUBREL; one more: v5 DISCONNECT 0x93. Also the number of twin writes of one connection waiting for the journal: at it, the connection stops reading until some are durable (TCP backpressure) |
 //! | `topic_alias_maximum` | 64 | an incoming alias above it: DISCONNECT 0x94 |
 //! | `max_inflight` | 32 | outgoing QoS 1/2 messages awaiting acknowledgement per session (v5: also capped by the client's receive maximum); the rest wait in the queue |
 //! | `max_queued_messages` | 1,000 | per session, messages waiting to be sent (online: a slow reader; offline: a persistent session's QoS 1/2 messages). A message arriving at a full queue is **dropped** (newest dropped, never blocking the publisher), counted in `thingsgate_messages_dropped_total{reason="queue_full"}` |

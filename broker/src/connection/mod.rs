@@ -524,7 +524,9 @@ impl Conn {
                 _ = shutdown.changed() => {
                     return Close::server(0x8B, "server_shutting_down");
                 }
-                read = self.io.read_into(&mut self.rbuf) => {
+                // Backpressure: with this many twin writes waiting for the journal, stop reading
+                // (the client's TCP window fills) until some are durable.
+                read = self.io.read_into(&mut self.rbuf), if self.pending.len() < usize::from(self.broker.settings.receive_maximum) => {
                     match read {
                         Ok(0) => return Close::silent("closed_by_client"),
                         Ok(n) => {
