@@ -567,3 +567,43 @@ impl Outbound<'_> {
         ok
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+
+    use policy::{Enforcer, Mode, Permission, ResourceType, Timestamp};
+    use serde_json::json;
+
+    use super::PolicyViews;
+
+    fn enforcer(subject: &str) -> Arc<Enforcer> {
+        let policy =
+            policy::policy_from_value(&json!({"policyId": "org.acme:p", "entries": {"e": {
+                "subjects": {subject: {"type": "t"}},
+                "resources": {"thing:/": {"grant": ["READ"], "revoke": []}}
+            }}}))
+            .unwrap();
+        Arc::new(Enforcer::compile(&policy))
+    }
+
+    #[test]
+    fn a_memoized_view_follows_a_new_policy_revision() {
+        let mut views = PolicyViews::default();
+        let id: Arc<str> = "org.acme:p".into();
+        let subjects = ["s:a".to_owned()];
+        let now = Timestamp::from_unix_millis(0);
+        let first = enforcer("s:a");
+        let read = |v: &policy::SubjectView| {
+            v.check(ResourceType::Thing, "/x", Permission::Read, Mode::Partial)
+        };
+        assert!(read(views.get(&id, &first, "org.acme", &subjects, now)));
+        // The same revision again: the memo answers.
+        assert!(read(views.get(&id, &first, "org.acme", &subjects, now)));
+        // A new revision that no longer names the subject: the view is rebuilt at once.
+        let revoked = enforcer("s:b");
+        assert!(!read(views.get(&id, &revoked, "org.acme", &subjects, now)));
+    }
+}

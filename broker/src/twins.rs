@@ -725,3 +725,21 @@ pub fn twin_filter_allowed(filter: &str, namespaces: &[String]) -> bool {
     let first = filter.split('/').next().unwrap_or_default();
     first == "ditto" || first == "+" || first == "#" || namespaces.iter().any(|n| n == first)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::twin_filter_allowed;
+
+    #[test]
+    fn twin_filters_must_stay_in_the_solutions_namespaces() {
+        let owned = ["org.acme".to_owned()];
+        assert!(twin_filter_allowed(
+            "org.acme/+/things/twin/events/#",
+            &owned
+        ));
+        assert!(twin_filter_allowed("+/+/things/twin/events/#", &owned));
+        assert!(twin_filter_allowed("ditto/responses", &owned));
+        assert!(!twin_filter_allowed("com.other/+/things/#", &owned));
+        assert!(!twin_filter_allowed("org.acme.fleet/x/things/#", &owned));
+    }
+}
