@@ -888,6 +888,8 @@ impl Conn {
                 // Each event and message is checked on delivery against its thing's policy;
                 // the filter only has to stay inside the solution's namespaces.
                 !crate::twins::twin_filter_allowed(inner, &self.identity.solution.namespaces)
+            } else if self.names_foreign_twin_space(inner) {
+                true
             } else {
                 let mut state = self.session.lock();
                 state.refresh_view(&policy, now_timestamp());
@@ -958,6 +960,28 @@ impl Conn {
             );
         }
         None
+    }
+
+    /// A filter that reaches into the twin topic space (`org.acme/#`, `org.acme/+/+/…`) of a
+    /// namespace another solution owns: refused like a twin filter naming it (DESIGN.md §4),
+    /// although this solution's own tree could never hold such a topic.
+    fn names_foreign_twin_space(&self, filter: &str) -> bool {
+        let mut levels = filter.split('/');
+        let Some(first) = levels.next() else {
+            return false;
+        };
+        let reaches_twin_level = match (levels.next(), levels.next()) {
+            (Some("#"), _) | (Some(_), Some("#" | "+" | "things" | "policies")) => true,
+            _ => false,
+        };
+        reaches_twin_level
+            && !self.identity.solution.namespaces.iter().any(|n| n == first)
+            && self
+                .broker
+                .auth
+                .solutions
+                .owner_of_namespace(first)
+                .is_some_and(|owner| owner != self.identity.solution.id)
     }
 
     fn on_unsubscribe(&mut self, unsubscribe: Unsubscribe) {
