@@ -970,10 +970,10 @@ impl Conn {
         let Some(first) = levels.next() else {
             return false;
         };
-        let reaches_twin_level = match (levels.next(), levels.next()) {
-            (Some("#"), _) | (Some(_), Some("#" | "+" | "things" | "policies")) => true,
-            _ => false,
-        };
+        let reaches_twin_level = matches!(
+            (levels.next(), levels.next()),
+            (Some("#"), _) | (Some(_), Some("#" | "+" | "things" | "policies"))
+        );
         reaches_twin_level
             && !self.identity.solution.namespaces.iter().any(|n| n == first)
             && self
