@@ -615,7 +615,17 @@ impl Twins {
                     } else {
                         let value = event.value.as_ref()?;
                         let cut = match (kind, &thing_path) {
-                            (ResourceType::Thing, Some(p)) => cut_to_view(view, p, value)?,
+                            (ResourceType::Thing, Some(p)) => {
+                                // At the root the cut is a retrieve's (with `thingId`), but a
+                                // patch of which nothing is visible is not delivered at all.
+                                if p.is_root()
+                                    && value.get("thingId").is_none()
+                                    && view.partial_view(kind, "/", value).is_none()
+                                {
+                                    return None;
+                                }
+                                cut_to_view(view, p, value)?
+                            }
                             _ => cut_policy_to_view(view, path, value)?,
                         };
                         message(event_payload(event, Some(&cut)))

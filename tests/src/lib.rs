@@ -9,6 +9,8 @@
 //! - [`raw`]: a raw MQTT client on the broker's codec, for AUTH packets and exact reason codes.
 //! - [`clients`]: rumqttc 3.1.1 and 5 clients with their event loop in a task, bounded waits.
 //! - [`protocol_support`]: packet builders and bounded waits for the protocol tests.
+//! - [`twin_random_support`]: a timestamping client, a naive policy oracle (checked against the
+//!   policy crate through `thingsgate policy test`) and a seeded generator for twin tests.
 #![allow(
     clippy::panic,
     clippy::unwrap_used,
@@ -21,6 +23,7 @@ pub mod clients;
 pub mod issuer;
 pub mod protocol_support;
 pub mod raw;
+pub mod twin_random_support;
 
 use std::path::PathBuf;
 use std::process::Command;
