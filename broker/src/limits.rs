@@ -9,7 +9,7 @@
 //! | `max_packet_size` | 1 MiB | a bigger packet is refused from its fixed header, before buffering: v5 DISCONNECT 0x95, then close |
 //! | `receive_maximum` | 1,024 | incoming QoS 2 messages not yet released by PUBREL; one more: v5 DISCONNECT 0x93. Also the number of twin writes of one connection waiting for the journal: at it, the connection stops reading until some are durable (TCP backpressure) |
 //! | `topic_alias_maximum` | 64 | an incoming alias above it: DISCONNECT 0x94 |
-//! | `max_inflight` | 32 | outgoing QoS 1/2 messages awaiting acknowledgement per session (v5: also capped by the client's receive maximum); the rest wait in the queue |
+//! | `max_inflight` | 256 | outgoing QoS 1/2 messages awaiting acknowledgement per session (v5: also capped by the client's receive maximum); the rest wait in the queue |
 //! | `max_queued_messages` | 1,000 | per session, messages waiting to be sent (online: a slow reader; offline: a persistent session's QoS 1/2 messages). A message arriving at a full queue is **dropped** (newest dropped, never blocking the publisher), counted in `thingsgate_messages_dropped_total{reason="queue_full"}` |
 //! | `max_session_expiry_seconds` | 7 days | a longer v5 session expiry is lowered (CONNACK says so); a 3.1.1 persistent session also ends after it |
 //! | `max_keep_alive_seconds` | 0 (none) | when set, a longer or zero keep-alive is replaced (v5 Server Keep Alive) |
@@ -61,7 +61,7 @@ impl Default for MqttSettings {
             max_packet_size: 1024 * 1024,
             receive_maximum: 1024,
             topic_alias_maximum: 64,
-            max_inflight: 32,
+            max_inflight: 256,
             max_queued_messages: 1000,
             max_session_expiry_seconds: 7 * 24 * 3600,
             max_keep_alive_seconds: 0,

@@ -20,8 +20,8 @@ use policy::{Enforcer, Mode, Permission, PolicyCache, ResourceType, Timestamp};
 use serde_json::{Value, json};
 use twin::apply::{Applied, apply_policy_command, apply_thing_command};
 use twin::authz::{
-    cut_policy_to_view, cut_to_view, denied, first_denied, policy_denied, required_permissions,
-    required_policy_permissions,
+    cut_policy_to_view, cut_to_view, denied, first_denied, grants_without_allocation,
+    policy_denied, required_permissions, required_policy_permissions,
 };
 use twin::command::{Action, Command, CommandHeaders, PolicyCommand, ThingCommand};
 use twin::entity::{EntityKey, EntityKind, Event};
@@ -61,11 +61,14 @@ pub enum Executed {
     /// by solution isolation).
     Answered { reply: Envelope, denied: bool },
     /// A change applied in memory: acknowledge once `durable` completes, then publish `events`
-    /// and answer with `reply`.
+    /// and answer (`Envelope::response(&command, status, value)`, built only if someone will
+    /// receive it).
     Written {
         durable: Durable,
         events: Vec<Event>,
-        reply: Envelope,
+        command: Command,
+        status: u16,
+        value: Option<Value>,
         /// The policy the events are judged with when the entity no longer names one (a
         /// deleted thing).
         policy: Option<PolicyRef>,
@@ -202,7 +205,7 @@ impl Twins {
         cmd: ThingCommand,
         now: Timestamp,
     ) -> Executed {
-        let namespace = cmd.thing_id.namespace().to_owned();
+        let namespace = cmd.thing_id.namespace();
         let refused = |cmd: ThingCommand| {
             let error = if cmd.action == Action::Retrieve {
                 thing::not_found(&cmd.thing_id, &cmd.path)
@@ -211,7 +214,7 @@ impl Twins {
             };
             Executed::error(&Command::Thing(cmd), &error, true)
         };
-        if !requester.owns(&namespace) {
+        if !requester.owns(namespace) {
             return refused(cmd);
         }
         let Some(policy_id) = self.store.thing_policy_id(cmd.thing_id.as_str()) else {
@@ -232,8 +235,12 @@ impl Twins {
         // Authorize, and for a retrieve answer from the same view.
         {
             let mut state = requester.session.lock();
-            let view = state.policy_view(&policy.id, &policy.enforcer, &namespace, now);
-            if let Some(requirement) = first_denied(view, &required_permissions(&cmd)) {
+            let view = state.policy_view(&policy.id, &policy.enforcer, namespace, now);
+            // The common case (one requirement) is decided without allocating; a denial or a
+            // merge goes through the requirement list, which also names the denied resource.
+            if grants_without_allocation(view, &cmd) != Some(true)
+                && let Some(requirement) = first_denied(view, &required_permissions(&cmd))
+            {
                 let error = denied(&cmd, requirement);
                 drop(state);
                 return Executed::error(&Command::Thing(cmd), &error, true);
@@ -312,7 +319,9 @@ impl Twins {
                 Executed::Written {
                     durable: written.durable,
                     events: written.events,
-                    reply: Envelope::response(&command, status, value),
+                    command,
+                    status,
+                    value,
                     policy,
                 }
             }
@@ -428,12 +437,16 @@ impl Twins {
             Executed::Written {
                 durable,
                 events,
-                reply,
+                command,
+                status,
+                value,
                 ..
             } => Executed::Written {
                 durable,
                 events,
-                reply,
+                command,
+                status,
+                value,
                 policy: Some(policy),
             },
             other => other,
@@ -539,7 +552,9 @@ impl Twins {
                 Executed::Written {
                     durable: written.durable,
                     events: written.events,
-                    reply: Envelope::response(&command, status, value),
+                    command,
+                    status,
+                    value,
                     policy,
                 }
             }

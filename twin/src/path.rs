@@ -138,7 +138,14 @@ impl fmt::Display for ThingPath {
             return f.write_str("/");
         }
         for s in &self.segments {
-            write!(f, "/{}", s.replace('~', "~0"))?;
+            f.write_str("/")?;
+            // Most segments hold no `~`: write them as they are, without a copy.
+            for (i, part) in s.split('~').enumerate() {
+                if i > 0 {
+                    f.write_str("~0")?;
+                }
+                f.write_str(part)?;
+            }
         }
         Ok(())
     }

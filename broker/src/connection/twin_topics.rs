@@ -195,12 +195,13 @@ impl Conn {
             }
             Request::Command(command) => {
                 let route = self.reply_route(publish, &parsed, Some(&command));
-                let description = command_description(&command);
+                let described = self.denial_logged().then(|| command_description(&command));
                 match self.broker.twins.execute(self.requester(), command, now) {
                     Executed::Answered { reply, denied } => {
                         let status = reply.status.unwrap_or(200);
                         let reason = error_message(&reply);
                         if denied {
+                            let description = described.unwrap_or_default();
                             self.broker
                                 .metrics
                                 .denied(self.space.id.as_str(), "command");
@@ -223,17 +224,25 @@ impl Conn {
                     Executed::Written {
                         durable,
                         events,
-                        reply,
+                        command,
+                        status,
+                        value,
                         policy,
-                    } => PublishOutcome::WhenDurable(Box::new(PendingWrite {
-                        durable: Some(durable),
-                        ack: None,
-                        code: 0,
-                        properties: Properties::default(),
-                        events,
-                        reply: Some((reply, route)),
-                        policy,
-                    })),
+                    } => {
+                        // The answer is built only if it will reach the requester.
+                        let reply = self
+                            .reply_deliverable(&route)
+                            .then(|| (Envelope::response(&command, status, value), route));
+                        PublishOutcome::WhenDurable(Box::new(PendingWrite {
+                            durable: Some(durable),
+                            ack: None,
+                            code: 0,
+                            properties: Properties::default(),
+                            events,
+                            reply,
+                            policy,
+                        }))
+                    }
                 }
             }
         }
@@ -326,6 +335,17 @@ impl Conn {
                 message,
             })
         });
+    }
+
+    /// Whether an answer on `route` would reach the requester now.
+    fn reply_deliverable(&self, route: &ReplyRoute) -> bool {
+        route.wanted
+            && (route.explicit.is_some() || self.subscribed_qos(&route.default_topic).is_some())
+    }
+
+    /// Whether denials are logged (debug), so their description is worth formatting.
+    fn denial_logged(&self) -> bool {
+        tracing::enabled!(tracing::Level::DEBUG)
     }
 
     /// The QoS of the requester's subscription matching `topic`, if any.
