@@ -13,7 +13,8 @@
 //! revision, and every session's memoized view follows (it compares enforcers). So a
 //! revocation takes effect for every live connection at once, with no reconnect.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use bytes::Bytes;
 use policy::{Enforcer, Mode, Permission, PolicyCache, ResourceType, Timestamp};
@@ -44,8 +45,14 @@ use crate::space::SolutionSpace;
 pub struct Twins {
     pub store: Arc<EmbeddedStore>,
     cache: PolicyCache,
+    /// For policies with imports: each imported policy's revision when the importer was
+    /// compiled (`None`: it did not exist).
+    imports: RwLock<HashMap<Box<str>, ImportRevisions>>,
     pub limits: Limits,
 }
+
+/// The policies one policy imports, each with its revision when the importer was compiled.
+type ImportRevisions = Vec<(Box<str>, Option<u64>)>;
 
 /// A policy's ID and its compiled current revision.
 #[derive(Debug, Clone)]
@@ -149,6 +156,7 @@ impl Twins {
         Twins {
             store,
             cache: PolicyCache::new(100_000),
+            imports: RwLock::new(HashMap::new()),
             limits: Limits::default(),
         }
     }
@@ -158,23 +166,49 @@ impl Twins {
         let entity = self.store.get(&policy_key(id))?;
         if let Some(cached) = self.cache.get(id)
             && cached.revision == entity.revision
+            && self.imports_unchanged(id)
         {
             return Some(cached.enforcer);
         }
         // Stored policies were validated when written; one that no longer parses grants nothing.
         let policy = policy::policy_from_value(&entity.doc).ok()?;
+        let mut revisions = Vec::with_capacity(policy.imports.len());
         let imported: Vec<policy::Policy> = policy
             .imports
             .keys()
             .filter_map(|import| {
-                let doc = self.store.get(&policy_key(import.as_str()))?;
-                policy::policy_from_value(&doc.doc).ok()
+                let doc = self.store.get(&policy_key(import.as_str()));
+                revisions.push((
+                    Box::<str>::from(import.as_str()),
+                    doc.as_ref().map(|d| d.revision),
+                ));
+                policy::policy_from_value(&doc?.doc).ok()
             })
             .collect();
         let refs: Vec<&policy::Policy> = imported.iter().collect();
         let enforcer = Arc::new(Enforcer::compile_with_imports(&policy, &refs));
+        {
+            let mut imports = self.imports.write().unwrap_or_else(PoisonError::into_inner);
+            if revisions.is_empty() {
+                imports.remove(id);
+            } else {
+                imports.insert(id.into(), revisions);
+            }
+        }
         self.cache.insert(id, entity.revision, enforcer.clone());
         Some(enforcer)
+    }
+
+    /// Whether the policies `id` imports are at the revisions its cached enforcer was compiled
+    /// with (a change to an imported policy changes the importer's effective entries).
+    fn imports_unchanged(&self, id: &str) -> bool {
+        let imports = self.imports.read().unwrap_or_else(PoisonError::into_inner);
+        let Some(recorded) = imports.get(id) else {
+            return true;
+        };
+        recorded.iter().all(|(import, revision)| {
+            self.store.get(&policy_key(import)).map(|e| e.revision) == *revision
+        })
     }
 
     /// The policy of thing `thing_id` (`None`: no such thing, or its policy is gone).
@@ -753,7 +787,77 @@ pub fn twin_filter_allowed(filter: &str, namespaces: &[String]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::twin_filter_allowed;
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::Arc;
+
+    use policy::{Mode, Permission, ResourceType, Timestamp};
+    use serde_json::{Value, json};
+    use twin::apply::{Applied, apply_policy_command};
+    use twin::command::{Action, CommandHeaders, PolicyCommand};
+    use twin::store::{EmbeddedStore, StoreOptions, TwinStoreExt};
+
+    use super::{Twins, policy_key, twin_filter_allowed};
+
+    fn put_policy(twins: &Twins, doc: Value) {
+        let id = doc["policyId"].as_str().unwrap().to_owned();
+        let cmd = PolicyCommand {
+            policy_id: policy::PolicyId::parse(&id).unwrap(),
+            action: Action::Modify,
+            path: "/".to_owned(),
+            value: Some(doc),
+            headers: CommandHeaders::default(),
+        };
+        let limits = twins.limits;
+        let written = twins
+            .store
+            .write(&policy_key(&id), |current| -> Result<_, twin::DittoError> {
+                match apply_policy_command(current, &cmd, Timestamp::from_unix_millis(1), &limits)?
+                {
+                    Applied::Change(change) => Ok(vec![change.event]),
+                    Applied::Retrieve(_) => Ok(Vec::new()),
+                }
+            })
+            .unwrap();
+        written.durable.wait().unwrap();
+    }
+
+    #[test]
+    fn a_change_to_an_imported_policy_reaches_the_importers_cached_enforcer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(StoreOptions::new(dir.path())).unwrap());
+        let twins = Twins::new(store);
+        let admin = json!({"subjects": {"s:admin": {"type": "t"}},
+            "resources": {"policy:/": {"grant": ["READ", "WRITE"], "revoke": []}}});
+        let base = |grant: &[&str]| {
+            json!({"policyId": "org.acme:base", "entries": {
+                "admin": admin.clone(),
+                "readers": {"subjects": {"s:reader": {"type": "t"}},
+                    "resources": {"thing:/": {"grant": grant, "revoke": []}}}
+            }})
+        };
+        put_policy(&twins, base(&["READ"]));
+        put_policy(
+            &twins,
+            json!({"policyId": "org.acme:p", "imports": {"org.acme:base": {}},
+                "entries": {"admin": admin.clone()}}),
+        );
+        let reads = |twins: &Twins| {
+            twins
+                .enforcer("org.acme:p")
+                .unwrap()
+                .for_subjects(
+                    &["s:reader"],
+                    Some("org.acme"),
+                    Timestamp::from_unix_millis(2),
+                )
+                .check(ResourceType::Thing, "/", Permission::Read, Mode::Partial)
+        };
+        assert!(reads(&twins));
+        // The importer itself does not change; the imported policy revokes the grant.
+        put_policy(&twins, base(&[]));
+        assert!(!reads(&twins), "the importer's enforcer was recompiled");
+    }
 
     #[test]
     fn twin_filters_must_stay_in_the_solutions_namespaces() {
