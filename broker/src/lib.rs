@@ -17,6 +17,8 @@
 //!   `connection` (CONNECT, authentication via `auth::connect`, packets, keep-alive, takeover)
 //!   → `session` (subscriptions, queue, inflight) and `space` (a solution's topic tree,
 //!   retained messages, sessions) → `dispatch` (authorized fan-out, per-subscriber checks).
+//!   Twin topics: `connection::twin_topics` → `twins` (commands against each thing's policy,
+//!   events cut per subscriber, live messages).
 //! - `metrics`: counters (Prometheus format), served by `http` (`/metrics`, `/health`, `/ready`). `serve_cmd`, `dev`: `thingsgate serve [--dev]`.
 
 pub mod auth;
