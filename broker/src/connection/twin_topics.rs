@@ -15,8 +15,10 @@ use twin::entity::Event;
 use twin::protocol::envelope::{Envelope, Request};
 use twin::protocol::mqtt::{
     ENVELOPE_RESPONSES_TOPIC, MqttTopic, mqtt_request, parse_mqtt_topic,
-    write_command_response_topic, write_message_topic,
+    write_command_response_topic, write_message_topic, write_policy_response_topic,
+    write_response_topic,
 };
+use twin::{PolicyId, ThingId};
 use twin::store::{Durable, StoreError};
 
 use super::{Conn, now_timestamp};
@@ -259,15 +261,42 @@ impl Conn {
             Command::Policy(c) => &c.headers,
         });
         let mut default_topic = String::new();
-        match (parsed, command) {
-            (MqttTopic::Envelope, _) | (_, None) => {
+        let written = match (parsed, command) {
+            (MqttTopic::Envelope, _) => {
                 default_topic.push_str(ENVELOPE_RESPONSES_TOPIC);
+                Ok(())
             }
-            (_, Some(command)) => {
-                if write_command_response_topic(&mut default_topic, command).is_err() {
-                    default_topic.clear();
-                }
-            }
+            (_, Some(command)) => write_command_response_topic(&mut default_topic, command),
+            // A command that could not be read (bad payload): its answer still goes where the
+            // command's own answer would have gone.
+            (
+                MqttTopic::ThingCommand {
+                    namespace,
+                    name,
+                    action,
+                    path,
+                },
+                None,
+            ) => match ThingId::from_parts(namespace, name) {
+                Ok(id) => write_response_topic(&mut default_topic, &id, *action, path),
+                Err(_) => Ok(()),
+            },
+            (
+                MqttTopic::PolicyCommand {
+                    namespace,
+                    name,
+                    action,
+                    path,
+                },
+                None,
+            ) => match PolicyId::parse(&format!("{namespace}:{name}")) {
+                Ok(id) => write_policy_response_topic(&mut default_topic, &id, *action, path),
+                Err(_) => Ok(()),
+            },
+            (MqttTopic::LiveMessage { .. }, None) => Ok(()),
+        };
+        if written.is_err() {
+            default_topic.clear();
         }
         ReplyRoute {
             explicit: (self.protocol == Protocol::V5)
