@@ -18,8 +18,8 @@ use twin::protocol::mqtt::{
     write_command_response_topic, write_message_topic, write_policy_response_topic,
     write_response_topic,
 };
-use twin::{PolicyId, ThingId};
 use twin::store::{Durable, StoreError};
+use twin::{PolicyId, ThingId};
 
 use super::{Conn, now_timestamp};
 use crate::codec::{Packet, Properties, Protocol, PubResponse, Publish, QoS, TopicName};
