@@ -310,6 +310,18 @@ impl Twins {
                 };
             }
         }
+        if let Some(new_policy) = new_policy_id(&cmd)
+            && new_policy != &*policy.id
+        {
+            // A thing may only be moved to an existing policy of the solution's namespaces.
+            let owned = new_policy
+                .split_once(':')
+                .is_some_and(|(ns, _)| requester.owns(ns));
+            if !owned || self.enforcer(new_policy).is_none() {
+                let error = policy_not_found(new_policy);
+                return Executed::error(&Command::Thing(cmd), &error, false);
+            }
+        }
         self.write_thing(cmd, now, Some(policy))
     }
 
@@ -759,6 +771,20 @@ impl Twins {
                 dispatch::note_offer(requester.space, session, outcome, metrics)
             },
         ))
+    }
+}
+
+/// The policy ID a thing command sets, if it sets one: a whole thing (create, modify, merge at
+/// the root with `policyId`) or the `/policyId` path itself.
+fn new_policy_id(cmd: &ThingCommand) -> Option<&str> {
+    if cmd.action == Action::Retrieve || cmd.action == Action::Delete {
+        return None;
+    }
+    let value = cmd.value.as_ref()?;
+    match cmd.path.segments() {
+        [] => value.get("policyId").and_then(Value::as_str),
+        [only] if only == "policyId" => value.as_str(),
+        _ => None,
     }
 }
 

@@ -47,7 +47,7 @@ async fn bad_twin_commands_are_answered_with_specific_errors_and_the_broker_keep
 
     let big = format!("\"{}\"", "x".repeat(200_000));
     // (topic, payload, expected v5 reason, expected Ditto status and error code prefix)
-    let bad: [(&str, &[u8], u8, u64, &str); 5] = [
+    let bad: [(&str, &[u8], u8, u64, &str); 7] = [
         (
             "org.acme/lamp/things/twin/commands/modify/attributes/on",
             b"{not json",
@@ -82,6 +82,21 @@ async fn bad_twin_commands_are_answered_with_specific_errors_and_the_broker_keep
             0x80,
             413,
             "",
+        ),
+        // A thing may only move to an existing policy in the solution's own namespaces.
+        (
+            "org.acme/lamp/things/twin/commands/modify/policyId",
+            br#""org.acme:no-such-policy""#,
+            0x80,
+            404,
+            "policies:policy.notfound",
+        ),
+        (
+            "org.acme/lamp/things/twin/commands/modify/policyId",
+            br#""com.other:policy""#,
+            0x80,
+            404,
+            "policies:policy.notfound",
         ),
     ];
     for (i, (topic, payload, reason, status, code)) in bad.iter().enumerate() {
