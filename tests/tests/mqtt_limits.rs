@@ -180,3 +180,40 @@ async fn the_operational_endpoints_answer_and_count_refused_connects() {
     assert!(!metrics.contains("not-the-secret"));
     assert_eq!(http_get(http, "/nothing").await.0, 404);
 }
+
+#[tokio::test]
+async fn sigterm_tells_mqtt5_clients_the_server_is_shutting_down_and_exits_cleanly() {
+    let mut broker = Broker::new();
+    let solution = broker.create_solution("org.acme");
+    broker.start();
+    let connect = with_login(
+        connect_packet(Protocol::V5, "leaving"),
+        Some(&solution.id),
+        Some(&solution.secret),
+    );
+    let (mut client, ack) = RawClient::connect(broker.mqtt_addr(), connect).await;
+    assert_eq!(ack.code, 0);
+    let v3 = with_login(
+        connect_packet(Protocol::V311, "leaving-too"),
+        Some(&solution.id),
+        Some(&solution.secret),
+    );
+    let (mut old, ack) = RawClient::connect(broker.mqtt_addr(), v3).await;
+    assert_eq!(ack.code, 0);
+    let status = tokio::task::spawn_blocking(move || {
+        let status = broker.stop();
+        (broker, status)
+    });
+    match client.recv_within(Duration::from_secs(15)).await {
+        Received::Packet(Packet::Disconnect(d)) => {
+            assert_eq!(d.reason, 0x8B, "server shutting down")
+        }
+        other => panic!("expected DISCONNECT 0x8B, got {other:?}"),
+    }
+    assert!(matches!(
+        old.recv_within(Duration::from_secs(15)).await,
+        Received::Closed
+    ));
+    let (_broker, status) = status.await.unwrap();
+    assert!(status.success(), "exit status {status}");
+}
