@@ -123,8 +123,12 @@ pub fn publish(space: &SolutionSpace, message: Arc<Message>, metrics: &Metrics) 
         let mut retained = space.retained_write();
         if message.payload.is_empty() {
             retained.remove(message.topic.as_str());
-        } else {
+        } else if retained.len() < space.max_retained
+            || retained.contains_key(message.topic.as_str())
+        {
             retained.insert(message.topic.as_str().into(), message.clone());
+        } else {
+            metrics.dropped("retained_limit");
         }
     }
     let policy = space.policy();

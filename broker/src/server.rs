@@ -96,10 +96,11 @@ pub async fn start(
     let (stop, shutdown) = watch::channel(false);
     let (done_tx, done_rx) = mpsc::channel(1);
     let semaphore = Arc::new(Semaphore::new(settings.max_connections));
+    let spaces = Spaces::new(settings.max_retained_messages);
     let broker = Arc::new(Broker {
         settings,
         auth,
-        spaces: Spaces::default(),
+        spaces,
         twins,
         metrics: Arc::new(Metrics::default()),
         shutdown,

@@ -43,6 +43,8 @@ pub struct SolutionSpace {
     /// ID cancels the will (MQTT-3.1.3-9), whichever session it starts or resumes.
     pending_wills: Mutex<HashMap<Box<str>, u64>>,
     next_will: AtomicU64,
+    /// Retained messages kept at most (`crate::limits`): a memory bound per solution.
+    pub max_retained: usize,
 }
 
 fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
@@ -65,6 +67,7 @@ impl SolutionSpace {
             share_cursor: AtomicUsize::new(0),
             pending_wills: Mutex::new(HashMap::new()),
             next_will: AtomicU64::new(1),
+            max_retained: crate::limits::MqttSettings::default().max_retained_messages,
         }
     }
 
@@ -165,18 +168,25 @@ pub fn tree_filter(filter: &str) -> &str {
 pub struct Spaces {
     spaces: RwLock<HashMap<SolutionId, Arc<SolutionSpace>>>,
     cache: PolicyCache,
+    max_retained: usize,
 }
 
 impl Default for Spaces {
     fn default() -> Self {
-        Spaces {
-            spaces: RwLock::new(HashMap::new()),
-            cache: PolicyCache::new(4096),
-        }
+        Spaces::new(crate::limits::MqttSettings::default().max_retained_messages)
     }
 }
 
 impl Spaces {
+    /// Spaces whose solutions keep at most `max_retained` retained messages each.
+    pub fn new(max_retained: usize) -> Self {
+        Spaces {
+            spaces: RwLock::new(HashMap::new()),
+            cache: PolicyCache::new(4096),
+            max_retained,
+        }
+    }
+
     /// The space of `solution`, created (its policy compiled once, through the cache) if new.
     pub fn get_or_create(&self, solution: &Solution) -> Arc<SolutionSpace> {
         if let Some(space) = read(&self.spaces).get(&solution.id) {
@@ -193,7 +203,11 @@ impl Spaces {
         };
         write(&self.spaces)
             .entry(solution.id.clone())
-            .or_insert_with(|| Arc::new(SolutionSpace::new(solution.id.clone(), enforcer)))
+            .or_insert_with(|| {
+                let mut space = SolutionSpace::new(solution.id.clone(), enforcer);
+                space.max_retained = self.max_retained;
+                Arc::new(space)
+            })
             .clone()
     }
 

@@ -217,3 +217,61 @@ async fn sigterm_tells_mqtt5_clients_the_server_is_shutting_down_and_exits_clean
     let (_broker, status) = status.await.unwrap();
     assert!(status.success(), "exit status {status}");
 }
+
+#[tokio::test]
+async fn retained_messages_are_bounded_per_solution_and_the_excess_is_counted() {
+    let mut broker = Broker::new();
+    let solution = broker.create_solution("org.acme");
+    broker.write_config("[mqtt]\nmax_retained_messages = 3\n");
+    broker.arg("--http").arg("127.0.0.1:0").start();
+    let http = http_addr(&broker);
+    let mut publisher = login(&broker, &solution, "retainer").await;
+    let retained = |topic: &str, payload: &[u8], id: u16| {
+        let mut packet = publish_packet(topic, payload, Some(id));
+        if let Packet::Publish(p) = &mut packet {
+            p.retain = true;
+        }
+        packet
+    };
+    for (i, topic) in ["r/1", "r/2", "r/3", "r/4", "r/5"].iter().enumerate() {
+        let id = u16::try_from(i).unwrap() + 1;
+        publisher.send(&retained(topic, b"v1", id)).await;
+        assert!(matches!(publisher.recv().await, Packet::PubAck(_)));
+    }
+    // Replacing a kept one still works at the limit.
+    publisher.send(&retained("r/1", b"v2", 9)).await;
+    assert!(matches!(publisher.recv().await, Packet::PubAck(_)));
+
+    let mut late = login(&broker, &solution, "late").await;
+    late.send(&subscribe_packet(1, "r/#", QoS::AtMostOnce))
+        .await;
+    let mut got = Vec::new();
+    loop {
+        match late.recv_within(Duration::from_millis(500)).await {
+            Received::Packet(Packet::Publish(p)) => {
+                got.push((p.topic.as_str().to_owned(), p.payload.to_vec()));
+            }
+            Received::Packet(_) => {}
+            Received::Silent => break,
+            Received::Closed => panic!("closed"),
+        }
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("r/1".to_owned(), b"v2".to_vec()),
+            ("r/2".to_owned(), b"v1".to_vec()),
+            ("r/3".to_owned(), b"v1".to_vec()),
+        ]
+    );
+    let (_, metrics) = http_get(http, "/metrics").await;
+    assert_eq!(
+        counter(
+            &metrics,
+            "thingsgate_messages_dropped_total{reason=\"retained_limit\"}"
+        ),
+        2,
+        "{metrics}"
+    );
+}
