@@ -11,6 +11,7 @@
 //! | `topic_alias_maximum` | 64 | an incoming alias above it: DISCONNECT 0x94 |
 //! | `max_inflight` | 256 | outgoing QoS 1/2 messages awaiting acknowledgement per session (v5: also capped by the client's receive maximum); the rest wait in the queue |
 //! | `max_queued_messages` | 1,000 | per session, messages waiting to be sent (online: a slow reader; offline: a persistent session's QoS 1/2 messages). A message arriving at a full queue is **dropped** (newest dropped, never blocking the publisher), counted in `thingsgate_messages_dropped_total{reason="queue_full"}` |
+//! | `max_sessions` | 100,000 | per solution, sessions (connected or persistent); a CONNECT that would start one more is refused: v5 0x97 (quota exceeded), 3.1.1 3 (server unavailable) |
 //! | `max_retained_messages` | 100,000 | per solution; a retained message on a new topic beyond it is delivered but not kept (`reason="retained_limit"`); replacing or clearing an existing one always works |
 //! | `max_session_expiry_seconds` | 7 days | a longer v5 session expiry is lowered (CONNACK says so); a 3.1.1 persistent session also ends after it |
 //! | `max_keep_alive_seconds` | 0 (none) | when set, a longer or zero keep-alive is replaced (v5 Server Keep Alive) |
@@ -47,6 +48,7 @@ pub struct MqttSettings {
     pub max_inflight: u16,
     pub max_queued_messages: usize,
     pub max_retained_messages: usize,
+    pub max_sessions: usize,
     pub max_session_expiry_seconds: u32,
     pub max_keep_alive_seconds: u16,
 }
@@ -66,6 +68,7 @@ impl Default for MqttSettings {
             max_inflight: 256,
             max_queued_messages: 1000,
             max_retained_messages: 100_000,
+            max_sessions: 100_000,
             max_session_expiry_seconds: 7 * 24 * 3600,
             max_keep_alive_seconds: 0,
         }
@@ -116,6 +119,7 @@ impl MqttSettings {
                 "MAX_INFLIGHT" => self.max_inflight = whole(&var, &value)?,
                 "MAX_QUEUED_MESSAGES" => self.max_queued_messages = whole(&var, &value)?,
                 "MAX_RETAINED_MESSAGES" => self.max_retained_messages = whole(&var, &value)?,
+                "MAX_SESSIONS" => self.max_sessions = whole(&var, &value)?,
                 "MAX_SESSION_EXPIRY_SECONDS" => {
                     self.max_session_expiry_seconds = whole(&var, &value)?
                 }

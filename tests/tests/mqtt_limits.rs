@@ -275,3 +275,49 @@ async fn retained_messages_are_bounded_per_solution_and_the_excess_is_counted() 
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn sessions_are_bounded_per_solution_and_an_existing_one_can_always_reconnect() {
+    let mut broker = Broker::new();
+    let solution = broker.create_solution("org.acme");
+    broker.write_config("[mqtt]\nmax_sessions = 2\n");
+    broker.start();
+    let persistent = |protocol, id: &str| {
+        let mut connect = with_login(
+            connect_packet(protocol, id),
+            Some(&solution.id),
+            Some(&solution.secret),
+        );
+        connect.clean_start = false;
+        if protocol == Protocol::V5 {
+            connect.properties.session_expiry_interval = Some(600);
+        }
+        connect
+    };
+    // Two persistent sessions, their connections gone.
+    for id in ["a", "b"] {
+        let (client, ack) =
+            RawClient::connect(broker.mqtt_addr(), persistent(Protocol::V5, id)).await;
+        assert_eq!(ack.code, 0);
+        drop(client);
+    }
+    // A third client is refused on both versions; the first two come back.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_c, ack) = RawClient::connect(broker.mqtt_addr(), persistent(Protocol::V5, "c")).await;
+        if ack.code == 0x97 {
+            break;
+        }
+        // The server may not have seen the drops yet: the sessions exist either way.
+        assert!(std::time::Instant::now() < deadline, "got {}", ack.code);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_c, ack) = RawClient::connect(broker.mqtt_addr(), persistent(Protocol::V311, "c")).await;
+    assert_eq!(ack.code, 3, "3.1.1: server unavailable");
+    for id in ["a", "b"] {
+        let (_client, ack) =
+            RawClient::connect(broker.mqtt_addr(), persistent(Protocol::V5, id)).await;
+        assert_eq!(ack.code, 0);
+        assert!(ack.session_present);
+    }
+}

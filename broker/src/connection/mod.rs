@@ -328,6 +328,18 @@ async fn accept(
     };
     let expiry = requested_expiry.min(settings.max_session_expiry_seconds);
 
+    // A bound on sessions per solution (the check and the insert below are not atomic: a few
+    // concurrent CONNECTs may pass it together, which the bound tolerates).
+    let over_limit = {
+        let sessions = space.sessions();
+        !sessions.contains_key(&*client_id) && sessions.len() >= settings.max_sessions
+    };
+    if over_limit {
+        broker.metrics.refused("session_limit");
+        tracing::warn!(solution = %space.id, limit = settings.max_sessions, "session limit reached");
+        send_and_close(&mut io, protocol, &refuse(if v5 { 0x97 } else { 3 })).await;
+        return None;
+    }
     let link = Arc::new(Link::default());
     let (session, session_present, generation) = {
         let mut sessions = space.sessions();
