@@ -26,6 +26,10 @@ impl Subjects {
         Subjects(subjects)
     }
 
+    pub fn into_vec(self) -> Vec<String> {
+        self.0
+    }
+
     pub fn as_slice(&self) -> &[String] {
         &self.0
     }

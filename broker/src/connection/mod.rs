@@ -231,7 +231,10 @@ struct Conn {
     link: Arc<Link>,
     /// The session generation this connection attached as.
     generation: u64,
+    /// Solution, token expiry and method; its subjects moved to `subjects`.
     identity: Identity,
+    /// The connection's subjects (the same `Arc` as its session's).
+    subjects: Arc<[String]>,
     will: Option<Box<Will>>,
     keep_alive: Option<Duration>,
     /// Outgoing QoS 1/2 messages in flight at most (ours, capped by the client's receive max).
@@ -289,7 +292,7 @@ async fn accept(
         broker.metrics.refused("client_id_rejected");
         return None;
     }
-    let identity = match broker
+    let mut identity = match broker
         .auth
         .authenticate(&connect, &client_id, peer.ip())
         .await
@@ -313,7 +316,8 @@ async fn accept(
     broker.metrics.connects_accepted.inc();
     let settings = &broker.settings;
     let space = broker.spaces.get_or_create(&identity.solution);
-    let subjects: Arc<[String]> = identity.subjects.as_slice().to_vec().into();
+    // One copy of the subjects per connection, shared with its session.
+    let subjects: Arc<[String]> = std::mem::take(&mut identity.subjects).into_vec().into();
     let view = space
         .policy()
         .for_subjects(&subjects, None, now_timestamp());
@@ -439,6 +443,7 @@ async fn accept(
         problem_information: connect.properties.request_problem_information != Some(false),
         pending: std::collections::VecDeque::new(),
         identity,
+        subjects: subjects.clone(),
     };
     conn.outbound().packet(&Packet::ConnAck(ConnAck {
         session_present,
@@ -809,7 +814,7 @@ impl Conn {
                 solution = %self.space.id,
                 client = %self.client_id,
                 topic = topic.as_str(),
-                subjects = ?self.identity.subjects.as_slice(),
+                subjects = ?&self.subjects[..],
                 "publish denied"
             );
             return PublishOutcome::Now {
@@ -1069,13 +1074,7 @@ impl Conn {
             .solution
             .as_deref()
             .is_none_or(|s| s == self.space.id.as_str());
-        let mut old: Vec<&str> = self
-            .identity
-            .subjects
-            .as_slice()
-            .iter()
-            .map(String::as_str)
-            .collect();
+        let mut old: Vec<&str> = self.subjects.iter().map(String::as_str).collect();
         let mut new: Vec<&str> = jwt.subjects.iter().map(String::as_str).collect();
         old.sort_unstable();
         new.sort_unstable();
@@ -1121,7 +1120,7 @@ impl Conn {
                 let token = self.space.register_pending_will(&self.client_id);
                 let space = self.space.clone();
                 let broker = self.broker.clone();
-                let subjects = self.identity.subjects.clone();
+                let subjects = self.subjects.clone();
                 let client_id = self.client_id.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
@@ -1169,7 +1168,7 @@ impl Conn {
             &self.broker,
             &self.space,
             &self.client_id,
-            &self.identity.subjects,
+            &self.subjects,
             will,
         );
     }
@@ -1198,12 +1197,10 @@ fn publish_will(
     broker: &Broker,
     space: &SolutionSpace,
     client_id: &str,
-    subjects: &crate::auth::Subjects,
+    subjects: &[String],
     will: &Will,
 ) {
-    let view = space
-        .policy()
-        .for_subjects(subjects.as_slice(), None, now_timestamp());
+    let view = space.policy().for_subjects(subjects, None, now_timestamp());
     let topic = will.topic.as_str();
     if twin::protocol::mqtt::is_twin_topic(topic)
         || !view.check(

@@ -211,7 +211,7 @@ impl Conn {
                                 solution = %self.space.id,
                                 client = %self.client_id,
                                 command = %description,
-                                subjects = ?self.identity.subjects.as_slice(),
+                                subjects = ?&self.subjects[..],
                                 "command denied"
                             );
                         }
