@@ -197,10 +197,12 @@ async fn accept_loop(
             let transport = match tls {
                 None => Transport::Tcp(tcp),
                 Some(acceptor) => {
-                    let handshake = tokio::time::timeout(
+                    // Boxed: the handshake's state is large and only needed while it runs,
+                    // so it must not size the task of every (idle) connection.
+                    let handshake = Box::pin(tokio::time::timeout(
                         broker.settings.connect_timeout(),
                         acceptor.accept(tcp),
-                    )
+                    ))
                     .await;
                     match handshake {
                         Ok(Ok(stream)) => Transport::Tls(Box::new(stream)),

@@ -145,13 +145,13 @@ pub async fn serve(broker: Arc<Broker>, io: Transport, peer: SocketAddr) {
     broker.metrics.connections_active.inc();
     if let Some(mut conn) = Box::pin(open(&broker, io, peer)).await {
         let close = conn.run().await;
-        Box::pin(conn.finish(close)).await;
+        Box::pin((*conn).finish(close)).await;
     }
     broker.metrics.connections_active.dec();
 }
 
 /// Reads the CONNECT within the connect timeout and answers it.
-async fn open(broker: &Arc<Broker>, mut io: Transport, peer: SocketAddr) -> Option<Conn> {
+async fn open(broker: &Arc<Broker>, mut io: Transport, peer: SocketAddr) -> Option<Box<Conn>> {
     let mut rbuf = BytesMut::new();
     let max_packet = broker.settings.max_packet_size as usize;
     let connect = timeout(
@@ -263,7 +263,7 @@ async fn accept(
     rbuf: BytesMut,
     peer: SocketAddr,
     connect: Connect,
-) -> Option<Conn> {
+) -> Option<Box<Conn>> {
     let protocol = connect.protocol;
     let v5 = protocol == Protocol::V5;
     let refuse = |code: u8| {
@@ -473,7 +473,7 @@ async fn accept(
     if conn.rbuf.is_empty() {
         conn.rbuf = BytesMut::new();
     }
-    Some(conn)
+    Some(Box::new(conn))
 }
 
 trait AsStrBox {
