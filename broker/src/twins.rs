@@ -25,13 +25,13 @@ use twin::authz::{
     policy_denied, required_permissions, required_policy_permissions,
 };
 use twin::command::{Action, Command, CommandHeaders, PolicyCommand, ThingCommand};
-use twin::entity::{EntityKey, EntityKind, Event};
+use twin::entity::{Entity, EntityKey, EntityKind, Event};
 use twin::error::DittoError;
 use twin::path::ThingPath;
 use twin::protocol::envelope::Envelope;
 use twin::protocol::message::LiveMessage;
 use twin::protocol::mqtt::write_event_topic;
-use twin::store::{Durable, EmbeddedStore, TwinStore, TwinStoreExt, WriteError};
+use twin::store::{Durable, EmbeddedStore, TwinStore, TwinStoreExt, WriteError, Written};
 use twin::thing::{self, Limits};
 
 use crate::codec::{QoS, TopicName};
@@ -141,6 +141,15 @@ fn policy_not_found(id: &str) -> DittoError {
             "the policy `{id}` could not be found or the requester had insufficient permissions to access it"
         ),
     )
+}
+
+/// The error for a policy command refused before its policy could be consulted (a foreign
+/// namespace, or no CREATE in the solution policy): as if its requirement were denied.
+fn policy_refusal(cmd: &PolicyCommand) -> DittoError {
+    match required_policy_permissions(cmd).first() {
+        Some(requirement) => policy_denied(cmd, requirement),
+        None => policy_not_found(cmd.policy_id.as_str()),
+    }
 }
 
 fn changed_concurrently() -> DittoError {
@@ -262,9 +271,13 @@ impl Twins {
                 Executed::error(&Command::Thing(cmd), &error, false)
             };
         };
-        let Some(policy) = self.policy_ref(&policy_id) else {
+        let Some(enforcer) = self.enforcer(&policy_id) else {
             // A thing whose policy is gone is inaccessible (as in Ditto).
             return refused(cmd);
+        };
+        let policy = PolicyRef {
+            id: policy_id,
+            enforcer,
         };
         // Authorize, and for a retrieve answer from the same view.
         {
@@ -322,57 +335,80 @@ impl Twins {
                 return Executed::error(&Command::Thing(cmd), &error, false);
             }
         }
-        self.write_thing(cmd, now, Some(policy))
+        self.write_thing(cmd, now, policy)
     }
 
-    /// Applies a thing change under the entity's lock; `policy`: the one the command was
-    /// authorized with, which the thing must still name (else 409, nothing applied).
-    fn write_thing(
+    /// Applies a thing change authorized with `policy`, which the thing must still name when
+    /// the write runs (else 409, nothing applied).
+    fn write_thing(&self, cmd: ThingCommand, now: Timestamp, policy: PolicyRef) -> Executed {
+        let id = policy.id.clone();
+        self.write_executed(Command::Thing(cmd), now, Some(policy), move |current| {
+            current.is_none_or(|e| e.doc.get("policyId").and_then(Value::as_str) == Some(&*id))
+        })
+    }
+
+    /// Applies `command` to its entity under the entity's lock, if `unchanged` still holds for
+    /// the current state then (else 409, nothing applied): the write, the answer's status and
+    /// value.
+    fn write_command(
         &self,
-        cmd: ThingCommand,
+        command: &Command,
+        now: Timestamp,
+        unchanged: impl FnOnce(Option<&Entity>) -> bool,
+    ) -> Result<(Written, u16, Option<Value>), DittoError> {
+        let key = match command {
+            Command::Thing(c) => thing_key(c.thing_id.as_str()),
+            Command::Policy(c) => policy_key(c.policy_id.as_str()),
+        };
+        let mut answer = None;
+        let written = self
+            .store
+            .write(&key, |current| {
+                if !unchanged(current) {
+                    return Err(changed_concurrently());
+                }
+                let applied = match command {
+                    Command::Thing(c) => apply_thing_command(current, c, now, &self.limits)?,
+                    Command::Policy(c) => apply_policy_command(current, c, now, &self.limits)?,
+                };
+                Ok(match applied {
+                    Applied::Change(change) => {
+                        answer = Some(change.response);
+                        vec![change.event]
+                    }
+                    Applied::Retrieve(response) => {
+                        answer = Some(response);
+                        Vec::new()
+                    }
+                })
+            })
+            .map_err(|e| match e {
+                WriteError::Rejected(error) => error,
+                WriteError::Store(e) => store_failed(e),
+            })?;
+        let (status, value) = answer.map_or((204, None), |r| (r.status, r.value));
+        Ok((written, status, value))
+    }
+
+    /// [`Twins::write_command`] as the outcome of `command`; its events are judged with
+    /// `policy` when the entity no longer names one.
+    fn write_executed(
+        &self,
+        command: Command,
         now: Timestamp,
         policy: Option<PolicyRef>,
+        unchanged: impl FnOnce(Option<&Entity>) -> bool,
     ) -> Executed {
-        let key = thing_key(cmd.thing_id.as_str());
-        let mut answer = None;
-        let result = self.store.write(&key, |current| {
-            let unchanged = match (current, &policy) {
-                (Some(entity), Some(p)) => {
-                    entity.doc.get("policyId").and_then(Value::as_str) == Some(&*p.id)
-                }
-                // Created by someone else since we looked: authorize again.
-                (Some(_), None) => false,
-                (None, _) => true,
-            };
-            if !unchanged {
-                return Err(changed_concurrently());
-            }
-            match apply_thing_command(current, &cmd, now, &self.limits)? {
-                Applied::Change(change) => {
-                    answer = Some(change.response);
-                    Ok(vec![change.event])
-                }
-                Applied::Retrieve(response) => {
-                    answer = Some(response);
-                    Ok(Vec::new())
-                }
-            }
-        });
-        let command = Command::Thing(cmd);
-        match result {
-            Ok(written) => {
-                let (status, value) = answer.map_or((204, None), |r| (r.status, r.value));
-                Executed::Written {
-                    durable: written.durable,
-                    events: written.events,
-                    command,
-                    status,
-                    value,
-                    policy,
-                }
-            }
-            Err(WriteError::Rejected(error)) => Executed::error(&command, &error, false),
-            Err(WriteError::Store(e)) => Executed::error(&command, &store_failed(e), false),
+        match self.write_command(&command, now, unchanged) {
+            Ok((written, status, value)) => Executed::Written {
+                durable: written.durable,
+                events: written.events,
+                command,
+                status,
+                value,
+                policy,
+            },
+            Err(error) => Executed::error(&command, &error, false),
         }
     }
 
@@ -433,21 +469,9 @@ impl Twins {
                     value: Some(doc),
                     headers: CommandHeaders::default(),
                 };
-                let result =
-                    self.store.write(
-                        &policy_key(&policy_id),
-                        |current| match apply_policy_command(current, &create, now, &self.limits)? {
-                            Applied::Change(change) => Ok(vec![change.event]),
-                            Applied::Retrieve(_) => Ok(Vec::new()),
-                        },
-                    );
                 // The thing's journal record follows the policy's: once the thing's write is
                 // durable, so is the policy.
-                if let Err(e) = result {
-                    let error = match e {
-                        WriteError::Rejected(error) => error,
-                        WriteError::Store(e) => store_failed(e),
-                    };
+                if let Err(error) = self.write_command(&Command::Policy(create), now, |_| true) {
                     return Executed::error(&Command::Thing(cmd), &error, false);
                 }
                 match self.policy_ref(&policy_id) {
@@ -478,25 +502,10 @@ impl Twins {
         {
             map.insert("policyId".to_owned(), Value::String(policy_id.clone()));
         }
-        // `None`: the thing must still not exist when the write runs.
-        match self.write_thing(cmd, now, None) {
-            Executed::Written {
-                durable,
-                events,
-                command,
-                status,
-                value,
-                ..
-            } => Executed::Written {
-                durable,
-                events,
-                command,
-                status,
-                value,
-                policy: Some(policy),
-            },
-            other => other,
-        }
+        // The thing must still not exist when the write runs.
+        self.write_executed(Command::Thing(cmd), now, Some(policy), |current| {
+            current.is_none()
+        })
     }
 
     fn execute_policy(
@@ -508,11 +517,7 @@ impl Twins {
         let id = cmd.policy_id.as_str().to_owned();
         let namespace = id.split_once(':').map_or("", |(ns, _)| ns).to_owned();
         if !requester.owns(&namespace) {
-            let requirement = required_policy_permissions(&cmd);
-            let error = match requirement.first() {
-                Some(r) => policy_denied(&cmd, r),
-                None => policy_not_found(&id),
-            };
+            let error = policy_refusal(&cmd);
             return Executed::error(&Command::Policy(cmd), &error, true);
         }
         let key = policy_key(&id);
@@ -565,48 +570,15 @@ impl Twins {
                     return Executed::error(&Command::Policy(cmd), &error, false);
                 }
                 if !requester.solution_grants(ResourceType::Policy, Permission::Create, now) {
-                    let requirement = required_policy_permissions(&cmd);
-                    let error = match requirement.first() {
-                        Some(r) => policy_denied(&cmd, r),
-                        None => policy_not_found(&id),
-                    };
+                    let error = policy_refusal(&cmd);
                     return Executed::error(&Command::Policy(cmd), &error, true);
                 }
             }
         }
-        let mut answer = None;
         let expected_revision = current.as_ref().map(|e| e.revision);
-        let result = self.store.write(&key, |now_current| {
-            if now_current.map(|e| e.revision) != expected_revision {
-                return Err(changed_concurrently());
-            }
-            match apply_policy_command(now_current, &cmd, now, &self.limits)? {
-                Applied::Change(change) => {
-                    answer = Some(change.response);
-                    Ok(vec![change.event])
-                }
-                Applied::Retrieve(response) => {
-                    answer = Some(response);
-                    Ok(Vec::new())
-                }
-            }
-        });
-        let command = Command::Policy(cmd);
-        match result {
-            Ok(written) => {
-                let (status, value) = answer.map_or((204, None), |r| (r.status, r.value));
-                Executed::Written {
-                    durable: written.durable,
-                    events: written.events,
-                    command,
-                    status,
-                    value,
-                    policy,
-                }
-            }
-            Err(WriteError::Rejected(error)) => Executed::error(&command, &error, false),
-            Err(WriteError::Store(e)) => Executed::error(&command, &store_failed(e), false),
-        }
+        self.write_executed(Command::Policy(cmd), now, policy, move |current| {
+            current.map(|e| e.revision) == expected_revision
+        })
     }
 
     /// Publishes durable events to the subscribers of their topics, each delivery checked on
@@ -643,7 +615,8 @@ impl Twins {
                 continue;
             };
             let namespace = event.key.id.split(':').next().unwrap_or_default();
-            let thing_path = ThingPath::parse(&event.path).ok();
+            // Parsed only if some delivery has to be cut.
+            let thing_path = std::cell::OnceCell::new();
             let mut full: Option<Arc<Message>> = None;
             let message = |payload: String| {
                 Arc::new(Message {
@@ -675,7 +648,9 @@ impl Twins {
                         .clone()
                     } else {
                         let value = event.value.as_ref()?;
-                        let cut = match (kind, &thing_path) {
+                        let path_of_event =
+                            thing_path.get_or_init(|| ThingPath::parse(&event.path).ok());
+                        let cut = match (kind, path_of_event) {
                             (ResourceType::Thing, Some(p)) => {
                                 // At the root the cut is a retrieve's (with `thingId`), but a
                                 // patch of which nothing is visible is not delivered at all.
