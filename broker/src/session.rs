@@ -341,10 +341,6 @@ impl SessionState {
         !self.queue.is_empty()
     }
 
-    pub fn queued(&self) -> usize {
-        self.queue.len()
-    }
-
     /// Drops what is queued and in flight (Clean Start on a resumed session is handled by
     /// creating a new session instead; this is for session end).
     pub fn clear(&mut self) {

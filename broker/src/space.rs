@@ -9,7 +9,7 @@ use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use policy::{Enforcer, PolicyCache};
+use policy::Enforcer;
 
 use crate::auth::solution::{Solution, SolutionId};
 use crate::codec::SubscriptionOptions;
@@ -31,7 +31,9 @@ pub struct Subscriber {
 #[derive(Debug)]
 pub struct SolutionSpace {
     pub id: SolutionId,
-    policy: RwLock<Arc<Enforcer>>,
+    /// The compiled solution policy. Fixed while the server runs: solution policies change on
+    /// a stopped data dir (`thingsgate solution policy set`).
+    policy: Arc<Enforcer>,
     pub tree: RwLock<TopicTree<Subscriber>>,
     /// Retained messages by topic name.
     pub retained: RwLock<HashMap<Box<str>, Arc<Message>>>,
@@ -60,7 +62,7 @@ impl SolutionSpace {
     pub fn new(id: SolutionId, policy: Arc<Enforcer>) -> Self {
         SolutionSpace {
             id,
-            policy: RwLock::new(policy),
+            policy,
             tree: RwLock::new(TopicTree::new()),
             retained: RwLock::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
@@ -73,13 +75,7 @@ impl SolutionSpace {
 
     /// The solution policy's current compiled revision.
     pub fn policy(&self) -> Arc<Enforcer> {
-        read(&self.policy).clone()
-    }
-
-    /// Installs a new revision of the solution policy: sessions rebuild their views at their
-    /// next check.
-    pub fn set_policy(&self, policy: Arc<Enforcer>) {
-        *write(&self.policy) = policy;
+        self.policy.clone()
     }
 
     pub fn tree_read(&self) -> RwLockReadGuard<'_, TopicTree<Subscriber>> {
@@ -163,11 +159,11 @@ pub fn tree_filter(filter: &str) -> &str {
     }
 }
 
-/// The spaces of all solutions, created at first use, and the compiled solution policies.
+/// The spaces of all solutions, created at first use. A space holds its solution policy
+/// compiled once: it is the cache of solution policies.
 #[derive(Debug)]
 pub struct Spaces {
     spaces: RwLock<HashMap<SolutionId, Arc<SolutionSpace>>>,
-    cache: PolicyCache,
     max_retained: usize,
 }
 
@@ -182,38 +178,24 @@ impl Spaces {
     pub fn new(max_retained: usize) -> Self {
         Spaces {
             spaces: RwLock::new(HashMap::new()),
-            cache: PolicyCache::new(4096),
             max_retained,
         }
     }
 
-    /// The space of `solution`, created (its policy compiled once, through the cache) if new.
+    /// The space of `solution`, created (its policy compiled once) if new.
     pub fn get_or_create(&self, solution: &Solution) -> Arc<SolutionSpace> {
         if let Some(space) = read(&self.spaces).get(&solution.id) {
             return space.clone();
         }
-        let key = format!("{}:solution", solution.id);
-        let enforcer = match self.cache.get(&key) {
-            Some(cached) => cached.enforcer,
-            None => {
-                let enforcer = Arc::new(Enforcer::compile(&solution.policy));
-                self.cache.insert(&key, 0, enforcer.clone());
-                enforcer
-            }
-        };
         write(&self.spaces)
             .entry(solution.id.clone())
             .or_insert_with(|| {
+                let enforcer = Arc::new(Enforcer::compile(&solution.policy));
                 let mut space = SolutionSpace::new(solution.id.clone(), enforcer);
                 space.max_retained = self.max_retained;
                 Arc::new(space)
             })
             .clone()
-    }
-
-    /// Every space (shutdown walks them).
-    pub fn all(&self) -> Vec<Arc<SolutionSpace>> {
-        read(&self.spaces).values().cloned().collect()
     }
 }
 

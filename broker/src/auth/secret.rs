@@ -56,6 +56,16 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Lowercase hexadecimal, two digits per byte.
+pub fn hex(bytes: &[u8]) -> String {
+    use fmt::Write;
+    let mut text = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(text, "{b:02x}");
+    }
+    text
+}
+
 /// `N` bytes from the operating system's random generator.
 pub fn random_bytes<const N: usize>() -> Result<[u8; N], RandomError> {
     let mut bytes = [0u8; N];
@@ -100,12 +110,7 @@ impl Digest {
 
     /// The stored form: 64 lowercase hex digits.
     pub fn to_hex(&self) -> String {
-        use fmt::Write;
-        let mut text = String::with_capacity(64);
-        for b in self.0 {
-            let _ = write!(text, "{b:02x}");
-        }
-        text
+        hex(&self.0)
     }
 
     /// Reads the stored form (64 lowercase hex digits; anything else is refused).

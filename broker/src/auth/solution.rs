@@ -55,7 +55,7 @@ use twin::store::{StoreError, TwinStore, TwinStoreExt, WriteError};
 use twin::{Entity, EntityKey, EntityKind, Event, EventAction};
 
 use super::Subjects;
-use super::secret::{Digest, RandomError, Secret, random_bytes, verify_digest};
+use super::secret::{Digest, RandomError, Secret, hex, random_bytes, verify_digest};
 
 /// The issuer part of the subjects of clients that authenticated with a solution secret.
 pub const SECRET_SUBJECT_ISSUER: &str = "iot-things";
@@ -81,9 +81,7 @@ impl SolutionId {
 
     /// A new random ID, `s-<8 hex digits>`.
     pub fn generate() -> Result<Self, RandomError> {
-        let bytes = random_bytes::<4>()?;
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        Ok(SolutionId(format!("s-{hex}")))
+        Ok(SolutionId(format!("s-{}", hex(&random_bytes::<4>()?))))
     }
 
     pub fn as_str(&self) -> &str {

@@ -281,7 +281,13 @@ async fn accept(
             broker.metrics.refused("client_id_rejected");
             return None;
         }
-        let id = format!("tg-{}", random_hex());
+        let Ok(bytes) = crate::auth::secret::random_bytes::<8>() else {
+            // No randomness, no unguessable client ID: refuse rather than make one up.
+            tracing::error!("the system random generator failed; cannot assign a client ID");
+            send_and_close(&mut io, protocol, &refuse(if v5 { 0x80 } else { 3 })).await;
+            return None;
+        };
+        let id = format!("tg-{}", crate::auth::secret::hex(&bytes));
         assigned = Some(id.clone());
         id.into()
     } else {
@@ -382,7 +388,7 @@ async fn accept(
             state.set_subjects(subjects.clone(), view);
             state.generation
         };
-        sessions.insert(client_id.as_str_box(), session.clone());
+        sessions.insert(Box::from(&*client_id), session.clone());
         (session, present, generation)
     };
 
@@ -474,26 +480,6 @@ async fn accept(
         conn.rbuf = BytesMut::new();
     }
     Some(Box::new(conn))
-}
-
-trait AsStrBox {
-    fn as_str_box(&self) -> Box<str>;
-}
-
-impl AsStrBox for Arc<str> {
-    fn as_str_box(&self) -> Box<str> {
-        Box::from(&**self)
-    }
-}
-
-fn random_hex() -> String {
-    let bytes: [u8; 8] = crate::auth::secret::random_bytes().unwrap_or_else(|_| {
-        let nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        (nanos as u64).to_le_bytes()
-    });
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 async fn send_and_close(io: &mut Transport, protocol: Protocol, packet: &Packet) {
