@@ -10,13 +10,12 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use bytes::Bytes;
-use twin::command::Command;
+use twin::command::{Command, CommandHeaders};
 use twin::entity::Event;
 use twin::protocol::envelope::{Envelope, Request};
 use twin::protocol::mqtt::{
-    ENVELOPE_RESPONSES_TOPIC, MqttTopic, mqtt_request, parse_mqtt_topic,
-    write_command_response_topic, write_message_topic, write_policy_response_topic,
-    write_response_topic,
+    ENVELOPE_RESPONSES_TOPIC, MqttTopic, mqtt_request, parse_mqtt_topic, write_message_topic,
+    write_policy_response_topic, write_response_topic,
 };
 use twin::store::{Durable, StoreError};
 use twin::{PolicyId, ThingId};
@@ -44,7 +43,7 @@ pub struct ReplyRoute {
     explicit: Option<TopicName>,
     /// Otherwise this topic (`…/responses/…` or `ditto/responses`), if the requester
     /// subscribed to it.
-    default_topic: String,
+    default_topic: Option<String>,
     correlation: Option<Bytes>,
     /// `response-required: false` asks for no answer.
     wanted: bool,
@@ -196,7 +195,7 @@ impl Conn {
                 }
             }
             Request::Command(command) => {
-                let route = self.reply_route(publish, &parsed, Some(&command));
+                let route = self.reply_route(publish, &parsed, Some(command_headers(&command)));
                 let described = self.denial_logged().then(|| command_description(&command));
                 match self.broker.twins.execute(self.requester(), command, now) {
                     Executed::Answered { reply, denied } => {
@@ -254,67 +253,33 @@ impl Conn {
         &self,
         publish: &Publish,
         parsed: &MqttTopic<'_>,
-        command: Option<&Command>,
+        headers: Option<&CommandHeaders>,
     ) -> ReplyRoute {
-        let headers = command.map(|c| match c {
-            Command::Thing(c) => &c.headers,
-            Command::Policy(c) => &c.headers,
-        });
-        let mut default_topic = String::new();
-        let written = match (parsed, command) {
-            (MqttTopic::Envelope, _) => {
-                default_topic.push_str(ENVELOPE_RESPONSES_TOPIC);
-                Ok(())
-            }
-            (_, Some(command)) => write_command_response_topic(&mut default_topic, command),
-            // A command that could not be read (bad payload): its answer still goes where the
-            // command's own answer would have gone.
-            (
-                MqttTopic::ThingCommand {
-                    namespace,
-                    name,
-                    action,
-                    path,
-                },
-                None,
-            ) => match ThingId::from_parts(namespace, name) {
-                Ok(id) => write_response_topic(&mut default_topic, &id, *action, path),
-                Err(_) => Ok(()),
-            },
-            (
-                MqttTopic::PolicyCommand {
-                    namespace,
-                    name,
-                    action,
-                    path,
-                },
-                None,
-            ) => match PolicyId::parse(&format!("{namespace}:{name}")) {
-                Ok(id) => write_policy_response_topic(&mut default_topic, &id, *action, path),
-                Err(_) => Ok(()),
-            },
-            (MqttTopic::LiveMessage { .. }, None) => Ok(()),
-        };
-        if written.is_err() {
-            default_topic.clear();
-        }
+        let wanted = headers.is_none_or(|h| h.response_required != Some(false));
+        let explicit = (self.protocol == Protocol::V5)
+            .then(|| {
+                publish
+                    .properties
+                    .response_topic
+                    .as_ref()
+                    .map(deep_copy_topic)
+            })
+            .flatten();
+        // Written only when it could be used: no Response Topic, and some subscription that
+        // might match it.
+        let default_topic =
+            (wanted && explicit.is_none() && !self.session.lock().subscriptions.is_empty())
+                .then(|| response_topic(parsed))
+                .flatten();
         ReplyRoute {
-            explicit: (self.protocol == Protocol::V5)
-                .then(|| {
-                    publish
-                        .properties
-                        .response_topic
-                        .as_ref()
-                        .map(deep_copy_topic)
-                })
-                .flatten(),
+            explicit,
             default_topic,
             correlation: publish
                 .properties
                 .correlation_data
                 .as_deref()
                 .map(Bytes::copy_from_slice),
-            wanted: headers.is_none_or(|h| h.response_required != Some(false)),
+            wanted,
         }
     }
 
@@ -332,10 +297,13 @@ impl Conn {
                 (topic.clone(), qos)
             }
             None => {
-                let Some(qos) = self.subscribed_qos(&route.default_topic) else {
+                let Some(default_topic) = &route.default_topic else {
                     return;
                 };
-                match route.default_topic.parse::<TopicName>() {
+                let Some(qos) = self.subscribed_qos(default_topic) else {
+                    return;
+                };
+                match default_topic.parse::<TopicName>() {
                     Ok(topic) => (topic, qos),
                     Err(_) => return,
                 }
@@ -369,7 +337,11 @@ impl Conn {
     /// Whether an answer on `route` would reach the requester now.
     fn reply_deliverable(&self, route: &ReplyRoute) -> bool {
         route.wanted
-            && (route.explicit.is_some() || self.subscribed_qos(&route.default_topic).is_some())
+            && (route.explicit.is_some()
+                || route
+                    .default_topic
+                    .as_deref()
+                    .is_some_and(|t| self.subscribed_qos(t).is_some()))
     }
 
     /// Whether denials are logged (debug), so their description is worth formatting.
@@ -466,6 +438,42 @@ impl Conn {
                 }
             }
         });
+    }
+}
+
+/// The topic where the answer to a command published on `parsed` goes when the requester gave
+/// no Response Topic: `{ns}/{name}/things/twin/responses/{action}{path}` (the path as it came),
+/// `…/policies/responses/…`, or `ditto/responses` for envelopes.
+fn response_topic(parsed: &MqttTopic<'_>) -> Option<String> {
+    let mut topic = String::new();
+    let written = match *parsed {
+        MqttTopic::Envelope => {
+            topic.push_str(ENVELOPE_RESPONSES_TOPIC);
+            true
+        }
+        MqttTopic::ThingCommand {
+            namespace,
+            name,
+            action,
+            path,
+        } => ThingId::from_parts(namespace, name)
+            .is_ok_and(|id| write_response_topic(&mut topic, &id, action, path).is_ok()),
+        MqttTopic::PolicyCommand {
+            namespace,
+            name,
+            action,
+            path,
+        } => PolicyId::parse(&format!("{namespace}:{name}"))
+            .is_ok_and(|id| write_policy_response_topic(&mut topic, &id, action, path).is_ok()),
+        MqttTopic::LiveMessage { .. } => false,
+    };
+    written.then_some(topic)
+}
+
+fn command_headers(command: &Command) -> &CommandHeaders {
+    match command {
+        Command::Thing(c) => &c.headers,
+        Command::Policy(c) => &c.headers,
     }
 }
 
