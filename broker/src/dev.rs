@@ -9,9 +9,8 @@ use std::time::SystemTime;
 use anyhow::Context;
 use serde_json::json;
 
-use crate::auth::solution::SolutionId;
+use crate::auth::solution::{SolutionId, default_policy};
 use crate::config::Config;
-use crate::serve_cmd::demo_solution_id;
 use crate::solution_cmd::DataDir;
 use crate::token_cmd::{self, SigningKey, TokenArgs};
 
@@ -29,6 +28,11 @@ pub struct DevSetup {
     pub secret: String,
     pub token: String,
     pub key_file: std::path::PathBuf,
+}
+
+/// The solution ID `serve --dev` creates.
+fn demo_solution_id() -> anyhow::Result<SolutionId> {
+    Ok(SolutionId::parse("demo")?)
 }
 
 fn now() -> policy::Timestamp {
@@ -58,25 +62,21 @@ pub(crate) fn prepare(dir: &DataDir, data: &Path, config: &mut Config) -> anyhow
             .to_owned(),
     };
     // The demo policy: the default one, plus the dev issuer's developer on every topic.
-    let policy = policy::policy_from_value(&json!({"entries": {
-        "solution": {
-            "subjects": {format!("iot-things:{id}"): {"type": "every client authenticated with a secret of this solution"}},
-            "resources": {
-                "topic:/": {"grant": ["READ", "WRITE"], "revoke": []},
-                "thing:/": {"grant": ["CREATE"], "revoke": []},
-                "policy:/": {"grant": ["CREATE"], "revoke": []},
-                "solution:/": {"grant": ["READ", "WRITE"], "revoke": []}
-            }
-        },
-        "developer": {
-            "subjects": {format!("dev:{DEV_SUBJECT}"): {"type": "the dev token of `serve --dev`"}},
-            "resources": {
-                "topic:/": {"grant": ["READ", "WRITE"], "revoke": []},
-                "thing:/": {"grant": ["CREATE"], "revoke": []},
-                "policy:/": {"grant": ["CREATE"], "revoke": []}
-            }
-        }
-    }}))?;
+    let mut value = policy::policy_to_value(&default_policy(&id)?);
+    if let Some(entries) = value.get_mut("entries").and_then(|e| e.as_object_mut()) {
+        entries.insert(
+            "developer".to_owned(),
+            json!({
+                "subjects": {format!("dev:{DEV_SUBJECT}"): {"type": "the dev token of `serve --dev`"}},
+                "resources": {
+                    "topic:/": {"grant": ["READ", "WRITE"], "revoke": []},
+                    "thing:/": {"grant": ["CREATE"], "revoke": []},
+                    "policy:/": {"grant": ["CREATE"], "revoke": []}
+                }
+            }),
+        );
+    }
+    let policy = policy::policy_from_value(&value)?;
     dir.solutions.set_policy(&dir.store, &id, policy, now())?;
 
     let dev_dir = data.join("dev");

@@ -17,7 +17,6 @@ use twin::store::TwinStore;
 use crate::auth::connect::Authenticator;
 use crate::auth::jwt::Issuers;
 use crate::auth::limiter::{FailureLimiter, LimiterConfig};
-use crate::auth::solution::SolutionId;
 use crate::config::Config;
 use crate::server;
 use crate::solution_cmd::DataDir;
@@ -213,9 +212,4 @@ async fn wait_for_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
-}
-
-/// The solution ID `serve --dev` creates.
-pub fn demo_solution_id() -> anyhow::Result<SolutionId> {
-    Ok(SolutionId::parse("demo")?)
 }
