@@ -43,7 +43,7 @@
 //! # The hot path
 //!
 //! [`parse_mqtt_topic`] runs on every published twin message: it borrows from the topic and
-//! allocates nothing for a valid one (`tests/protocol_mqtt_no_alloc.rs` proves it). The writers
+//! allocates nothing for a valid one (`tests/no_alloc.rs` proves it). The writers
 //! append to a caller's `String` so a connection reuses one buffer; once it has grown they
 //! allocate nothing either.
 

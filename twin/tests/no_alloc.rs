@@ -1,5 +1,6 @@
-//! Parsing a valid compact MQTT topic allocates nothing (DESIGN.md §4: "parse topic
-//! (zero-copy)"), and neither do the topic writers once their buffer has grown.
+//! The twin layer's per-message steps allocate nothing: parsing a valid compact MQTT topic
+//! (DESIGN.md §4: "parse topic (zero-copy)"), the topic writers once their buffer has grown,
+//! and authorizing a command on a connection's view.
 //!
 //! This file is its own test binary with a counting global allocator and a single test, so no
 //! other test's allocations are counted.
@@ -16,9 +17,13 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use std::sync::Arc;
+
 use serde_json::json;
-use twin::command::Action;
-use twin::policy::Timestamp;
+use twin::authz::grants_without_allocation;
+use twin::command::{Action, CommandHeaders, ThingCommand};
+use twin::path::ThingPath;
+use twin::policy::{Enforcer, Timestamp};
 use twin::protocol::mqtt::{write_event_topic, write_message_topic, write_response_topic};
 use twin::protocol::{LiveMessage, MessageDirection, MqttTopic, is_twin_topic, parse_mqtt_topic};
 use twin::{EntityKey, EntityKind, Event, EventAction, ThingId};
@@ -60,6 +65,13 @@ unsafe impl GlobalAlloc for Counting {
 static GLOBAL: Counting = Counting;
 
 #[test]
+fn the_per_message_steps_allocate_nothing() {
+    // One test function: the allocation counter is shared by the whole binary.
+    valid_twin_topics_parse_and_topics_are_written_without_allocating();
+    ALLOCATIONS.store(0, Ordering::Relaxed);
+    authorizing_a_command_on_a_view_allocates_nothing();
+}
+
 fn valid_twin_topics_parse_and_topics_are_written_without_allocating() {
     let topics = [
         "org.acme/sensor-1/things/twin/commands/modify/features/temp/properties/value",
@@ -140,4 +152,64 @@ fn valid_twin_topics_parse_and_topics_are_written_without_allocating() {
     // Every topic was accepted (and the loop was not optimized into nothing).
     assert_eq!(parsed, 2 * 1_000 * topics.len());
     assert!(written > 3_000, "written {written}");
+}
+
+/// `authz::grants_without_allocation` on a connection's view, for every single-requirement
+/// command whose path has no `~` (issue: "no allocation in the authorization itself").
+fn authorizing_a_command_on_a_view_allocates_nothing() {
+    let policy = twin::policy::policy_from_value(&json!({"policyId": "org.acme:p", "entries": {
+        "owner": {"subjects": {"s:owner": {"type": "t"}},
+                  "resources": {"thing:/": {"grant": ["READ", "WRITE"], "revoke": []},
+                                "policy:/": {"grant": ["READ", "WRITE"], "revoke": []}}},
+        "device": {"subjects": {"s:device": {"type": "t"}},
+                   "resources": {"thing:/features/telemetry": {"grant": ["READ", "WRITE"], "revoke": []},
+                                 "thing:/features/telemetry/properties/secret": {"grant": [], "revoke": ["READ"]}}}
+    }}))
+    .unwrap();
+    let view = Arc::new(Enforcer::compile(&policy)).for_subjects(
+        &["s:device"],
+        Some("org.acme"),
+        Timestamp::from_unix_millis(0),
+    );
+    let command = |action, path: &str| ThingCommand {
+        thing_id: ThingId::parse("org.acme:lamp").unwrap(),
+        action,
+        path: ThingPath::parse(path).unwrap(),
+        value: None,
+        headers: CommandHeaders::default(),
+    };
+    let commands = [
+        command(Action::Modify, "/features/telemetry/properties/temp"),
+        command(Action::Modify, "/attributes/location"),
+        command(Action::Retrieve, "/features/telemetry"),
+        command(Action::Retrieve, "/"),
+        command(Action::Delete, "/features/telemetry/properties/secret"),
+        command(Action::Create, "/features/other"),
+    ];
+    let expected = [true, false, true, true, true, false];
+
+    // The counter itself must work, or a zero below would prove nothing.
+    COUNTING.with(|c| c.set(true));
+    let probe = vec![1u8; 3];
+    COUNTING.with(|c| c.set(false));
+    drop(probe);
+    assert!(
+        ALLOCATIONS.swap(0, Ordering::Relaxed) > 0,
+        "the counter counts"
+    );
+
+    let mut decisions = [false; 6];
+    COUNTING.with(|c| c.set(true));
+    for _ in 0..1000 {
+        for (i, cmd) in commands.iter().enumerate() {
+            decisions[i] = grants_without_allocation(&view, cmd) == Some(true);
+        }
+    }
+    COUNTING.with(|c| c.set(false));
+    assert_eq!(
+        ALLOCATIONS.load(Ordering::Relaxed),
+        0,
+        "allocations while authorizing"
+    );
+    assert_eq!(decisions, expected);
 }
