@@ -15,66 +15,21 @@
     clippy::panic
 )]
 
+mod support;
+
+use support::{Server, cpu_seconds, rss_kib, thingsgate, utf8};
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use broker::codec::{self, ConnAck, Connect, Packet, Properties, Protocol, Utf8Str};
+use broker::codec::{self, ConnAck, Connect, Packet, Properties, Protocol};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn utf8(text: &str) -> Utf8Str {
-    Utf8Str::new(Bytes::copy_from_slice(text.as_bytes())).unwrap()
-}
-
-fn thingsgate(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_thingsgate"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "thingsgate {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
-/// The process's user + system CPU time, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which may contain spaces) start after the last `)`.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    ticks / 100.0
-}
 
 fn connect_packet(client_id: &str, username: Option<&str>, password: &str) -> BytesMut {
     let connect = Connect {
@@ -254,9 +209,9 @@ fn main() {
             ("jwt-es256", "device", token.as_str()),
         ];
         for (kind, username, password) in kinds {
-            let cpu = cpu_seconds(pid);
+            let cpu = cpu_seconds(&pid.to_string());
             let rate = connect_rate(addr, Some(username.into()), password.to_owned(), d).await;
-            let used = cpu_seconds(pid) - cpu;
+            let used = cpu_seconds(&pid.to_string()) - cpu;
             println!(
                 "connect/{kind}: {rate:.0} connections/s (2 client tasks, {seconds} s); broker CPU {:.2} cores, {:.0} µs per connect",
                 used / seconds as f64,

@@ -55,17 +55,21 @@
 //! variables reach the broker (e.g. `THINGSGATE_MQTT_MAX_QUEUED_MESSAGES`). Everything is
 //! bounded in time; the broker is killed at the end (and on a panic).
 
+mod support;
+
+use support::{Server, cpu_seconds, thingsgate, utf8};
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::num::NonZeroU16;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use broker::codec::{
     self, ConnAck, Connect, Packet, Properties, Protocol, PubResponse, Publish, QoS, QosPid,
-    SubAck, Subscribe, Subscription, SubscriptionOptions, TopicName, Utf8Str,
+    SubAck, Subscribe, Subscription, SubscriptionOptions, TopicName,
 };
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -86,47 +90,6 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn utf8(text: &str) -> Utf8Str {
-    Utf8Str::new(Bytes::copy_from_slice(text.as_bytes())).unwrap()
-}
-
-fn thingsgate(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_thingsgate"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "thingsgate {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// The broker process, killed when dropped (also while unwinding from a panic).
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// User + system CPU time of a process (`self` or a PID), in seconds.
-fn cpu_seconds(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which may contain spaces) start after the last `)`.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    ticks / 100.0
 }
 
 /// The sum of every sample of the counter family `name` on the broker's `/metrics`.
