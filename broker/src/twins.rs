@@ -21,8 +21,8 @@ use policy::{Enforcer, Mode, Permission, PolicyCache, ResourceType, Timestamp};
 use serde_json::{Value, json};
 use twin::apply::{Applied, apply_policy_command, apply_thing_command};
 use twin::authz::{
-    cut_policy_to_view, cut_to_view, denied, first_denied, grants_without_allocation,
-    policy_denied, required_permissions, required_policy_permissions,
+    cut_event_to_view, cut_policy_to_view, cut_to_view, denied, first_denied,
+    grants_without_allocation, policy_denied, required_permissions, required_policy_permissions,
 };
 use twin::command::{Action, Command, CommandHeaders, PolicyCommand, ThingCommand};
 use twin::entity::{Entity, EntityKey, EntityKind, Event};
@@ -651,17 +651,7 @@ impl Twins {
                         let path_of_event =
                             thing_path.get_or_init(|| ThingPath::parse(&event.path).ok());
                         let cut = match (kind, path_of_event) {
-                            (ResourceType::Thing, Some(p)) => {
-                                // At the root the cut is a retrieve's (with `thingId`), but a
-                                // patch of which nothing is visible is not delivered at all.
-                                if p.is_root()
-                                    && value.get("thingId").is_none()
-                                    && view.partial_view(kind, "/", value).is_none()
-                                {
-                                    return None;
-                                }
-                                cut_to_view(view, p, value)?
-                            }
+                            (ResourceType::Thing, Some(p)) => cut_event_to_view(view, p, value)?,
                             _ => cut_policy_to_view(view, path, value)?,
                         };
                         message(event_payload(event, Some(&cut)))

@@ -220,6 +220,19 @@ pub fn cut_to_view(view: &SubjectView, path: &ThingPath, value: &Value) -> Optio
     }
 }
 
+/// A thing event's value cut to what `view` may READ, for its delivery: a retrieve's cut
+/// ([`cut_to_view`]: a whole-thing value keeps `thingId`), except that a root patch (a merge)
+/// of which nothing is visible is `None`, not `{}` — such an event is not delivered at all.
+pub fn cut_event_to_view(view: &SubjectView, path: &ThingPath, value: &Value) -> Option<Value> {
+    if path.is_root()
+        && value.get("thingId").is_none()
+        && view.partial_view(ResourceType::Thing, "/", value).is_none()
+    {
+        return None;
+    }
+    cut_to_view(view, path, value)
+}
+
 /// The fields of a policy answer kept whenever the view has partial READ on `policy:/`.
 pub const POLICY_RESPONSE_FIELDS: [&str; 5] = [
     "policyId",
@@ -265,6 +278,37 @@ mod tests {
 
     fn resources(reqs: &[Requirement]) -> Vec<&str> {
         reqs.iter().map(|r| r.resource.as_str()).collect()
+    }
+
+    #[test]
+    fn an_event_cut_to_nothing_is_not_delivered_but_a_whole_thing_keeps_its_id() {
+        let policy = policy::policy_from_value(&json!({"policyId": "ns:p", "entries": {"e": {
+            "subjects": {"s:a": {"type": "t"}},
+            "resources": {"thing:/features": {"grant": ["READ"], "revoke": []}}
+        }}}))
+        .unwrap();
+        let view = std::sync::Arc::new(policy::Enforcer::compile(&policy)).for_subjects(
+            &["s:a"],
+            Some("ns"),
+            policy::Timestamp::from_unix_millis(0),
+        );
+        let root = ThingPath::parse("/").unwrap();
+        // A merge patch touching only attributes: nothing to deliver (a retrieve's cut is `{}`).
+        let patch = json!({"attributes": {"a": 2}});
+        assert_eq!(cut_to_view(&view, &root, &patch), Some(json!({})));
+        assert_eq!(cut_event_to_view(&view, &root, &patch), None);
+        // A patch touching features: the visible part.
+        let patch = json!({"attributes": {"a": 2}, "features": {"f": {"properties": {"x": 1}}}});
+        assert_eq!(
+            cut_event_to_view(&view, &root, &patch),
+            Some(json!({"features": {"f": {"properties": {"x": 1}}}}))
+        );
+        // A whole thing (created/modified at the root) keeps its ID, as a retrieve does.
+        let thing = json!({"thingId": "ns:t", "attributes": {"a": 1}});
+        assert_eq!(
+            cut_event_to_view(&view, &root, &thing),
+            Some(json!({"thingId": "ns:t"}))
+        );
     }
 
     #[test]
