@@ -175,7 +175,7 @@ fn session(space: &SolutionSpace, client_id: &str) -> Arc<Session> {
     let view = space
         .policy()
         .for_subjects(&subjects, None, dispatch::now());
-    let session = Arc::new(Session::new(client_id, subjects, view, 0, 1000));
+    let session = Arc::new(Session::new(client_id.into(), subjects, view, 0, 1000));
     // Online: a connection is attached (QoS 0 is not queued for offline sessions).
     session.lock().link = Some(Arc::new(Link::default()));
     session

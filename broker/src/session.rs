@@ -155,7 +155,7 @@ pub struct SessionState {
 pub struct Session {
     /// Unique in the process (No Local compares it).
     pub id: u64,
-    pub client_id: Box<str>,
+    pub client_id: Arc<str>,
     state: Mutex<SessionState>,
     /// Something was queued for the attached connection.
     pub wake: Notify,
@@ -165,7 +165,7 @@ static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
 
 impl Session {
     pub fn new(
-        client_id: &str,
+        client_id: Arc<str>,
         subjects: Arc<[String]>,
         view: SubjectView,
         expiry_interval: u32,
@@ -173,7 +173,7 @@ impl Session {
     ) -> Self {
         Session {
             id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
-            client_id: client_id.into(),
+            client_id,
             state: Mutex::new(SessionState {
                 generation: 0,
                 link: None,

@@ -38,7 +38,7 @@ pub struct SolutionSpace {
     /// Retained messages by topic name.
     pub retained: RwLock<HashMap<Box<str>, Arc<Message>>>,
     /// Sessions by client ID: a client ID is unique within its solution (DESIGN.md §2).
-    sessions: Mutex<HashMap<Box<str>, Arc<Session>>>,
+    sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
     /// Round-robin position for shared subscriptions.
     pub share_cursor: AtomicUsize,
     /// Wills waiting for their v5 Will Delay, by client ID: a new connection with that client
@@ -94,7 +94,7 @@ impl SolutionSpace {
         write(&self.retained)
     }
 
-    pub fn sessions(&self) -> MutexGuard<'_, HashMap<Box<str>, Arc<Session>>> {
+    pub fn sessions(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<Session>>> {
         self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -140,10 +140,10 @@ impl SolutionSpace {
     pub fn end_session(&self, session: &Arc<Session>) {
         let mut sessions = self.sessions();
         if sessions
-            .get(&session.client_id)
+            .get(&*session.client_id)
             .is_some_and(|s| Arc::ptr_eq(s, session))
         {
-            sessions.remove(&session.client_id);
+            sessions.remove(&*session.client_id);
         }
         drop(sessions);
         self.unsubscribe_all(session);

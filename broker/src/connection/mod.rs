@@ -225,7 +225,6 @@ struct Conn {
     wbuf: BytesMut,
     peer: SocketAddr,
     protocol: Protocol,
-    client_id: Arc<str>,
     space: Arc<SolutionSpace>,
     session: Arc<Session>,
     link: Arc<Link>,
@@ -373,7 +372,7 @@ async fn accept(
         let present = resumed.is_some();
         let session = resumed.unwrap_or_else(|| {
             Arc::new(Session::new(
-                &client_id,
+                client_id.clone(),
                 subjects.clone(),
                 view.clone(),
                 expiry,
@@ -388,7 +387,7 @@ async fn accept(
             state.set_subjects(subjects.clone(), view);
             state.generation
         };
-        sessions.insert(Box::from(&*client_id), session.clone());
+        sessions.insert(client_id.clone(), session.clone());
         (session, present, generation)
     };
 
@@ -428,7 +427,6 @@ async fn accept(
         wbuf: BytesMut::new(),
         peer,
         protocol,
-        client_id,
         space,
         session,
         link,
@@ -459,7 +457,7 @@ async fn accept(
     tracing::debug!(
         peer = %conn.peer,
         solution = %conn.space.id,
-        client = %conn.client_id,
+        client = %conn.session.client_id,
         session_present,
         "connected"
     );
@@ -622,7 +620,7 @@ impl Conn {
                     self.broker.metrics.protocol_error(close.label);
                     tracing::info!(
                         peer = %self.peer,
-                        client = %self.client_id,
+                        client = %self.session.client_id,
                         error = %e,
                         "closing the connection: bad packet"
                     );
@@ -798,7 +796,7 @@ impl Conn {
                 .denied(self.space.id.as_str(), "publish");
             tracing::debug!(
                 solution = %self.space.id,
-                client = %self.client_id,
+                client = %self.session.client_id,
                 topic = topic.as_str(),
                 subjects = ?&self.subjects[..],
                 "publish denied"
@@ -910,7 +908,7 @@ impl Conn {
                     .denied(self.space.id.as_str(), "subscribe");
                 tracing::debug!(
                     solution = %self.space.id,
-                    client = %self.client_id,
+                    client = %self.session.client_id,
                     filter,
                     "subscription denied"
                 );
@@ -1052,7 +1050,7 @@ impl Conn {
             Ok(jwt) => jwt,
             Err(refusal) => {
                 self.broker.metrics.refused(refusal.as_str());
-                tracing::debug!(client = %self.client_id, reason = refusal.as_str(), "re-authentication refused");
+                tracing::debug!(client = %self.session.client_id, reason = refusal.as_str(), "re-authentication refused");
                 return Some(Close::server(0x87, "reauth_refused"));
             }
         };
@@ -1076,7 +1074,7 @@ impl Conn {
             reason: 0x00,
             properties,
         }));
-        tracing::debug!(client = %self.client_id, "re-authenticated");
+        tracing::debug!(client = %self.session.client_id, "re-authenticated");
         None
     }
 
@@ -1103,11 +1101,11 @@ impl Conn {
                 // is not sent (MQTT-3.1.3-9). Otherwise it waits for the delay or the end of
                 // the session, whichever comes first, unless a new connection cancels it.
                 let delay = if still_ours { delay.min(expiry) } else { delay };
-                let token = self.space.register_pending_will(&self.client_id);
+                let token = self.space.register_pending_will(&self.session.client_id);
                 let space = self.space.clone();
                 let broker = self.broker.clone();
                 let subjects = self.subjects.clone();
-                let client_id = self.client_id.clone();
+                let client_id = self.session.client_id.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
                     if space.claim_pending_will(&client_id, token) {
@@ -1146,14 +1144,14 @@ impl Conn {
         }
         let _ = self.flush().await;
         self.io.shutdown().await;
-        tracing::debug!(client = %self.client_id, reason = close.label, "disconnected");
+        tracing::debug!(client = %self.session.client_id, reason = close.label, "disconnected");
     }
 
     fn publish_will(&self, will: &Will) {
         publish_will(
             &self.broker,
             &self.space,
-            &self.client_id,
+            &self.session.client_id,
             &self.subjects,
             will,
         );

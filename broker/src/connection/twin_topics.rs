@@ -182,7 +182,7 @@ impl Conn {
                             .denied(self.space.id.as_str(), "message");
                         tracing::debug!(
                             solution = %self.space.id,
-                            client = %self.client_id,
+                            client = %self.session.client_id,
                             thing = %message.thing_id,
                             subject = %message.subject,
                             "live message denied"
@@ -208,7 +208,7 @@ impl Conn {
                                 .denied(self.space.id.as_str(), "command");
                             tracing::debug!(
                                 solution = %self.space.id,
-                                client = %self.client_id,
+                                client = %self.session.client_id,
                                 command = %description,
                                 subjects = ?&self.subjects[..],
                                 "command denied"
@@ -393,7 +393,7 @@ impl Conn {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, client = %self.client_id, "a twin change could not be journaled");
+                tracing::error!(error = %e, client = %self.session.client_id, "a twin change could not be journaled");
                 if let Some((reply, route)) = reply {
                     let error = twin::error::DittoError::new(
                         500,
