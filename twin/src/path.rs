@@ -31,6 +31,26 @@ pub struct ThingPath {
 /// The longest path (in bytes, as written) a command may address.
 pub const MAX_PATH_LEN: usize = 1024;
 
+/// What every command path must be, whatever it addresses: at most [`MAX_PATH_LEN`] bytes,
+/// no control characters (400 `things:path.invalid`).
+pub(crate) fn check_path_text(path: &str) -> Result<(), DittoError> {
+    if path.len() > MAX_PATH_LEN {
+        return Err(DittoError::new(
+            400,
+            "things:path.invalid",
+            format!("the path is longer than {MAX_PATH_LEN} bytes"),
+        ));
+    }
+    if path.chars().any(char::is_control) {
+        return Err(DittoError::new(
+            400,
+            "things:path.invalid",
+            "the path contains a control character",
+        ));
+    }
+    Ok(())
+}
+
 impl ThingPath {
     /// The whole thing.
     pub fn root() -> Self {
@@ -40,20 +60,7 @@ impl ThingPath {
     /// Parses a JSON-pointer-like path (`/features/lamp/properties/on`). Refuses paths that do
     /// not address a level of a thing (400 `things:path.invalid`).
     pub fn parse(path: &str) -> Result<Self, DittoError> {
-        if path.len() > MAX_PATH_LEN {
-            return Err(DittoError::new(
-                400,
-                "things:path.invalid",
-                format!("the path is longer than {MAX_PATH_LEN} bytes"),
-            ));
-        }
-        if path.chars().any(char::is_control) {
-            return Err(DittoError::new(
-                400,
-                "things:path.invalid",
-                "the path contains a control character",
-            ));
-        }
+        check_path_text(path)?;
         let segments = crate::entity::path_segments(path)
             .map(|s| s.into_owned())
             .collect();

@@ -379,7 +379,8 @@ pub fn check_limits(doc: &Value, limits: &Limits) -> Result<usize, LimitError> {
     Ok(size)
 }
 
-fn type_name(v: &Value) -> &'static str {
+/// How an error names the JSON type it found: "a string", "an object", …
+pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

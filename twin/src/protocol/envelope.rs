@@ -24,7 +24,7 @@ use serde_json::{Map, Value};
 use crate::command::{Action, Command, CommandHeaders, EntityTags, PolicyCommand, ThingCommand};
 use crate::entity::{EntityKey, EntityKind, Event, EventAction};
 use crate::error::DittoError;
-use crate::path::{MAX_PATH_LEN, ThingPath};
+use crate::path::ThingPath;
 use crate::protocol::json::{self, ObjectWriter};
 use crate::protocol::message::LiveMessage;
 use crate::protocol::topic::{Channel, Criterion, Group, Topic, TopicError, check_entity, excerpt};
@@ -94,7 +94,7 @@ impl Envelope {
         let Value::Object(mut object) = json else {
             return Err(DittoError::json_invalid(format!(
                 "the envelope must be a JSON object, not {}",
-                type_name(&json)
+                crate::thing::type_name(&json)
             )));
         };
         let topic = match object.remove("topic") {
@@ -506,20 +506,7 @@ fn command_value(action: Action, value: Option<Value>) -> Result<Option<Value>, 
 /// A policy command's path: `/` for the root, always starting with `/`. Its structure is
 /// checked where policy commands are applied.
 pub(crate) fn policy_path(path: &str) -> Result<String, DittoError> {
-    if path.len() > MAX_PATH_LEN {
-        return Err(DittoError::new(
-            400,
-            "things:path.invalid",
-            format!("the path is longer than {MAX_PATH_LEN} bytes"),
-        ));
-    }
-    if path.chars().any(char::is_control) {
-        return Err(DittoError::new(
-            400,
-            "things:path.invalid",
-            "the path contains a control character",
-        ));
-    }
+    crate::path::check_path_text(path)?;
     Ok(if path.starts_with('/') {
         path.to_owned()
     } else {
@@ -643,17 +630,6 @@ fn missing(field: &str) -> DittoError {
 fn wrong_type(field: &str, expected: &str, found: &Value) -> DittoError {
     DittoError::json_invalid(format!(
         "field `{field}` must be {expected}, not {}",
-        type_name(found)
+        crate::thing::type_name(found)
     ))
-}
-
-fn type_name(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
