@@ -772,6 +772,43 @@ async fn a_v5_re_authentication_with_another_subject_is_disconnected_with_0x87()
     ));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v5_re_authentication_with_a_bad_token_is_disconnected_with_0x87() {
+    let (broker, s) = started();
+    let alice = dev_issuer().token(ALICE, HOUR);
+    let (mut client, ack) = RawClient::connect(
+        broker.mqtt_addr(),
+        raw_jwt_connect("reauth-bad", &alice, Some(&s.api_token)),
+    )
+    .await;
+    assert_eq!(ack.code, 0, "{ack:?}");
+    let tampered = dev_issuer().tampered(&dev_issuer().claims(ALICE, HOUR));
+    client.send(&auth_packet(0x19, "jwt", &tampered)).await;
+    match client.recv().await {
+        Packet::Disconnect(disconnect) => assert_eq!(disconnect.reason, 0x87, "{disconnect:?}"),
+        other => panic!("expected DISCONNECT 0x87, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auth_packet_on_a_connection_that_did_not_use_method_jwt_is_a_protocol_error() {
+    // MQTT 5 §4.12: AUTH only follows a CONNECT that named an authentication method.
+    let (broker, s) = started();
+    let connect = with_login(
+        connect_packet(Protocol::V5, "no-method"),
+        Some(&s.id),
+        Some(&s.secret),
+    );
+    let (mut client, ack) = RawClient::connect(broker.mqtt_addr(), connect).await;
+    assert_eq!(ack.code, 0, "{ack:?}");
+    let token = dev_issuer().token(ALICE, HOUR);
+    client.send(&auth_packet(0x19, "jwt", &token)).await;
+    match client.recv().await {
+        Packet::Disconnect(disconnect) => assert_eq!(disconnect.reason, 0x82, "{disconnect:?}"),
+        other => panic!("expected DISCONNECT 0x82, got {other:?}"),
+    }
+}
+
 // --- logs ----------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
