@@ -54,7 +54,7 @@ pub fn route(
     max_qos: QoS,
     mut offer: impl FnMut(&Arc<Session>, Target) -> bool,
 ) -> usize {
-    let mut targets: Vec<Candidate> = Vec::new();
+    let mut matches: Vec<Candidate> = Vec::new();
     let mut shared: Vec<Subscriber> = Vec::new();
     space.tree_read().for_each_match(topic, |sub| {
         if sub.share.is_some() {
@@ -64,28 +64,28 @@ pub fn route(
         if sub.options.no_local && sub.session.id == publisher {
             return;
         }
-        let qos = sub.options.qos.min(max_qos);
-        match targets
-            .iter_mut()
-            .find(|t| Arc::ptr_eq(&t.session, &sub.session))
-        {
-            Some(t) => {
-                t.target.qos = t.target.qos.max(qos);
-                t.target.retain_as_published |= sub.options.retain_as_published;
-                t.target.subscription_ids.extend(sub.id);
-            }
-            None => targets.push(Candidate {
-                session: sub.session.clone(),
-                target: Target {
-                    qos,
-                    retain_as_published: sub.options.retain_as_published,
-                    subscription_ids: sub.id.into_iter().collect(),
-                },
-            }),
-        }
+        matches.push(Candidate {
+            session: sub.session.clone(),
+            target: Target {
+                qos: sub.options.qos.min(max_qos),
+                retain_as_published: sub.options.retain_as_published,
+                subscription_ids: sub.id.into_iter().collect(),
+            },
+        });
     });
+    // Overlapping subscriptions of one session become one delivery: sorted by session, then
+    // merged with their neighbours (n log n, where a search per match would be n²).
+    matches.sort_unstable_by_key(|c| c.session.id);
     let mut queued = 0;
-    for c in targets {
+    let mut matches = matches.into_iter().peekable();
+    while let Some(mut c) = matches.next() {
+        while let Some(next) = matches.next_if(|n| n.session.id == c.session.id) {
+            c.target.qos = c.target.qos.max(next.target.qos);
+            c.target.retain_as_published |= next.target.retain_as_published;
+            c.target
+                .subscription_ids
+                .extend(next.target.subscription_ids);
+        }
         queued += usize::from(offer(&c.session, c.target));
     }
     if shared.is_empty() {
