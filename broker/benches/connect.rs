@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use broker::codec::{self, ConnAck, Connect, Packet, Properties, Protocol};
+use broker::mqtt::codec::{self, ConnAck, Connect, Packet, Properties, Protocol};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -50,12 +50,12 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use broker::auth::solution::{SolutionId, default_policy};
-use broker::codec::{Protocol, QoS, SubscriptionOptions};
-use broker::dispatch;
+use broker::mqtt::codec::{Protocol, QoS, SubscriptionOptions};
+use broker::core::dispatch;
 use broker::metrics::Metrics;
-use broker::session::{AckOutcome, Link, Outbound, Session, TopicAliases};
-use broker::space::{SolutionSpace, Subscriber};
-use broker::twins::{Executed, PolicyRef, Requester, Twins};
+use broker::core::session::{AckOutcome, Link, Outbound, Session, TopicAliases};
+use broker::core::space::{SolutionSpace, Subscriber};
+use broker::core::twins::{Executed, PolicyRef, Requester, Twins};
 use bytes::BytesMut;
 use criterion::{BatchSize, Criterion, Throughput};
 use policy::{Enforcer, Timestamp};

@@ -67,7 +67,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use broker::codec::{
+use broker::mqtt::codec::{
     self, ConnAck, Connect, Packet, Properties, Protocol, PubResponse, Publish, QoS, QosPid,
     SubAck, Subscribe, Subscription, SubscriptionOptions, TopicName,
 };

@@ -12,7 +12,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::net::TcpListener;
 
-use crate::server::Broker;
+use crate::mqtt::server::Broker;
 
 async fn metrics(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
     (

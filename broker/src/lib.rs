@@ -23,20 +23,14 @@
 
 pub mod auth;
 pub mod cli;
-pub mod codec;
 pub mod config;
-pub mod connection;
+pub mod core;
 pub mod dev;
-pub mod dispatch;
 pub mod http;
 pub mod limits;
 pub mod metrics;
+pub mod mqtt;
 pub mod policy_cmd;
 pub mod serve_cmd;
-pub mod server;
-pub mod session;
 pub mod solution_cmd;
-pub mod space;
 pub mod token_cmd;
-pub mod topics;
-pub mod twins;

@@ -14,11 +14,11 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use twin::store::TwinStore;
 
-use crate::auth::connect::Authenticator;
+use crate::core::identity::Authenticator;
 use crate::auth::jwt::Issuers;
 use crate::auth::limiter::{FailureLimiter, LimiterConfig};
 use crate::config::Config;
-use crate::server;
+use crate::mqtt::server;
 use crate::solution_cmd::DataDir;
 
 /// The arguments of `thingsgate serve`.
@@ -141,7 +141,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let server = server::start(
             config.mqtt.clone(),
             auth,
-            crate::twins::Twins::new(store.clone()),
+            crate::core::twins::Twins::new(store.clone()),
             &config.mqtt.listen,
             tls.as_ref().map(|(a, t)| (a.as_str(), t.clone())),
             args.dev && args.mqtt.is_empty(),

@@ -4,7 +4,7 @@
 
 use std::num::NonZeroU16;
 
-use broker::codec::{
+use broker::mqtt::codec::{
     CodecError, ConnAck, ErrorKind, Packet, Properties, Protocol, PubResponse, QosPid, SubAck,
     decode, decode_connect,
 };
@@ -85,7 +85,7 @@ fn a_malformed_packet_maps_to_the_v5_disconnect_reason_code() {
     let err = decode(&mut input, Protocol::V5, MAX).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Malformed);
     assert_eq!(err.reason_code(), 0x81);
-    let disconnect = Packet::Disconnect(broker::codec::Disconnect {
+    let disconnect = Packet::Disconnect(broker::mqtt::codec::Disconnect {
         reason: err.reason_code(),
         properties: Properties::default(),
     });

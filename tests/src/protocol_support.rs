@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::num::{NonZeroU16, NonZeroU32};
 use std::time::Duration;
 
-use broker::codec::{
+use broker::mqtt::codec::{
     ConnAck, Connect, Packet, Properties, Protocol, PubResponse, Publish, QoS, QosPid,
     RetainHandling, SubAck, Subscribe, Subscription, SubscriptionOptions, TopicFilter, TopicName,
     Will,
@@ -303,7 +303,7 @@ pub async fn settle() {
 /// session is offline (or ended) by then.
 pub async fn disconnect(mut client: RawClient) {
     client
-        .send(&Packet::Disconnect(broker::codec::Disconnect::default()))
+        .send(&Packet::Disconnect(broker::mqtt::codec::Disconnect::default()))
         .await;
     let after = expect_closed(&mut client, crate::raw::NET_TIMEOUT).await;
     assert!(after.is_empty(), "packets after DISCONNECT: {after:?}");

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::num::NonZeroU16;
 use std::time::Duration;
 
-use broker::codec::{
+use broker::mqtt::codec::{
     Auth, ConnAck, Connect, Packet, Properties, Protocol, Publish, QoS, QosPid, Subscribe,
     Subscription, SubscriptionOptions, TopicFilter, TopicName, Utf8Str, decode,
 };

@@ -26,7 +26,7 @@ use std::num::NonZeroU16;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use broker::codec::{
+use broker::mqtt::codec::{
     Connect, Packet, Properties, Protocol, PubResponse, Publish, QoS, QosPid, Subscribe,
     Subscription, SubscriptionOptions, TopicFilter, TopicName, decode,
 };

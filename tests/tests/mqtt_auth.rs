@@ -15,7 +15,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use broker::codec::{Packet, Protocol};
+use broker::mqtt::codec::{Packet, Protocol};
 use bytes::Bytes;
 use e2e::broker::{Broker, Solution};
 use e2e::clients::{
@@ -106,7 +106,7 @@ fn raw_jwt_connect(
     client_id: &str,
     token: &str,
     api_token: Option<&str>,
-) -> broker::codec::Connect {
+) -> broker::mqtt::codec::Connect {
     let mut connect = connect_packet(Protocol::V5, client_id);
     connect.properties.authentication_method = Some(utf8("jwt"));
     connect.properties.authentication_data = Some(Bytes::copy_from_slice(token.as_bytes()));
@@ -510,7 +510,7 @@ async fn a_v5_connect_with_authentication_method_jwt_takes_the_token_from_authen
         .send(&subscribe_packet(
             1,
             "e2e/#",
-            broker::codec::QoS::AtMostOnce,
+            broker::mqtt::codec::QoS::AtMostOnce,
         ))
         .await;
     match client.recv().await {
@@ -709,7 +709,7 @@ async fn a_v5_re_authentication_with_a_fresh_token_keeps_the_connection_open_pas
         .send(&subscribe_packet(
             1,
             "e2e/#",
-            broker::codec::QoS::AtMostOnce,
+            broker::mqtt::codec::QoS::AtMostOnce,
         ))
         .await;
     match client.recv().await {

@@ -11,7 +11,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use broker::codec::{Packet, Protocol, QoS};
+use broker::mqtt::codec::{Packet, Protocol, QoS};
 use e2e::broker::Broker;
 use e2e::raw::{RawClient, Received, connect_packet, publish_packet, subscribe_packet, with_login};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use broker::codec::{self, Disconnect, Packet, Properties, Protocol, QoS, QosPid};
+use broker::mqtt::codec::{self, Disconnect, Packet, Properties, Protocol, QoS, QosPid};
 use bytes::BytesMut;
 use e2e::broker::{Broker, Solution};
 use e2e::clients::{connect_v4_login, connect_v5_login};
@@ -663,7 +663,7 @@ async fn will_watcher(addr: SocketAddr, sol: &Solution, protocol: Protocol) -> R
 }
 
 /// A connection with a will on `wills/<name>` (payload `gone <name>`, QoS 1).
-fn with_will(protocol: Protocol, name: &str, sol: &Solution) -> broker::codec::Connect {
+fn with_will(protocol: Protocol, name: &str, sol: &Solution) -> broker::mqtt::codec::Connect {
     let mut connect = login(protocol, name, sol);
     connect.will = Some(will(
         &format!("wills/{name}"),
@@ -733,7 +733,7 @@ async fn a_v5_disconnect_with_reason_0x04_publishes_the_will() {
 }
 
 /// A 5.0 connection with a session expiry of 60 s and a will delayed by `delay` seconds.
-fn with_delayed_will(name: &str, sol: &Solution, delay: u32) -> broker::codec::Connect {
+fn with_delayed_will(name: &str, sol: &Solution, delay: u32) -> broker::mqtt::codec::Connect {
     let mut connect = with_will(Protocol::V5, name, sol);
     connect.clean_start = false;
     connect.properties.session_expiry_interval = Some(60);
@@ -1696,8 +1696,8 @@ impl TlsClient {
     async fn connect(
         addr: SocketAddr,
         trusted: &rustls::pki_types::CertificateDer<'static>,
-        connect: broker::codec::Connect,
-    ) -> (Self, broker::codec::ConnAck) {
+        connect: broker::mqtt::codec::Connect,
+    ) -> (Self, broker::mqtt::codec::ConnAck) {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(trusted.clone()).unwrap();
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(

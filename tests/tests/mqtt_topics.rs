@@ -17,7 +17,7 @@ use std::collections::BTreeSet;
 use std::num::NonZeroU16;
 use std::time::Duration;
 
-use broker::codec::{
+use broker::mqtt::codec::{
     Packet, Properties, Protocol, QoS, QosPid, RetainHandling, SubscriptionOptions,
 };
 use bytes::Bytes;
@@ -39,7 +39,7 @@ fn tag(protocol: Protocol) -> &'static str {
 }
 
 /// Acknowledges a QoS 1 delivery (nothing for QoS 0).
-async fn ack(client: &mut RawClient, p: &broker::codec::Publish) {
+async fn ack(client: &mut RawClient, p: &broker::mqtt::codec::Publish) {
     match p.qos {
         QosPid::AtMostOnce => {}
         QosPid::AtLeastOnce(id) => client.send(&puback(id.get())).await,
@@ -48,7 +48,7 @@ async fn ack(client: &mut RawClient, p: &broker::codec::Publish) {
 }
 
 /// The next delivery, acknowledged.
-async fn next(client: &mut RawClient) -> broker::codec::Publish {
+async fn next(client: &mut RawClient) -> broker::mqtt::codec::Publish {
     let p = expect_publish(client).await;
     ack(client, &p).await;
     p
@@ -445,7 +445,7 @@ async fn unsubscribe_stops_deliveries_and_the_v5_unsuback_says_whether_the_filte
         let mut sub = connected(addr, protocol, &format!("unsub-{t}"), &sol).await;
         subscribe_ok(&mut sub, &format!("unsub/{t}/a"), opts(QoS::AtMostOnce)).await;
         subscribe_ok(&mut sub, &format!("unsub/{t}/b"), opts(QoS::AtMostOnce)).await;
-        sub.send(&Packet::Unsubscribe(broker::codec::Unsubscribe {
+        sub.send(&Packet::Unsubscribe(broker::mqtt::codec::Unsubscribe {
             packet_id: pid(9),
             filters: vec![
                 e2e::protocol_support::filter(&format!("unsub/{t}/a")),
@@ -487,7 +487,7 @@ async fn unsubscribe_stops_deliveries_and_the_v5_unsuback_says_whether_the_filte
 fn aliased(topic_name: &str, alias: u16, payload: &[u8], n: u16) -> Packet {
     let mut p = publish(topic_name, payload, qos1(n));
     if topic_name.is_empty() {
-        p.topic = broker::codec::TopicName::new(Bytes::new()).unwrap();
+        p.topic = broker::mqtt::codec::TopicName::new(Bytes::new()).unwrap();
     }
     p.properties.topic_alias = NonZeroU16::new(alias);
     Packet::Publish(p)

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use broker::codec::{Packet, Properties, Protocol, Publish, QoS};
+use broker::mqtt::codec::{Packet, Properties, Protocol, Publish, QoS};
 use e2e::broker::Broker;
 use e2e::raw::{RawClient, Received, connect_packet, publish_packet, subscribe_packet, with_login};
 

@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use broker::codec::Protocol;
+use broker::mqtt::codec::Protocol;
 use e2e::broker::Broker;
 use e2e::twin_random_support::{NET_TIMEOUT, NS, PendingAck, TwinClient, thing_command};
 use serde_json::{Value, json};

@@ -9,7 +9,7 @@
     clippy::panic
 )]
 
-use broker::codec::{Protocol, QoS};
+use broker::mqtt::codec::{Protocol, QoS};
 use e2e::protocol_support::{
     assert_silent, connected, expect_publish, opts, publish_qos1, started, subscribe_ok, text,
 };

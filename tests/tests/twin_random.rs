@@ -24,7 +24,7 @@
 
 use std::time::{Duration, Instant};
 
-use broker::codec::{Properties, Protocol, QoS, TopicName};
+use broker::mqtt::codec::{Properties, Protocol, QoS, TopicName};
 use bytes::Bytes;
 use e2e::broker::{Broker, Solution};
 use e2e::twin_random_support::{

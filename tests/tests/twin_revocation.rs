@@ -43,7 +43,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use broker::codec::{Protocol, QoS};
+use broker::mqtt::codec::{Protocol, QoS};
 use e2e::broker::{Broker, Solution};
 use e2e::twin_random_support::{
     Delivered, NET_TIMEOUT, NS, SeenEvent, TwinClient, client_subject, is_event, min_median_max,

@@ -3,7 +3,7 @@
 
 use std::process::{Child, Command};
 
-use broker::codec::Utf8Str;
+use broker::mqtt::codec::Utf8Str;
 use bytes::Bytes;
 
 pub fn utf8(text: &str) -> Utf8Str {

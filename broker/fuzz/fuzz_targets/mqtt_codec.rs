@@ -1,4 +1,4 @@
-//! Fuzzes the MQTT 3.1.1 / 5.0 codec (`broker::codec`).
+//! Fuzzes the MQTT 3.1.1 / 5.0 codec (`broker::mqtt::codec`).
 //!
 //! The input is read as a byte stream three times: as the first bytes of a connection
 //! (`decode_connect`, then `decode` with the CONNECT's protocol for the rest), and as a stream of
@@ -16,7 +16,7 @@
 //! property order, …).
 #![no_main]
 
-use broker::codec::{Packet, Protocol, check, decode, decode_connect};
+use broker::mqtt::codec::{Packet, Protocol, check, decode, decode_connect};
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 

@@ -14,11 +14,11 @@ use std::time::SystemTime;
 
 use policy::{Enforcer, Timestamp};
 
-use crate::codec::{QoS, RetainHandling};
+use crate::mqtt::codec::{QoS, RetainHandling};
 use crate::metrics::Metrics;
-use crate::session::{Delivery, Message, Offer, Session};
-use crate::space::{SolutionSpace, Subscriber};
-use crate::topics;
+use crate::core::session::{Delivery, Message, Offer, Session};
+use crate::core::space::{SolutionSpace, Subscriber};
+use crate::core::topics;
 
 /// The wall clock as the policy crate takes it.
 pub fn now() -> Timestamp {

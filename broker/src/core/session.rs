@@ -17,7 +17,7 @@ use bytes::{Bytes, BytesMut};
 use policy::{Enforcer, Mode, Permission, ResourceType, SubjectView, Timestamp};
 use tokio::sync::Notify;
 
-use crate::codec::{
+use crate::mqtt::codec::{
     Packet, Properties, Protocol, PubResponse, Publish, QoS, QosPid, SubscriptionOptions,
     TopicName, Utf8Str,
 };

@@ -20,22 +20,20 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout};
 
-use crate::auth::connect::{Identity, JWT_METHOD};
-use crate::codec::{
+use crate::core::identity::{Identity, JWT_METHOD};
+use crate::mqtt::codec::{
     self, Auth, CodecError, ConnAck, Connect, Disconnect, ErrorKind, Packet, Properties, Protocol,
     PubResponse, Publish, QoS, QosPid, SubAck, Subscribe, TopicName, UnsubAck, Unsubscribe, Will,
 };
-use crate::dispatch;
-use crate::server::Broker;
-use crate::session::{
+use crate::core::dispatch;
+use crate::mqtt::server::Broker;
+use crate::core::session::{
     AckOutcome, ForwardedProperties, Link, Message, Outbound, Session, SubscriptionRecord,
     TopicAliases, deep_copy_topic,
 };
-use crate::space::{SolutionSpace, Subscriber, tree_filter};
+use crate::core::space::{SolutionSpace, Subscriber, tree_filter};
 
-mod twin_topics;
-
-pub use twin_topics::{PendingWrite, PublishOutcome};
+use super::twin_topics::{self, PendingWrite, PublishOutcome};
 
 /// Client IDs longer than this are refused (3.1.1: CONNACK 2; 5.0: 0x85).
 const MAX_CLIENT_ID_LEN: usize = 256;
@@ -218,41 +216,41 @@ async fn read_connect(
 }
 
 /// The state of an accepted connection.
-struct Conn {
-    broker: Arc<Broker>,
-    io: Transport,
-    rbuf: BytesMut,
-    wbuf: BytesMut,
-    peer: SocketAddr,
-    protocol: Protocol,
-    space: Arc<SolutionSpace>,
-    session: Arc<Session>,
-    link: Arc<Link>,
+pub(super) struct Conn {
+    pub(super) broker: Arc<Broker>,
+    pub(super) io: Transport,
+    pub(super) rbuf: BytesMut,
+    pub(super) wbuf: BytesMut,
+    pub(super) peer: SocketAddr,
+    pub(super) protocol: Protocol,
+    pub(super) space: Arc<SolutionSpace>,
+    pub(super) session: Arc<Session>,
+    pub(super) link: Arc<Link>,
     /// The session generation this connection attached as.
-    generation: u64,
+    pub(super) generation: u64,
     /// Solution, token expiry and method; its subjects moved to `subjects`.
-    identity: Identity,
+    pub(super) identity: Identity,
     /// The connection's subjects (the same `Arc` as its session's).
-    subjects: Arc<[String]>,
-    will: Option<Box<Will>>,
-    keep_alive: Option<Duration>,
+    pub(super) subjects: Arc<[String]>,
+    pub(super) will: Option<Box<Will>>,
+    pub(super) keep_alive: Option<Duration>,
     /// Outgoing QoS 1/2 messages in flight at most (ours, capped by the client's receive max).
-    max_inflight: usize,
+    pub(super) max_inflight: usize,
     /// The client's maximum packet size.
-    client_max_packet: u32,
+    pub(super) client_max_packet: u32,
     /// Incoming topic aliases (MQTT 5), allocated at first use.
-    aliases: Vec<Option<TopicName>>,
+    pub(super) aliases: Vec<Option<TopicName>>,
     /// Outgoing topic aliases (MQTT 5, up to the client's Topic Alias Maximum).
-    out_aliases: TopicAliases,
+    pub(super) out_aliases: TopicAliases,
     /// v5 Request Problem Information: may reason strings be sent on non-final packets.
-    problem_information: bool,
+    pub(super) problem_information: bool,
     /// Twin writes waiting for the journal, in PUBLISH order: each one's acknowledgement,
     /// events and reply go out once it is durable (and acknowledgements that arrive behind
     /// one wait their turn).
-    pending: std::collections::VecDeque<PendingWrite>,
+    pub(super) pending: std::collections::VecDeque<PendingWrite>,
 }
 
-fn now_timestamp() -> policy::Timestamp {
+pub(super) fn now_timestamp() -> policy::Timestamp {
     dispatch::now()
 }
 
@@ -489,7 +487,7 @@ async fn send_and_close(io: &mut Transport, protocol: Protocol, packet: &Packet)
 }
 
 impl Conn {
-    fn outbound(&mut self) -> Outbound<'_> {
+    pub(super) fn outbound(&mut self) -> Outbound<'_> {
         Outbound {
             buf: &mut self.wbuf,
             protocol: self.protocol,
@@ -699,7 +697,7 @@ impl Conn {
         }
     }
 
-    fn denied_reason(&self, message: &str) -> Properties {
+    pub(super) fn denied_reason(&self, message: &str) -> Properties {
         let mut properties = Properties::default();
         if self.protocol == Protocol::V5 && self.problem_information {
             properties.reason_string = message.parse().ok();
@@ -826,7 +824,7 @@ impl Conn {
         }
     }
 
-    fn ack(
+    pub(super) fn ack(
         &mut self,
         kind: fn(PubResponse) -> Packet,
         packet_id: NonZeroU16,
@@ -888,7 +886,7 @@ impl Conn {
             let refused = if is_twin_filter(inner) {
                 // Each event and message is checked on delivery against its thing's policy;
                 // the filter only has to stay inside the solution's namespaces.
-                !crate::twins::twin_filter_allowed(inner, &self.identity.solution.namespaces)
+                !crate::core::twins::twin_filter_allowed(inner, &self.identity.solution.namespaces)
             } else if self.names_foreign_twin_space(inner) {
                 true
             } else {

@@ -14,11 +14,11 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
-use crate::auth::connect::Authenticator;
-use crate::connection::{self, Transport};
+use crate::core::identity::Authenticator;
+use crate::mqtt::connection::{self, Transport};
 use crate::limits::MqttSettings;
 use crate::metrics::Metrics;
-use crate::space::Spaces;
+use crate::core::space::Spaces;
 
 /// Everything connections share.
 #[derive(Debug)]
@@ -27,7 +27,7 @@ pub struct Broker {
     pub auth: Authenticator,
     pub spaces: Spaces,
     /// Things, policies and their compiled policies (the twin topic space).
-    pub twins: crate::twins::Twins,
+    pub twins: crate::core::twins::Twins,
     pub metrics: Arc<Metrics>,
     /// Becomes `true` when the server shuts down.
     pub shutdown: watch::Receiver<bool>,
@@ -88,7 +88,7 @@ pub struct Server {
 pub async fn start(
     settings: MqttSettings,
     auth: Authenticator,
-    twins: crate::twins::Twins,
+    twins: crate::core::twins::Twins,
     mqtt: &[String],
     mqtts: Option<(&str, TlsAcceptor)>,
     fallback_to_any_port: bool,

@@ -1,5 +1,5 @@
 //! A connection's side of the twin topic space: a PUBLISH on a twin topic becomes a command or a
-//! live message (`crate::twins` authorizes and applies it); changes are acknowledged, answered
+//! live message (`crate::core::twins` authorizes and applies it); changes are acknowledged, answered
 //! and announced only once the journal says durable; answers go to the requester alone.
 
 use std::collections::VecDeque;
@@ -20,12 +20,12 @@ use twin::protocol::mqtt::{
 use twin::store::{Durable, StoreError};
 use twin::{PolicyId, ThingId};
 
-use super::{Conn, now_timestamp};
-use crate::codec::{Packet, Properties, Protocol, PubResponse, Publish, QoS, TopicName};
-use crate::session::{Delivery, ForwardedProperties, Message, deep_copy_topic};
-use crate::space::tree_filter;
-use crate::topics;
-use crate::twins::{Executed, PolicyRef, Requester};
+use super::connection::{Conn, now_timestamp};
+use crate::mqtt::codec::{Packet, Properties, Protocol, PubResponse, Publish, QoS, TopicName};
+use crate::core::session::{Delivery, ForwardedProperties, Message, deep_copy_topic};
+use crate::core::space::tree_filter;
+use crate::core::topics;
+use crate::core::twins::{Executed, PolicyRef, Requester};
 
 /// How a PUBLISH is acknowledged.
 #[derive(Debug)]

@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 use policy::Enforcer;
 
 use crate::auth::solution::{Solution, SolutionId};
-use crate::codec::SubscriptionOptions;
-use crate::session::{Message, Session};
-use crate::topics::TopicTree;
+use crate::mqtt::codec::SubscriptionOptions;
+use crate::core::session::{Message, Session};
+use crate::core::topics::TopicTree;
 
 /// One entry of the subscription tree.
 #[derive(Debug, Clone)]

@@ -3,7 +3,7 @@
 //!
 //! A command goes: solution namespace check → the thing's policy (its compiled current revision
 //! from the [`PolicyCache`], keyed by policy ID and entity revision) → the requester's view of
-//! it (memoized per session: [`crate::session::PolicyViews`]) → the command's requirements
+//! it (memoized per session: [`crate::core::session::PolicyViews`]) → the command's requirements
 //! (`twin::authz`) → `apply` under the entity's lock in the store → the journal. The caller
 //! acknowledges once [`Executed::Written::durable`] completes and only then publishes the
 //! events: a subscriber never sees a change that a crash could take back.
@@ -34,11 +34,11 @@ use twin::protocol::mqtt::write_event_topic;
 use twin::store::{Durable, EmbeddedStore, TwinStore, TwinStoreExt, WriteError, Written};
 use twin::thing::{self, Limits};
 
-use crate::codec::{QoS, TopicName};
-use crate::dispatch::{self, Target};
+use crate::mqtt::codec::{QoS, TopicName};
+use crate::core::dispatch::{self, Target};
 use crate::metrics::Metrics;
-use crate::session::{Delivery, Message, Session};
-use crate::space::SolutionSpace;
+use crate::core::session::{Delivery, Message, Session};
+use crate::core::space::SolutionSpace;
 
 /// The store and the compiled policies.
 #[derive(Debug)]
@@ -673,7 +673,7 @@ impl Twins {
         message: &LiveMessage,
         topic: &TopicName,
         payload: Bytes,
-        forwarded: Option<Box<crate::session::ForwardedProperties>>,
+        forwarded: Option<Box<crate::core::session::ForwardedProperties>>,
         qos: QoS,
         metrics: &Metrics,
         now: Timestamp,

@@ -16,7 +16,7 @@ use crate::auth::Subjects;
 use crate::auth::jwt::{Issuers, JwtRefusal};
 use crate::auth::limiter::{Admission, FailureLimiter};
 use crate::auth::solution::{Solution, Solutions};
-use crate::codec::{Connect, Protocol};
+use crate::mqtt::codec::{Connect, Protocol};
 
 /// The authentication method name of MQTT 5 enhanced authentication with a JWT.
 pub const JWT_METHOD: &str = "jwt";
