@@ -140,7 +140,7 @@ pub enum PolicyCommand {
     },
     /// Decide one request and explain the decision.
     ///
-    /// Exits 0 when granted, 1 when denied, 2 on bad input.
+    /// Exits 0 when granted (every permission asked), 1 when denied, 2 on bad input.
     Check {
         /// The policy (Ditto policy JSON).
         #[arg(long)]
@@ -162,7 +162,8 @@ pub enum PolicyCommand {
         partial: bool,
         /// The resource, e.g. `thing:/features/lamp`.
         resource: String,
-        /// READ, WRITE, EXECUTE or CREATE.
+        /// READ, WRITE, EXECUTE or CREATE, or several separated by commas (`READ,WRITE`): each
+        /// must hold on its own.
         permission: String,
     },
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use policy::{Enforcer, Permission, Policy, ResourceKey, Timestamp};
+use policy::{Enforcer, Permission, Permissions, Policy, ResourceKey, Timestamp};
 
 fn now_or(text: Option<&str>) -> anyhow::Result<Timestamp> {
     match text {
@@ -56,10 +56,29 @@ pub struct CheckArgs<'a> {
     pub now: Option<&'a str>,
     pub partial: bool,
     pub resource: &'a str,
+    /// One permission or several separated by commas (`READ,WRITE`): each must hold.
     pub permission: &'a str,
 }
 
-/// Decides one request and prints the explanation; exit code 0 granted, 1 denied.
+/// `READ` or a comma-separated set such as `READ,WRITE` (duplicates collapse).
+fn parse_permissions(text: &str) -> anyhow::Result<Permissions> {
+    let mut set = Permissions::NONE;
+    for name in text.split(',').map(str::trim) {
+        if name.is_empty() {
+            bail!("empty permission in `{text}` (expected e.g. READ or READ,WRITE)");
+        }
+        let Some(permission) = Permission::parse(name) else {
+            bail!(
+                "unknown permission `{name}` (expected READ, WRITE, EXECUTE or CREATE, comma-separated)"
+            );
+        };
+        set.insert(permission);
+    }
+    Ok(set)
+}
+
+/// Decides one request and prints the explanation (one per permission asked); exit code 0
+/// when every permission is granted, 1 when one is denied.
 pub fn check(args: &CheckArgs<'_>) -> anyhow::Result<ExitCode> {
     let now = now_or(args.now)?;
     let policy = read_policy(args.policy)?;
@@ -70,23 +89,25 @@ pub fn check(args: &CheckArgs<'_>) -> anyhow::Result<ExitCode> {
         .collect::<Result<_, _>>()?;
     let imported_refs: Vec<&Policy> = imported.iter().collect();
     let resource = ResourceKey::parse(args.resource)?;
-    let Some(permission) = Permission::parse(args.permission) else {
-        bail!(
-            "unknown permission `{}` (expected READ, WRITE, EXECUTE or CREATE)",
-            args.permission
-        );
-    };
+    let permissions = parse_permissions(args.permission)?;
     let enforcer = Arc::new(Enforcer::compile_with_imports(&policy, &imported_refs));
-    let explanation = enforcer.explain(args.subjects, args.namespace, now, &resource, permission);
+    // One explanation per permission: each must hold on its own (no combined Ditto weight).
+    let explanations: Vec<_> = permissions
+        .iter()
+        .map(|p| enforcer.explain(args.subjects, args.namespace, now, &resource, p))
+        .collect();
     let (mode, granted) = if args.partial {
-        ("partial", explanation.partial)
+        ("partial", explanations.iter().all(|e| e.partial))
     } else {
-        ("unrestricted", explanation.unrestricted)
+        ("unrestricted", explanations.iter().all(|e| e.unrestricted))
     };
     let verdict = if granted { "GRANTED" } else { "DENIED" };
+    let asked: Vec<&str> = permissions.iter().map(Permission::as_str).collect();
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{verdict} ({mode} {permission} on {resource})")?;
-    write!(out, "{explanation}")?;
+    writeln!(out, "{verdict} ({mode} {} on {resource})", asked.join("+"))?;
+    for explanation in &explanations {
+        write!(out, "{explanation}")?;
+    }
     Ok(if granted {
         ExitCode::SUCCESS
     } else {

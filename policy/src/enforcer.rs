@@ -58,6 +58,19 @@ mod bits {
     pub fn group(flags: u16, group: u32) -> u16 {
         (flags >> group) & 0xF
     }
+
+    /// Whether every permission of `set` has its bit set in `group`.
+    #[inline]
+    pub fn all(flags: u16, group: u32, set: super::Permissions) -> bool {
+        let want = u16::from(set.bits());
+        self::group(flags, group) & want == want
+    }
+
+    /// Whether some permission of `set` has its bit set in `group`.
+    #[inline]
+    pub fn any(flags: u16, group: u32, set: super::Permissions) -> bool {
+        self::group(flags, group) & u16::from(set.bits()) != 0
+    }
 }
 
 /// One compiled policy revision.
@@ -643,8 +656,28 @@ impl SubjectView {
     }
 
     /// The part of `value` (the JSON found at `kind:path`) that READ lets this subject set see
-    /// (rule 6), or `None` when nothing is visible.
+    /// (rule 6), or `None` when nothing is visible. [`SubjectView::partial_view_for`] with READ.
     pub fn partial_view(&self, kind: ResourceType, path: &str, value: &Value) -> Option<Value> {
+        self.partial_view_for(kind, path, value, Permission::Read.into())
+    }
+
+    /// The part of `value` (the JSON found at `kind:path`) on which this subject set holds
+    /// *every* permission of `permissions` (Ditto's `buildJsonView` with a permission set), or
+    /// `None` when nothing is visible. Rule 6 with "allowed" meaning allowed for each permission
+    /// on its own (rule 2): a scalar is kept iff each permission is allowed at its own path; an
+    /// object if anything inside it survives, or as `{}` if each permission is allowed at its
+    /// level; array elements are judged at the array's path. An empty set holds nowhere, as in
+    /// Ditto, so it sees nothing.
+    pub fn partial_view_for(
+        &self,
+        kind: ResourceType,
+        path: &str,
+        value: &Value,
+        permissions: Permissions,
+    ) -> Option<Value> {
+        if permissions.is_empty() {
+            return None;
+        }
         let at = self.walk(
             kind,
             Segments {
@@ -652,20 +685,37 @@ impl SubjectView {
             },
             true,
         );
-        self.view_at(at, value)
+        self.view_at(at, value, permissions)
     }
 
     /// A retrieve's answer at the root of `kind`: the partial view, plus the top-level `fields`
     /// of `value` (e.g. `thingId`, `_revision`) whenever this subject set has partial READ on
-    /// the root (Ditto's allowlist).
+    /// the root (Ditto's allowlist). [`SubjectView::partial_view_with_fields_for`] with READ.
     pub fn partial_view_with_fields(
         &self,
         kind: ResourceType,
         value: &Value,
         fields: &[&str],
     ) -> Option<Value> {
-        let view = self.partial_view(kind, "", value);
-        if !self.check(kind, "", Permission::Read, Mode::Partial) {
+        self.partial_view_with_fields_for(kind, value, fields, Permission::Read.into())
+    }
+
+    /// [`SubjectView::partial_view_for`] at the root of `kind`, plus the top-level `fields` of
+    /// `value` whenever this subject set has partial access on the root for every permission
+    /// of `permissions`.
+    pub fn partial_view_with_fields_for(
+        &self,
+        kind: ResourceType,
+        value: &Value,
+        fields: &[&str],
+        permissions: Permissions,
+    ) -> Option<Value> {
+        let view = self.partial_view_for(kind, "", value, permissions);
+        if permissions.is_empty()
+            || !permissions
+                .iter()
+                .all(|p| self.check(kind, "", p, Mode::Partial))
+        {
             return view;
         }
         let Some(source) = value.as_object() else {
@@ -683,16 +733,23 @@ impl SubjectView {
         Some(Value::Object(out))
     }
 
-    fn view_at(&self, at: At, value: &Value) -> Option<Value> {
-        let allowed = bits::has(at.flags, bits::ALLOWED, Permission::Read);
+    /// Rule 6 for a non-empty permission set, from the trie node `at` (or below every named
+    /// resource when `at.node` is [`NONE`]).
+    fn view_at(&self, at: At, value: &Value, permissions: Permissions) -> Option<Value> {
+        let allowed = bits::all(at.flags, bits::ALLOWED, permissions);
         if at.node == NONE {
             // Below every resource the policy names: the decision is the same for the subtree.
             return allowed.then(|| value.clone());
         }
-        if allowed && !bits::has(at.flags, bits::REVOKE_BELOW, Permission::Read) {
+        if allowed && !bits::any(at.flags, bits::REVOKE_BELOW, permissions) {
             return Some(value.clone());
         }
-        if !allowed && !bits::has(at.flags, bits::PARTIAL_BELOW, Permission::Read) {
+        // A permission that is neither allowed here nor granted below (without a revoke at the
+        // same node) is allowed nowhere in this subtree: nothing can be kept.
+        let possible =
+            bits::group(at.flags, bits::ALLOWED) | bits::group(at.flags, bits::PARTIAL_BELOW);
+        let want = u16::from(permissions.bits());
+        if possible & want != want {
             return None;
         }
         match value {
@@ -710,7 +767,7 @@ impl SubjectView {
                             flags: at.flags,
                         },
                     };
-                    if let Some(kept) = self.view_at(child, v) {
+                    if let Some(kept) = self.view_at(child, v, permissions) {
                         out.insert(key.clone(), kept);
                     }
                 }
@@ -718,7 +775,10 @@ impl SubjectView {
             }
             // Array elements are judged at the array's own node.
             Value::Array(items) => {
-                let out: Vec<Value> = items.iter().filter_map(|v| self.view_at(at, v)).collect();
+                let out: Vec<Value> = items
+                    .iter()
+                    .filter_map(|v| self.view_at(at, v, permissions))
+                    .collect();
                 (allowed || !out.is_empty()).then_some(Value::Array(out))
             }
             scalar => allowed.then(|| scalar.clone()),

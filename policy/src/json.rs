@@ -105,7 +105,10 @@ impl fmt::Display for Path<'_> {
     }
 }
 
-fn type_name(v: &Value) -> &'static str {
+/// How an error names the JSON type it found, with its article: "null", "a boolean",
+/// "a number", "a string", "an array", "an object". Shared with `twin`, whose errors word JSON
+/// types the same way.
+pub fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -444,6 +447,27 @@ mod tests {
 
     fn err(text: &str) -> PolicyJsonError {
         parse_policy(text).unwrap_err()
+    }
+
+    #[test]
+    fn json_types_are_named_with_their_article_for_error_messages() {
+        let names: Vec<&str> = ["null", "true", "1.5", "\"x\"", "[]", "{}"]
+            .iter()
+            .map(|text| type_name(&serde_json::from_str(text).unwrap()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "null",
+                "a boolean",
+                "a number",
+                "a string",
+                "an array",
+                "an object"
+            ]
+        );
+        let e = err(r#"{"entries":{"e":{"subjects":[],"resources":{}}}}"#);
+        assert!(e.to_string().contains("found an array"), "{e}");
     }
 
     #[test]

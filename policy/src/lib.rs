@@ -24,7 +24,9 @@
 //!    below n where that same subject does not also revoke p;
 //! 6. the **partial view** of JSON keeps a scalar iff READ is allowed at its own path, an object
 //!    if anything inside it survives (or as `{}` if READ is allowed at its level), and judges
-//!    array elements at the array's path;
+//!    array elements at the array's path; a view for a set of permissions (Ditto's
+//!    `buildJsonView(permissions)`, e.g. READ and WRITE) reads "allowed" as "each permission of
+//!    the set allowed on its own", and an empty set is allowed nowhere;
 //! 7. resource keys split at the first `:`; `thing:` is `thing:/`; segments are whole and
 //!    case-sensitive, empty ones are ignored and `~0` decodes to `~`; types never cover each other;
 //!    entries without subjects or resources are ignored; WRITE does not imply READ;
@@ -37,9 +39,11 @@
 //! - **Events** are judged on all subjects of the receiver together, like commands. Ditto
 //!   computes an event's readers subject by subject and unions them, so a revoke held by one of
 //!   a connection's subjects does not hide an event from another of its subjects.
-//! - **One permission at a time**: a check for READ+WRITE is READ and WRITE, each on its own.
-//!   Ditto's `GrantRevokeIndex` answers some multi-permission questions differently (vector
-//!   `C7.readPlusWriteQuirk`).
+//! - **One permission at a time**: a check for READ+WRITE is READ and WRITE, each on its own, and
+//!   so is every node of a view for READ+WRITE. Ditto's `GrantRevokeIndex.hasPermissions`, which
+//!   its checks and its view builder share, compares the nearest grant of *any* permission of the
+//!   set with the nearest revoke of any, so with several subjects it can answer differently
+//!   (vectors `C7.readPlusWriteQuirk`, `V9.readPlusWriteQuirkInAView`).
 //! - **Views of paths deeper than the policy**: Ditto's view builder can hide a property named
 //!   like a revoked resource elsewhere (a revoke on `thing:/features/a` hiding property `a` of
 //!   feature `x`); our view judges every value at its own full path.

@@ -69,7 +69,8 @@ impl fmt::Display for Permission {
     }
 }
 
-/// A set of permissions (a `grant` or `revoke` list; duplicates collapse).
+/// A set of permissions (a `grant` or `revoke` list; duplicates collapse), or the permissions a
+/// partial view asks for together ([`crate::SubjectView::partial_view_for`]).
 #[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct Permissions(u8);
 
@@ -107,6 +108,12 @@ impl Permissions {
         Permission::ALL
             .into_iter()
             .filter(move |p| self.contains(*p))
+    }
+}
+
+impl From<Permission> for Permissions {
+    fn from(p: Permission) -> Self {
+        Permissions(p.bit())
     }
 }
 

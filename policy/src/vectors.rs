@@ -1,8 +1,10 @@
 //! Policy test vectors: one JSON object per line, each a decision the enforcer must reproduce.
 //!
 //! The format is the one of the shared test vectors (`kind` `check` or `view`; see the README
-//! beside `ditto-policy.jsonl`). Users write such files to test their own policies, and
-//! `thingsgate policy test FILE.jsonl` runs them through [`run_vectors`].
+//! beside `ditto-policy.jsonl`). A `permission` is one name or a list: a check then needs each
+//! permission on its own, a view keeps what the subjects hold every permission of the list on.
+//! Users write such files to test their own policies, and `thingsgate policy test FILE.jsonl`
+//! runs them through [`run_vectors`].
 
 use std::fmt;
 use std::sync::Arc;
@@ -11,7 +13,7 @@ use serde_json::Value;
 
 use crate::enforcer::{Enforcer, Mode};
 use crate::json::{PolicyJsonError, policy_from_value};
-use crate::model::{Permission, ResourceKey, ResourceKeyError};
+use crate::model::{Permission, Permissions, ResourceKey, ResourceKeyError};
 use crate::timestamp::Timestamp;
 
 /// The top-level fields a thing retrieve returns whenever the requester has partial READ on
@@ -173,9 +175,8 @@ pub fn run_vector(vector: &Value, now: Timestamp) -> Result<Outcome, VectorError
             })
         }
         "view" => {
-            if permissions != [Permission::Read] {
-                return Err(field_error("permission", "views are defined for READ only"));
-            }
+            // A view with several permissions keeps what the subjects hold all of them on.
+            let permissions: Permissions = permissions.iter().copied().collect();
             let whole = vector
                 .get("thing")
                 .ok_or_else(|| field_error("thing", "missing"))?;
@@ -196,11 +197,16 @@ pub fn run_vector(vector: &Value, now: Timestamp) -> Result<Outcome, VectorError
                 .and_then(Value::as_str)
                 .unwrap_or("enforcer")
             {
-                "enforcer" => view.partial_view(resource.kind(), &path, thing),
-                "thing-query-response" if path.is_empty() => {
-                    view.partial_view_with_fields(resource.kind(), thing, &THING_RESPONSE_FIELDS)
+                "enforcer" => view.partial_view_for(resource.kind(), &path, thing, permissions),
+                "thing-query-response" if path.is_empty() => view.partial_view_with_fields_for(
+                    resource.kind(),
+                    thing,
+                    &THING_RESPONSE_FIELDS,
+                    permissions,
+                ),
+                "thing-query-response" => {
+                    view.partial_view_for(resource.kind(), &path, thing, permissions)
                 }
-                "thing-query-response" => view.partial_view(resource.kind(), &path, thing),
                 other => return Err(field_error("layer", format!("unknown layer `{other}`"))),
             };
             // `{}` in a vector means "nothing visible".

@@ -22,8 +22,10 @@
 //!   through `check` (and `check_key`, `check_resource` for one permission and mode per path);
 //! - `compiled_partial_views_agree_with_the_reference`: [`VIEW_CASES`] = 55,000 cases, each one
 //!   partial view of a JSON thing of up to 17 values, and half of them a retrieve with fields;
+//!   half the views are for READ, the others for a random set of permissions (Ditto's
+//!   `buildJsonView(permissions)`: READ+WRITE in a quarter of them, the empty set in 1 in 32);
 //!
-//! 100,000 cases in all. Two more tests check that the generators produce the shapes promised
+//! 100,000 cases in all. Three more tests check that the generators produce the shapes promised
 //! above. `PROPTEST_CASES=<n>` runs n cases per test instead (a soak run); seeds are random on
 //! each run and `PROPTEST_RNG_SEED=<n>` replays one. Failures are not persisted (that would write
 //! into the source tree): the failure message carries the policy JSON, the subjects, the
@@ -42,7 +44,9 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use policy::{Enforcer, Mode, Permission, ResourceKey, ResourceType, Timestamp, parse_policy};
+use policy::{
+    Enforcer, Mode, Permission, Permissions, ResourceKey, ResourceType, Timestamp, parse_policy,
+};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::{Index, select};
@@ -122,6 +126,19 @@ fn decode_path_text(seed: &mut u64, max_depth: u64) -> String {
         out.push('/');
     }
     out
+}
+
+/// The permissions a view asks for: READ alone half the time (retrieves and events), otherwise
+/// any of the 16 sets, each permission in half of them (so READ+WRITE in a quarter, and the
+/// empty set, which sees nothing, in 1 of 32 views).
+fn decode_permissions(seed: &mut u64) -> Permissions {
+    if take(seed, 2) == 0 {
+        return Permission::Read.into();
+    }
+    Permission::ALL
+        .into_iter()
+        .filter(|_| take(seed, 2) == 1)
+        .collect()
 }
 
 /// Appends a permission list: READ and WRITE half the time each, EXECUTE and CREATE a quarter.
@@ -488,15 +505,23 @@ proptest! {
         let kind = if take(&mut place, 6) == 0 { ResourceType::Policy } else { ResourceType::Thing };
         let at = if take(&mut place, 4) == 0 { decode_path_text(&mut place, 2) } else { String::new() };
 
-        let expected = reference.partial_view(kind, &decode_path(&at), &value);
-        let answer = view.partial_view(kind, &at, &value);
+        // Half the views are READ's (through the READ entry points), the others for any set of
+        // permissions, the empty one included.
+        let permissions = decode_permissions(&mut place);
+
+        let expected = reference.partial_view(kind, &decode_path(&at), &value, permissions);
+        let answer = if permissions == Permission::Read.into() {
+            view.partial_view(kind, &at, &value)
+        } else {
+            view.partial_view_for(kind, &at, &value, permissions)
+        };
         prop_assert_eq!(
             &answer,
             &expected,
-            "partial view at `{}:{}` of {} for subjects {:?} in namespace {:?} at {}: \
+            "partial view for {:?} at `{}:{}` of {} for subjects {:?} in namespace {:?} at {}: \
              enforcer shows {}, reference shows {}\npolicy:\n{}",
-            kind, at, value, subjects, namespace, NOW, show(&answer), show(&expected),
-            pretty(&json)
+            permissions, kind, at, value, subjects, namespace, NOW, show(&answer),
+            show(&expected), pretty(&json)
         );
 
         if with_fields {
@@ -505,15 +530,19 @@ proptest! {
                 map.insert("thingId".to_owned(), json!("a.b:t"));
                 map.insert("_revision".to_owned(), json!(7));
             }
-            let expected = reference.partial_view_with_fields(kind, &value, &FIELDS);
-            let answer = view.partial_view_with_fields(kind, &value, &FIELDS);
+            let expected = reference.partial_view_with_fields(kind, &value, &FIELDS, permissions);
+            let answer = if permissions == Permission::Read.into() {
+                view.partial_view_with_fields(kind, &value, &FIELDS)
+            } else {
+                view.partial_view_with_fields_for(kind, &value, &FIELDS, permissions)
+            };
             prop_assert_eq!(
                 &answer,
                 &expected,
-                "retrieve of `{}:/` with fields {:?} of {} for subjects {:?} in namespace {:?} \
-                 at {}: enforcer shows {}, reference shows {}\npolicy:\n{}",
-                kind, FIELDS, value, subjects, namespace, NOW, show(&answer), show(&expected),
-                pretty(&json)
+                "retrieve for {:?} of `{}:/` with fields {:?} of {} for subjects {:?} in \
+                 namespace {:?} at {}: enforcer shows {}, reference shows {}\npolicy:\n{}",
+                permissions, kind, FIELDS, value, subjects, namespace, NOW, show(&answer),
+                show(&expected), pretty(&json)
             );
         }
     }
@@ -662,4 +691,27 @@ fn generated_things_cover_the_interesting_shapes() {
         missing.is_empty(),
         "never generated: {missing:?} (saw {seen:?})"
     );
+}
+
+#[test]
+fn generated_view_permission_sets_cover_read_alone_read_and_write_and_the_empty_set() {
+    let mut seen = BTreeSet::new();
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    for _ in 0..1_000 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let mut seed = rng;
+        seen.insert(format!("{:?}", decode_permissions(&mut seed)));
+    }
+    for wanted in [
+        "{Read}",
+        "{Read, Write}",
+        "{}",
+        "{Write}",
+        "{Read, Write, Execute, Create}",
+    ] {
+        assert!(seen.contains(wanted), "never generated {wanted}: {seen:?}");
+    }
+    assert_eq!(seen.len(), 16, "{seen:?}");
 }

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use policy::enforcer::{Effect, Place};
 use policy::{
-    Enforcer, Mode, Permission, Policy, ResourceKey, ResourceType, SubjectView, Timestamp,
-    check_lockout, parse_policy,
+    Enforcer, Mode, Permission, Permissions, Policy, ResourceKey, ResourceType, SubjectView,
+    Timestamp, check_lockout, parse_policy,
 };
 use serde_json::json;
 
@@ -333,6 +333,118 @@ fn a_retrieve_answer_adds_the_allowlisted_fields_only_with_partial_read_on_the_r
     assert_eq!(
         view(&p, &["g:z"]).partial_view_with_fields(ResourceType::Thing, &thing, &fields),
         None
+    );
+}
+
+#[test]
+fn a_view_for_read_and_write_keeps_only_what_each_permission_allows_on_its_own() {
+    let p = policy(&[
+        (
+            &["g:a"],
+            &[
+                ("thing:/", "READ,WRITE", ""),
+                ("thing:/attributes/secret", "", "WRITE"),
+                ("thing:/features", "", "READ"),
+                ("thing:/features/lamp", "READ", ""),
+            ],
+        ),
+        (&["g:b"], &[("thing:/features/fan", "READ", "")]),
+    ]);
+    let thing = json!({
+        "attributes": {"a": 1, "secret": {"pin": 1}, "empty": {}},
+        "features": {"lamp": {"on": true}, "fan": {"speed": 2}}
+    });
+    let both = [Read, Write].into_iter().collect();
+    let v = view(&p, &["g:a"]);
+    assert_eq!(
+        v.partial_view_for(ResourceType::Thing, "", &thing, both),
+        Some(json!({"attributes": {"a": 1, "empty": {}}, "features": {"lamp": {"on": true}}}))
+    );
+    assert_eq!(
+        v.partial_view_for(ResourceType::Thing, "", &thing, Read.into()),
+        Some(
+            json!({"attributes": {"a": 1, "secret": {"pin": 1}, "empty": {}}, "features": {"lamp": {"on": true}}})
+        ),
+        "READ alone still sees the secret"
+    );
+    // READ on fan from g:b and WRITE on it from g:a's grant at the root: the subjects count
+    // together, each permission on its own.
+    assert_eq!(
+        view(&p, &["g:a", "g:b"]).partial_view_for(
+            ResourceType::Thing,
+            "/features",
+            &thing["features"],
+            both
+        ),
+        Some(json!({"lamp": {"on": true}, "fan": {"speed": 2}}))
+    );
+    assert_eq!(
+        view(&p, &["g:b"]).partial_view_for(ResourceType::Thing, "", &thing, both),
+        None,
+        "READ without WRITE shows nothing"
+    );
+}
+
+#[test]
+fn a_view_for_read_is_the_read_view_and_a_view_for_no_permission_shows_nothing() {
+    let p = policy(&[(
+        &["g:a"],
+        &[
+            ("thing:/", "READ,WRITE", ""),
+            ("thing:/attributes/x", "", "READ"),
+        ],
+    )]);
+    let thing = json!({"thingId": "t:x", "attributes": {"x": 1, "y": [1, {"x": 2}]}});
+    let v = view(&p, &["g:a"]);
+    assert_eq!(
+        v.partial_view(ResourceType::Thing, "", &thing),
+        v.partial_view_for(ResourceType::Thing, "", &thing, Read.into())
+    );
+    assert_eq!(
+        v.partial_view_for(ResourceType::Thing, "", &thing, Permissions::NONE),
+        None
+    );
+    assert_eq!(
+        v.partial_view_with_fields_for(
+            ResourceType::Thing,
+            &thing,
+            &["thingId"],
+            Permissions::NONE
+        ),
+        None
+    );
+}
+
+#[test]
+fn a_retrieve_answer_for_a_permission_set_adds_the_fields_only_with_partial_access_for_each() {
+    let p = policy(&[(
+        &["g:a"],
+        &[
+            ("thing:/attributes/x", "READ,WRITE", ""),
+            ("thing:/attributes/y", "READ", ""),
+        ],
+    )]);
+    let thing = json!({"thingId": "t:x", "attributes": {"x": 1, "y": 2}});
+    let fields = ["thingId"];
+    let v = view(&p, &["g:a"]);
+    assert_eq!(
+        v.partial_view_with_fields_for(
+            ResourceType::Thing,
+            &thing,
+            &fields,
+            [Read, Write].into_iter().collect()
+        ),
+        Some(json!({"thingId": "t:x", "attributes": {"x": 1}}))
+    );
+    assert_eq!(
+        v.partial_view_with_fields_for(
+            ResourceType::Thing,
+            &thing,
+            &fields,
+            [Read, Permission::Execute].into_iter().collect()
+        ),
+        None,
+        "no EXECUTE anywhere: neither values nor fields"
     );
 }
 

@@ -59,3 +59,34 @@ fn a_malformed_vector_is_an_error_naming_the_field() {
     );
     assert_eq!(results[1].line, 2);
 }
+
+/// The project's views for READ+WRITE (`V…` lines) are worth having only if the set matters:
+/// each must fail when asked with READ alone or with WRITE alone.
+#[test]
+fn every_permission_set_view_vector_depends_on_the_whole_set() {
+    let text = include_str!("data/ditto-policy.jsonl");
+    let sets: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .filter(|v| v["kind"] == "view" && v["permission"].is_array())
+        .collect();
+    assert!(
+        sets.len() >= 5,
+        "only {} views with a permission set",
+        sets.len()
+    );
+    for vector in sets {
+        assert_eq!(vector["permission"], serde_json::json!(["READ", "WRITE"]));
+        let alone = ["READ", "WRITE"].map(|p| {
+            let mut one = vector.clone();
+            one["permission"] = serde_json::json!(p);
+            run_vectors(&one.to_string(), Timestamp::MIN)[0].passed()
+        });
+        assert_ne!(
+            alone,
+            [true, true],
+            "{}: READ alone and WRITE alone give the same view as READ+WRITE",
+            vector["id"]
+        );
+    }
+}

@@ -131,6 +131,55 @@ fn policy_check_denies_and_names_the_revoke() {
 }
 
 #[test]
+fn policy_check_with_a_permission_set_needs_each_permission_and_explains_each() {
+    let dir = temp_dir("check-set");
+    let policy = write(&dir, "p.json", POLICY);
+    let check = |subject: &str, partial: bool, permissions: &str| {
+        let mut args = vec!["policy", "check", "--policy", &policy, "--subject", subject];
+        if partial {
+            args.push("--partial");
+        }
+        args.extend(["thing:/attributes", permissions]);
+        thingsgate(&args)
+    };
+
+    let out = check("google:owner", false, "READ,WRITE");
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.starts_with("GRANTED (unrestricted READ+WRITE on thing:/attributes)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\nREAD on thing:/attributes for [google:owner]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\nWRITE on thing:/attributes for [google:owner]"),
+        "{text}"
+    );
+
+    // The auditor may read the attributes (partially) but never write them.
+    let out = check("google:auditor", true, "READ");
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let out = check("google:auditor", true, "WRITE, READ");
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.starts_with("DENIED (partial READ+WRITE on thing:/attributes)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("no entry grants or revokes WRITE for these subjects here"),
+        "{text}"
+    );
+
+    let out = check("google:owner", false, "READ,FLY");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown permission `FLY`"));
+}
+
+#[test]
 fn policy_check_refuses_bad_input_with_a_clear_error() {
     let dir = temp_dir("check-bad");
     let broken = write(

@@ -23,6 +23,7 @@
 use std::fmt;
 use std::io;
 
+use policy::json::type_name;
 use serde_json::{Map, Value};
 
 use crate::error::DittoError;
@@ -377,18 +378,6 @@ pub fn check_limits(doc: &Value, limits: &Limits) -> Result<usize, LimitError> {
         });
     }
     Ok(size)
-}
-
-/// How an error names the JSON type it found: "a string", "an object", …
-pub(crate) fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 fn must_be(at: &Pointer<'_>, expected: &str, found: &Value) -> DittoError {

@@ -2,23 +2,18 @@
 //! (DESIGN.md §4: "parse topic (zero-copy)"), the topic writers once their buffer has grown,
 //! and authorizing a command on a connection's view.
 //!
-//! This file is its own test binary with a counting global allocator and a single test, so no
-//! other test's allocations are counted.
+//! This file is its own test binary, so that it can install the counting global allocator;
+//! only allocations on the measuring thread are counted (`alloc_counter`).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::indexing_slicing,
     clippy::panic
 )]
-// The allocator below forwards to the system allocator; `GlobalAlloc` is an unsafe trait.
-#![allow(unsafe_code)]
-
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use std::sync::Arc;
 
+use alloc_counter::{CountingAllocator, allocations_during};
 use serde_json::json;
 use twin::authz::grants_without_allocation;
 use twin::command::{Action, CommandHeaders, ThingCommand};
@@ -28,47 +23,12 @@ use twin::protocol::mqtt::{write_event_topic, write_message_topic, write_respons
 use twin::protocol::{LiveMessage, MessageDirection, MqttTopic, is_twin_topic, parse_mqtt_topic};
 use twin::{EntityKey, EntityKind, Event, EventAction, ThingId};
 
-struct Counting;
-
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
-thread_local! {
-    /// Only the measuring thread counts: the test harness allocates on other threads meanwhile.
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-}
-
-fn count() {
-    if COUNTING.try_with(Cell::get).unwrap_or(false) {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-// SAFETY: every call is forwarded unchanged to `System`; we only count.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        count();
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as ours.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        count();
-        // SAFETY: same contract as ours.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: CountingAllocator = CountingAllocator;
 
 #[test]
 fn the_per_message_steps_allocate_nothing() {
-    // One test function: the allocation counter is shared by the whole binary.
     valid_twin_topics_parse_and_topics_are_written_without_allocating();
-    ALLOCATIONS.store(0, Ordering::Relaxed);
     authorizing_a_command_on_a_view_allocates_nothing();
 }
 
@@ -108,42 +68,37 @@ fn valid_twin_topics_parse_and_topics_are_written_without_allocating() {
     let mut buf = String::with_capacity(256);
 
     // The counter itself must work, or a zero below would prove nothing.
-    COUNTING.with(|c| c.set(true));
-    let probe = std::hint::black_box(vec![1u8; 8]);
-    COUNTING.with(|c| c.set(false));
-    drop(probe);
     assert_eq!(
-        ALLOCATIONS.swap(0, Ordering::Relaxed),
+        allocations_during(|| drop(std::hint::black_box(vec![1u8; 8]))),
         1,
         "the counting allocator does not count"
     );
 
-    COUNTING.with(|c| c.set(true));
     let mut parsed = 0usize;
     let mut written = 0usize;
-    for _ in 0..1_000 {
-        for topic in topics {
-            let topic = std::hint::black_box(topic);
-            if let Ok(t) = parse_mqtt_topic(topic) {
-                parsed += 1;
-                if let MqttTopic::ThingCommand { path, .. } = t {
-                    written += path.len();
+    let allocations = allocations_during(|| {
+        for _ in 0..1_000 {
+            for topic in topics {
+                let topic = std::hint::black_box(topic);
+                if let Ok(t) = parse_mqtt_topic(topic) {
+                    parsed += 1;
+                    if let MqttTopic::ThingCommand { path, .. } = t {
+                        written += path.len();
+                    }
                 }
+                parsed += usize::from(is_twin_topic(topic));
             }
-            parsed += usize::from(is_twin_topic(topic));
+            buf.clear();
+            written += usize::from(write_event_topic(&mut buf, &event).is_ok());
+            buf.clear();
+            written += usize::from(
+                write_response_topic(&mut buf, &thing, Action::Retrieve, "/features/temp").is_ok(),
+            );
+            buf.clear();
+            written += usize::from(write_message_topic(&mut buf, &message).is_ok());
+            written += buf.len();
         }
-        buf.clear();
-        written += usize::from(write_event_topic(&mut buf, &event).is_ok());
-        buf.clear();
-        written += usize::from(
-            write_response_topic(&mut buf, &thing, Action::Retrieve, "/features/temp").is_ok(),
-        );
-        buf.clear();
-        written += usize::from(write_message_topic(&mut buf, &message).is_ok());
-        written += buf.len();
-    }
-    COUNTING.with(|c| c.set(false));
-    let allocations = ALLOCATIONS.load(Ordering::Relaxed);
+    });
 
     assert_eq!(
         allocations, 0,
@@ -189,27 +144,19 @@ fn authorizing_a_command_on_a_view_allocates_nothing() {
     let expected = [true, false, true, true, true, false];
 
     // The counter itself must work, or a zero below would prove nothing.
-    COUNTING.with(|c| c.set(true));
-    let probe = vec![1u8; 3];
-    COUNTING.with(|c| c.set(false));
-    drop(probe);
     assert!(
-        ALLOCATIONS.swap(0, Ordering::Relaxed) > 0,
+        allocations_during(|| drop(std::hint::black_box(vec![1u8; 3]))) > 0,
         "the counter counts"
     );
 
     let mut decisions = [false; 6];
-    COUNTING.with(|c| c.set(true));
-    for _ in 0..1000 {
-        for (i, cmd) in commands.iter().enumerate() {
-            decisions[i] = grants_without_allocation(&view, cmd) == Some(true);
+    let allocations = allocations_during(|| {
+        for _ in 0..1000 {
+            for (i, cmd) in commands.iter().enumerate() {
+                decisions[i] = grants_without_allocation(&view, cmd) == Some(true);
+            }
         }
-    }
-    COUNTING.with(|c| c.set(false));
-    assert_eq!(
-        ALLOCATIONS.load(Ordering::Relaxed),
-        0,
-        "allocations while authorizing"
-    );
+    });
+    assert_eq!(allocations, 0, "allocations while authorizing");
     assert_eq!(decisions, expected);
 }

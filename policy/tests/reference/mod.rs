@@ -11,7 +11,9 @@
 //! (literal) compare as plain strings.
 
 use policy::model::NamespacePattern;
-use policy::{Mode, Permission, Policy, PolicyEntry, ResourceKey, ResourceType, Timestamp};
+use policy::{
+    Mode, Permission, Permissions, Policy, PolicyEntry, ResourceKey, ResourceType, Timestamp,
+};
 use serde_json::{Map, Value};
 
 /// Splits a raw check path as rule 7 says: at `/`, ignoring empty segments, decoding `~0` to `~`
@@ -39,8 +41,8 @@ pub struct Reference<'q> {
 struct Statement<'p> {
     subject: &'p str,
     resource: &'p ResourceKey,
-    grant: policy::Permissions,
-    revoke: policy::Permissions,
+    grant: Permissions,
+    revoke: Permissions,
 }
 
 /// Rule 1: a statement applies to its own resource and everything below it. Types never cover
@@ -196,22 +198,30 @@ impl<'q> Reference<'q> {
         }
     }
 
-    /// Rule 6: the part of `value` (found at `kind:path`) that READ lets S see.
+    /// Rule 6 for a set of permissions: whether S holds each of them at `kind:path` (rules 2
+    /// and 3, each permission on its own). An empty set holds nowhere.
+    fn allowed_all(&self, kind: ResourceType, path: &[String], permissions: Permissions) -> bool {
+        !permissions.is_empty() && permissions.iter().all(|p| self.allowed(kind, path, p))
+    }
+
+    /// Rule 6: the part of `value` (found at `kind:path`) on which S holds every permission of
+    /// `permissions` (READ alone for retrieves and events).
     pub fn partial_view(
         &self,
         kind: ResourceType,
         path: &[String],
         value: &Value,
+        permissions: Permissions,
     ) -> Option<Value> {
-        let allowed = self.allowed(kind, path, Permission::Read);
+        let allowed = self.allowed_all(kind, path, permissions);
         match value {
-            // An object is kept if anything inside survives, or as `{}` if READ holds here.
+            // An object is kept if anything inside survives, or as `{}` if the set holds here.
             Value::Object(map) => {
                 let mut kept = Map::new();
                 for (key, inner) in map {
                     let mut inner_path = path.to_vec();
                     inner_path.push(key.clone());
-                    if let Some(seen) = self.partial_view(kind, &inner_path, inner) {
+                    if let Some(seen) = self.partial_view(kind, &inner_path, inner, permissions) {
                         kept.insert(key.clone(), seen);
                     }
                 }
@@ -219,32 +229,37 @@ impl<'q> Reference<'q> {
             }
             // Array elements are judged at the array's own path. Rule 6 does not say when the
             // array itself is kept; we read it as a container like an object: if an element
-            // survives, or as `[]` if READ holds here.
+            // survives, or as `[]` if the set holds here.
             Value::Array(items) => {
                 let kept: Vec<Value> = items
                     .iter()
-                    .filter_map(|item| self.partial_view(kind, path, item))
+                    .filter_map(|item| self.partial_view(kind, path, item, permissions))
                     .collect();
                 (allowed || !kept.is_empty()).then_some(Value::Array(kept))
             }
-            // A scalar (null included) is kept iff READ holds at its own path.
+            // A scalar (null included) is kept iff the set holds at its own path.
             scalar => allowed.then(|| scalar.clone()),
         }
     }
 
     /// Rule 6, last sentence: a retrieve at the root also returns the listed top-level `fields`
-    /// when S has partial READ on the root.
+    /// when S has partial access on the root for every permission of the (non-empty) set.
     pub fn partial_view_with_fields(
         &self,
         kind: ResourceType,
         value: &Value,
         fields: &[&str],
+        permissions: Permissions,
     ) -> Option<Value> {
-        let view = self.partial_view(kind, &[], value);
+        let view = self.partial_view(kind, &[], value, permissions);
         let Some(source) = value.as_object() else {
             return view;
         };
-        if !self.check(kind, &[], Permission::Read, Mode::Partial) {
+        let partial_on_root = !permissions.is_empty()
+            && permissions
+                .iter()
+                .all(|p| self.check(kind, &[], p, Mode::Partial));
+        if !partial_on_root {
             return view;
         }
         let mut out = match view {

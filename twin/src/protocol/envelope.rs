@@ -19,6 +19,7 @@
 use std::fmt::{self, Write};
 
 use policy::Timestamp;
+use policy::json::type_name;
 use serde_json::{Map, Value};
 
 use crate::command::{Action, Command, CommandHeaders, EntityTags, PolicyCommand, ThingCommand};
@@ -27,7 +28,9 @@ use crate::error::DittoError;
 use crate::path::ThingPath;
 use crate::protocol::json::{self, ObjectWriter};
 use crate::protocol::message::LiveMessage;
-use crate::protocol::topic::{Channel, Criterion, Group, Topic, TopicError, check_entity, excerpt};
+use crate::protocol::topic::{
+    Channel, Criterion, Group, Topic, TopicError, check_entity, excerpt, write_entity_levels,
+};
 
 /// Ditto's error code for an invalid header value (status 400).
 pub const HEADER_INVALID_ERROR: &str = "header.invalid";
@@ -94,7 +97,7 @@ impl Envelope {
         let Value::Object(mut object) = json else {
             return Err(DittoError::json_invalid(format!(
                 "the envelope must be a JSON object, not {}",
-                crate::thing::type_name(&json)
+                type_name(&json)
             )));
         };
         let topic = match object.remove("topic") {
@@ -431,16 +434,7 @@ struct EventTopic<'a> {
 
 impl fmt::Display for EventTopic<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}/{}/{}",
-            self.namespace,
-            self.name,
-            self.group.as_str()
-        )?;
-        if let Some(channel) = self.group.channel() {
-            write!(f, "/{}", channel.as_str())?;
-        }
+        write_entity_levels(f, self.namespace, self.name, self.group)?;
         write!(f, "/events/{}", self.action.as_str())
     }
 }
@@ -630,6 +624,6 @@ fn missing(field: &str) -> DittoError {
 fn wrong_type(field: &str, expected: &str, found: &Value) -> DittoError {
     DittoError::json_invalid(format!(
         "field `{field}` must be {expected}, not {}",
-        crate::thing::type_name(found)
+        type_name(found)
     ))
 }

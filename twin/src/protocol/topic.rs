@@ -58,6 +58,29 @@ const EXPECTED_POLICY_CRITERION: &str = "`commands`, `events` or `errors`";
 /// How much of an offending level an error quotes.
 const EXCERPT_CHARS: usize = 64;
 
+/// Writes the levels every topic of an entity starts with: `{namespace}/{name}/{group}`, then
+/// `/{channel}` for things (`org.acme/lamp/things/twin`, `org.acme/p/policies`). The one writer
+/// of this prefix, for [`Topic`]'s text, event envelopes and the compact MQTT topics written into
+/// a connection's reused buffer (it allocates nothing of its own).
+#[inline]
+pub(crate) fn write_entity_levels<W: fmt::Write + ?Sized>(
+    out: &mut W,
+    namespace: &str,
+    name: &str,
+    group: Group,
+) -> fmt::Result {
+    out.write_str(namespace)?;
+    out.write_char('/')?;
+    out.write_str(name)?;
+    out.write_char('/')?;
+    out.write_str(group.as_str())?;
+    if let Some(channel) = group.channel() {
+        out.write_char('/')?;
+        out.write_str(channel.as_str())?;
+    }
+    Ok(())
+}
+
 /// The channel of a thing topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Channel {
@@ -688,16 +711,7 @@ impl Topic {
 
 impl fmt::Display for Topic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}/{}/{}",
-            self.namespace,
-            self.name,
-            self.group.as_str()
-        )?;
-        if let Some(channel) = self.group.channel() {
-            write!(f, "/{}", channel.as_str())?;
-        }
+        write_entity_levels(f, &self.namespace, &self.name, self.group)?;
         write!(f, "/{}", self.criterion.as_str())?;
         match &self.criterion {
             Criterion::Commands(action) => write!(f, "/{}", action.as_str()),
