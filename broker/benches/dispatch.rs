@@ -5,26 +5,26 @@
     clippy::panic
 )]
 //! The twin dispatch path without sockets, in one process, ns per message (one iteration of
-//! every benchmark is one message):
-//! - `dispatch/full_path`: compact topic parsed (`parse_mqtt_topic` + `mqtt_request` of
+//! every benchmark is one message), driven through `broker::testing::Harness` (the core as a
+//! connection uses it):
+//! - `dispatch/full_path`: `Core::publish` of the compact topic
 //!   `org.acme/dev-1/things/twin/commands/modify/features/temp/properties/value`, payload
-//!   `21.5`) → `Twins::execute` (solution namespace, the thing's policy from the cache, the
-//!   device's memoized view, the command's requirement, apply under the entity's lock, journal
-//!   append) → `Twins::publish_events` (event topic, route through the solution's topic tree,
-//!   the subscriber's view checked on partial READ at the event's path) → the subscriber's
-//!   queue drained into bytes (`SessionState::drain_into` with an `Outbound`, v3.1.1) and the
-//!   PUBACK it would send (`complete`).
+//!   `21.5` (topic parsed, solution namespace, the thing's policy from the cache, the device's
+//!   memoized view, the command's requirement, apply under the entity's lock, journal append)
+//!   → the change announced (`Change::announce`: events through the fan-out — event topic,
+//!   the solution's topic tree, the subscriber's view checked on partial READ at the event's
+//!   path) → the subscriber's queue drained into MQTT 3.1.1 bytes and the PUBACK it would send.
 //! - `dispatch/full_path_cut`: the same with a modify of `…/features/temp/properties` whose
 //!   value holds `calibration`, which the subscriber may not READ: its event is cut per
-//!   subscriber (`cut_to_view`) and its payload written for that subscriber alone.
-//! - `dispatch/authorize`: the view check of the command's requirement only
-//!   (`required_permissions` + `first_denied` on the device's memoized view, under the session
-//!   lock); `dispatch/authorize_with_lookup` adds what `execute` does before it: the thing's
-//!   policy ID from the store's index and the compiled enforcer from the cache.
-//! - `dispatch/fan_out` and `dispatch/fan_out_cut`: `publish_events` of one event (produced
-//!   once, outside the loop) to the one wildcard subscriber plus the drain, without and with a
-//!   cut.
-//! - `dispatch/parse`, `dispatch/execute`: the first two steps alone, to place the cost.
+//!   subscriber and its payload written for that subscriber alone.
+//! - `dispatch/authorize_with_lookup`: the authorization alone: the thing's policy ID from the
+//!   store's index, the compiled enforcer from the cache, the device's memoized view, the
+//!   command's requirement.
+//! - `dispatch/fan_out` and `dispatch/fan_out_cut`: the fan-out of one change's events
+//!   (applied once, outside the loop) to the one wildcard subscriber plus the drain, without
+//!   and with a cut.
+//! - `dispatch/parse`, `dispatch/execute`: the first two steps alone (`execute`:
+//!   `Core::execute` of a parsed command, up to the journal append), to place the cost.
 //!
 //! The thing's policy has 10 entries (owner, the device, the subscriber with READ on `thing:/`
 //! and a revoke on `thing:/features/temp/properties/calibration`, apps, auditors, integrations,
@@ -32,40 +32,30 @@
 //! solution `bench` (`auth::solution::default_policy`), so the device's subjects are those a
 //! secret connection of client `dev-1` gets: `iot-things:bench:dev-1`, `iot-things:bench`.
 //!
-//! **Durability is not awaited.** `execute` returns `Executed::Written { durable, .. }`; the
-//! broker acknowledges and publishes events only once `durable` completes (after the batch's
-//! `fdatasync`). Here each `durable` is dropped: `StoreOptions` has no setting to turn syncing
-//! off, so the journal's writer thread keeps writing and `fdatasync`ing in the background (in a
-//! temporary directory) while these figures measure the in-memory path of the calling thread.
-//! The store's backpressure limit (`max_queued_bytes`) is raised so that a slow disk never
-//! blocks the caller, and background snapshots are off.
+//! **Durability is not awaited.** `Core::publish` returns a pending change; the broker
+//! acknowledges and publishes events only once it is durable (after the batch's
+//! `fdatasync`). Here each change is announced at once (`Change::announce`): the journal's
+//! writer thread keeps writing and `fdatasync`ing in the background (in a temporary directory)
+//! while these figures measure the in-memory path of the calling thread. The harness raises
+//! the store's backpressure limit so that a slow disk never blocks the caller, and turns
+//! background snapshots off.
 //!
 //! `cargo bench -p broker --bench dispatch -- --warm-up-time 1 --measurement-time 5`; a summary
 //! with ns/message for each benchmark that ran is printed at the end.
 
 use std::hint::black_box;
-use std::num::NonZeroU16;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::SystemTime;
 
-use broker::auth::solution::{SolutionId, default_policy};
-use broker::mqtt::codec::{Protocol, QoS, SubscriptionOptions};
-use broker::core::dispatch;
-use broker::metrics::Metrics;
-use broker::core::session::{AckOutcome, Link, Outbound, Session, TopicAliases};
-use broker::core::space::{SolutionSpace, Subscriber};
-use broker::core::twins::{Executed, PolicyRef, Requester, Twins};
-use bytes::BytesMut;
+use broker::mqtt::codec::{QoS, TopicName};
+use broker::mqtt::outbound::TopicAliases;
+use broker::testing::{Change, Harness, TestClient};
+use bytes::{Bytes, BytesMut};
 use criterion::{BatchSize, Criterion, Throughput};
-use policy::{Enforcer, Timestamp};
 use serde_json::json;
-use twin::authz::{first_denied, required_permissions};
 use twin::command::Command;
-use twin::entity::Event;
 use twin::protocol::envelope::Request;
 use twin::protocol::mqtt::{mqtt_request, parse_mqtt_topic};
-use twin::store::{EmbeddedStore, StoreOptions};
 
 const NAMESPACE: &str = "org.acme";
 const MODIFY_TOPIC: &str =
@@ -152,33 +142,16 @@ fn thing_policy() -> serde_json::Value {
 /// Everything the path touches, as a running broker holds it.
 struct Fixture {
     _dir: tempfile::TempDir,
-    twins: Twins,
-    space: SolutionSpace,
-    namespaces: Vec<String>,
-    device: Arc<Session>,
-    subscriber: Arc<Session>,
-    metrics: Metrics,
+    harness: Harness,
+    device: TestClient,
+    subscriber: TestClient,
     /// The subscriber connection's write buffer and topic aliases.
     buf: BytesMut,
     aliases: TopicAliases,
-    /// The packet identifier the subscriber's session gives its next QoS 1 delivery (they are
-    /// allocated in order and each is completed at once, as a PUBACK would).
-    next_packet_id: u16,
 }
 
-fn session(space: &SolutionSpace, client_id: &str) -> Arc<Session> {
-    let subjects: Arc<[String]> = vec![
-        format!("iot-things:bench:{client_id}"),
-        "iot-things:bench".to_owned(),
-    ]
-    .into();
-    let view = space
-        .policy()
-        .for_subjects(&subjects, None, dispatch::now());
-    let session = Arc::new(Session::new(client_id.into(), subjects, view, 0, 1000));
-    // Online: a connection is attached (QoS 0 is not queued for offline sessions).
-    session.lock().link = Some(Arc::new(Link::default()));
-    session
+fn topic(text: &str) -> TopicName {
+    TopicName::new(Bytes::copy_from_slice(text.as_bytes())).unwrap()
 }
 
 fn command(topic: &str, payload: &[u8]) -> Command {
@@ -192,41 +165,18 @@ fn command(topic: &str, payload: &[u8]) -> Command {
 impl Fixture {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut options = StoreOptions::new(dir.path().join("data"));
-        options.max_queued_bytes = 1 << 30;
-        options.snapshot_every_events = 0;
-        options.snapshot_every = None;
-        let store = Arc::new(EmbeddedStore::open(options).unwrap());
-        let twins = Twins::new(store);
-        let id = SolutionId::parse("bench").unwrap();
-        let solution_policy = Arc::new(Enforcer::compile(&default_policy(&id).unwrap()));
-        let space = SolutionSpace::new(id, solution_policy);
-        let device = session(&space, "dev-1");
-        let subscriber = session(&space, "sub");
-        let admin = session(&space, "admin");
-        space.tree_write().insert(
-            SUBSCRIPTION,
-            Subscriber {
-                session: subscriber.clone(),
-                options: SubscriptionOptions::qos(QoS::AtLeastOnce),
-                id: None,
-                share: None,
-            },
-        );
-        let fixture = Fixture {
-            _dir: dir,
-            twins,
-            space,
-            namespaces: vec![NAMESPACE.to_owned()],
-            device,
-            subscriber,
-            metrics: Metrics::default(),
-            buf: BytesMut::with_capacity(4096),
-            aliases: TopicAliases::new(0),
-            next_packet_id: 1,
-        };
+        let harness = Harness::new(&dir.path().join("data"), "bench", &[NAMESPACE]).unwrap();
+        let device = harness.connect("dev-1");
+        let subscriber = harness.connect("sub");
+        let admin = harness.connect("admin");
+        assert!(harness.subscribe(&subscriber, SUBSCRIPTION, QoS::AtLeastOnce));
         let policy = serde_json::to_vec(&thing_policy()).unwrap();
-        fixture.setup_write(&admin, "org.acme/dev-1/policies/commands/create", &policy);
+        setup_write(
+            &harness,
+            &admin,
+            "org.acme/dev-1/policies/commands/create",
+            &policy,
+        );
         let thing = json!({
             "policyId": "org.acme:dev-1",
             "attributes": {"location": {"building": "B7", "floor": 3}, "serial": "0815"},
@@ -237,84 +187,73 @@ impl Fixture {
             }
         });
         let thing = serde_json::to_vec(&thing).unwrap();
-        fixture.setup_write(&admin, "org.acme/dev-1/things/twin/commands/create", &thing);
+        setup_write(
+            &harness,
+            &admin,
+            "org.acme/dev-1/things/twin/commands/create",
+            &thing,
+        );
+        let mut fixture = Fixture {
+            _dir: dir,
+            harness,
+            device,
+            subscriber,
+            buf: BytesMut::with_capacity(4096),
+            aliases: TopicAliases::new(0),
+        };
+        // The setup's own events (the subscriber may read the thing's creation).
+        fixture.drain();
         fixture
     }
 
-    fn requester<'a>(&'a self, session: &'a Session) -> Requester<'a> {
-        Requester {
-            namespaces: &self.namespaces,
-            space: &self.space,
-            session,
-        }
+    /// Publish → pending change, not announced (see the module docs).
+    fn execute(&self, topic_text: &str, payload: &[u8]) -> Change {
+        self.harness
+            .publish(&self.device, &topic(topic_text), payload, QoS::AtLeastOnce)
+            .unwrap_or_else(|told| panic!("`{topic_text}` was refused: {told:?}"))
     }
 
-    /// A setup write, awaited until durable.
-    fn setup_write(&self, session: &Session, topic: &str, payload: &[u8]) {
-        let command = command(topic, payload);
-        match self
-            .twins
-            .execute(self.requester(session), command, dispatch::now())
-        {
-            Executed::Written { durable, .. } => durable.wait().unwrap(),
-            Executed::Answered { reply, .. } => panic!("`{topic}` was refused: {reply:?}"),
-        }
-    }
-
-    /// Parse → execute; the `durable` is dropped (see the module docs).
-    fn execute(&self, topic: &str, payload: &[u8], now: Timestamp) -> (Vec<Event>, PolicyRef) {
-        let parsed = parse_mqtt_topic(topic).unwrap();
-        let Ok(Request::Command(command)) = mqtt_request(&parsed, payload) else {
-            panic!("`{topic}` is not a command");
-        };
-        match self
-            .twins
-            .execute(self.requester(&self.device), command, now)
-        {
-            Executed::Written {
-                events,
-                policy,
-                durable,
-                ..
-            } => {
-                // The answer is not built: the device subscribed to no response topic, as
-                // the connection checks before building one.
-                drop(durable);
-                (events, policy.unwrap())
-            }
-            Executed::Answered { reply, .. } => panic!("`{topic}` was refused: {reply:?}"),
-        }
-    }
-
-    /// Publishes `events` and drains the subscriber's queue into its write buffer, then
-    /// acknowledges the delivery as the subscriber's PUBACK would. Returns the bytes written.
-    fn fan_out(&mut self, events: &[Event], policy: &PolicyRef, now: Timestamp) -> usize {
-        self.twins
-            .publish_events(&self.space, events, Some(policy), &self.metrics, now);
+    /// Drains the subscriber's queue into its write buffer, acknowledging each delivery as
+    /// the subscriber's PUBACK would. Returns the bytes written.
+    fn drain(&mut self) -> usize {
         self.buf.clear();
-        let mut state = self.subscriber.lock();
-        let mut out = Outbound {
-            buf: &mut self.buf,
-            protocol: Protocol::V311,
-            max_packet_size: u32::MAX,
-            metrics: &self.metrics,
-            aliases: &mut self.aliases,
-        };
-        let sent = state.drain_into(&mut out, 32);
-        assert_eq!(sent, 1, "the subscriber got exactly one delivery");
-        let id = NonZeroU16::new(self.next_packet_id).unwrap();
-        self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
-        assert_eq!(state.complete(id, QoS::AtLeastOnce), AckOutcome::Done);
+        self.harness
+            .drain(&self.subscriber, &mut self.buf, &mut self.aliases);
         self.buf.len()
     }
 
-    /// One message end to end: what a connection does for a PUBLISH and, once durable, for
-    /// its events (the reply is not routed: the device subscribed to no response topic).
-    fn full_path(&mut self, topic: &str, payload: &[u8]) -> usize {
-        let now = dispatch::now();
-        let (events, policy) = self.execute(topic, payload, now);
-        self.fan_out(&events, &policy, now)
+    /// The fan-out of one change again, and the drain.
+    fn fan_out(&mut self, change: &Change) -> usize {
+        change.fan_out();
+        let sent = self
+            .harness
+            .drain(&self.subscriber, &mut self.buf, &mut self.aliases);
+        assert_eq!(sent, 1, "the subscriber got exactly one delivery");
+        let len = self.buf.len();
+        self.buf.clear();
+        len
     }
+
+    /// One message end to end: what a connection does for a PUBLISH and, once durable, for
+    /// its events (the answer is not built: the device subscribed to no response topic).
+    fn full_path(&mut self, topic: &str, payload: &[u8]) -> usize {
+        let change = self.execute(topic, payload);
+        change.announce();
+        self.buf.clear();
+        let sent = self
+            .harness
+            .drain(&self.subscriber, &mut self.buf, &mut self.aliases);
+        assert_eq!(sent, 1, "the subscriber got exactly one delivery");
+        self.buf.len()
+    }
+}
+
+/// A setup write, awaited until durable.
+fn setup_write(harness: &Harness, client: &TestClient, topic_text: &str, payload: &[u8]) {
+    let change = harness
+        .publish(client, &topic(topic_text), payload, QoS::AtLeastOnce)
+        .unwrap_or_else(|told| panic!("`{topic_text}` was refused: {told:?}"));
+    change.wait();
 }
 
 fn benches(c: &mut Criterion) {
@@ -357,10 +296,7 @@ fn benches(c: &mut Criterion) {
     group.bench_function("execute", |b| {
         b.iter_batched(
             || prepared.clone(),
-            |command| {
-                let requester = fixture.requester(&fixture.device);
-                black_box(fixture.twins.execute(requester, command, dispatch::now()))
-            },
+            |command| black_box(fixture.harness.execute(&fixture.device, command)),
             BatchSize::SmallInput,
         );
     });
@@ -368,36 +304,23 @@ fn benches(c: &mut Criterion) {
     let Command::Thing(modify) = &prepared else {
         panic!("a thing command");
     };
-    let now = dispatch::now();
-    let policy = fixture.twins.thing_policy("org.acme:dev-1").unwrap();
-    group.bench_function("authorize", |b| {
-        b.iter(|| {
-            let mut state = fixture.device.lock();
-            let view = state.policy_view(&policy.id, &policy.enforcer, NAMESPACE, now);
-            let requirements = required_permissions(black_box(modify));
-            assert!(first_denied(view, &requirements).is_none());
-        });
-    });
     group.bench_function("authorize_with_lookup", |b| {
         b.iter(|| {
-            let policy = fixture
-                .twins
-                .thing_policy(modify.thing_id.as_str())
-                .unwrap();
-            let mut state = fixture.device.lock();
-            let view = state.policy_view(&policy.id, &policy.enforcer, NAMESPACE, now);
-            let requirements = required_permissions(black_box(modify));
-            assert!(first_denied(view, &requirements).is_none());
+            assert!(
+                fixture
+                    .harness
+                    .authorize(&fixture.device, black_box(modify))
+            )
         });
     });
 
-    let (events, policy) = fixture.execute(MODIFY_TOPIC, MODIFY_PAYLOAD, now);
-    let (cut_events, cut_policy) = fixture.execute(CUT_TOPIC, CUT_PAYLOAD, now);
+    let change = fixture.execute(MODIFY_TOPIC, MODIFY_PAYLOAD);
+    let cut_change = fixture.execute(CUT_TOPIC, CUT_PAYLOAD);
     group.bench_function("fan_out", |b| {
-        b.iter(|| black_box(fixture.fan_out(&events, &policy, now)));
+        b.iter(|| black_box(fixture.fan_out(&change)));
     });
     group.bench_function("fan_out_cut", |b| {
-        b.iter(|| black_box(fixture.fan_out(&cut_events, &cut_policy, now)));
+        b.iter(|| black_box(fixture.fan_out(&cut_change)));
     });
     group.finish();
 }
@@ -422,7 +345,6 @@ fn print_summary(started: SystemTime) {
         "full_path_cut",
         "parse",
         "execute",
-        "authorize",
         "authorize_with_lookup",
         "fan_out",
         "fan_out_cut",

@@ -36,7 +36,7 @@ fn demo_solution_id() -> anyhow::Result<SolutionId> {
 }
 
 fn now() -> policy::Timestamp {
-    crate::core::dispatch::now()
+    crate::core::now()
 }
 
 /// Creates (or refreshes) the demo solution and the dev issuer in `data`.

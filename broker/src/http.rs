@@ -12,15 +12,15 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::net::TcpListener;
 
-use crate::mqtt::server::Broker;
+use crate::core::Core;
 
-async fn metrics(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
+async fn metrics(State(core): State<Arc<Core>>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        broker.metrics.encode(),
+        core.metrics.encode(),
     )
 }
 
@@ -28,8 +28,8 @@ async fn health() -> &'static str {
     "ok\n"
 }
 
-async fn ready(State(broker): State<Arc<Broker>>) -> (StatusCode, &'static str) {
-    if *broker.shutdown.borrow() {
+async fn ready(State(core): State<Arc<Core>>) -> (StatusCode, &'static str) {
+    if *core.shutdown.borrow() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
     } else {
         (StatusCode::OK, "ready\n")
@@ -37,17 +37,17 @@ async fn ready(State(broker): State<Arc<Broker>>) -> (StatusCode, &'static str) 
 }
 
 /// Binds `address` and serves until the broker shuts down; returns the bound address.
-pub async fn start(broker: Arc<Broker>, address: &str) -> std::io::Result<SocketAddr> {
+pub async fn start(core: Arc<Core>, address: &str) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(address)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on `{address}`: {e}")))?;
     let bound = listener.local_addr()?;
-    let mut shutdown = broker.shutdown.clone();
+    let mut shutdown = core.shutdown.clone();
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .with_state(broker);
+        .with_state(core);
     tokio::spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
             let _ = shutdown.wait_for(|stop| *stop).await;

@@ -33,4 +33,5 @@ pub mod mqtt;
 pub mod policy_cmd;
 pub mod serve_cmd;
 pub mod solution_cmd;
+pub mod testing;
 pub mod token_cmd;

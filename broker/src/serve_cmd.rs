@@ -14,10 +14,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use twin::store::TwinStore;
 
-use crate::core::identity::Authenticator;
 use crate::auth::jwt::Issuers;
 use crate::auth::limiter::{FailureLimiter, LimiterConfig};
 use crate::config::Config;
+use crate::core::identity::Authenticator;
 use crate::mqtt::server;
 use crate::solution_cmd::DataDir;
 
@@ -148,7 +148,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         )
         .await?;
         let http = match &args.http {
-            Some(address) => Some(crate::http::start(server.broker.clone(), address).await?),
+            Some(address) => Some(crate::http::start(server.core.clone(), address).await?),
             None => None,
         };
         {

@@ -303,7 +303,9 @@ pub async fn settle() {
 /// session is offline (or ended) by then.
 pub async fn disconnect(mut client: RawClient) {
     client
-        .send(&Packet::Disconnect(broker::mqtt::codec::Disconnect::default()))
+        .send(&Packet::Disconnect(
+            broker::mqtt::codec::Disconnect::default(),
+        ))
         .await;
     let after = expect_closed(&mut client, crate::raw::NET_TIMEOUT).await;
     assert!(after.is_empty(), "packets after DISCONNECT: {after:?}");

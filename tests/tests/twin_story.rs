@@ -27,7 +27,9 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use broker::mqtt::codec::{Connect, Packet, Properties, Protocol, PubResponse, Publish, QoS, QosPid};
+use broker::mqtt::codec::{
+    Connect, Packet, Properties, Protocol, PubResponse, Publish, QoS, QosPid,
+};
 use bytes::Bytes;
 use e2e::broker::{Broker, Solution};
 use e2e::clients::connect_v4_login;

@@ -8,7 +8,6 @@
 //! - [`jwt`]: JWTs from configured issuers: signature (JWKS, `kid`), algorithm allow-list,
 //!   `iss`/`aud`/`exp`/`nbf`, and the subjects from each issuer's templates.
 
-
 pub mod jwt;
 pub mod limiter;
 pub mod secret;

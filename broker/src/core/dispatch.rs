@@ -1,41 +1,50 @@
-//! The hot path of plain topics (DESIGN.md §3, §4): an authorized PUBLISH → retained store →
-//! matching subscriptions → one delivery per subscriber session, each checked against that
-//! subscriber's view of the solution policy (unrestricted READ on `topic:/<levels>`).
+//! The one fan-out (DESIGN.md §4): plain messages, twin events and live messages alike go
+//! through [`fan_out`], which finds the subscribed sessions of the solution's topic tree and
+//! asks [`Judged::judge`] — the one place a delivery is decided — whether each may have it and
+//! in which form:
+//! - a plain message: unrestricted READ on `topic:/<levels>` in the solution policy;
+//! - a twin event: partial READ at the event's path in the thing's (or policy's) policy, the
+//!   value cut to the subscriber's view (nothing visible: not delivered);
+//! - a live message: unrestricted READ on its `message:` resource in the thing's policy.
+//!
+//! Each check runs under the subscriber's session lock with that session's memoized view, at
+//! the moment of the offer: a policy change reaches the next delivery.
 //!
 //! Overlapping subscriptions of one session give one delivery, at the highest QoS granted among
 //! them, carrying every matching subscription identifier (MQTT 5 §3.3.4 allows this for both
 //! versions). A shared subscription group (`$share/{group}/{filter}`) gives one delivery to one
-//! member, chosen round-robin among the members whose subjects may read the topic.
+//! member, chosen round-robin among the members whose subjects may read it.
 
+use std::cell::OnceCell;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::SystemTime;
 
-use policy::{Enforcer, Timestamp};
+use bytes::Bytes;
+use policy::{Enforcer, Mode, Permission, ResourceType, Timestamp};
+use serde_json::Value;
+use twin::authz::{cut_event_to_view, cut_policy_to_view};
+use twin::entity::{EntityKind, Event};
+use twin::path::ThingPath;
+use twin::protocol::mqtt::{write_event_payload, write_event_topic};
 
-use crate::mqtt::codec::{QoS, RetainHandling};
-use crate::metrics::Metrics;
-use crate::core::session::{Delivery, Message, Offer, Session};
+use crate::core::message::{Delivery, Message, Offer, Origin};
+use crate::core::policies::{Policies, PolicyRef};
+use crate::core::session::{Session, SessionState};
 use crate::core::space::{SolutionSpace, Subscriber};
 use crate::core::topics;
-
-/// The wall clock as the policy crate takes it.
-pub fn now() -> Timestamp {
-    let millis = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0);
-    Timestamp::from_unix_millis(millis)
-}
+use crate::metrics::Metrics;
+use crate::mqtt::codec::{QoS, RetainHandling, TopicName};
 
 /// One session's share of a routed message, merged over its matching subscriptions.
 #[derive(Debug)]
-pub struct Target {
+struct Target {
     /// The highest QoS granted among the matching subscriptions, capped by the message's.
-    pub qos: QoS,
-    pub retain_as_published: bool,
-    pub subscription_ids: Vec<NonZeroU32>,
+    qos: QoS,
+    retain_as_published: bool,
+    subscription_ids: Vec<NonZeroU32>,
+    /// A retained message sent because of a new subscription: its retain flag stays set.
+    retained_on_subscribe: bool,
 }
 
 struct Candidate {
@@ -43,11 +52,185 @@ struct Candidate {
     target: Target,
 }
 
-/// Finds the sessions subscribed to `topic` in `space` and calls `offer` once per session
-/// (overlapping subscriptions merged), and for each shared group with its members in turn
-/// from the round-robin cursor until one accepts. `offer` decides (checks, builds, queues) and
-/// says whether the session took it. Returns how many did.
-pub fn route(
+/// What is being fanned out, and what a subscriber needs to have it.
+enum Judged<'a> {
+    /// A plain message, judged in the solution policy.
+    Plain {
+        message: &'a Arc<Message>,
+        policy: Arc<Enforcer>,
+    },
+    /// A twin event, judged in its entity's policy; payloads written on demand.
+    Event {
+        event: &'a Event,
+        kind: ResourceType,
+        policy: PolicyRef,
+        namespace: &'a str,
+        topic: TopicName,
+        /// The event with its whole value, built at the first delivery that may see it all.
+        full: Option<Arc<Message>>,
+        /// The event's path, parsed only if some delivery has to be cut.
+        thing_path: OnceCell<Option<ThingPath>>,
+    },
+    /// A live message, judged in the thing's policy.
+    Live {
+        message: Arc<Message>,
+        policy: &'a PolicyRef,
+        resource: &'a str,
+        namespace: &'a str,
+    },
+}
+
+impl Judged<'_> {
+    /// The one decision of a delivery: whether this session's subjects may have it (checked
+    /// on the session's memoized view of the deciding policy) and in which form.
+    fn judge(
+        &mut self,
+        state: &mut SessionState,
+        target: Target,
+        now: Timestamp,
+    ) -> Option<Delivery> {
+        let message = match self {
+            Judged::Plain { message, policy } => {
+                state.refresh_view(policy, now);
+                if !state.view().check(
+                    ResourceType::Topic,
+                    message.topic.as_str(),
+                    Permission::Read,
+                    Mode::Unrestricted,
+                ) {
+                    return None;
+                }
+                // MQTT-3.3.1-9: the retain flag is cleared on normal delivery unless the
+                // subscription asked for Retain As Published.
+                let retain =
+                    target.retained_on_subscribe || (message.retain && target.retain_as_published);
+                return Some(Delivery {
+                    message: (*message).clone(),
+                    qos: target.qos,
+                    retain,
+                    subscription_ids: target.subscription_ids,
+                });
+            }
+            Judged::Event {
+                event,
+                kind,
+                policy,
+                namespace,
+                topic,
+                full,
+                thing_path,
+            } => {
+                let view = state.policy_view(policy, namespace, now);
+                let path = if event.path.is_empty() {
+                    "/"
+                } else {
+                    &event.path
+                };
+                if !view.check(*kind, path, Permission::Read, Mode::Partial) {
+                    return None;
+                }
+                let whole = view.check(*kind, path, Permission::Read, Mode::Unrestricted);
+                if whole || event.value.is_none() {
+                    full.get_or_insert_with(|| {
+                        event_message(topic.clone(), event, event.value.as_ref())
+                    })
+                    .clone()
+                } else {
+                    let value = event.value.as_ref()?;
+                    let parsed = thing_path.get_or_init(|| ThingPath::parse(&event.path).ok());
+                    let cut = match (*kind, parsed) {
+                        (ResourceType::Thing, Some(p)) => cut_event_to_view(view, p, value)?,
+                        _ => cut_policy_to_view(view, path, value)?,
+                    };
+                    event_message(topic.clone(), event, Some(&cut))
+                }
+            }
+            Judged::Live {
+                message,
+                policy,
+                resource,
+                namespace,
+            } => {
+                let view = state.policy_view(policy, namespace, now);
+                if !view.check(
+                    ResourceType::Message,
+                    resource,
+                    Permission::Read,
+                    Mode::Unrestricted,
+                ) {
+                    return None;
+                }
+                message.clone()
+            }
+        };
+        Some(Delivery {
+            message,
+            qos: target.qos,
+            retain: false,
+            subscription_ids: target.subscription_ids,
+        })
+    }
+}
+
+fn event_message(topic: TopicName, event: &Event, value: Option<&Value>) -> Arc<Message> {
+    let mut payload = String::new();
+    let _ = write_event_payload(&mut payload, event, value);
+    Message::new(
+        topic,
+        Bytes::from(payload),
+        Origin {
+            qos: QoS::AtLeastOnce,
+            ..Origin::default()
+        },
+    )
+}
+
+/// Offers `judged` on `topic` to every subscribed session of `space` (no one twice; one member
+/// per shared group), each judged at once. Returns how many sessions queued it.
+fn fan_out(
+    space: &SolutionSpace,
+    topic: &str,
+    publisher: u64,
+    max_qos: QoS,
+    mut judged: Judged<'_>,
+    metrics: &Metrics,
+    now: Timestamp,
+) -> usize {
+    route(space, topic, publisher, max_qos, |session, target| {
+        offer(space, session, &mut judged, target, metrics, now)
+    })
+}
+
+/// Judges one delivery for `session` under its lock and queues it if allowed; denials are
+/// counted and logged. Whether the session took it.
+fn offer(
+    space: &SolutionSpace,
+    session: &Session,
+    judged: &mut Judged<'_>,
+    target: Target,
+    metrics: &Metrics,
+    now: Timestamp,
+) -> bool {
+    let mut state = session.lock();
+    match judged.judge(&mut state, target, now) {
+        Some(delivery) => session.enqueue(state, delivery, metrics) == Offer::Queued,
+        None => {
+            drop(state);
+            metrics.denied(space.id.as_str(), "delivery");
+            tracing::debug!(
+                solution = %space.id,
+                client = %session.client_id,
+                "delivery denied by policy"
+            );
+            false
+        }
+    }
+}
+
+/// Finds the sessions subscribed to `topic` and calls `offer` once per session (overlapping
+/// subscriptions merged), and for each shared group with its members in turn from the
+/// round-robin cursor until one takes it. Returns how many took it.
+fn route(
     space: &SolutionSpace,
     topic: &str,
     publisher: u64,
@@ -70,6 +253,7 @@ pub fn route(
                 qos: sub.options.qos.min(max_qos),
                 retain_as_published: sub.options.retain_as_published,
                 subscription_ids: sub.id.into_iter().collect(),
+                retained_on_subscribe: false,
             },
         });
     });
@@ -106,6 +290,7 @@ pub fn route(
                 qos: member.options.qos.min(max_qos),
                 retain_as_published: false,
                 subscription_ids: member.id.into_iter().collect(),
+                retained_on_subscribe: false,
             };
             if offer(&member.session, target) {
                 queued += 1;
@@ -116,9 +301,9 @@ pub fn route(
     queued
 }
 
-/// Publishes an authorized message in `space`: keeps it if retained, then offers it to every
-/// matching subscriber, each checked on READ of the topic. Returns how many sessions queued it.
-pub fn publish(space: &SolutionSpace, message: Arc<Message>, metrics: &Metrics) -> usize {
+/// Publishes an authorized plain message in `space`: keeps it if retained, then offers it to
+/// every subscriber. Returns how many sessions queued it.
+pub fn publish(space: &SolutionSpace, message: &Arc<Message>, metrics: &Metrics) -> usize {
     if message.retain {
         let mut retained = space.retained_write();
         if message.payload.is_empty() {
@@ -131,73 +316,98 @@ pub fn publish(space: &SolutionSpace, message: Arc<Message>, metrics: &Metrics) 
             metrics.dropped("retained_limit");
         }
     }
-    let policy = space.policy();
-    let now = now();
-    route(
+    let judged = Judged::Plain {
+        message,
+        policy: space.policy(),
+    };
+    fan_out(
         space,
         message.topic.as_str(),
         message.publisher,
         message.qos,
-        |session, target| {
-            let delivery = Delivery {
-                qos: target.qos,
-                // MQTT-3.3.1-9: the retain flag is cleared on normal delivery unless the
-                // subscription asked for Retain As Published.
-                retain: message.retain && target.retain_as_published,
-                subscription_ids: target.subscription_ids,
-                message: message.clone(),
-            };
-            offer(space, session, delivery, &policy, now, metrics)
-        },
+        judged,
+        metrics,
+        crate::core::now(),
     )
 }
 
-fn offer(
+/// Publishes durable events to the subscribers of their topics. An event is judged in its
+/// entity's current policy, or in `fallback` when the entity no longer names one (a deleted
+/// thing).
+pub fn publish_events(
+    policies: &Policies,
     space: &SolutionSpace,
-    session: &Session,
-    delivery: Delivery,
-    policy: &Arc<Enforcer>,
+    events: &[Event],
+    fallback: Option<&PolicyRef>,
+    metrics: &Metrics,
     now: Timestamp,
-    metrics: &Metrics,
-) -> bool {
-    let outcome = session.offer(delivery, policy, now, metrics);
-    note_offer(space, session, outcome, metrics)
-}
-
-/// Counts and logs a denied delivery; whether the session took it.
-pub fn note_offer(
-    space: &SolutionSpace,
-    session: &Session,
-    outcome: Offer,
-    metrics: &Metrics,
-) -> bool {
-    match outcome {
-        Offer::Queued => true,
-        Offer::Denied => {
-            metrics.denied(space.id.as_str(), "delivery");
-            tracing::debug!(
-                solution = %space.id,
-                client = %session.client_id,
-                "delivery denied by policy"
-            );
-            false
+) {
+    let mut topic = String::new();
+    for event in events {
+        topic.clear();
+        if write_event_topic(&mut topic, event).is_err() {
+            continue;
         }
-        Offer::Dropped => false,
+        let (kind, policy) = match event.key.kind {
+            EntityKind::Thing => (ResourceType::Thing, policies.of_stored_thing(&event.key.id)),
+            EntityKind::Policy => (
+                ResourceType::Policy,
+                policies.of_stored_policy(&event.key.id),
+            ),
+            _ => continue,
+        };
+        let Some(policy) = policy.or_else(|| fallback.cloned()) else {
+            continue;
+        };
+        let Ok(topic_name) = topic.parse::<TopicName>() else {
+            continue;
+        };
+        let judged = Judged::Event {
+            event,
+            kind,
+            policy,
+            namespace: event.key.id.split(':').next().unwrap_or_default(),
+            topic: topic_name,
+            full: None,
+            thing_path: OnceCell::new(),
+        };
+        fan_out(space, &topic, 0, QoS::AtLeastOnce, judged, metrics, now);
     }
 }
 
+/// Routes a live message whose sender was authorized: each receiver needs unrestricted READ on
+/// `message:{resource}` in `policy`, the thing's policy. Never stored.
+pub fn publish_live(
+    space: &SolutionSpace,
+    message: Arc<Message>,
+    policy: &PolicyRef,
+    resource: &str,
+    namespace: &str,
+    metrics: &Metrics,
+    now: Timestamp,
+) -> usize {
+    let topic = message.topic.clone();
+    let (publisher, qos) = (message.publisher, message.qos);
+    let judged = Judged::Live {
+        message,
+        policy,
+        resource,
+        namespace,
+    };
+    fan_out(space, topic.as_str(), publisher, qos, judged, metrics, now)
+}
+
 /// Sends the retained messages matching a new subscription (MQTT §3.3.1.3, v5 Retain
-/// Handling), each checked like any delivery. `existed`: the session already had this filter.
+/// Handling), each judged like any delivery. `existed`: the session already had this filter.
 pub fn deliver_retained(
     space: &SolutionSpace,
-    session: &Session,
     sub: &Subscriber,
     filter: &str,
     existed: bool,
     metrics: &Metrics,
 ) {
     if sub.share.is_some() {
-        // MQTT-4.8.2-? : retained messages are not sent for shared subscriptions.
+        // Retained messages are not sent for shared subscriptions (MQTT 5 §4.8.2).
         return;
     }
     match sub.options.retain_handling {
@@ -228,14 +438,18 @@ pub fn deliver_retained(
         return;
     }
     let policy = space.policy();
-    let now = now();
-    for message in matching {
-        let delivery = Delivery {
-            qos: sub.options.qos.min(message.qos),
-            retain: true,
-            subscription_ids: sub.id.into_iter().collect(),
+    let now = crate::core::now();
+    for message in &matching {
+        let mut judged = Judged::Plain {
             message,
+            policy: policy.clone(),
         };
-        offer(space, session, delivery, &policy, now, metrics);
+        let target = Target {
+            qos: sub.options.qos.min(message.qos),
+            retain_as_published: true,
+            subscription_ids: sub.id.into_iter().collect(),
+            retained_on_subscribe: true,
+        };
+        offer(space, &sub.session, &mut judged, target, metrics, now);
     }
 }

@@ -1,51 +1,75 @@
-//! Authentication of an MQTT CONNECT (DESIGN.md §2): the three ways in, each ending in the
-//! connection's solution and subjects, or in a [`Refusal`] that maps to a CONNACK code without
-//! saying which part failed.
+//! `authenticate(credentials) → Identity` (DESIGN.md §2): the three ways in, the same for every
+//! transport, each ending in the connection's solution and subjects, or in a [`Refusal`] that
+//! each adapter maps to its wire (CONNACK code, AMQP reply code, HTTP status) without saying
+//! which part failed.
 //!
 //! 1. user name = solution ID, password = a solution secret;
 //! 2. password = a JWT of a configured issuer; the solution from the issuer's solution claim,
-//!    else from the API token (MQTT 5 user property `x-cr-api-token`, else the user name);
-//! 3. MQTT 5 enhanced authentication with method `jwt`: the token in Authentication Data (or the
-//!    password); the same rules as 2, and the connection may re-authenticate with AUTH.
+//!    else from the API token (given apart, e.g. MQTT 5 user property `x-cr-api-token`, else
+//!    the user name);
+//! 3. an explicit token (MQTT 5 enhanced authentication with method `jwt`, HTTP `Bearer`): the
+//!    same rules as 2, and the connection may re-authenticate with a fresh token.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use crate::auth::Subjects;
-use crate::auth::jwt::{Issuers, JwtRefusal};
+use crate::auth::jwt::{Issuers, JwtIdentity, JwtRefusal};
 use crate::auth::limiter::{Admission, FailureLimiter};
 use crate::auth::solution::{Solution, Solutions};
-use crate::mqtt::codec::{Connect, Protocol};
 
-/// The authentication method name of MQTT 5 enhanced authentication with a JWT.
+/// The name of token authentication (MQTT 5 Authentication Method, AMQP SASL mechanism).
 pub const JWT_METHOD: &str = "jwt";
 
-/// The MQTT 5 user property that carries the API token.
+/// The name under which a client gives its solution's API token apart from its user name (MQTT
+/// 5 user property, AMQP client property, HTTP header).
 pub const API_TOKEN_PROPERTY: &str = "x-cr-api-token";
 
-/// Who a connection is.
+/// Client IDs longer than this are refused.
+pub const MAX_CLIENT_ID_LEN: usize = 256;
+
+/// What a client presented, as its transport received it.
+#[derive(Debug, Clone, Copy)]
+pub struct Credentials<'a> {
+    /// The client ID (assigned by the adapter if the client gave none).
+    pub client_id: &'a str,
+    pub username: Option<&'a str>,
+    /// A solution secret or a JWT.
+    pub password: Option<&'a [u8]>,
+    /// An authentication method the client named (only [`JWT_METHOD`] exists).
+    pub method: Option<&'a str>,
+    /// The token of that method, if given apart from the password.
+    pub token: Option<&'a [u8]>,
+    /// The API token, if given apart from the user name.
+    pub api_token: Option<&'a str>,
+}
+
+/// Who a connection (or request) is: what every later decision about it starts from.
 #[derive(Debug, Clone)]
 pub struct Identity {
     pub solution: Arc<Solution>,
-    pub subjects: Subjects,
+    /// Its subjects, matched together against policies; shared with its session.
+    pub subjects: Arc<[String]>,
+    pub client_id: Arc<str>,
     /// When the token expires (JWT connections): the connection ends then.
     pub expires_at: Option<SystemTime>,
-    /// Authenticated with MQTT 5 method `jwt`: may re-authenticate with AUTH.
+    /// Authenticated with method `jwt`: may re-authenticate with a fresh token.
     pub jwt_method: bool,
 }
 
-/// Why a CONNECT was refused; the label goes to metrics and debug logs, never to the client.
+/// Why authentication failed; the label goes to metrics and debug logs, never to the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     /// Credentials present but wrong (secret, token): "bad user name or password".
     BadCredentials(&'static str),
-    /// No way to tell the solution, or no credentials: "not authorized".
+    /// No way to tell the solution, no credentials, or an expired token: "not authorized".
     NotAuthorized(&'static str),
-    /// An MQTT 5 authentication method other than `jwt`.
+    /// An authentication method other than `jwt`.
     BadAuthenticationMethod,
     /// Too many failures from this address.
     RateLimited,
+    /// The client ID is not acceptable (too long).
+    BadClientId,
 }
 
 impl Refusal {
@@ -54,21 +78,18 @@ impl Refusal {
             Refusal::BadCredentials(reason) | Refusal::NotAuthorized(reason) => reason,
             Refusal::BadAuthenticationMethod => "bad_authentication_method",
             Refusal::RateLimited => "rate_limited",
+            Refusal::BadClientId => "client_id_rejected",
         }
     }
+}
 
-    /// The CONNACK return code (3.1.1) or reason code (5.0).
-    pub fn connack_code(self, protocol: Protocol) -> u8 {
-        match (self, protocol) {
-            (Refusal::BadCredentials(_), Protocol::V311) => 4,
-            (Refusal::BadCredentials(_), Protocol::V5) => 0x86,
-            (Refusal::NotAuthorized(_) | Refusal::RateLimited, Protocol::V311) => 5,
-            (Refusal::BadAuthenticationMethod, Protocol::V311) => 5,
-            (Refusal::NotAuthorized(_), Protocol::V5) => 0x87,
-            (Refusal::BadAuthenticationMethod, Protocol::V5) => 0x8C,
-            (Refusal::RateLimited, Protocol::V5) => 0x9F,
-        }
-    }
+/// A re-authentication that cannot keep the connection open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReauthRefusal {
+    /// The token is not valid.
+    Invalid(&'static str),
+    /// A valid token of another solution or other subjects.
+    OtherIdentity,
 }
 
 /// Everything authentication needs, shared by all connections.
@@ -89,18 +110,29 @@ pub fn looks_like_jwt(text: &str) -> bool {
 }
 
 impl Authenticator {
-    /// Authenticates `connect` from `peer`. `client_id` is the effective client ID (assigned if
-    /// the client sent none). Failures are recorded for the rate limiter.
+    /// Authenticates `credentials` from `peer`. Failures are recorded for the rate limiter. A
+    /// token that expired is refused ("not authorized").
     pub async fn authenticate(
         &self,
-        connect: &Connect,
-        client_id: &str,
+        credentials: &Credentials<'_>,
         peer: IpAddr,
     ) -> Result<Identity, Refusal> {
+        if credentials.client_id.len() > MAX_CLIENT_ID_LEN {
+            return Err(Refusal::BadClientId);
+        }
         if let Admission::Limited { .. } = self.limiter.admit(peer, Instant::now()) {
             return Err(Refusal::RateLimited);
         }
-        let result = self.check(connect, client_id).await;
+        let result = self.check(credentials).await.and_then(|identity| {
+            if identity
+                .expires_at
+                .is_some_and(|at| at <= SystemTime::now())
+            {
+                Err(Refusal::NotAuthorized("expired"))
+            } else {
+                Ok(identity)
+            }
+        });
         if let Err(refusal) = result
             && refusal != Refusal::RateLimited
         {
@@ -109,24 +141,23 @@ impl Authenticator {
         result
     }
 
-    async fn check(&self, connect: &Connect, client_id: &str) -> Result<Identity, Refusal> {
-        let password = connect
+    async fn check(&self, credentials: &Credentials<'_>) -> Result<Identity, Refusal> {
+        let password = credentials
             .password
-            .as_deref()
             .map(|p| {
                 std::str::from_utf8(p).map_err(|_| Refusal::BadCredentials("password_not_utf8"))
             })
             .transpose()?;
-        if let Some(method) = &connect.properties.authentication_method {
-            if method.as_str() != JWT_METHOD {
+        if let Some(method) = credentials.method {
+            if method != JWT_METHOD {
                 return Err(Refusal::BadAuthenticationMethod);
             }
-            let token = match &connect.properties.authentication_data {
+            let token = match credentials.token {
                 Some(data) => std::str::from_utf8(data)
                     .map_err(|_| Refusal::BadCredentials("token_not_utf8"))?,
                 None => password.ok_or(Refusal::NotAuthorized("no_token"))?,
             };
-            let mut identity = self.with_token(connect, token).await?;
+            let mut identity = self.with_token(credentials, token).await?;
             identity.jwt_method = true;
             return Ok(identity);
         }
@@ -134,22 +165,23 @@ impl Authenticator {
             return Err(Refusal::NotAuthorized("no_credentials"));
         };
         if !self.issuers.is_empty() && looks_like_jwt(password) {
-            return self.with_token(connect, password).await;
+            return self.with_token(credentials, password).await;
         }
-        let Some(username) = &connect.username else {
+        let Some(username) = credentials.username else {
             return Err(Refusal::NotAuthorized("no_solution"));
         };
         let subjects = self
             .solutions
-            .authenticate_secret(username.as_str(), password, client_id)
+            .authenticate_secret(username, password, credentials.client_id)
             .map_err(|refusal| Refusal::BadCredentials(refusal.as_str()))?;
         let solution = self
             .solutions
-            .get(username.as_str())
+            .get(username)
             .ok_or(Refusal::BadCredentials("unknown_solution"))?;
         Ok(Identity {
             solution,
-            subjects,
+            subjects: subjects.into_vec().into(),
+            client_id: credentials.client_id.into(),
             expires_at: None,
             jwt_method: false,
         })
@@ -157,7 +189,11 @@ impl Authenticator {
 
     /// Validates a token (re-reading the issuers' keys once on an unknown `kid`) and finds its
     /// solution.
-    async fn with_token(&self, connect: &Connect, token: &str) -> Result<Identity, Refusal> {
+    async fn with_token(
+        &self,
+        credentials: &Credentials<'_>,
+        token: &str,
+    ) -> Result<Identity, Refusal> {
         let jwt = self.validate_token(token).await?;
         let solution = match &jwt.solution {
             Some(id) => self
@@ -165,13 +201,9 @@ impl Authenticator {
                 .get(id)
                 .ok_or(Refusal::NotAuthorized("unknown_solution_claim"))?,
             None => {
-                let api_token = connect
-                    .properties
-                    .user_properties
-                    .iter()
-                    .find(|(k, _)| k.as_str() == API_TOKEN_PROPERTY)
-                    .map(|(_, v)| v.as_str())
-                    .or_else(|| connect.username.as_ref().map(|u| u.as_str()))
+                let api_token = credentials
+                    .api_token
+                    .or(credentials.username)
                     .ok_or(Refusal::NotAuthorized("no_api_token"))?;
                 let id = self
                     .solutions
@@ -184,18 +216,43 @@ impl Authenticator {
         };
         Ok(Identity {
             solution,
-            subjects: Subjects::new(jwt.subjects),
+            subjects: jwt.subjects.into(),
+            client_id: credentials.client_id.into(),
             expires_at: Some(jwt.expires_at),
             jwt_method: false,
         })
     }
 
+    /// Re-authentication of `identity` with a fresh token (DESIGN.md §2): the same solution
+    /// and the same subjects; the connection then lives until the new token's expiry, which
+    /// is written into `identity`.
+    pub fn reauthenticate(
+        &self,
+        identity: &mut Identity,
+        token: &str,
+    ) -> Result<(), ReauthRefusal> {
+        let jwt: JwtIdentity = self
+            .issuers
+            .validate(token, SystemTime::now())
+            .map_err(|refusal| ReauthRefusal::Invalid(refusal.as_str()))?;
+        let same_solution = jwt
+            .solution
+            .as_deref()
+            .is_none_or(|s| s == identity.solution.id.as_str());
+        let mut old: Vec<&str> = identity.subjects.iter().map(String::as_str).collect();
+        let mut new: Vec<&str> = jwt.subjects.iter().map(String::as_str).collect();
+        old.sort_unstable();
+        new.sort_unstable();
+        if !same_solution || old != new {
+            return Err(ReauthRefusal::OtherIdentity);
+        }
+        identity.expires_at = Some(jwt.expires_at);
+        Ok(())
+    }
+
     /// Validates a token at the current time; on an unknown `kid` the keys are re-read
     /// (rate-limited) and the token checked once more.
-    pub async fn validate_token(
-        &self,
-        token: &str,
-    ) -> Result<crate::auth::jwt::JwtIdentity, Refusal> {
+    pub async fn validate_token(&self, token: &str) -> Result<JwtIdentity, Refusal> {
         match self.issuers.validate(token, SystemTime::now()) {
             Ok(identity) => Ok(identity),
             Err(JwtRefusal::UnknownKid) => {

@@ -1,4 +1,4 @@
-//! One client's session (MQTT §4.1): what outlives a network connection — subscriptions,
+//! One client's session (MQTT §4.1; the sink every delivery of the fan-out goes into): what outlives a network connection — subscriptions,
 //! messages waiting to be sent, QoS 1/2 messages awaiting acknowledgement, QoS 2 packet
 //! identifiers awaiting PUBREL — and the subjects whose policy view decides each delivery.
 //!
@@ -13,96 +13,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
-use policy::{Enforcer, Mode, Permission, ResourceType, SubjectView, Timestamp};
+use policy::{Enforcer, SubjectView, Timestamp};
 use tokio::sync::Notify;
 
-use crate::mqtt::codec::{
-    Packet, Properties, Protocol, PubResponse, Publish, QoS, QosPid, SubscriptionOptions,
-    TopicName, Utf8Str,
-};
+use crate::core::message::{Delivery, Offer};
+use crate::core::policies::{PolicyId, PolicyRef};
+use crate::core::space::tree_filter;
+use crate::core::topics;
 use crate::metrics::Metrics;
-
-/// One published message as it travels to subscribers: topic and payload copied out of the
-/// publisher's read buffer (so a queued message keeps only its own bytes alive).
-#[derive(Debug)]
-pub struct Message {
-    pub topic: TopicName,
-    pub payload: Bytes,
-    pub qos: QoS,
-    pub retain: bool,
-    /// MQTT 5 properties forwarded to subscribers; `None` for most messages.
-    pub properties: Option<Box<ForwardedProperties>>,
-    /// From the v5 Message Expiry Interval: dropped, not sent, once passed.
-    pub expires_at: Option<Instant>,
-    /// The publishing session's [`Session::id`], for No Local (0: none, e.g. a will).
-    pub publisher: u64,
-}
-
-/// The PUBLISH properties the server forwards unchanged (MQTT 5 §3.3.2.3).
-#[derive(Debug, Clone, Default)]
-pub struct ForwardedProperties {
-    pub payload_format_utf8: Option<bool>,
-    pub content_type: Option<Utf8Str>,
-    pub response_topic: Option<TopicName>,
-    pub correlation_data: Option<Bytes>,
-    pub user_properties: Vec<(Utf8Str, Utf8Str)>,
-}
-
-impl ForwardedProperties {
-    /// The forwarded part of `p`, or `None` when there is nothing to forward.
-    pub fn from_publish(p: &Properties) -> Option<Box<Self>> {
-        if p.payload_format_utf8.is_none()
-            && p.content_type.is_none()
-            && p.response_topic.is_none()
-            && p.correlation_data.is_none()
-            && p.user_properties.is_empty()
-        {
-            return None;
-        }
-        Some(Box::new(ForwardedProperties {
-            payload_format_utf8: p.payload_format_utf8,
-            content_type: p.content_type.as_ref().map(deep_copy_utf8),
-            response_topic: p.response_topic.as_ref().map(deep_copy_topic),
-            correlation_data: p.correlation_data.as_deref().map(Bytes::copy_from_slice),
-            user_properties: p
-                .user_properties
-                .iter()
-                .map(|(k, v)| (deep_copy_utf8(k), deep_copy_utf8(v)))
-                .collect(),
-        }))
-    }
-}
-
-fn deep_copy_utf8(s: &Utf8Str) -> Utf8Str {
-    s.as_str().parse().unwrap_or_else(|_| s.clone())
-}
-
-/// A topic name in its own allocation (not a slice of a read buffer).
-pub fn deep_copy_topic(t: &TopicName) -> TopicName {
-    TopicName::new(Bytes::copy_from_slice(t.as_bytes())).unwrap_or_else(|_| t.clone())
-}
-
-/// A message on its way to one subscriber.
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    pub message: Arc<Message>,
-    /// The QoS it is sent with: the message's, capped by the subscription's.
-    pub qos: QoS,
-    pub retain: bool,
-    /// Identifiers of the matching subscriptions (MQTT 5), usually none or one.
-    pub subscription_ids: Vec<NonZeroU32>,
-}
-
-/// What happened to a delivery offered to a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Offer {
-    Queued,
-    /// The subscriber's subjects may not READ the topic.
-    Denied,
-    /// Dropped by a limit (counted in the metrics).
-    Dropped,
-}
+use crate::mqtt::codec::{QoS, QosPid, SubscriptionOptions};
 
 /// A subscription as the session remembers it (to answer UNSUBSCRIBE and to rebuild).
 #[derive(Debug, Clone)]
@@ -198,43 +117,32 @@ impl Session {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Offers a delivery: checked against the session's subjects (unrestricted READ on
-    /// `topic:/<levels>`), then queued if the queue has room. `policy` is the solution
-    /// policy's current revision; the view is rebuilt when it changed or a subject expired.
-    pub fn offer(
-        &self,
-        delivery: Delivery,
-        policy: &Arc<Enforcer>,
-        now: Timestamp,
-        metrics: &Metrics,
-    ) -> Offer {
-        self.offer_with(metrics, |state| {
-            state.refresh_view(policy, now);
-            state
-                .view
-                .check(
-                    ResourceType::Topic,
-                    delivery.message.topic.as_str(),
-                    Permission::Read,
-                    Mode::Unrestricted,
-                )
-                .then_some(delivery)
-        })
+    /// Whether the session has any subscription.
+    pub fn has_subscriptions(&self) -> bool {
+        !self.lock().subscriptions.is_empty()
     }
 
-    /// Offers what `decide` makes of this session (`None`: the session may not have it, e.g.
-    /// its subjects cannot READ it), under the session's lock; queued if there is room.
-    pub fn offer_with(
+    /// The QoS of the session's subscription matching `topic`, if any.
+    pub fn subscribed_qos(&self, topic: &str) -> Option<QoS> {
+        let state = self.lock();
+        state
+            .subscriptions
+            .iter()
+            .filter(|(filter, _)| topics::matches(tree_filter(filter), topic))
+            .map(|(_, record)| record.options.qos)
+            .max()
+    }
+
+    /// Queues a delivery the caller has judged (under this lock) if there is room, then wakes
+    /// the attached connection. QoS 0 is not kept for an offline session (MQTT §3.1.2.4 allows
+    /// it); a full queue drops the newest message (`crate::limits`).
+    pub fn enqueue(
         &self,
+        mut state: MutexGuard<'_, SessionState>,
+        delivery: Delivery,
         metrics: &Metrics,
-        decide: impl FnOnce(&mut SessionState) -> Option<Delivery>,
     ) -> Offer {
-        let mut state = self.lock();
-        let Some(delivery) = decide(&mut state) else {
-            return Offer::Denied;
-        };
         if state.link.is_none() && delivery.qos == QoS::AtMostOnce {
-            // QoS 0 messages are not kept for an offline session (MQTT §3.1.2.4 allows it).
             return Offer::Dropped;
         }
         if state.queue.len() >= state.max_queued {
@@ -256,7 +164,7 @@ impl Session {
 /// asked about differs. Bounded: cleared when it reaches [`PolicyViews::MAX`] entries.
 #[derive(Debug, Default)]
 pub struct PolicyViews {
-    map: HashMap<Arc<str>, (Box<str>, SubjectView)>,
+    map: HashMap<PolicyId, (Box<str>, SubjectView)>,
 }
 
 impl PolicyViews {
@@ -265,7 +173,7 @@ impl PolicyViews {
     /// The view of `enforcer` (policy `policy_id`) for `subjects`, for a thing in `namespace`.
     pub fn get(
         &mut self,
-        policy_id: &Arc<str>,
+        policy_id: &PolicyId,
         enforcer: &Arc<Enforcer>,
         namespace: &str,
         subjects: &[String],
@@ -289,6 +197,15 @@ impl PolicyViews {
         }
         &slot.1
     }
+}
+
+/// One message to send again when a session is resumed.
+#[derive(Debug)]
+pub enum Resend<'a> {
+    /// Not acknowledged: the PUBLISH again, with DUP.
+    Publish(&'a Delivery, QosPid),
+    /// QoS 2, PUBREC received: the PUBREL again.
+    Release(NonZeroU16),
 }
 
 /// What the connection must do with a client's acknowledgement.
@@ -321,13 +238,12 @@ impl SessionState {
     /// The view of a thing (or policy) policy for this session's subjects.
     pub fn policy_view(
         &mut self,
-        policy_id: &Arc<str>,
-        enforcer: &Arc<Enforcer>,
+        policy: &PolicyRef,
         namespace: &str,
         now: Timestamp,
     ) -> &SubjectView {
         self.policy_views
-            .get(policy_id, enforcer, namespace, &self.subjects, now)
+            .get(&policy.id, &policy.enforcer, namespace, &self.subjects, now)
     }
 
     /// Rebuilds the view if the policy revision changed or a matched subject expired.
@@ -350,9 +266,16 @@ impl SessionState {
         self.subscriptions.clear();
     }
 
-    /// Encodes every message that may be sent now into `out`: queued messages while fewer than
-    /// `max_inflight` QoS 1/2 messages await acknowledgement. Returns how many were sent.
-    pub fn drain_into(&mut self, out: &mut Outbound<'_>, max_inflight: usize) -> usize {
+    /// Hands every message that may be sent now to `send`: queued messages while fewer than
+    /// `max_inflight` QoS 1/2 messages await acknowledgement, each with the packet identifier
+    /// it is sent under. `send` returns false when the message cannot reach this client (too
+    /// large for it): as if delivered (MQTT-3.1.2-25). Returns how many were sent.
+    pub fn drain(
+        &mut self,
+        max_inflight: usize,
+        metrics: &Metrics,
+        mut send: impl FnMut(&Delivery, QosPid) -> bool,
+    ) -> usize {
         let mut sent = 0;
         while self.inflight.len() < max_inflight {
             let Some(delivery) = self.queue.pop_front() else {
@@ -360,7 +283,7 @@ impl SessionState {
             };
             let now = Instant::now();
             if delivery.message.expires_at.is_some_and(|at| at <= now) {
-                out.metrics.dropped("expired");
+                metrics.dropped("expired");
                 continue;
             }
             let qos = match delivery.qos {
@@ -368,8 +291,7 @@ impl SessionState {
                 QoS::AtLeastOnce => QosPid::AtLeastOnce(self.allocate_packet_id()),
                 QoS::ExactlyOnce => QosPid::ExactlyOnce(self.allocate_packet_id()),
             };
-            if !out.publish(&delivery, qos, false) {
-                // Too large for this client: as if it had been delivered (MQTT-3.1.2-25).
+            if !send(&delivery, qos) {
                 continue;
             }
             sent += 1;
@@ -384,22 +306,19 @@ impl SessionState {
         sent
     }
 
-    /// Re-sends what was in flight when the previous connection ended (MQTT §4.4): PUBLISH with
-    /// DUP for unacknowledged messages, PUBREL for QoS 2 messages already received.
-    pub fn resend_inflight(&mut self, out: &mut Outbound<'_>) {
+    /// What was in flight when the previous connection ended, to send again (MQTT §4.4), in
+    /// order: PUBLISH with DUP for unacknowledged messages, PUBREL for QoS 2 messages the
+    /// client already received.
+    pub fn resend_inflight(&self, mut resend: impl FnMut(Resend<'_>)) {
         for entry in &self.inflight {
             if entry.released {
-                out.packet(&Packet::PubRel(PubResponse {
-                    packet_id: entry.packet_id,
-                    reason: 0,
-                    properties: Properties::default(),
-                }));
+                resend(Resend::Release(entry.packet_id));
             } else {
                 let qos = match entry.delivery.qos {
                     QoS::ExactlyOnce => QosPid::ExactlyOnce(entry.packet_id),
                     _ => QosPid::AtLeastOnce(entry.packet_id),
                 };
-                out.publish(&entry.delivery, qos, true);
+                resend(Resend::Publish(&entry.delivery, qos));
             }
         }
     }
@@ -432,8 +351,8 @@ impl SessionState {
         }
     }
 
-    /// PUBREC from the client; a failure reason (≥ 0x80) ends the exchange.
-    pub fn received(&mut self, packet_id: NonZeroU16, reason: u8) -> AckOutcome {
+    /// PUBREC from the client; a failure (`failed`) ends the exchange.
+    pub fn received(&mut self, packet_id: NonZeroU16, failed: bool) -> AckOutcome {
         let Some(i) = self
             .inflight
             .iter()
@@ -441,7 +360,7 @@ impl SessionState {
         else {
             return AckOutcome::Unknown;
         };
-        if reason >= 0x80 {
+        if failed {
             self.inflight.remove(i);
             return AckOutcome::Done;
         }
@@ -449,118 +368,6 @@ impl SessionState {
             e.released = true;
         }
         AckOutcome::SendPubRel
-    }
-}
-
-/// Topic aliases the server assigned on one connection (MQTT 5 §3.3.2.3.4): the first PUBLISH
-/// on a topic carries topic and alias, later ones only the alias. Aliases are given out until
-/// the client's Topic Alias Maximum is reached and never reassigned; the map is allocated only
-/// when a client allows aliases and a message is sent.
-#[derive(Debug, Default)]
-pub struct TopicAliases {
-    /// The client's Topic Alias Maximum (0: none).
-    pub max: u16,
-    map: HashMap<Box<str>, NonZeroU16>,
-}
-
-impl TopicAliases {
-    pub fn new(max: u16) -> Self {
-        TopicAliases {
-            max,
-            map: HashMap::new(),
-        }
-    }
-
-    /// The alias for `topic` and whether the topic must still be sent with it.
-    fn alias(&mut self, topic: &str) -> Option<(NonZeroU16, bool)> {
-        if let Some(&alias) = self.map.get(topic) {
-            return Some((alias, false));
-        }
-        if self.map.len() >= usize::from(self.max) {
-            return None;
-        }
-        let alias = NonZeroU16::new(u16::try_from(self.map.len() + 1).ok()?)?;
-        self.map.insert(topic.into(), alias);
-        Some((alias, true))
-    }
-}
-
-/// Encodes packets for one connection into its write buffer, honouring the client's maximum
-/// packet size and using topic aliases where the client allows them.
-#[derive(Debug)]
-pub struct Outbound<'a> {
-    pub buf: &'a mut BytesMut,
-    pub protocol: Protocol,
-    /// The client's Maximum Packet Size (v5), or `u32::MAX`.
-    pub max_packet_size: u32,
-    pub metrics: &'a Metrics,
-    pub aliases: &'a mut TopicAliases,
-}
-
-impl Outbound<'_> {
-    /// Appends `packet`; false (and nothing written) if it cannot be encoded or is too large.
-    pub fn packet(&mut self, packet: &Packet) -> bool {
-        let start = self.buf.len();
-        match packet.encode(self.protocol, self.buf) {
-            Ok(size) if size <= self.max_packet_size as usize => true,
-            Ok(_) => {
-                self.buf.truncate(start);
-                self.metrics.dropped("too_large");
-                false
-            }
-            Err(_) => {
-                self.buf.truncate(start);
-                self.metrics.dropped("unencodable");
-                false
-            }
-        }
-    }
-
-    /// Appends a PUBLISH for `delivery`.
-    pub fn publish(&mut self, delivery: &Delivery, qos: QosPid, dup: bool) -> bool {
-        let message = &delivery.message;
-        let mut properties = Properties::default();
-        if self.protocol == Protocol::V5 {
-            if let Some(forwarded) = &message.properties {
-                properties.payload_format_utf8 = forwarded.payload_format_utf8;
-                properties.content_type = forwarded.content_type.clone();
-                properties.response_topic = forwarded.response_topic.clone();
-                properties.correlation_data = forwarded.correlation_data.clone();
-                properties.user_properties = forwarded.user_properties.clone();
-            }
-            if let Some(at) = message.expires_at {
-                let left = at.saturating_duration_since(Instant::now());
-                let seconds = left.as_secs() + u64::from(left.subsec_nanos() > 0);
-                properties.message_expiry_interval =
-                    Some(u32::try_from(seconds.max(1)).unwrap_or(u32::MAX));
-            }
-            properties.subscription_identifiers = delivery.subscription_ids.clone();
-        }
-        let mut topic = message.topic.clone();
-        // A retransmission (DUP) is sent with its full topic: the alias may be new to this
-        // network connection.
-        if self.protocol == Protocol::V5
-            && self.aliases.max > 0
-            && !dup
-            && let Some((alias, first)) = self.aliases.alias(message.topic.as_str())
-        {
-            properties.topic_alias = Some(alias);
-            if !first {
-                topic = TopicName::default();
-            }
-        }
-        let ok = self.packet(&Packet::Publish(Publish {
-            dup,
-            qos,
-            retain: delivery.retain,
-            topic,
-            payload: message.payload.clone(),
-            properties,
-        }));
-        if ok {
-            self.metrics.messages_delivered.inc();
-        }
-        ok
     }
 }
 
@@ -574,6 +381,7 @@ mod tests {
     use serde_json::json;
 
     use super::PolicyViews;
+    use crate::core::policies::PolicyId;
 
     fn enforcer(subject: &str) -> Arc<Enforcer> {
         let policy =
@@ -588,7 +396,7 @@ mod tests {
     #[test]
     fn a_memoized_view_follows_a_new_policy_revision() {
         let mut views = PolicyViews::default();
-        let id: Arc<str> = "org.acme:p".into();
+        let id = PolicyId::from(&twin::PolicyId::parse("org.acme:p").unwrap());
         let subjects = ["s:a".to_owned()];
         let now = Timestamp::from_unix_millis(0);
         let first = enforcer("s:a");

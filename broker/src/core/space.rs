@@ -12,9 +12,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 use policy::Enforcer;
 
 use crate::auth::solution::{Solution, SolutionId};
-use crate::mqtt::codec::SubscriptionOptions;
-use crate::core::session::{Message, Session};
+use crate::core::message::Message;
+use crate::core::session::Session;
 use crate::core::topics::TopicTree;
+use crate::mqtt::codec::SubscriptionOptions;
 
 /// One entry of the subscription tree.
 #[derive(Debug, Clone)]

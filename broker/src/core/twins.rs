@@ -1,64 +1,45 @@
-//! The twin topic space over MQTT (DESIGN.md §3, §4): thing and policy commands, their events,
-//! and live messages, each authorized against the policy of the thing it is about.
+//! Authorize and apply (DESIGN.md §4): thing and policy commands, and the sender's side of
+//! live messages, each against the policy of the thing it is about. Nothing here delivers:
+//! events and live messages go out through `crate::core::dispatch`.
 //!
 //! A command goes: solution namespace check → the thing's policy (its compiled current revision
-//! from the [`PolicyCache`], keyed by policy ID and entity revision) → the requester's view of
-//! it (memoized per session: [`crate::core::session::PolicyViews`]) → the command's requirements
-//! (`twin::authz`) → `apply` under the entity's lock in the store → the journal. The caller
-//! acknowledges once [`Executed::Written::durable`] completes and only then publishes the
-//! events: a subscriber never sees a change that a crash could take back.
+//! from [`Policies`]) → the requester's view of it (memoized per session:
+//! [`crate::core::session::PolicyViews`]) → the command's requirements (`twin::authz`) →
+//! `apply` under the entity's lock in the store → the journal. The caller acknowledges once
+//! [`Executed::Written::durable`] completes and only then publishes the events: a subscriber
+//! never sees a change that a crash could take back.
 //!
 //! A policy change bumps the policy entity's revision: the next check anywhere (commands,
 //! event deliveries, live messages) finds the cached enforcer stale and compiles the new
 //! revision, and every session's memoized view follows (it compares enforcers). So a
 //! revocation takes effect for every live connection at once, with no reconnect.
 
-use std::collections::HashMap;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 
-use bytes::Bytes;
-use policy::{Enforcer, Mode, Permission, PolicyCache, ResourceType, Timestamp};
+use policy::{Mode, Permission, ResourceType, Timestamp};
 use serde_json::{Value, json};
 use twin::apply::{Applied, apply_policy_command, apply_thing_command};
 use twin::authz::{
-    cut_event_to_view, cut_policy_to_view, cut_to_view, denied, first_denied,
-    grants_without_allocation, policy_denied, required_permissions, required_policy_permissions,
+    cut_policy_to_view, cut_to_view, denied, first_denied, grants_without_allocation,
+    policy_denied, required_permissions, required_policy_permissions,
 };
 use twin::command::{Action, Command, CommandHeaders, PolicyCommand, ThingCommand};
 use twin::entity::{Entity, EntityKey, EntityKind, Event};
 use twin::error::DittoError;
-use twin::path::ThingPath;
 use twin::protocol::envelope::Envelope;
 use twin::protocol::message::LiveMessage;
-use twin::protocol::mqtt::write_event_topic;
 use twin::store::{Durable, EmbeddedStore, TwinStore, TwinStoreExt, WriteError, Written};
 use twin::thing::{self, Limits};
 
-use crate::mqtt::codec::{QoS, TopicName};
-use crate::core::dispatch::{self, Target};
-use crate::metrics::Metrics;
-use crate::core::session::{Delivery, Message, Session};
-use crate::core::space::SolutionSpace;
+use crate::core::Client;
+use crate::core::policies::{Policies, PolicyId, PolicyRef};
 
 /// The store and the compiled policies.
 #[derive(Debug)]
 pub struct Twins {
     pub store: Arc<EmbeddedStore>,
-    cache: PolicyCache,
-    /// For policies with imports: each imported policy's revision when the importer was
-    /// compiled (`None`: it did not exist).
-    imports: RwLock<HashMap<Box<str>, ImportRevisions>>,
+    pub policies: Policies,
     pub limits: Limits,
-}
-
-/// The policies one policy imports, each with its revision when the importer was compiled.
-type ImportRevisions = Vec<(Box<str>, Option<u64>)>;
-
-/// A policy's ID and its compiled current revision.
-#[derive(Debug, Clone)]
-pub struct PolicyRef {
-    pub id: Arc<str>,
-    pub enforcer: Arc<Enforcer>,
 }
 
 /// What a command led to.
@@ -88,32 +69,6 @@ impl Executed {
             reply: Envelope::command_error(command, error),
             denied,
         }
-    }
-}
-
-/// Who sends a command: the solution (its namespaces, its policy) and the session (subjects and
-/// their memoized views).
-#[derive(Debug, Clone, Copy)]
-pub struct Requester<'a> {
-    pub namespaces: &'a [String],
-    pub space: &'a SolutionSpace,
-    pub session: &'a Session,
-}
-
-impl Requester<'_> {
-    fn owns(&self, namespace: &str) -> bool {
-        self.namespaces.iter().any(|n| n == namespace)
-    }
-
-    /// Whether the solution policy grants `permission` on `kind:/` (CREATE on `thing:/` or
-    /// `policy:/`).
-    fn solution_grants(&self, kind: ResourceType, permission: Permission, now: Timestamp) -> bool {
-        let policy = self.space.policy();
-        let mut state = self.session.lock();
-        state.refresh_view(&policy, now);
-        state
-            .view()
-            .check(kind, "/", permission, Mode::Unrestricted)
     }
 }
 
@@ -163,91 +118,21 @@ fn changed_concurrently() -> DittoError {
 impl Twins {
     pub fn new(store: Arc<EmbeddedStore>) -> Self {
         Twins {
+            policies: Policies::new(store.clone()),
             store,
-            cache: PolicyCache::new(100_000),
-            imports: RwLock::new(HashMap::new()),
             limits: Limits::default(),
         }
     }
 
-    /// The compiled current revision of policy `id` (`None`: no such policy).
-    pub fn enforcer(&self, id: &str) -> Option<Arc<Enforcer>> {
-        let entity = self.store.get(&policy_key(id))?;
-        if let Some(cached) = self.cache.get(id)
-            && cached.revision == entity.revision
-            && self.imports_unchanged(id)
-        {
-            return Some(cached.enforcer);
-        }
-        // Stored policies were validated when written; one that no longer parses grants nothing.
-        let policy = policy::policy_from_value(&entity.doc).ok()?;
-        let mut revisions = Vec::with_capacity(policy.imports.len());
-        let imported: Vec<policy::Policy> = policy
-            .imports
-            .keys()
-            .filter_map(|import| {
-                let doc = self.store.get(&policy_key(import.as_str()));
-                revisions.push((
-                    Box::<str>::from(import.as_str()),
-                    doc.as_ref().map(|d| d.revision),
-                ));
-                policy::policy_from_value(&doc?.doc).ok()
-            })
-            .collect();
-        let refs: Vec<&policy::Policy> = imported.iter().collect();
-        let enforcer = Arc::new(Enforcer::compile_with_imports(&policy, &refs));
-        {
-            let mut imports = self.imports.write().unwrap_or_else(PoisonError::into_inner);
-            if revisions.is_empty() {
-                imports.remove(id);
-            } else {
-                imports.insert(id.into(), revisions);
-            }
-        }
-        self.cache.insert(id, entity.revision, enforcer.clone());
-        Some(enforcer)
-    }
-
-    /// Whether the policies `id` imports are at the revisions its cached enforcer was compiled
-    /// with (a change to an imported policy changes the importer's effective entries).
-    fn imports_unchanged(&self, id: &str) -> bool {
-        let imports = self.imports.read().unwrap_or_else(PoisonError::into_inner);
-        let Some(recorded) = imports.get(id) else {
-            return true;
-        };
-        recorded.iter().all(|(import, revision)| {
-            self.store.get(&policy_key(import)).map(|e| e.revision) == *revision
-        })
-    }
-
-    /// The policy of thing `thing_id` (`None`: no such thing, or its policy is gone).
-    pub fn thing_policy(&self, thing_id: &str) -> Option<PolicyRef> {
-        let id = self.store.thing_policy_id(thing_id)?;
-        let enforcer = self.enforcer(&id)?;
-        Some(PolicyRef { id, enforcer })
-    }
-
-    fn policy_ref(&self, id: &str) -> Option<PolicyRef> {
-        Some(PolicyRef {
-            enforcer: self.enforcer(id)?,
-            id: id.into(),
-        })
-    }
-
-    /// Authorizes and applies a command for `requester`.
-    pub fn execute(&self, requester: Requester<'_>, command: Command, now: Timestamp) -> Executed {
+    /// Authorizes and applies a command for `client`.
+    pub fn execute(&self, client: &Client, command: Command, now: Timestamp) -> Executed {
         match command {
-            Command::Thing(cmd) => self.execute_thing(requester, cmd, now),
-            Command::Policy(cmd) => self.execute_policy(requester, cmd, now),
+            Command::Thing(cmd) => self.execute_thing(client, cmd, now),
+            Command::Policy(cmd) => self.execute_policy(client, cmd, now),
         }
     }
 
-    fn execute_thing(
-        &self,
-        requester: Requester<'_>,
-        cmd: ThingCommand,
-        now: Timestamp,
-    ) -> Executed {
+    fn execute_thing(&self, client: &Client, cmd: ThingCommand, now: Timestamp) -> Executed {
         let namespace = cmd.thing_id.namespace();
         let refused = |cmd: ThingCommand| {
             let error = if cmd.action == Action::Retrieve {
@@ -257,32 +142,28 @@ impl Twins {
             };
             Executed::error(&Command::Thing(cmd), &error, true)
         };
-        if !requester.owns(namespace) {
+        if !client.owns(namespace) {
             return refused(cmd);
         }
-        let Some(policy_id) = self.store.thing_policy_id(cmd.thing_id.as_str()) else {
+        let Some(policy_id) = self.policies.id_of_thing(&cmd.thing_id) else {
             return if cmd.action != Action::Retrieve
                 && cmd.action != Action::Delete
                 && cmd.path.is_root()
             {
-                self.create_thing(requester, cmd, now)
+                self.create_thing(client, cmd, now)
             } else {
                 let error = thing::not_found(&cmd.thing_id, &cmd.path);
                 Executed::error(&Command::Thing(cmd), &error, false)
             };
         };
-        let Some(enforcer) = self.enforcer(&policy_id) else {
+        let Some(policy) = self.policies.get(&policy_id) else {
             // A thing whose policy is gone is inaccessible (as in Ditto).
             return refused(cmd);
         };
-        let policy = PolicyRef {
-            id: policy_id,
-            enforcer,
-        };
         // Authorize, and for a retrieve answer from the same view.
         {
-            let mut state = requester.session.lock();
-            let view = state.policy_view(&policy.id, &policy.enforcer, namespace, now);
+            let mut state = client.session.lock();
+            let view = state.policy_view(&policy, namespace, now);
             // The common case (one requirement) is decided without allocating; a denial or a
             // merge goes through the requirement list, which also names the denied resource.
             if grants_without_allocation(view, &cmd) != Some(true)
@@ -324,13 +205,13 @@ impl Twins {
             }
         }
         if let Some(new_policy) = new_policy_id(&cmd)
-            && new_policy != &*policy.id
+            && new_policy != policy.id.as_str()
         {
             // A thing may only be moved to an existing policy of the solution's namespaces.
-            let owned = new_policy
-                .split_once(':')
-                .is_some_and(|(ns, _)| requester.owns(ns));
-            if !owned || self.enforcer(new_policy).is_none() {
+            let exists = twin::PolicyId::parse(new_policy).ok().is_some_and(|id| {
+                client.owns(id.namespace()) && self.policies.get(&PolicyId::from(&id)).is_some()
+            });
+            if !exists {
                 let error = policy_not_found(new_policy);
                 return Executed::error(&Command::Thing(cmd), &error, false);
             }
@@ -343,7 +224,8 @@ impl Twins {
     fn write_thing(&self, cmd: ThingCommand, now: Timestamp, policy: PolicyRef) -> Executed {
         let id = policy.id.clone();
         self.write_executed(Command::Thing(cmd), now, Some(policy), move |current| {
-            current.is_none_or(|e| e.doc.get("policyId").and_then(Value::as_str) == Some(&*id))
+            current
+                .is_none_or(|e| e.doc.get("policyId").and_then(Value::as_str) == Some(id.as_str()))
         })
     }
 
@@ -416,13 +298,8 @@ impl Twins {
     /// names (where the creator needs WRITE on `thing:/`), or a new inline policy with the
     /// thing's ID granting the creator's subjects READ and WRITE on `thing:/`, `policy:/` and
     /// `message:/` (as Ditto does).
-    fn create_thing(
-        &self,
-        requester: Requester<'_>,
-        mut cmd: ThingCommand,
-        now: Timestamp,
-    ) -> Executed {
-        if !requester.solution_grants(ResourceType::Thing, Permission::Create, now) {
+    fn create_thing(&self, client: &Client, mut cmd: ThingCommand, now: Timestamp) -> Executed {
+        if !client.solution_grants(ResourceType::Thing, Permission::Create, now) {
             let error = thing::not_modifiable(&cmd.thing_id, &cmd.path, "/");
             return Executed::error(&Command::Thing(cmd), &error, true);
         }
@@ -436,14 +313,19 @@ impl Twins {
             .clone()
             .unwrap_or_else(|| cmd.thing_id.as_str().to_owned());
         let namespace = cmd.thing_id.namespace().to_owned();
-        let policy = match self.policy_ref(&policy_id) {
+        let parsed = twin::PolicyId::parse(&policy_id);
+        let existing = parsed
+            .as_ref()
+            .ok()
+            .and_then(|id| self.policies.get(&PolicyId::from(id)));
+        let policy = match existing {
             Some(policy) => policy,
             None if named.is_some() => {
                 let error = policy_not_found(&policy_id);
                 return Executed::error(&Command::Thing(cmd), &error, false);
             }
             None => {
-                let subjects: serde_json::Map<String, Value> = requester
+                let subjects: serde_json::Map<String, Value> = client
                     .session
                     .lock()
                     .subjects()
@@ -458,10 +340,11 @@ impl Twins {
                         "resources": {"thing:/": grant, "policy:/": grant, "message:/": grant},
                     }},
                 });
-                let Ok(policy_id_parsed) = policy::PolicyId::parse(&policy_id) else {
+                let Ok(policy_id_parsed) = parsed else {
                     let error = DittoError::id_invalid(format!("`{policy_id}` is not a policy ID"));
                     return Executed::error(&Command::Thing(cmd), &error, false);
                 };
+                let shared_id = PolicyId::from(&policy_id_parsed);
                 let create = PolicyCommand {
                     policy_id: policy_id_parsed,
                     action: Action::Create,
@@ -474,7 +357,7 @@ impl Twins {
                 if let Err(error) = self.write_command(&Command::Policy(create), now, |_| true) {
                     return Executed::error(&Command::Thing(cmd), &error, false);
                 }
-                match self.policy_ref(&policy_id) {
+                match self.policies.get(&shared_id) {
                     Some(policy) => policy,
                     None => {
                         let error = policy_not_found(&policy_id);
@@ -484,8 +367,8 @@ impl Twins {
             }
         };
         {
-            let mut state = requester.session.lock();
-            let view = state.policy_view(&policy.id, &policy.enforcer, &namespace, now);
+            let mut state = client.session.lock();
+            let view = state.policy_view(&policy, &namespace, now);
             if !view.check(
                 ResourceType::Thing,
                 "/",
@@ -508,25 +391,20 @@ impl Twins {
         })
     }
 
-    fn execute_policy(
-        &self,
-        requester: Requester<'_>,
-        cmd: PolicyCommand,
-        now: Timestamp,
-    ) -> Executed {
-        let id = cmd.policy_id.as_str().to_owned();
-        let namespace = id.split_once(':').map_or("", |(ns, _)| ns).to_owned();
-        if !requester.owns(&namespace) {
+    fn execute_policy(&self, client: &Client, cmd: PolicyCommand, now: Timestamp) -> Executed {
+        let policy_id = PolicyId::from(&cmd.policy_id);
+        let id = policy_id.as_str();
+        let namespace = policy_id.namespace();
+        if !client.owns(namespace) {
             let error = policy_refusal(&cmd);
             return Executed::error(&Command::Policy(cmd), &error, true);
         }
-        let key = policy_key(&id);
-        let current = self.store.get(&key);
+        let current = self.store.get(&policy_key(id));
         let policy = match &current {
-            Some(_) => match self.policy_ref(&id) {
+            Some(_) => match self.policies.get(&policy_id) {
                 Some(policy) => Some(policy),
                 None => {
-                    let error = policy_not_found(&id);
+                    let error = policy_not_found(id);
                     return Executed::error(&Command::Policy(cmd), &error, false);
                 }
             },
@@ -534,8 +412,8 @@ impl Twins {
         };
         match &policy {
             Some(policy) => {
-                let mut state = requester.session.lock();
-                let view = state.policy_view(&policy.id, &policy.enforcer, &namespace, now);
+                let mut state = client.session.lock();
+                let view = state.policy_view(policy, namespace, now);
                 if let Some(requirement) = first_denied(view, &required_policy_permissions(&cmd)) {
                     let error = policy_denied(&cmd, requirement);
                     drop(state);
@@ -566,10 +444,10 @@ impl Twins {
             }
             None => {
                 if cmd.action == Action::Retrieve || cmd.action == Action::Delete {
-                    let error = policy_not_found(&id);
+                    let error = policy_not_found(id);
                     return Executed::error(&Command::Policy(cmd), &error, false);
                 }
-                if !requester.solution_grants(ResourceType::Policy, Permission::Create, now) {
+                if !client.solution_grants(ResourceType::Policy, Permission::Create, now) {
                     let error = policy_refusal(&cmd);
                     return Executed::error(&Command::Policy(cmd), &error, true);
                 }
@@ -581,105 +459,17 @@ impl Twins {
         })
     }
 
-    /// Publishes durable events to the subscribers of their topics, each delivery checked on
-    /// partial READ at the event's path in the entity's policy and its value cut to the
-    /// subscriber's view (nothing visible: not delivered).
-    pub fn publish_events(
+    /// Authorizes the sender of a live message (DESIGN.md §3): unrestricted WRITE on its
+    /// `message:` resource in the thing's policy. The policy the receivers are judged in, or
+    /// the Ditto error (also when the thing does not exist: the sender learns nothing).
+    pub fn authorize_message(
         &self,
-        space: &SolutionSpace,
-        events: &[Event],
-        fallback: Option<&PolicyRef>,
-        metrics: &Metrics,
-        now: Timestamp,
-    ) {
-        let mut topic = String::new();
-        for event in events {
-            topic.clear();
-            if write_event_topic(&mut topic, event).is_err() {
-                continue;
-            }
-            let (kind, policy) = match event.key.kind {
-                EntityKind::Thing => (
-                    ResourceType::Thing,
-                    self.thing_policy(&event.key.id)
-                        .or_else(|| fallback.cloned()),
-                ),
-                EntityKind::Policy => (
-                    ResourceType::Policy,
-                    self.policy_ref(&event.key.id).or_else(|| fallback.cloned()),
-                ),
-                _ => continue,
-            };
-            let Some(policy) = policy else { continue };
-            let Ok(topic_name) = topic.parse::<TopicName>() else {
-                continue;
-            };
-            let namespace = event.key.id.split(':').next().unwrap_or_default();
-            // Parsed only if some delivery has to be cut.
-            let thing_path = std::cell::OnceCell::new();
-            let mut full: Option<Arc<Message>> = None;
-            let message = |payload: String| {
-                Arc::new(Message {
-                    topic: topic_name.clone(),
-                    payload: Bytes::from(payload),
-                    qos: QoS::AtLeastOnce,
-                    retain: false,
-                    properties: None,
-                    expires_at: None,
-                    publisher: 0,
-                })
-            };
-            dispatch::route(space, &topic, 0, QoS::AtLeastOnce, |session, target| {
-                let outcome = session.offer_with(metrics, |state| {
-                    let view = state.policy_view(&policy.id, &policy.enforcer, namespace, now);
-                    let path = if event.path.is_empty() {
-                        "/"
-                    } else {
-                        &event.path
-                    };
-                    if !view.check(kind, path, Permission::Read, Mode::Partial) {
-                        return None;
-                    }
-                    let whole = view.check(kind, path, Permission::Read, Mode::Unrestricted);
-                    let message = if whole || event.value.is_none() {
-                        full.get_or_insert_with(|| {
-                            message(event_payload(event, event.value.as_ref()))
-                        })
-                        .clone()
-                    } else {
-                        let value = event.value.as_ref()?;
-                        let path_of_event =
-                            thing_path.get_or_init(|| ThingPath::parse(&event.path).ok());
-                        let cut = match (kind, path_of_event) {
-                            (ResourceType::Thing, Some(p)) => cut_event_to_view(view, p, value)?,
-                            _ => cut_policy_to_view(view, path, value)?,
-                        };
-                        message(event_payload(event, Some(&cut)))
-                    };
-                    Some(delivery(message, target))
-                });
-                dispatch::note_offer(space, session, outcome, metrics)
-            });
-        }
-    }
-
-    /// Routes a live message (DESIGN.md §3): the sender needs unrestricted WRITE on its
-    /// `message:` resource in the thing's policy, each receiver unrestricted READ on it. Not
-    /// stored. `Err`: the sender may not send it (or the thing does not exist).
-    #[allow(clippy::too_many_arguments)]
-    pub fn route_message(
-        &self,
-        requester: Requester<'_>,
+        client: &Client,
         message: &LiveMessage,
-        topic: &TopicName,
-        payload: Bytes,
-        forwarded: Option<Box<crate::core::session::ForwardedProperties>>,
-        qos: QoS,
-        metrics: &Metrics,
+        resource: &str,
         now: Timestamp,
-    ) -> Result<usize, DittoError> {
+    ) -> Result<PolicyRef, DittoError> {
         let namespace = message.thing_id.namespace();
-        let resource = message.path();
         let not_allowed = || {
             DittoError::new(
                 403,
@@ -690,52 +480,26 @@ impl Twins {
                 ),
             )
         };
-        if !requester.owns(namespace) {
+        if !client.owns(namespace) {
             return Err(not_allowed());
         }
         let policy = self
-            .thing_policy(message.thing_id.as_str())
+            .policies
+            .of_thing(&message.thing_id)
             .ok_or_else(not_allowed)?;
-        {
-            let mut state = requester.session.lock();
-            let view = state.policy_view(&policy.id, &policy.enforcer, namespace, now);
-            if !view.check(
-                ResourceType::Message,
-                &resource,
-                Permission::Write,
-                Mode::Unrestricted,
-            ) {
-                return Err(not_allowed());
-            }
+        let mut state = client.session.lock();
+        let view = state.policy_view(&policy, namespace, now);
+        if view.check(
+            ResourceType::Message,
+            resource,
+            Permission::Write,
+            Mode::Unrestricted,
+        ) {
+            drop(state);
+            Ok(policy)
+        } else {
+            Err(not_allowed())
         }
-        let shared = Arc::new(Message {
-            topic: topic.clone(),
-            payload,
-            qos,
-            retain: false,
-            properties: forwarded,
-            expires_at: None,
-            publisher: requester.session.id,
-        });
-        Ok(dispatch::route(
-            requester.space,
-            topic.as_str(),
-            requester.session.id,
-            qos,
-            |session, target| {
-                let outcome = session.offer_with(metrics, |state| {
-                    let view = state.policy_view(&policy.id, &policy.enforcer, namespace, now);
-                    view.check(
-                        ResourceType::Message,
-                        &resource,
-                        Permission::Read,
-                        Mode::Unrestricted,
-                    )
-                    .then(|| delivery(shared.clone(), target))
-                });
-                dispatch::note_offer(requester.space, session, outcome, metrics)
-            },
-        ))
     }
 }
 
@@ -750,116 +514,5 @@ fn new_policy_id(cmd: &ThingCommand) -> Option<&str> {
         [] => value.get("policyId").and_then(Value::as_str),
         [only] if only == "policyId" => value.as_str(),
         _ => None,
-    }
-}
-
-fn delivery(message: Arc<Message>, target: Target) -> Delivery {
-    Delivery {
-        qos: target.qos,
-        retain: false,
-        subscription_ids: target.subscription_ids,
-        message,
-    }
-}
-
-fn event_payload(event: &Event, value: Option<&Value>) -> String {
-    let mut out = String::new();
-    let _ = twin::protocol::mqtt::write_event_payload(&mut out, event, value);
-    out
-}
-
-/// Whether a subscription filter in the twin topic space is inside `namespaces`: its first level
-/// is one of them or a wildcard (a wildcard only matches the solution's own topics, since each
-/// solution has its own tree), or the filter is `ditto/…`.
-pub fn twin_filter_allowed(filter: &str, namespaces: &[String]) -> bool {
-    let first = filter.split('/').next().unwrap_or_default();
-    first == "ditto" || first == "+" || first == "#" || namespaces.iter().any(|n| n == first)
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
-
-    use std::sync::Arc;
-
-    use policy::{Mode, Permission, ResourceType, Timestamp};
-    use serde_json::{Value, json};
-    use twin::apply::{Applied, apply_policy_command};
-    use twin::command::{Action, CommandHeaders, PolicyCommand};
-    use twin::store::{EmbeddedStore, StoreOptions, TwinStoreExt};
-
-    use super::{Twins, policy_key, twin_filter_allowed};
-
-    fn put_policy(twins: &Twins, doc: Value) {
-        let id = doc["policyId"].as_str().unwrap().to_owned();
-        let cmd = PolicyCommand {
-            policy_id: policy::PolicyId::parse(&id).unwrap(),
-            action: Action::Modify,
-            path: "/".to_owned(),
-            value: Some(doc),
-            headers: CommandHeaders::default(),
-        };
-        let limits = twins.limits;
-        let written = twins
-            .store
-            .write(&policy_key(&id), |current| -> Result<_, twin::DittoError> {
-                match apply_policy_command(current, &cmd, Timestamp::from_unix_millis(1), &limits)?
-                {
-                    Applied::Change(change) => Ok(vec![change.event]),
-                    Applied::Retrieve(_) => Ok(Vec::new()),
-                }
-            })
-            .unwrap();
-        written.durable.wait().unwrap();
-    }
-
-    #[test]
-    fn a_change_to_an_imported_policy_reaches_the_importers_cached_enforcer() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(EmbeddedStore::open(StoreOptions::new(dir.path())).unwrap());
-        let twins = Twins::new(store);
-        let admin = json!({"subjects": {"s:admin": {"type": "t"}},
-            "resources": {"policy:/": {"grant": ["READ", "WRITE"], "revoke": []}}});
-        let base = |grant: &[&str]| {
-            json!({"policyId": "org.acme:base", "entries": {
-                "admin": admin.clone(),
-                "readers": {"subjects": {"s:reader": {"type": "t"}},
-                    "resources": {"thing:/": {"grant": grant, "revoke": []}}}
-            }})
-        };
-        put_policy(&twins, base(&["READ"]));
-        put_policy(
-            &twins,
-            json!({"policyId": "org.acme:p", "imports": {"org.acme:base": {}},
-                "entries": {"admin": admin.clone()}}),
-        );
-        let reads = |twins: &Twins| {
-            twins
-                .enforcer("org.acme:p")
-                .unwrap()
-                .for_subjects(
-                    &["s:reader"],
-                    Some("org.acme"),
-                    Timestamp::from_unix_millis(2),
-                )
-                .check(ResourceType::Thing, "/", Permission::Read, Mode::Partial)
-        };
-        assert!(reads(&twins));
-        // The importer itself does not change; the imported policy revokes the grant.
-        put_policy(&twins, base(&[]));
-        assert!(!reads(&twins), "the importer's enforcer was recompiled");
-    }
-
-    #[test]
-    fn twin_filters_must_stay_in_the_solutions_namespaces() {
-        let owned = ["org.acme".to_owned()];
-        assert!(twin_filter_allowed(
-            "org.acme/+/things/twin/events/#",
-            &owned
-        ));
-        assert!(twin_filter_allowed("+/+/things/twin/events/#", &owned));
-        assert!(twin_filter_allowed("ditto/responses", &owned));
-        assert!(!twin_filter_allowed("com.other/+/things/#", &owned));
-        assert!(!twin_filter_allowed("org.acme.fleet/x/things/#", &owned));
     }
 }

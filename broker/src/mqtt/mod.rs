@@ -1,6 +1,19 @@
-//! The MQTT 3.1.1/5.0 adapter.
+//! The MQTT 3.1.1/5.0 adapter (DESIGN.md §3): MQTT packets in and out, translated to and from
+//! the core's calls; flow control (inflight windows, acknowledgement order, keep-alive) is its
+//! own, decisions are the core's.
+//!
+//! In the order bytes flow: `server` (listeners, TLS, a semaphore before `accept`, shutdown)
+//! → `transport` (the socket) → `codec` (packets: check the fixed header, then parse) →
+//! `handshake` (CONNECT → `Core::authenticate` → `Core::attach` → CONNACK) → `connection`
+//! (the main loop; each packet to a core call, acknowledgements in order) → `outbound`
+//! (deliveries and answers into PUBLISH packets: topic aliases, maximum packet size).
+//! `reason`: reason codes, CONNACK refusals and close reasons as types. `will`: last wills.
 
 pub mod codec;
 pub mod connection;
+pub mod handshake;
+pub mod outbound;
+pub mod reason;
 pub mod server;
-mod twin_topics;
+pub mod transport;
+pub mod will;

@@ -14,24 +14,14 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
+use crate::core::Core;
 use crate::core::identity::Authenticator;
-use crate::mqtt::connection::{self, Transport};
+use crate::core::space::Spaces;
+use crate::core::twins::Twins;
 use crate::limits::MqttSettings;
 use crate::metrics::Metrics;
-use crate::core::space::Spaces;
-
-/// Everything connections share.
-#[derive(Debug)]
-pub struct Broker {
-    pub settings: MqttSettings,
-    pub auth: Authenticator,
-    pub spaces: Spaces,
-    /// Things, policies and their compiled policies (the twin topic space).
-    pub twins: crate::core::twins::Twins,
-    pub metrics: Arc<Metrics>,
-    /// Becomes `true` when the server shuts down.
-    pub shutdown: watch::Receiver<bool>,
-}
+use crate::mqtt::connection;
+use crate::mqtt::transport::Transport;
 
 /// A TLS listener's material.
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +65,7 @@ pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, Tl
 /// A running server.
 #[derive(Debug)]
 pub struct Server {
-    pub broker: Arc<Broker>,
+    pub core: Arc<Core>,
     /// The bound addresses of the plain listeners, in the order given.
     pub mqtt_addrs: Vec<SocketAddr>,
     pub mqtts_addr: Option<SocketAddr>,
@@ -88,7 +78,7 @@ pub struct Server {
 pub async fn start(
     settings: MqttSettings,
     auth: Authenticator,
-    twins: crate::core::twins::Twins,
+    twins: Twins,
     mqtt: &[String],
     mqtts: Option<(&str, TlsAcceptor)>,
     fallback_to_any_port: bool,
@@ -97,7 +87,7 @@ pub async fn start(
     let (done_tx, done_rx) = mpsc::channel(1);
     let semaphore = Arc::new(Semaphore::new(settings.max_connections));
     let spaces = Spaces::new(settings.max_retained_messages);
-    let broker = Arc::new(Broker {
+    let core = Arc::new(Core {
         settings,
         auth,
         spaces,
@@ -122,7 +112,7 @@ pub async fn start(
         };
         mqtt_addrs.push(listener.local_addr()?);
         tokio::spawn(accept_loop(
-            broker.clone(),
+            core.clone(),
             listener,
             None,
             semaphore.clone(),
@@ -134,7 +124,7 @@ pub async fn start(
         let listener = bind(address).await?;
         mqtts_addr = Some(listener.local_addr()?);
         tokio::spawn(accept_loop(
-            broker.clone(),
+            core.clone(),
             listener,
             Some(acceptor),
             semaphore.clone(),
@@ -142,7 +132,7 @@ pub async fn start(
         ));
     }
     Ok(Server {
-        broker,
+        core,
         mqtt_addrs,
         mqtts_addr,
         stop,
@@ -158,13 +148,13 @@ async fn bind(address: &str) -> io::Result<TcpListener> {
 }
 
 async fn accept_loop(
-    broker: Arc<Broker>,
+    core: Arc<Core>,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     semaphore: Arc<Semaphore>,
     done: mpsc::Sender<()>,
 ) {
-    let mut shutdown = broker.shutdown.clone();
+    let mut shutdown = core.shutdown.clone();
     loop {
         let permit = tokio::select! {
             permit = semaphore.clone().acquire_owned() => match permit {
@@ -186,9 +176,9 @@ async fn accept_loop(
                 continue;
             }
         };
-        broker.metrics.connections_accepted.inc();
+        core.metrics.connections_accepted.inc();
         let _ = tcp.set_nodelay(true);
-        let broker = broker.clone();
+        let core = core.clone();
         let tls = tls.clone();
         let done = done.clone();
         tokio::spawn(async move {
@@ -200,7 +190,7 @@ async fn accept_loop(
                     // Boxed: the handshake's state is large and only needed while it runs,
                     // so it must not size the task of every (idle) connection.
                     let handshake = Box::pin(tokio::time::timeout(
-                        broker.settings.connect_timeout(),
+                        core.settings.connect_timeout(),
                         acceptor.accept(tcp),
                     ))
                     .await;
@@ -217,7 +207,7 @@ async fn accept_loop(
                     }
                 }
             };
-            connection::serve(broker, transport, peer).await;
+            connection::serve(core, transport, peer).await;
         });
     }
 }

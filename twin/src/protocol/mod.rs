@@ -13,6 +13,7 @@ pub mod envelope;
 mod json;
 pub mod message;
 pub mod mqtt;
+pub mod space;
 pub mod topic;
 
 pub use envelope::{Envelope, Request};

@@ -61,7 +61,7 @@ use crate::protocol::message::{LiveMessage, MessageDirection};
 use crate::protocol::topic::{
     Channel, Criterion, EXPECTED_CHANNEL, EXPECTED_GROUP, EXPECTED_NAME, EXPECTED_NAMESPACE,
     EXPECTED_SUBJECT, Group, Levels, Topic, TopicError, TopicLevel, check_entity, check_topic_text,
-    is_valid_level, parse_action,
+    is_valid_level, parse_action, write_entity_levels,
 };
 
 /// Where clients publish full Ditto envelopes.
@@ -174,14 +174,7 @@ impl<'a> MqttTopic<'a> {
     }
 }
 
-/// Whether `topic` belongs to the twin topic space (DESIGN.md §3): its third level is `things`
-/// or `policies`, or its first level is `ditto`. Every other topic is a plain topic. Works on
-/// topic names and on subscription filters (`org.acme/+/things/twin/events/#`); strip a shared
-/// subscription's `$share/{group}/` first.
-pub fn is_twin_topic(topic: &str) -> bool {
-    let mut levels = topic.split('/');
-    levels.next() == Some("ditto") || matches!(levels.nth(1), Some("things" | "policies"))
-}
+pub use super::space::is_twin_topic;
 
 /// The criterion and action levels of a thing (twin channel) or policy command topic: only
 /// `commands/{action}` is for clients; events, responses and errors go server → client.
@@ -498,17 +491,12 @@ fn push_path(buf: &mut String, path: &str) {
     }
 }
 
-/// Appends `{ns}/{name}/` and the group (with channel).
+/// Appends `{ns}/{name}/{group}[/{channel}]` ([`write_entity_levels`], the one writer of that
+/// prefix).
+#[inline]
 fn push_entity(buf: &mut String, namespace: &str, name: &str, group: Group) {
-    buf.push_str(namespace);
-    buf.push('/');
-    buf.push_str(name);
-    buf.push('/');
-    buf.push_str(group.as_str());
-    if let Some(channel) = group.channel() {
-        buf.push('/');
-        buf.push_str(channel.as_str());
-    }
+    // Writing to a `String` cannot fail.
+    let _ = write_entity_levels(buf, namespace, name, group);
 }
 
 /// Appends the MQTT topic of `event` to `buf`:

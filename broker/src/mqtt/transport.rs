@@ -1,0 +1,64 @@
+//! The socket of one MQTT connection: plain TCP or TLS, read into a buffer that an idle
+//! connection does not hold, written from the connection's write buffer.
+
+use std::io;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The socket: plain TCP or TLS.
+#[derive(Debug)]
+pub enum Transport {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl Transport {
+    /// Reads what is available into `buf` (0: the peer closed). Cancel-safe. TCP waits for
+    /// readability before reserving buffer space, so an idle connection holds none.
+    pub async fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            Transport::Tcp(stream) => loop {
+                stream.readable().await?;
+                if buf.capacity() - buf.len() < 1024 {
+                    buf.reserve(4096);
+                }
+                match stream.try_read_buf(buf) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // Readiness was stale: give the space back before waiting again.
+                        if buf.is_empty() {
+                            *buf = BytesMut::new();
+                        }
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            },
+            Transport::Tls(stream) => {
+                if buf.capacity() - buf.len() < 1024 {
+                    buf.reserve(4096);
+                }
+                stream.read_buf(buf).await
+            }
+        }
+    }
+
+    pub async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Transport::Tcp(stream) => stream.write_all(data).await,
+            Transport::Tls(stream) => {
+                stream.write_all(data).await?;
+                stream.flush().await
+            }
+        }
+    }
+
+    pub async fn shutdown(&mut self) {
+        let _ = match self {
+            Transport::Tcp(stream) => stream.shutdown().await,
+            Transport::Tls(stream) => stream.shutdown().await,
+        };
+    }
+}
