@@ -132,7 +132,8 @@ impl FailureLimiter {
         }
     }
 
-    /// Addresses currently tracked (for metrics).
+    /// Addresses currently tracked.
+    #[cfg(test)]
     pub fn tracked(&self) -> usize {
         self.buckets
             .lock()

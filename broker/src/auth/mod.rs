@@ -9,8 +9,8 @@
 //!   `iss`/`aud`/`exp`/`nbf`, and the subjects from each issuer's templates.
 
 pub mod jwt;
-pub mod limiter;
-pub mod secret;
+pub(crate) mod limiter;
+pub(crate) mod secret;
 pub mod solution;
 
 use std::fmt;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::mqtt::codec::{Properties, QoS, TopicName, Utf8Str};
+use crate::mqtt::codec::{QoS, TopicName, Utf8Str};
 
 /// One published message as it travels to subscribers: topic and payload in their own
 /// allocations (so a queued message keeps only its own bytes alive). Built only with
@@ -62,7 +62,8 @@ impl Message {
     }
 }
 
-/// The PUBLISH properties the server forwards unchanged (MQTT 5 §3.3.2.3).
+/// The properties the server forwards unchanged with a message (MQTT 5 §3.3.2.3; AMQP maps
+/// its own onto them).
 #[derive(Debug, Clone, Default)]
 pub struct ForwardedProperties {
     pub payload_format_utf8: Option<bool>,
@@ -73,30 +74,6 @@ pub struct ForwardedProperties {
 }
 
 impl ForwardedProperties {
-    /// The forwarded part of `p`, in its own allocations, or `None` when there is nothing to
-    /// forward.
-    pub fn from_publish(p: &Properties) -> Option<Box<Self>> {
-        if p.payload_format_utf8.is_none()
-            && p.content_type.is_none()
-            && p.response_topic.is_none()
-            && p.correlation_data.is_none()
-            && p.user_properties.is_empty()
-        {
-            return None;
-        }
-        Some(Box::new(ForwardedProperties {
-            payload_format_utf8: p.payload_format_utf8,
-            content_type: p.content_type.as_ref().map(deep_copy_utf8),
-            response_topic: p.response_topic.as_ref().map(deep_copy_topic),
-            correlation_data: p.correlation_data.as_deref().map(Bytes::copy_from_slice),
-            user_properties: p
-                .user_properties
-                .iter()
-                .map(|(k, v)| (deep_copy_utf8(k), deep_copy_utf8(v)))
-                .collect(),
-        }))
-    }
-
     /// Only correlation data (the answer to a command carries the command's).
     pub fn correlation(data: Option<Bytes>) -> Option<Box<Self>> {
         data.map(|correlation| {
@@ -108,7 +85,8 @@ impl ForwardedProperties {
     }
 }
 
-fn deep_copy_utf8(s: &Utf8Str) -> Utf8Str {
+/// A string in its own allocation (not a slice of a read buffer).
+pub fn deep_copy_utf8(s: &Utf8Str) -> Utf8Str {
     s.as_str().parse().unwrap_or_else(|_| s.clone())
 }
 
@@ -132,8 +110,6 @@ pub struct Delivery {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offer {
     Queued,
-    /// The subscriber's subjects may not READ it.
-    Denied,
     /// Dropped by a limit (counted in the metrics).
     Dropped,
 }

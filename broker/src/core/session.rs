@@ -8,7 +8,7 @@
 //! connection that there is something to send. The queue is bounded (`crate::limits`).
 
 use std::collections::{HashMap, VecDeque};
-use std::num::{NonZeroU16, NonZeroU32};
+use std::num::NonZeroU16;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
@@ -23,11 +23,11 @@ use crate::core::topics;
 use crate::metrics::Metrics;
 use crate::mqtt::codec::{QoS, QosPid, SubscriptionOptions};
 
-/// A subscription as the session remembers it (to answer UNSUBSCRIBE and to rebuild).
+/// A subscription as the session remembers it (to answer UNSUBSCRIBE, to remove it from the
+/// tree when the session ends, and to tell the QoS of an answer on a response topic).
 #[derive(Debug, Clone)]
 pub struct SubscriptionRecord {
     pub options: SubscriptionOptions,
-    pub id: Option<NonZeroU32>,
 }
 
 /// A sent QoS 1/2 message awaiting its acknowledgement.

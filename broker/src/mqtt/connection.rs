@@ -24,7 +24,7 @@ use bytes::BytesMut;
 use tokio::time::sleep_until;
 
 use crate::core::identity::{JWT_METHOD, ReauthRefusal};
-use crate::core::message::{ForwardedProperties, Origin, deep_copy_topic};
+use crate::core::message::{Origin, deep_copy_topic};
 use crate::core::session::AckOutcome;
 use crate::core::{Client, Core, Outcome, Pending, ReplyTo, Told, Verdict};
 use crate::mqtt::codec::{
@@ -32,7 +32,7 @@ use crate::mqtt::codec::{
     Publish, QoS, QosPid, SubAck, Subscribe, TopicName, UnsubAck, Unsubscribe, Will,
 };
 use crate::mqtt::handshake;
-use crate::mqtt::outbound::{Outbound, TopicAliases};
+use crate::mqtt::outbound::{Outbound, TopicAliases, forwarded};
 use crate::mqtt::reason::{Close, ReasonCode, Violation};
 use crate::mqtt::transport::Transport;
 use crate::mqtt::will;
@@ -433,7 +433,7 @@ impl Conn {
         let origin = Origin {
             qos: publish.qos.qos(),
             retain: publish.retain,
-            properties: ForwardedProperties::from_publish(&publish.properties),
+            properties: forwarded(&publish.properties),
             expiry_seconds: publish.properties.message_expiry_interval,
             publisher: self.client.session.id,
         };

@@ -10,10 +10,10 @@
 //! `reason`: reason codes, CONNACK refusals and close reasons as types. `will`: last wills.
 
 pub mod codec;
-pub mod connection;
-pub mod handshake;
+pub(crate) mod connection;
+pub(crate) mod handshake;
 pub mod outbound;
-pub mod reason;
-pub mod server;
-pub mod transport;
-pub mod will;
+pub(crate) mod reason;
+pub(crate) mod server;
+pub(crate) mod transport;
+pub(crate) mod will;

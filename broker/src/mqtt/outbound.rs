@@ -1,13 +1,14 @@
 //! Packets on their way to one client: encoded into the connection's write buffer within the
-//! client's maximum packet size, with topic aliases where the client allows them.
+//! client's maximum packet size, with topic aliases where the client allows them. Also the
+//! other direction of the forwarded properties: what a PUBLISH brings in ([`forwarded`]).
 
 use std::collections::HashMap;
 use std::num::NonZeroU16;
 use std::time::Instant;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
-use crate::core::message::Delivery;
+use crate::core::message::{Delivery, ForwardedProperties, deep_copy_topic, deep_copy_utf8};
 use crate::core::session::Resend;
 use crate::metrics::Metrics;
 use crate::mqtt::codec::{Packet, Properties, Protocol, PubResponse, Publish, QosPid, TopicName};
@@ -140,4 +141,28 @@ impl Outbound<'_> {
             }
         }
     }
+}
+
+/// The forwarded part of a PUBLISH's (or will's) properties `p`, in its own allocations, or
+/// `None` when there is nothing to forward.
+pub fn forwarded(p: &Properties) -> Option<Box<ForwardedProperties>> {
+    if p.payload_format_utf8.is_none()
+        && p.content_type.is_none()
+        && p.response_topic.is_none()
+        && p.correlation_data.is_none()
+        && p.user_properties.is_empty()
+    {
+        return None;
+    }
+    Some(Box::new(ForwardedProperties {
+        payload_format_utf8: p.payload_format_utf8,
+        content_type: p.content_type.as_ref().map(deep_copy_utf8),
+        response_topic: p.response_topic.as_ref().map(deep_copy_topic),
+        correlation_data: p.correlation_data.as_deref().map(Bytes::copy_from_slice),
+        user_properties: p
+            .user_properties
+            .iter()
+            .map(|(k, v)| (deep_copy_utf8(k), deep_copy_utf8(v)))
+            .collect(),
+    }))
 }

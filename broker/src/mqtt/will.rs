@@ -8,14 +8,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::core::message::{ForwardedProperties, Message, Origin, deep_copy_topic};
+use crate::core::message::{Message, Origin, deep_copy_topic};
 use crate::core::{Client, Core};
 use crate::mqtt::codec::Will;
+use crate::mqtt::outbound::forwarded;
 
 /// A will in its own allocations (not slices of the CONNECT's read buffer).
 pub fn owned(will: &Will) -> Will {
     let mut properties = will.properties.clone();
-    if let Some(forwarded) = ForwardedProperties::from_publish(&will.properties) {
+    if let Some(forwarded) = forwarded(&will.properties) {
         properties.content_type = forwarded.content_type;
         properties.response_topic = forwarded.response_topic;
         properties.correlation_data = forwarded.correlation_data;
@@ -37,7 +38,7 @@ fn message(will: &Will) -> Arc<Message> {
         Origin {
             qos: will.qos,
             retain: will.retain,
-            properties: ForwardedProperties::from_publish(&will.properties),
+            properties: forwarded(&will.properties),
             expiry_seconds: will.properties.message_expiry_interval,
             publisher: 0,
         },

@@ -1,0 +1,548 @@
+//! `Core::publish` and `Core::execute`: a request of an authenticated client — a publish on a
+//! topic, a thing or policy command, a live message, a will — authorized and carried out, and
+//! what the requester is told: at once ([`Told`]) or, for a twin change, once it is durable
+//! ([`Pending`]). Answers go to the requester alone, into its own session ([`ReplyTo`]).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use policy::{Mode, Permission, ResourceType, Timestamp};
+use twin::command::{Command, CommandHeaders};
+use twin::entity::Event;
+use twin::error::DittoError;
+use twin::protocol::envelope::{Envelope, Request as DittoRequest};
+use twin::protocol::message::LiveMessage;
+use twin::protocol::mqtt::{
+    ENVELOPE_RESPONSES_TOPIC, MqttTopic, mqtt_request, parse_mqtt_topic, write_message_topic,
+    write_policy_response_topic, write_response_topic,
+};
+use twin::protocol::space::is_twin_topic;
+use twin::store::{Durable, StoreError};
+use twin::{PolicyId, ThingId};
+
+use crate::core::message::{Delivery, ForwardedProperties, Message, Origin, deep_copy_topic};
+use crate::core::policies::PolicyRef;
+use crate::core::session::Session;
+use crate::core::space::SolutionSpace;
+use crate::core::twins::Executed;
+use crate::core::{Client, Core, dispatch, now};
+use crate::metrics::Metrics;
+use crate::mqtt::codec::{QoS, TopicName};
+
+/// Where the answer to a command goes: only ever to the requester.
+#[derive(Debug, Default)]
+pub struct ReplyTo {
+    /// `false`: the requester asked for no answer (`response-required: false` also counts).
+    pub wanted: bool,
+    /// The address the requester gave (MQTT 5 Response Topic); otherwise the default response
+    /// topic of the command, if the requester's session subscribed to it.
+    pub topic: Option<TopicName>,
+    /// Sent back with the answer (MQTT 5 Correlation Data).
+    pub correlation: Option<Bytes>,
+}
+
+/// What the requester is told about a request, besides the answer that went to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Told {
+    pub verdict: Verdict,
+    /// Why, for a refusal or failure (a Ditto error's message); never a secret.
+    pub reason: Option<String>,
+}
+
+/// The kinds of result an adapter maps to its wire (MQTT reason code, AMQP ack/nack, HTTP
+/// status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Accepted,
+    /// Refused by a policy or by solution isolation.
+    NotAuthorized,
+    /// Not applied: a Ditto error (not found, conflict, invalid value, storage failure).
+    Failed,
+    /// The topic is in the twin space but is not a valid Ditto topic.
+    BadTopic,
+    /// The payload is not what the topic requires.
+    BadPayload,
+}
+
+impl Told {
+    const ACCEPTED: Told = Told {
+        verdict: Verdict::Accepted,
+        reason: None,
+    };
+
+    fn new(verdict: Verdict, reason: impl Into<String>) -> Self {
+        Told {
+            verdict,
+            reason: Some(reason.into()),
+        }
+    }
+
+    pub fn accepted() -> Self {
+        Told::ACCEPTED
+    }
+}
+
+/// The result of a request.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Decided now.
+    Now(Told),
+    /// A change applied in memory: await it (in request order) before acknowledging.
+    Pending(Box<Pending>),
+}
+
+/// A twin change waiting for the journal. Completing it — once the journal batch holding it is
+/// durable — publishes its events through the fan-out, sends the answer to the requester, and
+/// yields what the requester is told; nothing is announced before that. Cancel-safe: nothing
+/// happens until the write is durable, and then all of it within one poll.
+#[derive(Debug)]
+pub struct Pending {
+    core: Arc<Core>,
+    space: Arc<SolutionSpace>,
+    session: Arc<Session>,
+    durable: Durable,
+    events: Vec<Event>,
+    answer: Option<(Envelope, ReplyTo)>,
+    /// The policy the events are judged with when the entity no longer names one.
+    policy: Option<PolicyRef>,
+}
+
+impl Pending {
+    /// Its events still go out once durable, but no answer: the requester has gone.
+    pub fn without_answer(mut self) -> Self {
+        self.answer = None;
+        self
+    }
+
+    /// Publishes its events through the fan-out, as completing it would, and keeps them (for
+    /// benchmarks of the fan-out: `crate::testing`).
+    pub(crate) fn publish_events_again(&self) {
+        dispatch::publish_events(
+            &self.core.twins.policies,
+            &self.space,
+            &self.events,
+            self.policy.as_ref(),
+            &self.core.metrics,
+            now(),
+        );
+    }
+
+    /// Whether completing it announces anything.
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
+}
+
+impl Pending {
+    /// What happens once the journal has answered: events and answer out (durable), or the
+    /// failure told (not stored: nothing announced).
+    pub(crate) fn complete(&mut self, result: Result<(), StoreError>) -> Told {
+        let core = &self.core;
+        match result {
+            Ok(()) => {
+                dispatch::publish_events(
+                    &core.twins.policies,
+                    &self.space,
+                    &std::mem::take(&mut self.events),
+                    self.policy.as_ref(),
+                    &core.metrics,
+                    now(),
+                );
+                if let Some((answer, reply)) = self.answer.take() {
+                    answer_requester(&self.session, &reply, &answer, &core.metrics);
+                }
+                Told::accepted()
+            }
+            Err(e) => {
+                tracing::error!(error = %e, client = %self.session.client_id, "a twin change could not be journaled");
+                const NOT_STORED: &str = "the change could not be stored";
+                if let Some((answer, reply)) = self.answer.take() {
+                    let error = DittoError::new(500, "things:internal.error", NOT_STORED);
+                    let topic = Some(answer.topic.clone());
+                    let failed = Envelope::error(topic.as_ref(), &error, None);
+                    answer_requester(&self.session, &reply, &failed, &core.metrics);
+                }
+                Told::new(Verdict::Failed, NOT_STORED)
+            }
+        }
+    }
+}
+
+impl Future for Pending {
+    type Output = Told;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Told> {
+        match Pin::new(&mut self.durable).poll(cx) {
+            Poll::Ready(result) => Poll::Ready(self.complete(result)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// A request to [`Core::execute`].
+#[derive(Debug)]
+pub enum Request<'a> {
+    /// A thing or policy command.
+    Command(Command),
+    /// A live message to a thing, with the topic it travels on.
+    Message {
+        message: LiveMessage,
+        topic: TopicName,
+        payload: &'a [u8],
+        origin: Origin,
+    },
+    /// A message on a plain topic (`topic` may be a slice of a read buffer).
+    Plain {
+        topic: &'a TopicName,
+        payload: &'a [u8],
+        origin: Origin,
+    },
+}
+
+impl Core {
+    pub fn publish(
+        self: &Arc<Self>,
+        client: &Client,
+        topic: &TopicName,
+        payload: &[u8],
+        origin: Origin,
+        reply: ReplyTo,
+    ) -> Outcome {
+        if !is_twin_topic(topic.as_str()) {
+            return self.execute(
+                client,
+                Request::Plain {
+                    topic,
+                    payload,
+                    origin,
+                },
+                reply,
+            );
+        }
+        let parsed = match parse_mqtt_topic(topic.as_str()) {
+            Ok(parsed) => parsed,
+            Err(e) => return Outcome::Now(Told::new(Verdict::BadTopic, e.to_string())),
+        };
+        let request = match mqtt_request(&parsed, payload) {
+            Ok(DittoRequest::Command(command)) => {
+                let reply = default_reply(client, reply, &parsed, Some(command_headers(&command)));
+                return self.execute(client, Request::Command(command), reply);
+            }
+            Ok(DittoRequest::Message(message)) => message,
+            Err(error) => {
+                let reply = default_reply(client, reply, &parsed, None);
+                let answer = Envelope::error(parsed.ditto_topic().as_ref(), &error, None);
+                answer_requester(&client.session, &reply, &answer, &self.metrics);
+                return Outcome::Now(Told::new(Verdict::BadPayload, error.message));
+            }
+        };
+        let message_topic = match parsed {
+            MqttTopic::Envelope => {
+                let mut text = String::new();
+                match write_message_topic(&mut text, &request)
+                    .ok()
+                    .and_then(|()| text.parse::<TopicName>().ok())
+                {
+                    Some(topic) => topic,
+                    None => {
+                        return Outcome::Now(Told::new(
+                            Verdict::BadTopic,
+                            "the message has no MQTT topic",
+                        ));
+                    }
+                }
+            }
+            _ => deep_copy_topic(topic),
+        };
+        self.execute(
+            client,
+            Request::Message {
+                message: request,
+                topic: message_topic,
+                payload,
+                origin,
+            },
+            reply,
+        )
+    }
+
+    /// Authorizes and carries out `request` for `client`; the answer to a command goes to
+    /// the requester alone, as `reply` says.
+    pub fn execute(
+        self: &Arc<Self>,
+        client: &Client,
+        request: Request<'_>,
+        reply: ReplyTo,
+    ) -> Outcome {
+        let now = now();
+        match request {
+            Request::Plain {
+                topic,
+                payload,
+                origin,
+            } => {
+                if !client.solution_allows(
+                    ResourceType::Topic,
+                    topic.as_str(),
+                    Permission::Write,
+                    Mode::Unrestricted,
+                    now,
+                ) {
+                    self.metrics.denied(client.space.id.as_str(), "publish");
+                    tracing::debug!(
+                        solution = %client.space.id,
+                        client = %client.session.client_id,
+                        topic = topic.as_str(),
+                        subjects = ?&client.identity.subjects[..],
+                        "publish denied"
+                    );
+                    return Outcome::Now(Told::new(
+                        Verdict::NotAuthorized,
+                        "not authorized to publish to this topic",
+                    ));
+                }
+                let message = Message::new(
+                    deep_copy_topic(topic),
+                    Bytes::copy_from_slice(payload),
+                    origin,
+                );
+                dispatch::publish(&client.space, &message, &self.metrics);
+                Outcome::Now(Told::accepted())
+            }
+            Request::Message {
+                message,
+                topic,
+                payload,
+                origin,
+            } => {
+                let resource = message.path();
+                match self
+                    .twins
+                    .authorize_message(client, &message, &resource, now)
+                {
+                    Ok(policy) => {
+                        let shared = Message::new(
+                            topic,
+                            Bytes::copy_from_slice(payload),
+                            Origin {
+                                retain: false,
+                                expiry_seconds: None,
+                                ..origin
+                            },
+                        );
+                        dispatch::publish_live(
+                            &client.space,
+                            shared,
+                            &policy,
+                            &resource,
+                            message.thing_id.namespace(),
+                            &self.metrics,
+                            now,
+                        );
+                        Outcome::Now(Told::accepted())
+                    }
+                    Err(error) => {
+                        self.metrics.denied(client.space.id.as_str(), "message");
+                        tracing::debug!(
+                            solution = %client.space.id,
+                            client = %client.session.client_id,
+                            thing = %message.thing_id,
+                            subject = %message.subject,
+                            "live message denied"
+                        );
+                        Outcome::Now(Told::new(Verdict::NotAuthorized, error.message))
+                    }
+                }
+            }
+            Request::Command(command) => self.execute_command(client, command, reply, now),
+        }
+    }
+
+    fn execute_command(
+        self: &Arc<Self>,
+        client: &Client,
+        command: Command,
+        reply: ReplyTo,
+        now: Timestamp,
+    ) -> Outcome {
+        let described = tracing::enabled!(tracing::Level::DEBUG).then(|| describe(&command));
+        match self.twins.execute(client, command, now) {
+            Executed::Answered {
+                reply: answer,
+                denied,
+            } => {
+                let status = answer.status.unwrap_or(200);
+                let reason = error_message(&answer);
+                if denied {
+                    self.metrics.denied(client.space.id.as_str(), "command");
+                    tracing::debug!(
+                        solution = %client.space.id,
+                        client = %client.session.client_id,
+                        command = %described.unwrap_or_default(),
+                        subjects = ?&client.identity.subjects[..],
+                        "command denied"
+                    );
+                }
+                answer_requester(&client.session, &reply, &answer, &self.metrics);
+                let verdict = match (denied, status) {
+                    (true, _) => Verdict::NotAuthorized,
+                    (false, s) if s >= 400 => Verdict::Failed,
+                    _ => Verdict::Accepted,
+                };
+                Outcome::Now(Told { verdict, reason })
+            }
+            Executed::Written {
+                durable,
+                events,
+                command,
+                status,
+                value,
+                policy,
+            } => {
+                // The answer is built only if it will reach the requester.
+                let answer = (reply.wanted && reply.topic.is_some())
+                    .then(|| (Envelope::response(&command, status, value), reply));
+                Outcome::Pending(Box::new(Pending {
+                    core: self.clone(),
+                    space: client.space.clone(),
+                    session: client.session.clone(),
+                    durable,
+                    events,
+                    answer,
+                    policy,
+                }))
+            }
+        }
+    }
+
+    /// Subscribes `client`'s session to `filter` (`$share/{group}/…` for a shared
+    /// subscription), then sends it the matching retained messages. A filter in the twin space
+    /// must stay within the solution's namespaces (each event is judged on delivery); any
+    /// other needs partial READ on its levels before the first wildcard in the solution policy,
+    /// and may not reach into the twin space of another solution's namespace.
+    /// Publishes a client's last will: authorized like a plain publish of its subjects (a will
+    /// in the twin space is refused), at the moment it is due.
+    pub fn publish_will(
+        &self,
+        space: &SolutionSpace,
+        client_id: &str,
+        subjects: &[String],
+        will: Arc<Message>,
+    ) {
+        let view = space.policy().for_subjects(subjects, None, now());
+        let topic = will.topic.as_str();
+        if is_twin_topic(topic)
+            || !view.check(
+                ResourceType::Topic,
+                topic,
+                Permission::Write,
+                Mode::Unrestricted,
+            )
+        {
+            self.metrics.denied(space.id.as_str(), "publish");
+            tracing::debug!(solution = %space.id, client = client_id, topic, "will denied");
+            return;
+        }
+        dispatch::publish(space, &will, &self.metrics);
+    }
+}
+
+/// `reply` completed: the default response topic of the command published on `parsed` when the
+/// requester gave none, and kept only if the requester's session subscribed to it.
+fn default_reply(
+    client: &Client,
+    mut reply: ReplyTo,
+    parsed: &MqttTopic<'_>,
+    headers: Option<&CommandHeaders>,
+) -> ReplyTo {
+    reply.wanted &= headers.is_none_or(|h| h.response_required != Some(false));
+    if reply.wanted && reply.topic.is_none() && client.session.has_subscriptions() {
+        reply.topic = response_topic(parsed)
+            .and_then(|t| t.parse::<TopicName>().ok())
+            .filter(|t| client.session.subscribed_qos(t.as_str()).is_some());
+    }
+    reply
+}
+
+/// Sends `answer` to the requester alone: into its own session, on the topic `reply` names.
+fn answer_requester(session: &Session, reply: &ReplyTo, answer: &Envelope, metrics: &Metrics) {
+    let (true, Some(topic)) = (reply.wanted, &reply.topic) else {
+        return;
+    };
+    let qos = session
+        .subscribed_qos(topic.as_str())
+        .unwrap_or(QoS::AtLeastOnce);
+    let message = Message::new(
+        topic.clone(),
+        Bytes::from(answer.to_bytes()),
+        Origin {
+            qos,
+            properties: ForwardedProperties::correlation(reply.correlation.clone()),
+            ..Origin::default()
+        },
+    );
+    let delivery = Delivery {
+        qos,
+        retain: false,
+        subscription_ids: Vec::new(),
+        message,
+    };
+    session.enqueue(session.lock(), delivery, metrics);
+}
+
+/// The topic where the answer to a command published on `parsed` goes when the requester gave
+/// no Response Topic: `{ns}/{name}/things/twin/responses/{action}{path}` (the path as it came),
+/// `…/policies/responses/…`, or `ditto/responses` for envelopes.
+fn response_topic(parsed: &MqttTopic<'_>) -> Option<String> {
+    let mut topic = String::new();
+    let written = match *parsed {
+        MqttTopic::Envelope => {
+            topic.push_str(ENVELOPE_RESPONSES_TOPIC);
+            true
+        }
+        MqttTopic::ThingCommand {
+            namespace,
+            name,
+            action,
+            path,
+        } => ThingId::from_parts(namespace, name)
+            .is_ok_and(|id| write_response_topic(&mut topic, &id, action, path).is_ok()),
+        MqttTopic::PolicyCommand {
+            namespace,
+            name,
+            action,
+            path,
+        } => PolicyId::parse(&format!("{namespace}:{name}"))
+            .is_ok_and(|id| write_policy_response_topic(&mut topic, &id, action, path).is_ok()),
+        MqttTopic::LiveMessage { .. } => false,
+    };
+    written.then_some(topic)
+}
+
+fn command_headers(command: &Command) -> &CommandHeaders {
+    match command {
+        Command::Thing(c) => &c.headers,
+        Command::Policy(c) => &c.headers,
+    }
+}
+
+/// `modify thing org.acme:lamp /features/x` — for logs (no values).
+fn describe(command: &Command) -> String {
+    match command {
+        Command::Thing(c) => format!("{} thing {} {}", c.action.as_str(), c.thing_id, c.path),
+        Command::Policy(c) => format!("{} policy {} {}", c.action.as_str(), c.policy_id, c.path),
+    }
+}
+
+/// The `message` of a Ditto error envelope, for a reason string.
+fn error_message(reply: &Envelope) -> Option<String> {
+    reply
+        .value
+        .as_ref()
+        .and_then(|v| v.get("message"))
+        .and_then(|m| m.as_str())
+        .map(str::to_owned)
+}
