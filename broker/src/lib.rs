@@ -1,25 +1,27 @@
-//! The `thingsgate` binary's library: command line, and (as the issues land) config, auth,
-//! solutions, the MQTT server, bridges, HTTP, metrics and the hot-path dispatch.
+//! The `thingsgate` binary's library: one protocol-neutral core and the adapters around it
+//! (DESIGN.md §4), plus the command line.
 //!
 //! # Layout
-//! - `cli`: the command line (a contract: DESIGN.md §7; extend it, never rename).
-//! - `codec`: MQTT 3.1.1/5.0 packets: check the fixed header, then parse; encoding.
-//! - `config`: the TOML configuration (`THINGSGATE_…` environment overrides); JWT issuers.
-//! - `auth`: credentials → solution and subjects: generated secrets and their digests
-//!   (`auth::secret`), solutions and the in-memory registry (`auth::solution`), JWT
-//!   validation against configured issuers and subject templates (`auth::jwt`).
-//! - `policy_cmd`: `thingsgate policy test` and `thingsgate policy check`.
-//! - `solution_cmd`: `thingsgate solution …`, managing solutions in a stopped data dir.
-//! - `token_cmd`: `thingsgate token …`, minting JWTs (development, tests, `serve --dev`).
-//! - `topics`: the subscription tree (topic filters → subscriptions, MQTT matching rules).
-//! - `limits`: every limit of the MQTT server and what happens when it is reached.
-//! - The MQTT server, in the order bytes flow: `server` (listeners, accept loop, shutdown) →
-//!   `connection` (CONNECT, authentication via `auth::connect`, packets, keep-alive, takeover)
-//!   → `session` (subscriptions, queue, inflight) and `space` (a solution's topic tree,
-//!   retained messages, sessions) → `dispatch` (authorized fan-out, per-subscriber checks).
-//!   Twin topics: `connection::twin_topics` → `twins` (commands against each thing's policy,
-//!   events cut per subscriber, live messages).
-//! - `metrics`: counters (Prometheus format), served by `http` (`/metrics`, `/health`, `/ready`). `serve_cmd`, `dev`: `thingsgate serve [--dev]`.
+//! - `core`: the core every transport uses — `authenticate` (credentials → identity),
+//!   `attach` (sessions by client ID), `publish`/`execute` (twin and policy commands, live
+//!   messages, plain messages; durable before acknowledged), `subscribe`, and the one fan-out
+//!   (`core::dispatch`: READ per delivery, events cut to each subscriber's view). Below it:
+//!   `twins` (authorize and apply), `policies` (the compiled-policy cache), `space`, `session`,
+//!   `topics`, `message`.
+//! - `mqtt`: the MQTT 3.1.1/5.0 adapter — `server` → `transport` → `codec` → `handshake` →
+//!   `connection` → `outbound`; `reason` (codes as types), `will`.
+//! - `auth`: credential checks — solution secrets and API tokens (`secret`, `solution`), JWTs
+//!   of configured issuers (`jwt`), failed attempts per address (`limiter`).
+//! - `cli` (the command line: a contract, DESIGN.md §7; extend it, never rename) and its
+//!   commands: `serve_cmd` and `dev` (`thingsgate serve [--dev]`), `policy_cmd`,
+//!   `solution_cmd`, `token_cmd`; `config` (TOML, `THINGSGATE_…` overrides, issuers);
+//!   `limits` (every limit and what happens at it); `metrics`, `http` (`/metrics`, `/health`,
+//!   `/ready`).
+//! - `testing`: the core without sockets, for benchmarks and tests.
+//!
+//! The public surface is what the binary, the tests and the benchmarks use: `cli`, `config`,
+//! `auth::jwt`, `auth::solution`, `token_cmd`, `mqtt::codec`, `mqtt::outbound`, `testing`.
+//! Everything else is `pub(crate)`.
 
 pub mod auth;
 pub mod cli;
