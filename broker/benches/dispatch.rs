@@ -11,7 +11,7 @@
 //!   `org.acme/dev-1/things/twin/commands/modify/features/temp/properties/value`, payload
 //!   `21.5` (topic parsed, solution namespace, the thing's policy from the cache, the device's
 //!   memoized view, the command's requirement, apply under the entity's lock, journal append)
-//!   → the change announced (`Change::announce`: events through the fan-out — event topic,
+//!   → the change announced (`Harness::announce`: events through the fan-out — event topic,
 //!   the solution's topic tree, the subscriber's view checked on partial READ at the event's
 //!   path) → the subscriber's queue drained into MQTT 3.1.1 bytes and the PUBACK it would send.
 //! - `dispatch/full_path_cut`: the same with a modify of `…/features/temp/properties` whose
@@ -34,7 +34,7 @@
 //!
 //! **Durability is not awaited.** `Core::publish` returns a pending change; the broker
 //! acknowledges and publishes events only once it is durable (after the batch's
-//! `fdatasync`). Here each change is announced at once (`Change::announce`): the journal's
+//! `fdatasync`). Here each change is announced at once (`Harness::announce`): the journal's
 //! writer thread keeps writing and `fdatasync`ing in the background (in a temporary directory)
 //! while these figures measure the in-memory path of the calling thread. The harness raises
 //! the store's backpressure limit so that a slow disk never blocks the caller, and turns
@@ -224,7 +224,7 @@ impl Fixture {
 
     /// The fan-out of one change again, and the drain.
     fn fan_out(&mut self, change: &Change) -> usize {
-        change.fan_out();
+        self.harness.fan_out(&self.device, change);
         let sent = self
             .harness
             .drain(&self.subscriber, &mut self.buf, &mut self.aliases);
@@ -238,7 +238,7 @@ impl Fixture {
     /// its events (the answer is not built: the device subscribed to no response topic).
     fn full_path(&mut self, topic: &str, payload: &[u8]) -> usize {
         let change = self.execute(topic, payload);
-        change.announce();
+        self.harness.announce(&self.device, change);
         self.buf.clear();
         let sent = self
             .harness
@@ -253,7 +253,7 @@ fn setup_write(harness: &Harness, client: &TestClient, topic_text: &str, payload
     let change = harness
         .publish(client, &topic(topic_text), payload, QoS::AtLeastOnce)
         .unwrap_or_else(|told| panic!("`{topic_text}` was refused: {told:?}"));
-    change.wait();
+    harness.wait(client, change);
 }
 
 fn benches(c: &mut Criterion) {

@@ -49,7 +49,7 @@ pub struct TestClient(Client);
 
 /// A twin change applied in memory and waiting for the journal.
 #[derive(Debug)]
-pub struct Change(Box<Pending>);
+pub struct Change(Pending);
 
 impl Harness {
     /// A core over a new store in `data_dir` (no background snapshots; a journal queue large
@@ -196,15 +196,18 @@ impl Harness {
             metrics: &self.core.metrics,
             aliases,
         };
-        let mut sent = Vec::new();
-        let count = state.drain(32, &self.core.metrics, |delivery, qos| {
+        // The identifiers sent (at most the window of 32), acknowledged once the drain is done.
+        let mut sent = [None; 32];
+        let mut next = 0;
+        let count = state.drain(sent.len(), &self.core.metrics, |delivery, qos| {
             let ok = out.publish(delivery, qos, false);
-            if let Some(id) = qos.packet_id() {
-                sent.push((id, qos.qos()));
+            if let (Some(id), Some(slot)) = (qos.packet_id(), sent.get_mut(next)) {
+                *slot = Some((id, qos.qos()));
+                next += 1;
             }
             ok
         });
-        for (id, qos) in sent {
+        for (id, qos) in sent.into_iter().flatten() {
             state.complete(id, qos);
         }
         count
@@ -219,23 +222,28 @@ fn unreachable_session_limit() -> TestClient {
     panic!("the test harness's solution reached its session limit")
 }
 
-impl Change {
-    /// Waits until the change is durable; then its events and answer go out.
-    pub fn wait(self) -> Told {
-        futures_block_on(self.0)
+impl Harness {
+    /// Waits until `change` (made by `client`) is durable; then its events and answer go out.
+    pub fn wait(&self, client: &TestClient, mut change: Change) -> Told {
+        let (core, space, session) = (&*self.core, &client.0.space, &client.0.session);
+        futures_block_on(std::future::poll_fn(|cx| {
+            change.0.poll_done(cx, core, space, session)
+        }))
     }
 
-    /// Publishes the change's events through the fan-out as if it had just become durable, and
-    /// keeps the change (for benchmarks of the fan-out alone).
-    pub fn fan_out(&self) {
-        self.0.publish_events_again();
+    /// Publishes the events of `change` (made by `client`) through the fan-out as if it had
+    /// just become durable, and keeps the change (for benchmarks of the fan-out alone).
+    pub fn fan_out(&self, client: &TestClient, change: &Change) {
+        change.0.publish_events_again(&self.core, &client.0.space);
     }
 
-    /// Completes the change as if its journal batch were durable now (the journal's writer
-    /// thread still writes and syncs it in the background): for benchmarks of the in-memory
-    /// path. The server never does this.
-    pub fn announce(mut self) -> Told {
-        self.0.complete(Ok(()))
+    /// Completes `change` (made by `client`) as if its journal batch were durable now (the
+    /// journal's writer thread still writes and syncs it in the background): for benchmarks of
+    /// the in-memory path. The server never does this.
+    pub fn announce(&self, client: &TestClient, mut change: Change) -> Told {
+        change
+            .0
+            .complete(Ok(()), &self.core, &client.0.space, &client.0.session)
     }
 }
 

@@ -91,93 +91,107 @@ pub enum Outcome {
     /// Decided now.
     Now(Told),
     /// A change applied in memory: await it (in request order) before acknowledging.
-    Pending(Box<Pending>),
+    Pending(Pending),
 }
 
-/// A twin change waiting for the journal. Completing it — once the journal batch holding it is
-/// durable — publishes its events through the fan-out, sends the answer to the requester, and
-/// yields what the requester is told; nothing is announced before that. Cancel-safe: nothing
-/// happens until the write is durable, and then all of it within one poll.
+/// A twin change waiting for the journal. Completing it ([`Pending::poll_done`]) — once the
+/// journal batch holding it is durable — publishes its events through the fan-out, sends the
+/// answer to the requester, and yields what the requester is told; nothing is announced before
+/// that. Cancel-safe: nothing happens until the write is durable, and then all of it within one
+/// poll. It borrows the core and the requester's space and session while polled (its holder
+/// has them) instead of keeping shared references of its own.
 #[derive(Debug)]
 pub struct Pending {
-    core: Arc<Core>,
-    space: Arc<SolutionSpace>,
-    session: Arc<Session>,
     durable: Durable,
     events: Vec<Event>,
-    answer: Option<(Envelope, ReplyTo)>,
+    /// Built only if it will reach the requester.
+    answer: Option<Box<(Envelope, ReplyTo)>>,
     /// The policy the events are judged with when the entity no longer names one.
     policy: Option<PolicyRef>,
 }
 
 impl Pending {
-    /// Its events still go out once durable, but no answer: the requester has gone.
-    pub fn without_answer(mut self) -> Self {
-        self.answer = None;
-        self
+    /// Completes once the write is durable (or failed): events and answer out, or the failure
+    /// told. `space` and `session` are the requester's.
+    pub fn poll_done(
+        &mut self,
+        cx: &mut Context<'_>,
+        core: &Core,
+        space: &SolutionSpace,
+        session: &Session,
+    ) -> Poll<Told> {
+        match Pin::new(&mut self.durable).poll(cx) {
+            Poll::Ready(result) => Poll::Ready(self.complete(result, core, space, session)),
+            Poll::Pending => Poll::Pending,
+        }
     }
 
-    /// Publishes its events through the fan-out, as completing it would, and keeps them (for
-    /// benchmarks of the fan-out: `crate::testing`).
-    pub(crate) fn publish_events_again(&self) {
-        dispatch::publish_events(
-            &self.core.twins.policies,
-            &self.space,
-            &self.events,
-            self.policy.as_ref(),
-            &self.core.metrics,
-            now(),
-        );
+    /// The requester has gone: its events still go out once durable, no answer.
+    pub async fn settle(
+        mut self,
+        core: Arc<Core>,
+        space: Arc<SolutionSpace>,
+        session: Arc<Session>,
+    ) {
+        self.answer = None;
+        std::future::poll_fn(|cx| self.poll_done(cx, &core, &space, &session)).await;
     }
 
     /// Whether completing it announces anything.
     pub fn has_events(&self) -> bool {
         !self.events.is_empty()
     }
-}
 
-impl Pending {
+    /// Publishes its events through the fan-out, as completing it would, and keeps them (for
+    /// benchmarks of the fan-out: `crate::testing`).
+    pub(crate) fn publish_events_again(&self, core: &Core, space: &SolutionSpace) {
+        dispatch::publish_events(
+            &core.twins.policies,
+            space,
+            &self.events,
+            self.policy.as_ref(),
+            &core.metrics,
+            now(),
+        );
+    }
+
     /// What happens once the journal has answered: events and answer out (durable), or the
     /// failure told (not stored: nothing announced).
-    pub(crate) fn complete(&mut self, result: Result<(), StoreError>) -> Told {
-        let core = &self.core;
+    pub(crate) fn complete(
+        &mut self,
+        result: Result<(), StoreError>,
+        core: &Core,
+        space: &SolutionSpace,
+        session: &Session,
+    ) -> Told {
         match result {
             Ok(()) => {
                 dispatch::publish_events(
                     &core.twins.policies,
-                    &self.space,
+                    space,
                     &std::mem::take(&mut self.events),
                     self.policy.as_ref(),
                     &core.metrics,
                     now(),
                 );
-                if let Some((answer, reply)) = self.answer.take() {
-                    answer_requester(&self.session, &reply, &answer, &core.metrics);
+                if let Some(answer) = self.answer.take() {
+                    let (answer, reply) = *answer;
+                    answer_requester(session, &reply, &answer, &core.metrics);
                 }
                 Told::accepted()
             }
             Err(e) => {
-                tracing::error!(error = %e, client = %self.session.client_id, "a twin change could not be journaled");
+                tracing::error!(error = %e, client = %session.client_id, "a twin change could not be journaled");
                 const NOT_STORED: &str = "the change could not be stored";
-                if let Some((answer, reply)) = self.answer.take() {
+                if let Some(answer) = self.answer.take() {
+                    let (answer, reply) = *answer;
                     let error = DittoError::new(500, "things:internal.error", NOT_STORED);
                     let topic = Some(answer.topic.clone());
                     let failed = Envelope::error(topic.as_ref(), &error, None);
-                    answer_requester(&self.session, &reply, &failed, &core.metrics);
+                    answer_requester(session, &reply, &failed, &core.metrics);
                 }
                 Told::new(Verdict::Failed, NOT_STORED)
             }
-        }
-    }
-}
-
-impl Future for Pending {
-    type Output = Told;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Told> {
-        match Pin::new(&mut self.durable).poll(cx) {
-            Poll::Ready(result) => Poll::Ready(self.complete(result)),
-            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -204,7 +218,7 @@ pub enum Request<'a> {
 
 impl Core {
     pub fn publish(
-        self: &Arc<Self>,
+        &self,
         client: &Client,
         topic: &TopicName,
         payload: &[u8],
@@ -272,7 +286,7 @@ impl Core {
     /// Authorizes and carries out `request` for `client`; the answer to a command goes to
     /// the requester alone, as `reply` says.
     pub fn execute(
-        self: &Arc<Self>,
+        &self,
         client: &Client,
         request: Request<'_>,
         reply: ReplyTo,
@@ -362,7 +376,7 @@ impl Core {
     }
 
     fn execute_command(
-        self: &Arc<Self>,
+        &self,
         client: &Client,
         command: Command,
         reply: ReplyTo,
@@ -404,16 +418,13 @@ impl Core {
             } => {
                 // The answer is built only if it will reach the requester.
                 let answer = (reply.wanted && reply.topic.is_some())
-                    .then(|| (Envelope::response(&command, status, value), reply));
-                Outcome::Pending(Box::new(Pending {
-                    core: self.clone(),
-                    space: client.space.clone(),
-                    session: client.session.clone(),
+                    .then(|| Box::new((Envelope::response(&command, status, value), reply)));
+                Outcome::Pending(Pending {
                     durable,
                     events,
                     answer,
                     policy,
-                }))
+                })
             }
         }
     }

@@ -15,7 +15,6 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::num::NonZeroU16;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, SystemTime};
@@ -47,8 +46,7 @@ const SMALL_READ: usize = 512;
 /// holds just the connection and its small main-loop future.
 pub async fn serve(core: Arc<Core>, io: Transport, peer: SocketAddr) {
     core.metrics.connections_active.inc();
-    if let Some(conn) = Box::pin(handshake::open(&core, io, peer)).await {
-        let mut conn = Box::new(conn);
+    if let Some(mut conn) = Box::pin(handshake::open(&core, io, peer)).await {
         let close = conn.run().await;
         Box::pin((*conn).finish(close)).await;
     }
@@ -67,7 +65,7 @@ struct Ack {
 #[derive(Debug)]
 pub(crate) struct InOrder {
     /// The twin write whose completion tells the publisher how it went.
-    pending: Option<Box<Pending>>,
+    pending: Option<Pending>,
     /// Without a write: what the publisher is told.
     told: Told,
     ack: Option<Ack>,
@@ -75,12 +73,16 @@ pub(crate) struct InOrder {
 
 /// Completes with what the oldest entry tells its publisher once it may be acknowledged (at
 /// once for an entry without a write). Cancel-safe: the entry stays in the queue.
-fn front_done(queue: &mut VecDeque<InOrder>) -> impl Future<Output = Told> + '_ {
+fn front_done<'a>(
+    queue: &'a mut VecDeque<InOrder>,
+    core: &'a Core,
+    client: &'a Client,
+) -> impl Future<Output = Told> + 'a {
     std::future::poll_fn(move |cx| match queue.front_mut() {
         Some(InOrder {
             pending: Some(pending),
             ..
-        }) => Pin::new(&mut **pending).poll(cx),
+        }) => pending.poll_done(cx, core, &client.space, &client.session),
         Some(entry) => Poll::Ready(std::mem::replace(&mut entry.told, Told::accepted())),
         None => Poll::Pending,
     })
@@ -172,7 +174,7 @@ impl Conn {
                     }
                 }
                 _ = session.wake.notified() => {}
-                told = front_done(&mut self.in_order), if !self.in_order.is_empty() => {
+                told = front_done(&mut self.in_order, &self.core, &self.client), if !self.in_order.is_empty() => {
                     if let Some(entry) = self.in_order.pop_front()
                         && let Some(ack) = entry.ack
                     {
@@ -619,16 +621,20 @@ impl Conn {
     async fn finish(mut self, close: Close) {
         // Writes still waiting for the journal are announced when durable, though nobody is
         // left to acknowledge them.
-        let waiting: Vec<Box<Pending>> = std::mem::take(&mut self.in_order)
+        let waiting: Vec<Pending> = std::mem::take(&mut self.in_order)
             .into_iter()
             .filter_map(|entry| entry.pending)
-            .filter(|pending| pending.has_events())
-            .map(|pending| Box::new(pending.without_answer()))
+            .filter(Pending::has_events)
             .collect();
         if !waiting.is_empty() {
+            let core = self.core.clone();
+            let space = self.client.space.clone();
+            let session = self.client.session.clone();
             tokio::spawn(async move {
                 for pending in waiting {
-                    pending.await;
+                    pending
+                        .settle(core.clone(), space.clone(), session.clone())
+                        .await;
                 }
             });
         }

@@ -22,7 +22,11 @@ use crate::mqtt::will;
 
 /// Reads the CONNECT within the connect timeout and answers it: the connection, ready for its
 /// main loop, or `None` (refused, closed or timed out).
-pub(crate) async fn open(core: &Arc<Core>, mut io: Transport, peer: SocketAddr) -> Option<Conn> {
+pub(crate) async fn open(
+    core: &Arc<Core>,
+    mut io: Transport,
+    peer: SocketAddr,
+) -> Option<Box<Conn>> {
     let mut rbuf = BytesMut::new();
     let max_packet = core.settings.max_packet_size as usize;
     let connect = timeout(
@@ -117,7 +121,7 @@ async fn accept(
     rbuf: BytesMut,
     peer: SocketAddr,
     connect: Connect,
-) -> Option<Conn> {
+) -> Option<Box<Conn>> {
     let protocol = connect.protocol;
     let v5 = protocol == Protocol::V5;
     let refuse = |refusal: ConnectRefusal| connack(false, refusal.code(protocol));
@@ -203,7 +207,7 @@ async fn accept(
         .properties
         .receive_maximum
         .map_or(usize::from(u16::MAX), |n| usize::from(n.get()));
-    let mut conn = Conn {
+    let mut conn = Box::new(Conn {
         core: core.clone(),
         io,
         rbuf,
@@ -226,7 +230,7 @@ async fn accept(
         }),
         problem_information: connect.properties.request_problem_information != Some(false),
         in_order: std::collections::VecDeque::new(),
-    };
+    });
     conn.outbound().packet(&Packet::ConnAck(ConnAck {
         session_present,
         code: 0,
