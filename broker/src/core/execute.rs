@@ -285,12 +285,7 @@ impl Core {
 
     /// Authorizes and carries out `request` for `client`; the answer to a command goes to
     /// the requester alone, as `reply` says.
-    pub fn execute(
-        &self,
-        client: &Client,
-        request: Request<'_>,
-        reply: ReplyTo,
-    ) -> Outcome {
+    pub fn execute(&self, client: &Client, request: Request<'_>, reply: ReplyTo) -> Outcome {
         let now = now();
         match request {
             Request::Plain {
