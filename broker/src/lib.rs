@@ -15,8 +15,8 @@
 //! - `cli` (the command line: a contract, DESIGN.md §7; extend it, never rename) and its
 //!   commands: `serve_cmd` and `dev` (`thingsgate serve [--dev]`), `policy_cmd`,
 //!   `solution_cmd`, `token_cmd`; `config` (TOML, `THINGSGATE_…` overrides, issuers);
-//!   `limits` (every limit and what happens at it); `metrics`, `http` (`/metrics`, `/health`,
-//!   `/ready`).
+//!   `limits` (every limit and what happens at it); `logging` (text or JSON, every value a
+//!   client chose escaped); `metrics`, `http` (`/metrics`, `/health`, `/ready`).
 //! - `testing`: the core without sockets, for benchmarks and tests.
 //!
 //! The public surface is what the binary, the tests and the benchmarks use: `cli`, `config`,
@@ -30,6 +30,7 @@ pub(crate) mod core;
 pub(crate) mod dev;
 pub(crate) mod http;
 pub(crate) mod limits;
+pub(crate) mod logging;
 pub(crate) mod metrics;
 pub mod mqtt;
 pub(crate) mod policy_cmd;

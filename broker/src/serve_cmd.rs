@@ -44,20 +44,10 @@ pub struct ServeArgs {
     pub dev: bool,
 }
 
-fn init_logging() {
-    let filter = std::env::var("THINGSGATE_LOG")
-        .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| "info".to_owned());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
-}
-
 /// Runs the server until a signal.
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    init_logging();
+    let format = crate::logging::LogFormat::from_env().map_err(|e| anyhow::anyhow!(e))?;
+    crate::logging::init(format);
     // One socket per connection: take the whole hard limit of open files (19,000 connections
     // need it; the usual soft limit is 1,024).
     match rlimit::increase_nofile_limit(u64::MAX) {

@@ -259,7 +259,7 @@ pub fn policy_set(data: &Path, solution: &str, file: &Path) -> anyhow::Result<Ex
     let id = solution_id(solution)?;
     let text = std::fs::read_to_string(file)
         .with_context(|| format!("cannot read policy file {}", file.display()))?;
-    let parsed = policy::parse_policy(&text)
+    let parsed = crate::auth::solution::parse_solution_policy(&id, &text)
         .with_context(|| format!("invalid policy in {}", file.display()))?;
     let dir = DataDir::open(data, false)?;
     dir.solutions

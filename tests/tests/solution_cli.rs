@@ -352,6 +352,55 @@ fn a_namespace_owned_by_another_solution_is_refused() {
 }
 
 #[test]
+fn a_solution_policy_may_name_itself_by_its_documented_id() {
+    // A solution ID may contain `-`, which a policy ID's namespace may not: the documented ID
+    // `<solutionId>:solution` (DESIGN.md §1) is accepted anyway, and stored without it.
+    let (dir, data) = data_dir("policy-id");
+    create(&data, &["--namespace", "org.acme", "--id", "acme-eu"]);
+    let policy = r#"{"policyId":"acme-eu:solution","entries":{
+      "ops":{"subjects":{"google:ops":{"type":"operators"}},"resources":{"solution:/":{"grant":["READ","WRITE"],"revoke":[]}}}}}"#;
+    let file = dir.join("named.json");
+    std::fs::write(&file, policy).unwrap();
+    let args = |file: &Path| {
+        vec![
+            "solution".to_owned(),
+            "policy".to_owned(),
+            "set".to_owned(),
+            "--data".to_owned(),
+            data.clone(),
+            "--solution".to_owned(),
+            "acme-eu".to_owned(),
+            file.to_str().unwrap().to_owned(),
+        ]
+    };
+    let named = args(&file);
+    ok(&named.iter().map(String::as_str).collect::<Vec<_>>());
+    let stored: Value = serde_json::from_str(&ok(&[
+        "solution",
+        "policy",
+        "get",
+        "--data",
+        &data,
+        "--solution",
+        "acme-eu",
+    ]))
+    .unwrap();
+    assert!(stored.get("policyId").is_none(), "{stored}");
+    assert!(stored["entries"]["ops"].is_object(), "{stored}");
+
+    // Another solution's ID is refused, naming the one expected.
+    let other = policy.replace("acme-eu:solution", "acme-us:solution");
+    let file = dir.join("other.json");
+    std::fs::write(&file, other).unwrap();
+    let wrong = args(&file);
+    let message = refused(&wrong.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        message.contains("is `acme-eu:solution` (or has no `policyId`), not `acme-us:solution`"),
+        "{message}"
+    );
+}
+
+#[test]
 fn the_solution_policy_round_trips_and_lockout_is_refused() {
     let (dir, data) = data_dir("policy");
     create(&data, &["--namespace", "org.acme", "--id", "acme"]);
@@ -410,7 +459,7 @@ fn the_solution_policy_round_trips_and_lockout_is_refused() {
         ),
         (
             r#"{"policyId":"org.acme:solution","entries":{"ops":{"subjects":{"google:ops":{"type":"o"}},"resources":{"solution:/":{"grant":["WRITE"],"revoke":[]}}}}}"#,
-            "has no `policyId`",
+            "is `acme:solution` (or has no `policyId`), not `org.acme:solution`",
         ),
         (
             r#"{"entries":{"e":{"subjects":{},"resources":{"thing:/":{"grant":["FLY"]}}}}}"#,

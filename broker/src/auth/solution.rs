@@ -23,9 +23,11 @@
 //! - **Namespaces are exclusive**: a namespace (`org.acme`) belongs to at most one solution;
 //!   ownership is by exact name (owning `org.acme` does not own `org.acme.fleet`, which is
 //!   listed on its own).
-//! - **The solution policy has no `policyId`.** DESIGN.md §1 names it `<solutionId>:solution`,
-//!   but a solution ID may contain `-`, which a policy ID's namespace may not; the policy is
-//!   found through its solution, so it is stored (and shown, and accepted) without `policyId`.
+//! - **The solution policy is stored without `policyId`.** DESIGN.md §1 names it
+//!   `<solutionId>:solution`, but a solution ID may contain `-`, which a policy ID's namespace
+//!   may not; the policy is found through its solution, so it is stored and shown without
+//!   `policyId`. A policy document given for it ([`parse_solution_policy`]) may name it by
+//!   that documented ID, or by none; any other ID is refused, naming the expected one.
 //! - **Lockout**: a solution policy must keep a permanent subject (no `expiry`) that on its own
 //!   has unrestricted WRITE on `solution:/`, the resource that says who administers the
 //!   solution and may change this policy. `policy::check_lockout` asks the same of `policy:/`,
@@ -147,6 +149,12 @@ pub enum SolutionError {
         "a solution policy has no `policyId` (it is found through its solution): remove `\"policyId\": \"{0}\"`"
     )]
     PolicyHasId(String),
+    #[error(
+        "the policy of solution `{solution}` is `{solution}:solution` (or has no `policyId`), not `{found}`"
+    )]
+    PolicyIdMismatch { solution: SolutionId, found: String },
+    #[error("invalid solution policy: not JSON: {0}")]
+    PolicyNotJson(String),
     #[error("a solution policy cannot import other policies (found `imports`)")]
     PolicyHasImports,
     #[error(
@@ -328,6 +336,29 @@ pub fn default_policy_summary(id: &SolutionId) -> String {
         "default solution policy: subject `{}` (every client that authenticates with a secret of this solution) may READ and WRITE `topic:/`, CREATE on `thing:/` and `policy:/`, READ and WRITE `solution:/` (administer the solution); nothing else",
         id.subject()
     )
+}
+
+/// Reads a policy document given for solution `id`'s policy: its `policyId`, if it has one,
+/// must be the documented `<solutionId>:solution` (DESIGN.md §1) and is dropped (see the module
+/// docs); then the policy as any other.
+pub fn parse_solution_policy(id: &SolutionId, text: &str) -> Result<Policy, SolutionError> {
+    let mut value: Value =
+        serde_json::from_str(text).map_err(|e| SolutionError::PolicyNotJson(e.to_string()))?;
+    if let Some(object) = value.as_object_mut()
+        && let Some(named) = object.remove("policyId")
+    {
+        let documented = format!("{id}:solution");
+        if named.as_str() != Some(documented.as_str()) {
+            return Err(SolutionError::PolicyIdMismatch {
+                solution: id.clone(),
+                found: match named {
+                    Value::String(text) => text,
+                    other => other.to_string(),
+                },
+            });
+        }
+    }
+    Ok(policy::policy_from_value(&value)?)
 }
 
 /// Accepts a solution policy only without `policyId`, without imports, and with a permanent
