@@ -596,6 +596,43 @@ async fn too_many_failures_from_one_address_refuse_even_the_right_secret_for_a_w
     broker.assert_logs_never_contain(&[&s.secret, &wrong]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_brute_force_on_one_device_does_not_lock_out_its_neighbours_behind_the_same_address() {
+    // A carrier NAT: every device of the fleet comes from 127.0.0.1. One of them has a wrong
+    // secret and keeps retrying.
+    let (broker, s) = started();
+    let wrong = "y".repeat(s.secret.len());
+    let mut failures = 0;
+    loop {
+        match v4_refused(&broker, "broken", &s.id, &wrong).await {
+            V4Code::BadUserNamePassword => failures += 1,
+            V4Code::NotAuthorized => break,
+            other => panic!("unexpected CONNACK {other:?}"),
+        }
+        assert!(
+            failures <= 30,
+            "30 wrong secrets and the identity is not slowed"
+        );
+    }
+    // The broken identity now waits before it is checked again, even with the right secret…
+    assert_eq!(
+        v4_refused(&broker, "broken", &s.id, &s.secret).await,
+        V4Code::NotAuthorized
+    );
+    // …while its neighbours with the right secret connect at once.
+    for neighbour in ["dev-1", "dev-2", "dev-3"] {
+        let started = std::time::Instant::now();
+        connect_v4_login(broker.mqtt_addr(), neighbour, &s.id, &s.secret)
+            .await
+            .unwrap_or_else(|code| panic!("`{neighbour}` was refused: {code:?}"));
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "`{neighbour}` was slowed: {:?}",
+            started.elapsed()
+        );
+    }
+}
+
 // --- token expiry and re-authentication ----------------------------------------------------------
 
 /// A token for `sub` (with the API token's solution found via the user property or user name)

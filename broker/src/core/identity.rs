@@ -44,6 +44,19 @@ pub struct Credentials<'a> {
     pub api_token: Option<&'a str>,
 }
 
+impl Credentials<'_> {
+    /// The identity these credentials claim, for the failure limiter: the user name (solution ID
+    /// or API token) and the client ID, or the API token given apart.
+    fn claimed_identity(&self) -> String {
+        format!(
+            "{}\u{0}{}\u{0}{}",
+            self.username.unwrap_or_default(),
+            self.api_token.unwrap_or_default(),
+            self.client_id
+        )
+    }
+}
+
 /// Who a connection (or request) is: what every later decision about it starts from.
 #[derive(Debug, Clone)]
 pub struct Identity {
@@ -120,8 +133,13 @@ impl Authenticator {
         if credentials.client_id.len() > MAX_CLIENT_ID_LEN {
             return Err(Refusal::BadClientId);
         }
-        if let Admission::Limited { .. } = self.limiter.admit(peer, Instant::now()) {
-            return Err(Refusal::RateLimited);
+        // The identity a client claims: the limiter slows a brute force on it without touching
+        // its neighbours behind the same address (`crate::auth::limiter`).
+        let claimed = credentials.claimed_identity();
+        match self.limiter.admit(peer, &claimed, Instant::now()) {
+            Admission::Allowed => {}
+            Admission::Limited { .. } => return Err(Refusal::RateLimited),
+            Admission::Slowed { delay } => tokio::time::sleep(delay).await,
         }
         let result = self.check(credentials).await.and_then(|identity| {
             if identity
@@ -133,10 +151,9 @@ impl Authenticator {
                 Ok(identity)
             }
         });
-        if let Err(refusal) = result
-            && refusal != Refusal::RateLimited
-        {
-            self.limiter.record_failure(peer, Instant::now());
+        match &result {
+            Ok(_) => self.limiter.record_success(peer, &claimed),
+            Err(_) => self.limiter.record_failure(peer, &claimed, Instant::now()),
         }
         result
     }
