@@ -788,6 +788,36 @@ async fn a_v5_re_authentication_with_a_fresh_token_keeps_the_connection_open_pas
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v5_re_authentication_with_an_unknown_kid_re_reads_the_keys_as_connect_does() {
+    let (mut broker, s) = setup();
+    broker.start();
+    let started = std::time::Instant::now();
+    let alice = dev_issuer().token(ALICE, HOUR);
+    let (mut client, ack) = RawClient::connect(
+        broker.mqtt_addr(),
+        raw_jwt_connect("reauth-kid", &alice, Some(&s.api_token)),
+    )
+    .await;
+    assert_eq!(ack.code, 0, "{ack:?}");
+    // The issuer rotates: the JWKS file gains a new key, and the fresh token is signed with it.
+    let rotated_pem = issuer::fresh_ec_pem();
+    let rotated = broker::token_cmd::SigningKey::from_pkcs8_pem(&rotated_pem).unwrap();
+    dev_issuer().write_jwks(&broker.dir().join("jwks.json"), &[&rotated]);
+    let fresh = rotated
+        .sign(&dev_issuer().claims(ALICE, HOUR), None)
+        .unwrap();
+    // The keys are re-read at most every 10 s (the default): wait until a re-read is allowed.
+    let allowed = Duration::from_millis(10_500).saturating_sub(started.elapsed());
+    tokio::time::sleep(allowed).await;
+    client.send(&auth_packet(0x19, "jwt", &fresh)).await;
+    match client.recv_within(Duration::from_secs(10)).await {
+        Received::Packet(Packet::Auth(auth)) => assert_eq!(auth.reason, 0x00, "{auth:?}"),
+        other => panic!("expected AUTH 0x00 after re-reading the keys, got {other:?}"),
+    }
+    client.ping().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_v5_re_authentication_with_another_subject_is_disconnected_with_0x87() {
     let (broker, s) = started();
     let alice = dev_issuer().token(ALICE, HOUR);

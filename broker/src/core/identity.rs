@@ -242,16 +242,17 @@ impl Authenticator {
 
     /// Re-authentication of `identity` with a fresh token (DESIGN.md §2): the same solution
     /// and the same subjects; the connection then lives until the new token's expiry, which
-    /// is written into `identity`.
-    pub fn reauthenticate(
+    /// is written into `identity`. An unknown `kid` re-reads the issuers' keys once, as at
+    /// connect.
+    pub async fn reauthenticate(
         &self,
         identity: &mut Identity,
         token: &str,
     ) -> Result<(), ReauthRefusal> {
         let jwt: JwtIdentity = self
-            .issuers
-            .validate(token, SystemTime::now())
-            .map_err(|refusal| ReauthRefusal::Invalid(refusal.as_str()))?;
+            .validate_token(token)
+            .await
+            .map_err(|refusal| ReauthRefusal::Invalid(refusal.label()))?;
         let same_solution = jwt
             .solution
             .as_deref()

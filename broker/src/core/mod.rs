@@ -368,12 +368,12 @@ impl Core {
 
     /// Re-authenticates `client` with a fresh token (DESIGN.md §2): same solution and subjects,
     /// then the connection lives until the new token's expiry. Refusals are counted.
-    pub fn reauthenticate(
+    pub async fn reauthenticate(
         &self,
         identity: &mut Identity,
         token: &str,
     ) -> Result<(), ReauthRefusal> {
-        let result = self.auth.reauthenticate(identity, token);
+        let result = self.auth.reauthenticate(identity, token).await;
         if let Err(ReauthRefusal::Invalid(reason)) = result {
             self.metrics.refused(reason);
             tracing::debug!(client = %identity.client_id, reason, "re-authentication refused");

@@ -113,6 +113,9 @@ pub(crate) struct Conn {
     pub(crate) problem_information: bool,
     /// Acknowledgements waiting for twin writes, in PUBLISH order.
     pub(crate) in_order: VecDeque<InOrder>,
+    /// The token of an AUTH (re-authentication) to check before the next packet is read: its
+    /// check may have to re-read the issuers' keys, which is awaited.
+    pub(crate) reauth: Option<Box<str>>,
 }
 
 impl Conn {
@@ -160,8 +163,14 @@ impl Conn {
                         Ok(0) => return Close::ClosedByClient,
                         Ok(n) => {
                             keep_alive_deadline = self.keep_alive_deadline();
-                            if let Some(close) = self.process_input() {
-                                return close;
+                            loop {
+                                if let Some(close) = self.process_input() {
+                                    return close;
+                                }
+                                let Some(token) = self.reauth.take() else { break };
+                                if let Some(close) = self.reauthenticate(&token).await {
+                                    return close;
+                                }
                             }
                             if self.rbuf.is_empty() && n < SMALL_READ {
                                 self.rbuf = BytesMut::new();
@@ -246,6 +255,10 @@ impl Conn {
                 Ok(Some(packet)) => {
                     if let Some(close) = self.handle(packet) {
                         return Some(close);
+                    }
+                    if self.reauth.is_some() {
+                        // The next packets are handled once the token is checked.
+                        return None;
                     }
                 }
                 Ok(None) => return None,
@@ -600,7 +613,17 @@ impl Conn {
         let Some(token) = token else {
             return Some(Close::ReauthWithoutToken);
         };
-        match self.core.reauthenticate(&mut self.client.identity, token) {
+        self.reauth = Some(token.into());
+        None
+    }
+
+    /// Checks a re-authentication token through the core; AUTH 0x00 when it holds.
+    async fn reauthenticate(&mut self, token: &str) -> Option<Close> {
+        match self
+            .core
+            .reauthenticate(&mut self.client.identity, token)
+            .await
+        {
             Ok(()) => {}
             Err(ReauthRefusal::Invalid(_)) => return Some(Close::ReauthRefused),
             Err(ReauthRefusal::OtherIdentity) => return Some(Close::ReauthOtherIdentity),

@@ -230,6 +230,7 @@ async fn accept(
         }),
         problem_information: connect.properties.request_problem_information != Some(false),
         in_order: std::collections::VecDeque::new(),
+        reauth: None,
     });
     conn.outbound().packet(&Packet::ConnAck(ConnAck {
         session_present,
