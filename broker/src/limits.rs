@@ -4,7 +4,9 @@
 //!
 //! | limit | default | when reached |
 //! |---|---|---|
-//! | `max_connections` | 19,000 | `accept` waits (a semaphore before `accept`): new clients queue in the kernel's backlog, nobody is dropped |
+//! | `max_connections` | 19,000 | authenticated connections; one more CONNECT is answered at once: v5 CONNACK 0x89 (server busy), 3.1.1 3 (server unavailable), then close |
+//! | `max_handshakes` | 512 | sockets that have not finished TLS, CONNECT and authentication (apart from `max_connections`: together they stay below the 20,000 open files); at it, `accept` waits; over half of it taken, a handshake gets at most 2 s instead of `connect_timeout_seconds` (`crate::mqtt::admission`) |
+//! | `max_handshakes_per_address` | 128 | handshakes from one source address; one more socket from it is closed at once (a slowloris from one address cannot hold every handshake slot) |
 //! | `connect_timeout_seconds` | 10 | a socket that has not completed CONNECT by then is closed |
 //! | `max_packet_size` | 1 MiB | a bigger packet is refused from its fixed header, before buffering: v5 DISCONNECT 0x95, then close |
 //! | `receive_maximum` | 1,024 | incoming QoS 2 messages not yet released by PUBREL; one more: v5 DISCONNECT 0x93. Also the number of twin writes of one connection waiting for the journal: at it, the connection stops reading until some are durable (TCP backpressure) |
@@ -41,6 +43,8 @@ pub struct MqttSettings {
     /// PEM private key (PKCS#8, PKCS#1 or SEC1), relative to the config file's directory.
     pub tls_key_file: Option<String>,
     pub max_connections: usize,
+    pub max_handshakes: usize,
+    pub max_handshakes_per_address: usize,
     pub connect_timeout_seconds: u64,
     pub max_packet_size: u32,
     pub receive_maximum: u16,
@@ -61,6 +65,8 @@ impl Default for MqttSettings {
             tls_cert_file: None,
             tls_key_file: None,
             max_connections: 19_000,
+            max_handshakes: 512,
+            max_handshakes_per_address: 128,
             connect_timeout_seconds: 10,
             max_packet_size: 1024 * 1024,
             receive_maximum: 1024,
@@ -112,6 +118,10 @@ impl MqttSettings {
                 "TLS_CERT_FILE" => self.tls_cert_file = text(),
                 "TLS_KEY_FILE" => self.tls_key_file = text(),
                 "MAX_CONNECTIONS" => self.max_connections = whole(&var, &value)?,
+                "MAX_HANDSHAKES" => self.max_handshakes = whole(&var, &value)?,
+                "MAX_HANDSHAKES_PER_ADDRESS" => {
+                    self.max_handshakes_per_address = whole(&var, &value)?
+                }
                 "CONNECT_TIMEOUT_SECONDS" => self.connect_timeout_seconds = whole(&var, &value)?,
                 "MAX_PACKET_SIZE" => self.max_packet_size = whole(&var, &value)?,
                 "RECEIVE_MAXIMUM" => self.receive_maximum = whole(&var, &value)?,
@@ -138,6 +148,12 @@ impl MqttSettings {
         };
         if self.max_connections == 0 {
             return Err(error("max_connections", "must be at least 1"));
+        }
+        if self.max_handshakes == 0 {
+            return Err(error("max_handshakes", "must be at least 1"));
+        }
+        if self.max_handshakes_per_address == 0 {
+            return Err(error("max_handshakes_per_address", "must be at least 1"));
         }
         if self.max_packet_size < 64 {
             return Err(error("max_packet_size", "must be at least 64 bytes"));

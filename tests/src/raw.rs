@@ -119,6 +119,28 @@ impl RawClient {
         }
     }
 
+    /// Opens a TCP connection from the local address `local` (e.g. `127.0.0.2`, another host
+    /// on loopback).
+    pub async fn open_from(local: std::net::IpAddr, addr: SocketAddr, protocol: Protocol) -> Self {
+        let connect = async {
+            let socket = match local {
+                std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+                std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+            }?;
+            socket.bind(SocketAddr::new(local, 0))?;
+            socket.connect(addr).await
+        };
+        let stream = tokio::time::timeout(NET_TIMEOUT, connect)
+            .await
+            .unwrap_or_else(|_| panic!("TCP connect from {local} to {addr} timed out"))
+            .unwrap_or_else(|e| panic!("TCP connect from {local} to {addr}: {e}"));
+        RawClient {
+            stream,
+            buf: BytesMut::with_capacity(4096),
+            protocol,
+        }
+    }
+
     /// Opens a connection, sends `connect` and returns the CONNACK (the caller checks its code).
     /// Panics if the server closes or sends anything else first.
     pub async fn connect(addr: SocketAddr, connect: Connect) -> (Self, ConnAck) {

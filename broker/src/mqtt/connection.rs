@@ -26,6 +26,7 @@ use crate::core::identity::{JWT_METHOD, ReauthRefusal};
 use crate::core::message::{Origin, deep_copy_topic};
 use crate::core::session::AckOutcome;
 use crate::core::{Client, Core, Outcome, Pending, ReplyTo, Told, Verdict};
+use crate::mqtt::admission::{Admission, ConnectionSlot, HandshakeSlot};
 use crate::mqtt::codec::{
     self, Auth, CodecError, Disconnect, ErrorKind, Packet, Properties, Protocol, PubResponse,
     Publish, QoS, QosPid, SubAck, Subscribe, TopicName, UnsubAck, Unsubscribe, Will,
@@ -44,9 +45,15 @@ const SMALL_READ: usize = 512;
 /// The handshake and the ending run as boxed futures: their large locals (the CONNECT, its
 /// CONNACK) then live on the heap only while they run, and the task of an idle connection
 /// holds just the connection and its small main-loop future.
-pub async fn serve(core: Arc<Core>, io: Transport, peer: SocketAddr) {
+pub async fn serve(
+    core: Arc<Core>,
+    io: Transport,
+    peer: SocketAddr,
+    slot: HandshakeSlot,
+    admission: &Admission,
+) {
     core.metrics.connections_active.inc();
-    if let Some(mut conn) = Box::pin(handshake::open(&core, io, peer)).await {
+    if let Some(mut conn) = Box::pin(handshake::open(&core, io, peer, slot, admission)).await {
         let close = conn.run().await;
         Box::pin((*conn).finish(close)).await;
     }
@@ -113,6 +120,8 @@ pub(crate) struct Conn {
     pub(crate) problem_information: bool,
     /// Acknowledgements waiting for twin writes, in PUBLISH order.
     pub(crate) in_order: VecDeque<InOrder>,
+    /// Its place among `max_connections`.
+    pub(crate) _slot: ConnectionSlot,
     /// The token of an AUTH (re-authentication) to check before the next packet is read: its
     /// check may have to re-read the issuers' keys, which is awaited.
     pub(crate) reauth: Option<Box<str>>,

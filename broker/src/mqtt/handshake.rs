@@ -13,6 +13,7 @@ use tokio::time::timeout;
 
 use crate::core::identity::{API_TOKEN_PROPERTY, JWT_METHOD};
 use crate::core::{Attached, Core, Credentials, SessionRequest, assign_client_id};
+use crate::mqtt::admission::{Admission, ConnectionSlot, HandshakeSlot};
 use crate::mqtt::codec::{self, CodecError, ConnAck, Connect, Packet, Properties, Protocol};
 use crate::mqtt::connection::Conn;
 use crate::mqtt::outbound::{Outbound, TopicAliases};
@@ -26,20 +27,33 @@ pub(crate) async fn open(
     core: &Arc<Core>,
     mut io: Transport,
     peer: SocketAddr,
+    slot: HandshakeSlot,
+    admission: &Admission,
 ) -> Option<Box<Conn>> {
     let mut rbuf = BytesMut::new();
     let max_packet = core.settings.max_packet_size as usize;
     let connect = timeout(
-        core.settings.connect_timeout(),
+        admission.handshake_timeout(core.settings.connect_timeout()),
         read_connect(&mut io, &mut rbuf, max_packet),
     )
     .await;
     match connect {
         Ok(Ok(Some(connect))) => {
             let mut shutdown = core.shutdown.clone();
-            if !*shutdown.borrow_and_update() {
-                return accept(core, io, rbuf, peer, connect).await;
+            if *shutdown.borrow_and_update() {
+                return None;
             }
+            let Some(connection) = admission.connection() else {
+                // At `max_connections`: told at once, not left waiting.
+                core.metrics.refused("server_busy");
+                let code = ConnectRefusal::ServerBusy.code(connect.protocol);
+                send_and_close(&mut io, connect.protocol, &connack(false, code)).await;
+                return None;
+            };
+            let conn = accept(core, io, rbuf, peer, connect, connection).await;
+            // The handshake is over: its slot is free for the next socket.
+            drop(slot);
+            return conn;
         }
         Ok(Ok(None)) => {}
         Ok(Err(ConnectFailure::Io(e))) => {
@@ -121,6 +135,7 @@ async fn accept(
     rbuf: BytesMut,
     peer: SocketAddr,
     connect: Connect,
+    slot: ConnectionSlot,
 ) -> Option<Box<Conn>> {
     let protocol = connect.protocol;
     let v5 = protocol == Protocol::V5;
@@ -231,6 +246,7 @@ async fn accept(
         problem_information: connect.properties.request_problem_information != Some(false),
         in_order: std::collections::VecDeque::new(),
         reauth: None,
+        _slot: slot,
     });
     conn.outbound().packet(&Packet::ConnAck(ConnAck {
         session_present,

@@ -2,13 +2,15 @@
 //! the core's calls; flow control (inflight windows, acknowledgement order, keep-alive) is its
 //! own, decisions are the core's.
 //!
-//! In the order bytes flow: `server` (listeners, TLS, a semaphore before `accept`, shutdown)
+//! In the order bytes flow: `server` (listeners, TLS, shutdown; `admission`: handshake and
+//! connection slots)
 //! → `transport` (the socket) → `codec` (packets: check the fixed header, then parse) →
 //! `handshake` (CONNECT → `Core::authenticate` → `Core::attach` → CONNACK) → `connection`
 //! (the main loop; each packet to a core call, acknowledgements in order) → `outbound`
 //! (deliveries and answers into PUBLISH packets: topic aliases, maximum packet size).
 //! `reason`: reason codes, CONNACK refusals and close reasons as types. `will`: last wills.
 
+pub(crate) mod admission;
 pub mod codec;
 pub(crate) mod connection;
 pub(crate) mod handshake;

@@ -22,6 +22,7 @@ pub enum ReasonCode {
     ClientIdentifierNotValid = 0x85,
     BadUserNameOrPassword = 0x86,
     NotAuthorized = 0x87,
+    ServerBusy = 0x89,
     BadAuthenticationMethod = 0x8C,
     ServerShuttingDown = 0x8B,
     KeepAliveTimeout = 0x8D,
@@ -73,6 +74,8 @@ pub enum ConnectRefusal {
     RateLimited,
     /// The solution's session bound is reached.
     QuotaExceeded,
+    /// The server's connection bound is reached.
+    ServerBusy,
     /// The server cannot serve it (no random client ID could be made).
     ServerError,
 }
@@ -87,6 +90,7 @@ impl ConnectRefusal {
             ConnectRefusal::BadAuthenticationMethod => ReasonCode::BadAuthenticationMethod,
             ConnectRefusal::RateLimited => ReasonCode::ConnectionRateExceeded,
             ConnectRefusal::QuotaExceeded => ReasonCode::QuotaExceeded,
+            ConnectRefusal::ServerBusy => ReasonCode::ServerBusy,
             ConnectRefusal::ServerError => ReasonCode::UnspecifiedError,
         };
         match protocol {
@@ -95,7 +99,9 @@ impl ConnectRefusal {
             // password, 5 not authorized.
             Protocol::V311 => match self {
                 ConnectRefusal::ClientIdRejected => 2,
-                ConnectRefusal::QuotaExceeded | ConnectRefusal::ServerError => 3,
+                ConnectRefusal::QuotaExceeded
+                | ConnectRefusal::ServerBusy
+                | ConnectRefusal::ServerError => 3,
                 ConnectRefusal::BadCredentials => 4,
                 ConnectRefusal::NotAuthorized
                 | ConnectRefusal::BadAuthenticationMethod
@@ -242,6 +248,7 @@ mod tests {
             (ConnectRefusal::BadAuthenticationMethod, 5, 0x8C),
             (ConnectRefusal::RateLimited, 5, 0x9F),
             (ConnectRefusal::QuotaExceeded, 3, 0x97),
+            (ConnectRefusal::ServerBusy, 3, 0x89),
             (ConnectRefusal::ServerError, 3, 0x80),
         ];
         for (refusal, v3, v5) in cases {

@@ -1,5 +1,6 @@
-//! Listeners and the accept loop: plain TCP and TLS (rustls), a semaphore before `accept`
-//! (`max_connections`), TLS handshakes within the connect timeout, and graceful shutdown as a
+//! Listeners and the accept loop: plain TCP and TLS (rustls), a handshake slot before `accept`
+//! and one per source address after it (`crate::mqtt::admission`), TLS handshakes within the
+//! handshake timeout, and graceful shutdown as a
 //! pair of signals (STYLE.md): a `watch` that says "stop", and an `mpsc` whose senders every
 //! connection holds, so that waiting for the last one to drop waits for every connection.
 
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::core::Core;
@@ -20,6 +21,7 @@ use crate::core::space::Spaces;
 use crate::core::twins::Twins;
 use crate::limits::MqttSettings;
 use crate::metrics::Metrics;
+use crate::mqtt::admission::Admission;
 use crate::mqtt::connection;
 use crate::mqtt::transport::Transport;
 
@@ -85,7 +87,11 @@ pub async fn start(
 ) -> io::Result<Server> {
     let (stop, shutdown) = watch::channel(false);
     let (done_tx, done_rx) = mpsc::channel(1);
-    let semaphore = Arc::new(Semaphore::new(settings.max_connections));
+    let admission = Arc::new(Admission::new(
+        settings.max_handshakes,
+        settings.max_handshakes_per_address,
+        settings.max_connections,
+    ));
     let spaces = Spaces::new(settings.max_retained_messages);
     let core = Arc::new(Core {
         settings,
@@ -115,7 +121,7 @@ pub async fn start(
             core.clone(),
             listener,
             None,
-            semaphore.clone(),
+            admission.clone(),
             done_tx.clone(),
         ));
     }
@@ -127,7 +133,7 @@ pub async fn start(
             core.clone(),
             listener,
             Some(acceptor),
-            semaphore.clone(),
+            admission.clone(),
             done_tx.clone(),
         ));
     }
@@ -151,13 +157,13 @@ async fn accept_loop(
     core: Arc<Core>,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
-    semaphore: Arc<Semaphore>,
+    admission: Arc<Admission>,
     done: mpsc::Sender<()>,
 ) {
     let mut shutdown = core.shutdown.clone();
     loop {
         let permit = tokio::select! {
-            permit = semaphore.clone().acquire_owned() => match permit {
+            permit = admission.handshake_permit() => match permit {
                 Ok(permit) => permit,
                 Err(_) => return,
             },
@@ -177,12 +183,18 @@ async fn accept_loop(
             }
         };
         core.metrics.connections_accepted.inc();
+        let Some(slot) = admission.enter(permit, peer.ip()) else {
+            // As many handshakes from this address as it may have: closed at once.
+            core.metrics.refused("handshakes_per_address");
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let core = core.clone();
         let tls = tls.clone();
         let done = done.clone();
+        let admission = admission.clone();
         tokio::spawn(async move {
-            let _permit = permit;
             let _done = done;
             let transport = match tls {
                 None => Transport::Tcp(tcp),
@@ -190,7 +202,7 @@ async fn accept_loop(
                     // Boxed: the handshake's state is large and only needed while it runs,
                     // so it must not size the task of every (idle) connection.
                     let handshake = Box::pin(tokio::time::timeout(
-                        core.settings.connect_timeout(),
+                        admission.handshake_timeout(core.settings.connect_timeout()),
                         acceptor.accept(tcp),
                     ))
                     .await;
@@ -207,7 +219,7 @@ async fn accept_loop(
                     }
                 }
             };
-            connection::serve(core, transport, peer).await;
+            connection::serve(core, transport, peer, slot, &admission).await;
         });
     }
 }
