@@ -182,3 +182,70 @@ async fn every_acknowledged_update_of_many_concurrent_devices_survives_kill_9() 
     );
     broker.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos2_twin_command_resent_with_dup_on_a_new_connection_is_applied_once_and_survives_kill_9()
+ {
+    use e2e::protocol_support::{connect_ok, persistent, pubrec, pubrel, qos2};
+    use e2e::raw::Received;
+
+    let mut broker = Broker::new();
+    let solution = broker.create_solution(NS);
+    broker.start();
+    let addr = broker.mqtt_addr();
+    let thing = format!("{NS}:dup");
+    let mut creator = TwinClient::connect(addr, Protocol::V5, "creator", &solution).await;
+    let ack = creator
+        .publish_qos1(
+            &thing_command(&thing, "create", ""),
+            json!({"attributes": {"n": 0}}).to_string().as_bytes(),
+        )
+        .await;
+    assert_eq!(ack.reason, 0, "{ack:?}");
+
+    // A device with a persistent session sends a QoS 2 modify and loses the connection before
+    // it reads the PUBREC.
+    let topic = thing_command(&thing, "modify", "/attributes/n");
+    let modify = |dup: bool| {
+        let mut publish = e2e::protocol_support::publish(&topic, b"7", qos2(7));
+        publish.dup = dup;
+        broker::mqtt::codec::Packet::Publish(publish)
+    };
+    let (mut device, ack) =
+        connect_ok(addr, persistent(Protocol::V5, "device", &solution, 600)).await;
+    assert_eq!(ack.code, 0);
+    device.send(&modify(false)).await;
+    drop(device);
+
+    // It comes back and sends the PUBLISH again, with DUP: PUBREC (once the first attempt is
+    // durable), then PUBREL → PUBCOMP; the command is not applied a second time.
+    let (mut device, ack) =
+        connect_ok(addr, persistent(Protocol::V5, "device", &solution, 600)).await;
+    assert!(ack.session_present, "{ack:?}");
+    device.send(&modify(true)).await;
+    match device.recv_within(NET_TIMEOUT).await {
+        Received::Packet(packet) => assert_eq!(packet, pubrec(7)),
+        other => panic!("expected PUBREC 7, got {other:?}"),
+    }
+    device.send(&pubrel(7)).await;
+    match device.recv_within(NET_TIMEOUT).await {
+        Received::Packet(broker::mqtt::codec::Packet::PubComp(comp)) => {
+            assert_eq!(comp.packet_id.get(), 7)
+        }
+        other => panic!("expected PUBCOMP 7, got {other:?}"),
+    }
+
+    // At once after the PUBCOMP: kill -9, restart, and the change is there, applied once.
+    broker.kill();
+    drop((device, creator));
+    broker.start();
+    let mut reader =
+        TwinClient::connect(broker.mqtt_addr(), Protocol::V5, "reader", &solution).await;
+    let reply = reader.retrieve_fields(&thing, "attributes,_revision").await;
+    assert_eq!(
+        answered(&reply, &thing),
+        json!({"attributes": {"n": 7}, "_revision": 2}),
+        "create + one modify, after kill -9 and restart"
+    );
+    broker.stop();
+}

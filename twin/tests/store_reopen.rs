@@ -461,3 +461,30 @@ proptest! {
         prop_assert_eq!(&all_entities(&store), &expected);
     }
 }
+
+#[test]
+fn durable_so_far_completes_only_once_every_earlier_write_is_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(options(dir.path())).unwrap();
+    let writes: Vec<_> = (0..200)
+        .map(|i| set_n(&store, &format!("org.acme:t{}", i % 7), i))
+        .collect();
+    store.durable_so_far().wait().unwrap();
+    // Every earlier write's handle is complete by then: polled once, it is ready.
+    struct Noop;
+    impl Wake for Noop {
+        fn wake(self: Arc<Self>) {}
+    }
+    let waker = Waker::from(Arc::new(Noop));
+    let mut cx = Context::from_waker(&waker);
+    for (i, written) in writes.into_iter().enumerate() {
+        let mut durable = pin!(written.durable);
+        assert!(
+            matches!(durable.as_mut().poll(&mut cx), Poll::Ready(Ok(()))),
+            "write {i} was not durable when the barrier after it completed"
+        );
+    }
+    // A closed store says so instead of waiting.
+    store.close().unwrap();
+    assert!(store.durable_so_far().wait().is_err());
+}

@@ -111,6 +111,17 @@ pub struct Pending {
 }
 
 impl Pending {
+    /// Completes once every write made so far is durable, with nothing to announce: for
+    /// acknowledging again a request whose write may still be on its way to the journal.
+    pub fn durable_so_far(core: &Core) -> Pending {
+        Pending {
+            durable: core.twins.store.durable_so_far(),
+            events: Vec::new(),
+            answer: None,
+            policy: None,
+        }
+    }
+
     /// Completes once the write is durable (or failed): events and answer out, or the failure
     /// told. `space` and `session` are the requester's.
     pub fn poll_done(

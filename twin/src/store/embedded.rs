@@ -425,6 +425,15 @@ impl EmbeddedStore {
         self.inner.snapshot(SnapshotReason::Requested)
     }
 
+    /// Completes once every write made before this call is durable (or with the journal's
+    /// failure): for acknowledging again something whose write may still be on its way.
+    pub fn durable_so_far(&self) -> Durable {
+        match self.inner.journal.barrier() {
+            Ok(receiver) => Durable::new(receiver),
+            Err(e) => Durable::failed(e),
+        }
+    }
+
     /// The sequence number of the last event written (0: none ever).
     pub fn last_seq(&self) -> u64 {
         self.inner.journal.last_seq()

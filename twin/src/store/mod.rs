@@ -211,6 +211,13 @@ impl Durable {
         }
     }
 
+    /// A handle that completes at once with `error`.
+    pub(crate) fn failed(error: StoreError) -> Self {
+        let (done, receiver) = oneshot::channel();
+        let _ = done.send(Err(error));
+        Durable::new(receiver)
+    }
+
     /// A handle for a write that appended nothing.
     pub(crate) fn nothing_written() -> Self {
         Durable { receiver: None }

@@ -197,6 +197,24 @@ impl Journal {
         Ok(durable)
     }
 
+    /// A waiter that completes once everything queued before it is durable (it adds no record;
+    /// waiters complete in queue order, batch after batch).
+    pub(crate) fn barrier(&self) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
+        let mut queue = lock(&self.queue);
+        if let Some(reason) = &queue.failed {
+            return Err(failed(reason));
+        }
+        if queue.shutdown {
+            return Err(StoreError::Closed);
+        }
+        let (done, durable) = oneshot::channel();
+        queue.waiters.push(done);
+        if queue.wake_at != 0 && queue.waiters.len() >= queue.wake_at {
+            self.work.notify_one();
+        }
+        Ok(durable)
+    }
+
     /// The sequence number of the last record queued (0: none yet).
     pub(crate) fn last_seq(&self) -> u64 {
         lock(&self.queue).next_seq.saturating_sub(1)
