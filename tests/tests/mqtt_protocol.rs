@@ -807,6 +807,72 @@ async fn a_retained_will_becomes_the_retained_message_of_its_topic() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_retained_messages_survive_kill_9_and_restart() {
+    let (mut broker, sol) = started("");
+    let addr = broker.mqtt_addr();
+    let mut publisher = connected(addr, Protocol::V5, "keeper", &sol).await;
+    let retained = |topic: &str, payload: &[u8], n: u16| {
+        let mut p = publish(topic, payload, qos1(n));
+        p.retain = true;
+        p
+    };
+    let mut with_properties = retained("keep/b", b"two", 2);
+    with_properties.properties.content_type = Some(e2e::raw::utf8("text/plain"));
+    with_properties.properties.user_properties =
+        vec![(e2e::raw::utf8("unit"), e2e::raw::utf8("Cel"))];
+    let mut expiring = retained("keep/c", b"three", 4);
+    expiring.properties.message_expiry_interval = Some(1);
+    for (n, packet) in [
+        (1, retained("keep/a", b"one", 1)),
+        (2, with_properties),
+        // Clearing: an empty retained payload.
+        (3, retained("keep/a", b"", 3)),
+        (4, expiring),
+        (5, retained("keep/d", b"four", 5)),
+        (6, retained("keep/d", b"five", 6)),
+    ] {
+        publisher.send(&Packet::Publish(packet)).await;
+        assert_eq!(expect_puback(&mut publisher, n).await, 0);
+    }
+    // At once after the last PUBACK.
+    broker.kill();
+    drop(publisher);
+    broker.start();
+    // Past keep/c's expiry.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut late = connected(broker.mqtt_addr(), Protocol::V5, "late", &sol).await;
+    subscribe_ok(&mut late, "keep/#", opts(QoS::AtLeastOnce)).await;
+    let mut got = Vec::new();
+    while let Received::Packet(Packet::Publish(p)) = late.recv_within(QUIET).await {
+        got.push((
+            p.topic.as_str().to_owned(),
+            text(&p),
+            p.retain,
+            p.properties
+                .content_type
+                .as_ref()
+                .map(|c| c.as_str().to_owned()),
+            p.properties.user_properties.len(),
+        ));
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            (
+                "keep/b".to_owned(),
+                "two".to_owned(),
+                true,
+                Some("text/plain".to_owned()),
+                1
+            ),
+            ("keep/d".to_owned(), "five".to_owned(), true, None, 0),
+        ],
+        "after kill -9: keep/a cleared, keep/b with its properties, keep/c expired, keep/d replaced"
+    );
+}
+
 #[tokio::test]
 async fn a_session_takeover_publishes_the_will_of_the_replaced_connection() {
     let (broker, sol) = started("");

@@ -23,6 +23,8 @@ pub enum EntityKind {
     Thing,
     Policy,
     Solution,
+    /// A retained MQTT message of a solution (kept by the broker, `broker::core::retained`).
+    Retained,
 }
 
 impl EntityKind {
@@ -31,6 +33,7 @@ impl EntityKind {
             EntityKind::Thing => "thing",
             EntityKind::Policy => "policy",
             EntityKind::Solution => "solution",
+            EntityKind::Retained => "retained",
         }
     }
 
@@ -39,6 +42,7 @@ impl EntityKind {
             "thing" => Some(EntityKind::Thing),
             "policy" => Some(EntityKind::Policy),
             "solution" => Some(EntityKind::Solution),
+            "retained" => Some(EntityKind::Retained),
             _ => None,
         }
     }

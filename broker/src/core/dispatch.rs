@@ -301,21 +301,9 @@ fn route(
     queued
 }
 
-/// Publishes an authorized plain message in `space`: keeps it if retained, then offers it to
-/// every subscriber. Returns how many sessions queued it.
+/// Offers an authorized plain message to every subscriber of `space` (keeping it, if
+/// retained, is `crate::core::retained`'s). Returns how many sessions queued it.
 pub fn publish(space: &SolutionSpace, message: &Arc<Message>, metrics: &Metrics) -> usize {
-    if message.retain {
-        let mut retained = space.retained_write();
-        if message.payload.is_empty() {
-            retained.remove(message.topic.as_str());
-        } else if retained.len() < space.max_retained
-            || retained.contains_key(message.topic.as_str())
-        {
-            retained.insert(message.topic.as_str().into(), message.clone());
-        } else {
-            metrics.dropped("retained_limit");
-        }
-    }
     let judged = Judged::Plain {
         message,
         policy: space.policy(),

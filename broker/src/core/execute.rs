@@ -25,6 +25,7 @@ use twin::{PolicyId, ThingId};
 
 use crate::core::message::{Delivery, ForwardedProperties, Message, Origin, deep_copy_topic};
 use crate::core::policies::PolicyRef;
+use crate::core::retained::{self, RetainError};
 use crate::core::session::Session;
 use crate::core::space::SolutionSpace;
 use crate::core::twins::Executed;
@@ -114,8 +115,13 @@ impl Pending {
     /// Completes once every write made so far is durable, with nothing to announce: for
     /// acknowledging again a request whose write may still be on its way to the journal.
     pub fn durable_so_far(core: &Core) -> Pending {
+        Pending::after(core.twins.store.durable_so_far())
+    }
+
+    /// Completes when `durable` does, with nothing to announce (a retained message's write).
+    fn after(durable: Durable) -> Pending {
         Pending {
-            durable: core.twins.store.durable_so_far(),
+            durable,
             events: Vec::new(),
             answer: None,
             policy: None,
@@ -329,8 +335,17 @@ impl Core {
                     Bytes::copy_from_slice(payload),
                     origin,
                 );
+                let kept = message
+                    .retain
+                    .then(|| self.keep_retained(&client.space, &message))
+                    .flatten();
                 dispatch::publish(&client.space, &message, &self.metrics);
-                Outcome::Now(Told::accepted())
+                match kept {
+                    // A retained message is acknowledged once it is durable.
+                    Some(Ok(durable)) => Outcome::Pending(Pending::after(durable)),
+                    Some(Err(e)) => Outcome::Now(Told::new(Verdict::Failed, e.to_string())),
+                    None => Outcome::Now(Told::accepted()),
+                }
             }
             Request::Message {
                 message,
@@ -463,7 +478,36 @@ impl Core {
             tracing::debug!(solution = %space.id, client = client_id, topic, "will denied");
             return;
         }
+        if will.retain
+            && let Some(Err(e)) = self.keep_retained(space, &will)
+        {
+            tracing::error!(error = %e, solution = %space.id, "a retained will could not be stored");
+        }
         dispatch::publish(space, &will, &self.metrics);
+    }
+
+    /// Keeps `message` as its topic's retained message in `space` (an empty payload clears it),
+    /// in memory and in the journal, in the same order (`crate::core::retained`). `None`: not
+    /// kept (the solution's retained limit; counted).
+    fn keep_retained(
+        &self,
+        space: &SolutionSpace,
+        message: &Arc<Message>,
+    ) -> Option<Result<Durable, RetainError>> {
+        let topic = message.topic.as_str();
+        let mut retained = space.retained_write();
+        let clear = message.payload.is_empty();
+        if !clear && retained.len() >= space.max_retained && !retained.contains_key(topic) {
+            self.metrics.dropped("retained_limit");
+            return None;
+        }
+        let written = retained::store(&self.twins.store, space.id.as_str(), message, now());
+        if clear {
+            retained.remove(topic);
+        } else {
+            retained.insert(topic.into(), message.clone());
+        }
+        Some(written)
     }
 }
 

@@ -14,7 +14,8 @@
 //!   per delivery, events cut to each subscriber's view.
 //!
 //! Below: `twins` (authorize and apply), `policies` (the compiled-policy cache), `space` (a
-//! solution's topic tree, retained messages and sessions), `session` (a client's subjects,
+//! solution's topic tree, retained messages and sessions; `retained` keeps those in the
+//! journal), `session` (a client's subjects,
 //! views, subscriptions and queue), `topics` (the subscription tree), `message` (what travels).
 
 pub mod dispatch;
@@ -22,6 +23,7 @@ mod execute;
 pub mod identity;
 pub mod message;
 pub mod policies;
+pub mod retained;
 pub mod session;
 pub mod space;
 pub mod topics;

@@ -101,6 +101,9 @@ pub async fn start(
         metrics: Arc::new(Metrics::default()),
         shutdown,
     });
+    let restored =
+        crate::core::retained::restore(&core.twins.store, &core.auth.solutions, &core.spaces);
+    tracing::info!(restored, "retained messages restored");
     let mut mqtt_addrs = Vec::with_capacity(mqtt.len());
     for address in mqtt {
         let listener = match bind(address).await {

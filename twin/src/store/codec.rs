@@ -23,6 +23,7 @@ fn kind_code(kind: EntityKind) -> u8 {
         EntityKind::Thing => 1,
         EntityKind::Policy => 2,
         EntityKind::Solution => 3,
+        EntityKind::Retained => 4,
     }
 }
 
@@ -31,6 +32,7 @@ fn kind_of(code: u8) -> Result<EntityKind, DecodeError> {
         1 => Ok(EntityKind::Thing),
         2 => Ok(EntityKind::Policy),
         3 => Ok(EntityKind::Solution),
+        4 => Ok(EntityKind::Retained),
         other => Err(format!("unknown entity kind {other}")),
     }
 }

@@ -1,0 +1,193 @@
+//! Retained messages survive a restart: each one is an entity of the store
+//! (`EntityKind::Retained`, ID `{solutionId}/{topic}`), written through the same journal as
+//! twins — set (or replaced) with a root `created` event, cleared with `deleted` — under the
+//! solution's retained-map lock, so the journal holds them in the order the map changed. The
+//! publisher's acknowledgement waits for the write to be durable. At start-up every stored
+//! retained message is put back into its solution's space; one whose expiry passed meanwhile is
+//! dropped then.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use bytes::Bytes;
+use serde_json::{Map, Value, json};
+use twin::entity::{Entity, EntityKey, EntityKind, Event, EventAction};
+use twin::store::{Durable, EmbeddedStore, TwinStore, TwinStoreExt};
+
+use crate::auth::solution::Solutions;
+use crate::core::message::{ForwardedProperties, Message, Origin};
+use crate::core::space::Spaces;
+use crate::mqtt::codec::{QoS, TopicName, Utf8Str};
+
+fn key(solution: &str, topic: &str) -> EntityKey {
+    EntityKey::new(EntityKind::Retained, format!("{solution}/{topic}"))
+}
+
+/// Why a retained message could not be written to the journal.
+#[derive(Debug, thiserror::Error)]
+#[error("the retained message could not be stored: {0}")]
+pub struct RetainError(String);
+
+/// Writes `message` as the retained message of its topic in `solution` (an empty payload
+/// clears it). The returned handle completes once the write is durable.
+pub fn store(
+    store: &EmbeddedStore,
+    solution: &str,
+    message: &Message,
+    now: policy::Timestamp,
+) -> Result<Durable, RetainError> {
+    let key = key(solution, message.topic.as_str());
+    let clear = message.payload.is_empty();
+    let doc = (!clear).then(|| to_doc(solution, message));
+    let written = store
+        .write(
+            &key,
+            |current: Option<&Entity>| -> Result<Vec<Event>, RetainError> {
+                let revision = current.map_or(0, |e| e.revision).saturating_add(1);
+                Ok(match (&doc, current) {
+                    (None, None) => Vec::new(),
+                    (None, Some(_)) => vec![Event {
+                        key: key.clone(),
+                        action: EventAction::Deleted,
+                        path: String::new(),
+                        value: None,
+                        revision,
+                        timestamp: now,
+                    }],
+                    (Some(doc), _) => vec![Event {
+                        key: key.clone(),
+                        action: EventAction::Created,
+                        path: String::new(),
+                        value: Some(doc.clone()),
+                        revision,
+                        timestamp: now,
+                    }],
+                })
+            },
+        )
+        .map_err(|e| RetainError(e.to_string()))?;
+    Ok(written.durable)
+}
+
+fn to_doc(solution: &str, message: &Message) -> Value {
+    let mut doc = Map::new();
+    doc.insert("solutionId".into(), json!(solution));
+    doc.insert("topic".into(), json!(message.topic.as_str()));
+    doc.insert("payload".into(), json!(STANDARD.encode(&message.payload)));
+    doc.insert("qos".into(), json!(message.qos as u8));
+    if let Some(at) = message.expires_at {
+        let left = at.saturating_duration_since(Instant::now());
+        let wall = SystemTime::now() + left;
+        let millis = wall
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        doc.insert("expiresAtMillis".into(), json!(millis));
+    }
+    if let Some(p) = &message.properties {
+        let mut props = Map::new();
+        if let Some(utf8) = p.payload_format_utf8 {
+            props.insert("payloadFormatUtf8".into(), json!(utf8));
+        }
+        if let Some(t) = &p.content_type {
+            props.insert("contentType".into(), json!(t.as_str()));
+        }
+        if let Some(t) = &p.response_topic {
+            props.insert("responseTopic".into(), json!(t.as_str()));
+        }
+        if let Some(d) = &p.correlation_data {
+            props.insert("correlationData".into(), json!(STANDARD.encode(d)));
+        }
+        if !p.user_properties.is_empty() {
+            let pairs: Vec<Value> = p
+                .user_properties
+                .iter()
+                .map(|(k, v)| json!([k.as_str(), v.as_str()]))
+                .collect();
+            props.insert("userProperties".into(), Value::Array(pairs));
+        }
+        doc.insert("properties".into(), Value::Object(props));
+    }
+    Value::Object(doc)
+}
+
+/// A stored retained message back as a message (`None`: unreadable, or expired).
+fn from_doc(doc: &Value) -> Option<(String, Arc<Message>)> {
+    let solution = doc.get("solutionId")?.as_str()?.to_owned();
+    let topic: TopicName = doc.get("topic")?.as_str()?.parse().ok()?;
+    let payload = STANDARD.decode(doc.get("payload")?.as_str()?).ok()?;
+    let qos = match doc.get("qos")?.as_u64()? {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    };
+    let expiry_seconds = match doc.get("expiresAtMillis").and_then(Value::as_u64) {
+        None => None,
+        Some(millis) => {
+            let at = UNIX_EPOCH + Duration::from_millis(millis);
+            let left = at.duration_since(SystemTime::now()).ok()?;
+            // Whole seconds, rounded up (the expiry clock runs in seconds).
+            Some(u32::try_from(left.as_secs() + u64::from(left.subsec_nanos() > 0)).ok()?)
+        }
+    };
+    let properties = doc.get("properties").map(|p| {
+        let text = |name: &str| p.get(name).and_then(Value::as_str);
+        Box::new(ForwardedProperties {
+            payload_format_utf8: p.get("payloadFormatUtf8").and_then(Value::as_bool),
+            content_type: text("contentType").and_then(|t| t.parse::<Utf8Str>().ok()),
+            response_topic: text("responseTopic").and_then(|t| t.parse::<TopicName>().ok()),
+            correlation_data: text("correlationData")
+                .and_then(|d| STANDARD.decode(d).ok())
+                .map(Bytes::from),
+            user_properties: p
+                .get("userProperties")
+                .and_then(Value::as_array)
+                .map(|pairs| {
+                    pairs
+                        .iter()
+                        .filter_map(|pair| {
+                            let k = pair.get(0)?.as_str()?.parse::<Utf8Str>().ok()?;
+                            let v = pair.get(1)?.as_str()?.parse::<Utf8Str>().ok()?;
+                            Some((k, v))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+    });
+    let message = Message::new(
+        topic,
+        Bytes::from(payload),
+        Origin {
+            qos,
+            retain: true,
+            properties,
+            expiry_seconds,
+            publisher: 0,
+        },
+    );
+    Some((solution, message))
+}
+
+/// Puts every stored retained message back into its solution's space; returns how many.
+pub fn restore(store: &EmbeddedStore, solutions: &Solutions, spaces: &Spaces) -> usize {
+    let mut restored = 0;
+    for key in store.keys(EntityKind::Retained) {
+        let Some(entity) = store.get(&key) else {
+            continue;
+        };
+        let Some((solution_id, message)) = from_doc(&entity.doc) else {
+            continue;
+        };
+        let Some(solution) = solutions.get(&solution_id) else {
+            continue;
+        };
+        let space = spaces.get_or_create(&solution);
+        space
+            .retained_write()
+            .insert(message.topic.as_str().into(), message);
+        restored += 1;
+    }
+    restored
+}
