@@ -178,7 +178,9 @@ impl Conn {
                                     return close;
                                 }
                                 let Some(token) = self.reauth.take() else { break };
-                                if let Some(close) = self.reauthenticate(&token).await {
+                                // Boxed: a key re-read's state is large and rare; it must not
+                                // size the task of every (idle) connection.
+                                if let Some(close) = Box::pin(self.reauthenticate(&token)).await {
                                     return close;
                                 }
                             }
