@@ -873,6 +873,69 @@ async fn acknowledged_retained_messages_survive_kill_9_and_restart() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_sessions_subscriptions_and_expiry_survive_kill_9_and_restart() {
+    let (mut broker, sol) = started("");
+    let addr = broker.mqtt_addr();
+    for protocol in BOTH {
+        let name = format!("durable-{}", tag(protocol));
+        let (mut client, ack) = connect_ok(addr, persistent(protocol, &name, &sol, 600)).await;
+        assert!(!ack.session_present);
+        subscribe_ok(&mut client, &format!("{name}/#"), opts(QoS::AtLeastOnce)).await;
+        if protocol == Protocol::V5 {
+            // A second subscription, then one taken back: only the first must come back.
+            subscribe_ok(&mut client, "gone/#", opts(QoS::AtMostOnce)).await;
+            client
+                .send(&Packet::Unsubscribe(codec::Unsubscribe {
+                    packet_id: pid(9),
+                    filters: vec![e2e::protocol_support::filter("gone/#")],
+                    properties: Properties::default(),
+                }))
+                .await;
+            assert!(matches!(client.recv().await, Packet::UnsubAck(_)));
+        }
+        disconnect(client).await;
+    }
+    // A session whose 2 s expiry runs out while the server is down is gone after the restart.
+    let (client, _) = connect_ok(addr, persistent(Protocol::V5, "short", &sol, 2)).await;
+    disconnect(client).await;
+    settle().await;
+    broker.kill();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    broker.start();
+    let addr = broker.mqtt_addr();
+    let mut publisher = connected(addr, Protocol::V5, "publisher", &sol).await;
+    for protocol in BOTH {
+        let name = format!("durable-{}", tag(protocol));
+        // Published while the session is offline: queued for it.
+        assert_eq!(
+            publish_qos1(&mut publisher, &format!("{name}/t"), b"after restart", 1).await,
+            0
+        );
+        let (mut client, ack) = connect_ok(addr, persistent(protocol, &name, &sol, 600)).await;
+        assert!(ack.session_present, "{name}: the session came back");
+        let p = expect_publish(&mut client).await;
+        assert_eq!(
+            (p.topic.as_str(), text(&p).as_str()),
+            (format!("{name}/t").as_str(), "after restart")
+        );
+        if let QosPid::AtLeastOnce(id) = p.qos {
+            client
+                .send(&Packet::PubAck(codec::PubResponse {
+                    packet_id: id,
+                    reason: 0,
+                    properties: Properties::default(),
+                }))
+                .await;
+        }
+    }
+    let (mut v5, _) = connect_ok(addr, persistent(Protocol::V5, "durable-v5", &sol, 600)).await;
+    publish_qos0(&mut publisher, "gone/x", b"not for the taken-back filter").await;
+    assert_silent(&mut v5, "an unsubscribed filter came back").await;
+    let (_short, ack) = connect_ok(addr, persistent(Protocol::V5, "short", &sol, 2)).await;
+    assert!(!ack.session_present, "the expired session is gone");
+}
+
 #[tokio::test]
 async fn a_session_takeover_publishes_the_will_of_the_replaced_connection() {
     let (broker, sol) = started("");

@@ -25,6 +25,8 @@ pub enum EntityKind {
     Solution,
     /// A retained MQTT message of a solution (kept by the broker, `broker::core::retained`).
     Retained,
+    /// A persistent MQTT session: subjects, subscriptions, expiry (`broker::core::sessions`).
+    Session,
 }
 
 impl EntityKind {
@@ -34,6 +36,7 @@ impl EntityKind {
             EntityKind::Policy => "policy",
             EntityKind::Solution => "solution",
             EntityKind::Retained => "retained",
+            EntityKind::Session => "session",
         }
     }
 
@@ -43,6 +46,7 @@ impl EntityKind {
             "policy" => Some(EntityKind::Policy),
             "solution" => Some(EntityKind::Solution),
             "retained" => Some(EntityKind::Retained),
+            "session" => Some(EntityKind::Session),
             _ => None,
         }
     }

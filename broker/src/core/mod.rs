@@ -15,7 +15,7 @@
 //!
 //! Below: `twins` (authorize and apply), `policies` (the compiled-policy cache), `space` (a
 //! solution's topic tree, retained messages and sessions; `retained` keeps those in the
-//! journal), `session` (a client's subjects,
+//! journal; `sessions` keeps persistent sessions there), `session` (a client's subjects,
 //! views, subscriptions and queue), `topics` (the subscription tree), `message` (what travels).
 
 pub mod dispatch;
@@ -25,6 +25,7 @@ pub mod message;
 pub mod policies;
 pub mod retained;
 pub mod session;
+pub mod sessions;
 pub mod space;
 pub mod topics;
 pub mod twins;
@@ -213,6 +214,7 @@ impl Core {
                 sessions.remove(&*client_id);
                 space.unsubscribe_all(&old);
                 old.lock().clear();
+                sessions::remove(&self.twins.store, &space, &old);
             } else {
                 resumed = Some(old);
             }
@@ -237,6 +239,11 @@ impl Core {
         };
         sessions.insert(client_id, session.clone());
         drop(sessions);
+        if expiry > 0 {
+            sessions::save(&self.twins.store, &space, &session, None);
+        } else {
+            sessions::remove(&self.twins.store, &space, &session);
+        }
         Ok(Attached {
             client: Client {
                 identity,
@@ -253,34 +260,79 @@ impl Core {
     /// The client lets go of its session (its connection ended). Whether the session was
     /// still its own (not taken over) and the session's expiry interval then.
     pub fn detach(&self, client: &Client) -> (bool, u32) {
-        let mut state = client.session.lock();
-        let ours = state.generation == client.generation;
-        if ours {
-            state.link = None;
+        let (ours, expiry) = {
+            let mut state = client.session.lock();
+            let ours = state.generation == client.generation;
+            if ours {
+                state.link = None;
+            }
+            (ours, state.expiry_interval)
+        };
+        if ours && expiry > 0 {
+            // The countdown of its expiry starts now, also across a restart.
+            sessions::save(
+                &self.twins.store,
+                &client.space,
+                &client.session,
+                Some(SystemTime::now()),
+            );
         }
-        (ours, state.expiry_interval)
+        (ours, expiry)
     }
 
     /// Ends a detached session now (expiry 0) or once its expiry interval has passed without
     /// a new attach.
     pub fn expire_session(&self, client: &Client, expiry: u32) {
-        if expiry == 0 {
-            client.space.end_session(&client.session);
-        } else if expiry != u32::MAX {
-            let space = client.space.clone();
-            let session = client.session.clone();
-            let generation = client.generation;
+        self.expire_later(
+            client.space.clone(),
+            client.session.clone(),
+            client.generation,
+            expiry,
+        );
+    }
+
+    /// Ends `session` (attached as `generation`) after `seconds` unless a client attached to it
+    /// meanwhile; 0: now; `u32::MAX`: never.
+    fn expire_later(
+        &self,
+        space: Arc<SolutionSpace>,
+        session: Arc<Session>,
+        generation: u64,
+        seconds: u32,
+    ) {
+        if seconds == 0 {
+            space.end_session(&session);
+            sessions::remove(&self.twins.store, &space, &session);
+        } else if seconds != u32::MAX {
+            let store = self.twins.store.clone();
             tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(u64::from(expiry))).await;
+                tokio::time::sleep(Duration::from_secs(u64::from(seconds))).await;
                 let expired = {
                     let state = session.lock();
                     state.generation == generation && state.link.is_none()
                 };
                 if expired {
                     space.end_session(&session);
+                    sessions::remove(&store, &space, &session);
                 }
             });
         }
+    }
+
+    /// Puts the persistent sessions of the store back (`crate::core::sessions`), their expiry
+    /// counting on from where it was. Must run inside the runtime. Returns how many.
+    pub fn restore_sessions(&self) -> usize {
+        let restored = sessions::restore(
+            &self.twins.store,
+            &self.auth.solutions,
+            &self.spaces,
+            self.settings.max_queued_messages,
+        );
+        let count = restored.len();
+        for r in restored {
+            self.expire_later(r.space, r.session, 0, r.left);
+        }
+        count
     }
 
     /// A message published on `topic` by `client`: a command or live message if the topic is
@@ -342,7 +394,7 @@ impl Core {
             .session
             .lock()
             .subscriptions
-            .insert(filter.into(), SubscriptionRecord { options })
+            .insert(filter.into(), SubscriptionRecord { options, id })
             .is_some();
         {
             let mut tree = client.space.tree_write();
@@ -353,6 +405,7 @@ impl Core {
             });
             tree.insert(inner, subscriber.clone());
         }
+        self.save_if_persistent(client);
         dispatch::deliver_retained(&client.space, &subscriber, inner, existed, &self.metrics);
         Ok(())
     }
@@ -365,7 +418,17 @@ impl Core {
         client.space.tree_write().remove(tree_filter(filter), |s| {
             Arc::ptr_eq(&s.session, session) && s.share == share
         });
+        if existed {
+            self.save_if_persistent(client);
+        }
         existed
+    }
+
+    /// Writes `client`'s session to the journal if it outlives its connection.
+    fn save_if_persistent(&self, client: &Client) {
+        if client.session.lock().expiry_interval > 0 {
+            sessions::save(&self.twins.store, &client.space, &client.session, None);
+        }
     }
 
     /// Re-authenticates `client` with a fresh token (DESIGN.md §2): same solution and subjects,

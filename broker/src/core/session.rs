@@ -28,6 +28,8 @@ use crate::mqtt::codec::{QoS, QosPid, SubscriptionOptions};
 #[derive(Debug, Clone)]
 pub struct SubscriptionRecord {
     pub options: SubscriptionOptions,
+    /// Its MQTT 5 subscription identifier (kept to restore the subscription after a restart).
+    pub id: Option<std::num::NonZeroU32>,
 }
 
 /// A sent QoS 1/2 message awaiting its acknowledgement.
@@ -66,6 +68,8 @@ pub struct SessionState {
     pub incoming_qos2: Vec<NonZeroU16>,
     /// Seconds the session outlives its connection (0: it ends with it; `u32::MAX`: never).
     pub expiry_interval: u32,
+    /// Whether the journal holds this session (`crate::core::sessions`).
+    pub persisted: bool,
     max_queued: usize,
 }
 
@@ -105,6 +109,7 @@ impl Session {
                 next_packet_id: 1,
                 incoming_qos2: Vec::new(),
                 expiry_interval,
+                persisted: false,
                 max_queued,
             }),
             wake: Notify::new(),

@@ -104,6 +104,8 @@ pub async fn start(
     let restored =
         crate::core::retained::restore(&core.twins.store, &core.auth.solutions, &core.spaces);
     tracing::info!(restored, "retained messages restored");
+    let sessions = core.restore_sessions();
+    tracing::info!(sessions, "persistent sessions restored");
     let mut mqtt_addrs = Vec::with_capacity(mqtt.len());
     for address in mqtt {
         let listener = match bind(address).await {

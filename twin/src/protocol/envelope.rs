@@ -408,7 +408,9 @@ pub(crate) fn entity_parts(key: &EntityKey) -> Result<(&str, &str, Group), Topic
     let group = match key.kind {
         EntityKind::Thing => Group::Things(Channel::Twin),
         EntityKind::Policy => Group::Policies,
-        EntityKind::Solution | EntityKind::Retained => return Err(no_topic()),
+        EntityKind::Solution | EntityKind::Retained | EntityKind::Session => {
+            return Err(no_topic());
+        }
     };
     let (namespace, name) = key.id.split_once(':').ok_or_else(no_topic)?;
     check_entity(namespace, name, false)?;

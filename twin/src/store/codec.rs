@@ -24,6 +24,7 @@ fn kind_code(kind: EntityKind) -> u8 {
         EntityKind::Policy => 2,
         EntityKind::Solution => 3,
         EntityKind::Retained => 4,
+        EntityKind::Session => 5,
     }
 }
 
@@ -33,6 +34,7 @@ fn kind_of(code: u8) -> Result<EntityKind, DecodeError> {
         2 => Ok(EntityKind::Policy),
         3 => Ok(EntityKind::Solution),
         4 => Ok(EntityKind::Retained),
+        5 => Ok(EntityKind::Session),
         other => Err(format!("unknown entity kind {other}")),
     }
 }

@@ -1,0 +1,280 @@
+//! Persistent sessions survive a restart — so far their identity, subscriptions and expiry (not
+//! yet their queued and in-flight messages): each session with a nonzero expiry interval is an
+//! entity of the store (`EntityKind::Session`, ID `{solutionId}/{clientId}`), written when it
+//! attaches, when its subscriptions change and when its connection ends (with the time it
+//! ended, so that the expiry counts down across a restart), and deleted when it ends. At
+//! start-up each is put back into its solution's space, offline, with its subscriptions in the
+//! topic tree and its expiry timer running for what is left of it.
+//!
+//! The journal write is not awaited before SUBACK/CONNACK: a subscription acknowledged within
+//! one group commit of a crash may be lost (the client learns it from `session present` or by
+//! subscribing again).
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+use twin::entity::{Entity, EntityKey, EntityKind, Event, EventAction};
+use twin::store::{EmbeddedStore, TwinStore, TwinStoreExt};
+
+use crate::auth::solution::Solutions;
+use crate::core::session::{Session, SubscriptionRecord};
+use crate::core::space::{SolutionSpace, Spaces, Subscriber, tree_filter};
+use crate::mqtt::codec::{QoS, RetainHandling, SubscriptionOptions};
+
+fn key(solution: &str, client_id: &str) -> EntityKey {
+    EntityKey::new(EntityKind::Session, format!("{solution}/{client_id}"))
+}
+
+fn millis(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Writes `session` of `space` (a persistent one) as it is now; `ended`: when its connection
+/// ended (`None`: attached). A failed write is logged: the session then lives in memory only.
+pub fn save(
+    store: &EmbeddedStore,
+    space: &SolutionSpace,
+    session: &Session,
+    ended: Option<SystemTime>,
+) {
+    let doc = {
+        let mut state = session.lock();
+        state.persisted = true;
+        let subscriptions: Vec<Value> = state
+            .subscriptions
+            .iter()
+            .map(|(filter, record)| {
+                json!({
+                    "filter": &**filter,
+                    "qos": record.options.qos as u8,
+                    "noLocal": record.options.no_local,
+                    "retainAsPublished": record.options.retain_as_published,
+                    "retainHandling": record.options.retain_handling as u8,
+                    "id": record.id.map(NonZeroU32::get),
+                })
+            })
+            .collect();
+        json!({
+            "solutionId": space.id.as_str(),
+            "clientId": &*session.client_id,
+            "subjects": &*state.subjects().clone(),
+            "expiryInterval": state.expiry_interval,
+            "subscriptions": subscriptions,
+            "endedAtMillis": ended.map(millis),
+        })
+    };
+    let key = key(space.id.as_str(), &session.client_id);
+    let now = crate::core::now();
+    let written = store.write(
+        &key,
+        |current: Option<&Entity>| -> Result<Vec<Event>, std::convert::Infallible> {
+            Ok(vec![Event {
+                key: key.clone(),
+                action: EventAction::Created,
+                path: String::new(),
+                value: Some(doc.clone()),
+                revision: current.map_or(0, |e| e.revision).saturating_add(1),
+                timestamp: now,
+            }])
+        },
+    );
+    if let Err(e) = written {
+        tracing::error!(error = %e, solution = %space.id, "a persistent session could not be stored");
+    }
+}
+
+/// Deletes the stored session `client_id` of `space`, if `session` was stored.
+pub fn remove(store: &EmbeddedStore, space: &SolutionSpace, session: &Session) {
+    {
+        let mut state = session.lock();
+        if !state.persisted {
+            return;
+        }
+        state.persisted = false;
+    }
+    let key = key(space.id.as_str(), &session.client_id);
+    let now = crate::core::now();
+    let written = store.write(
+        &key,
+        |current: Option<&Entity>| -> Result<Vec<Event>, std::convert::Infallible> {
+            Ok(current
+                .map(|e| Event {
+                    key: key.clone(),
+                    action: EventAction::Deleted,
+                    path: String::new(),
+                    value: None,
+                    revision: e.revision.saturating_add(1),
+                    timestamp: now,
+                })
+                .into_iter()
+                .collect())
+        },
+    );
+    if let Err(e) = written {
+        tracing::error!(error = %e, solution = %space.id, "a persistent session could not be deleted");
+    }
+}
+
+fn options(doc: &Value) -> Option<(Box<str>, SubscriptionRecord)> {
+    let filter: Box<str> = doc.get("filter")?.as_str()?.into();
+    let qos = match doc.get("qos")?.as_u64()? {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    };
+    let retain_handling = match doc.get("retainHandling").and_then(Value::as_u64) {
+        Some(1) => RetainHandling::OnNewSubscribe,
+        Some(2) => RetainHandling::Never,
+        _ => RetainHandling::OnSubscribe,
+    };
+    let options = SubscriptionOptions {
+        qos,
+        no_local: doc.get("noLocal").and_then(Value::as_bool).unwrap_or(false),
+        retain_as_published: doc
+            .get("retainAsPublished")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        retain_handling,
+    };
+    let id = doc
+        .get("id")
+        .and_then(Value::as_u64)
+        .and_then(|n| u32::try_from(n).ok())
+        .and_then(NonZeroU32::new);
+    Some((filter, SubscriptionRecord { options, id }))
+}
+
+/// A stored session to restore, with the seconds of expiry it has left (`None`: it expired
+/// while the server was down, or cannot be read).
+struct Stored {
+    solution: String,
+    client_id: Arc<str>,
+    subjects: Arc<[String]>,
+    expiry: u32,
+    left: u32,
+    subscriptions: Vec<(Box<str>, SubscriptionRecord)>,
+}
+
+fn stored(doc: &Value, now: SystemTime) -> Option<Stored> {
+    let expiry = u32::try_from(doc.get("expiryInterval")?.as_u64()?).ok()?;
+    let left = match doc.get("endedAtMillis").and_then(Value::as_u64) {
+        // Attached when the server stopped: its countdown starts now.
+        None => expiry,
+        Some(_) if expiry == u32::MAX => expiry,
+        Some(ended) => {
+            let ended = UNIX_EPOCH + Duration::from_millis(ended);
+            let gone = now.duration_since(ended).unwrap_or_default().as_secs();
+            u32::try_from(u64::from(expiry).checked_sub(gone)?).ok()?
+        }
+    };
+    if left == 0 {
+        return None;
+    }
+    Some(Stored {
+        solution: doc.get("solutionId")?.as_str()?.to_owned(),
+        client_id: doc.get("clientId")?.as_str()?.into(),
+        subjects: doc
+            .get("subjects")?
+            .as_array()?
+            .iter()
+            .filter_map(|s| s.as_str().map(str::to_owned))
+            .collect::<Vec<_>>()
+            .into(),
+        expiry,
+        left,
+        subscriptions: doc
+            .get("subscriptions")?
+            .as_array()?
+            .iter()
+            .filter_map(options)
+            .collect(),
+    })
+}
+
+/// A session put back at start-up, whose expiry timer the caller starts.
+#[derive(Debug)]
+pub struct Restored {
+    pub space: Arc<SolutionSpace>,
+    pub session: Arc<Session>,
+    /// Seconds left before it expires (`u32::MAX`: never).
+    pub left: u32,
+}
+
+/// Puts every stored session back into its solution's space (offline); expired ones are
+/// deleted. `max_queued`: the queue bound of each.
+pub fn restore(
+    store: &EmbeddedStore,
+    solutions: &Solutions,
+    spaces: &Spaces,
+    max_queued: usize,
+) -> Vec<Restored> {
+    let now = SystemTime::now();
+    let mut restored = Vec::new();
+    for key in store.keys(EntityKind::Session) {
+        let Some(entity) = store.get(&key) else {
+            continue;
+        };
+        let found = stored(&entity.doc, now).and_then(|s| {
+            let solution = solutions.get(&s.solution)?;
+            Some((s, solution))
+        });
+        let Some((s, solution)) = found else {
+            let _ = store.write(
+                &key,
+                |current: Option<&Entity>| -> Result<Vec<Event>, std::convert::Infallible> {
+                    Ok(current
+                        .map(|e| Event {
+                            key: key.clone(),
+                            action: EventAction::Deleted,
+                            path: String::new(),
+                            value: None,
+                            revision: e.revision.saturating_add(1),
+                            timestamp: crate::core::now(),
+                        })
+                        .into_iter()
+                        .collect())
+                },
+            );
+            continue;
+        };
+        let space = spaces.get_or_create(&solution);
+        let view = space
+            .policy()
+            .for_subjects(&s.subjects, None, crate::core::now());
+        let session = Arc::new(Session::new(
+            s.client_id.clone(),
+            s.subjects,
+            view,
+            s.expiry,
+            max_queued,
+        ));
+        {
+            let mut state = session.lock();
+            state.persisted = true;
+            let mut tree = space.tree_write();
+            for (filter, record) in s.subscriptions {
+                let shared = filter.starts_with("$share/");
+                tree.insert(
+                    tree_filter(&filter),
+                    Subscriber {
+                        session: session.clone(),
+                        options: record.options,
+                        id: record.id,
+                        share: shared.then(|| Arc::from(&*filter)),
+                    },
+                );
+                state.subscriptions.insert(filter, record);
+            }
+        }
+        space.sessions().insert(s.client_id, session.clone());
+        restored.push(Restored {
+            space,
+            session,
+            left: s.left,
+        });
+    }
+    restored
+}
