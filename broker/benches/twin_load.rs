@@ -48,7 +48,8 @@
 //! stime from `/proc/PID/stat`) as cores and as delivered messages per broker core-second, and
 //! this process's own CPU (the load generator shares the machine).
 //!
-//! Environment: `TWIN_LOAD_SECONDS` (default 5), `TWIN_LOAD_DEVICES` (default 100),
+//! Environment: `TWIN_LOAD_PERSISTENT_SUBSCRIBER=1` (the subscriber keeps a persistent session:
+//! its QoS 1 deliveries are journaled), `TWIN_LOAD_SECONDS` (default 5), `TWIN_LOAD_DEVICES` (default 100),
 //! `TWIN_LOAD_WINDOW` (default 10), `TWIN_LOAD_RATE` (messages/s per device; default: full
 //! speed), `TWIN_LOAD_RUNS` (default `twin-0,plain-0,twin-1,plain-1,open-twin-1,open-plain-1`;
 //! `open-twin-0` and `open-plain-0` on request: they take minutes). `THINGSGATE_MQTT_…`
@@ -143,6 +144,16 @@ struct Client {
 }
 
 async fn connect(addr: SocketAddr, client_id: &str, secret: &str) -> Client {
+    connect_with(addr, client_id, secret, true).await
+}
+
+/// `clean_start: false`: a persistent session (3.1.1 Clean Session 0).
+async fn connect_with(
+    addr: SocketAddr,
+    client_id: &str,
+    secret: &str,
+    clean_start: bool,
+) -> Client {
     let stream = TcpStream::connect(addr).await.unwrap();
     stream.set_nodelay(true).unwrap();
     let (read, mut write) = stream.into_split();
@@ -150,7 +161,7 @@ async fn connect(addr: SocketAddr, client_id: &str, secret: &str) -> Client {
     encode(
         &Packet::Connect(Box::new(Connect {
             protocol: Protocol::V311,
-            clean_start: true,
+            clean_start,
             keep_alive: 0,
             client_id: utf8(client_id),
             will: None,
@@ -558,10 +569,14 @@ async fn run(
     quiet: bool,
 ) -> Vec<Client> {
     let qos = load.qos;
-    let mut subscriber = connect(
+    // `TWIN_LOAD_PERSISTENT_SUBSCRIBER=1`: the subscriber keeps a persistent session, so
+    // every QoS 1 delivery to it is journaled before the publisher's PUBACK.
+    let persistent = std::env::var("TWIN_LOAD_PERSISTENT_SUBSCRIBER").is_ok_and(|v| v == "1");
+    let mut subscriber = connect_with(
         broker.mqtt,
         &format!("sub-{}-{}", kind.name(), qos as u8),
         &broker.secret,
+        !persistent,
     )
     .await;
     let mut buf = BytesMut::new();

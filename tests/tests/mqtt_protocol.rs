@@ -874,7 +874,7 @@ async fn acknowledged_retained_messages_survive_kill_9_and_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_persistent_sessions_subscriptions_and_expiry_survive_kill_9_and_restart() {
+async fn a_persistent_session_with_its_queued_messages_survives_kill_9_and_restart() {
     let (mut broker, sol) = started("");
     let addr = broker.mqtt_addr();
     for protocol in BOTH {
@@ -900,7 +900,23 @@ async fn a_persistent_sessions_subscriptions_and_expiry_survive_kill_9_and_resta
     let (client, _) = connect_ok(addr, persistent(Protocol::V5, "short", &sol, 2)).await;
     disconnect(client).await;
     settle().await;
+    // Messages queued for the offline sessions, each acknowledged to its publisher: then
+    // kill -9 at once.
+    let mut early = connected(addr, Protocol::V5, "early", &sol).await;
+    let mut n = 0;
+    for protocol in BOTH {
+        let name = format!("durable-{}", tag(protocol));
+        for k in 1..=3 {
+            n += 1;
+            let payload = format!("before {k}");
+            assert_eq!(
+                publish_qos1(&mut early, &format!("{name}/t"), payload.as_bytes(), n).await,
+                0
+            );
+        }
+    }
     broker.kill();
+    drop(early);
     tokio::time::sleep(Duration::from_millis(2500)).await;
     broker.start();
     let addr = broker.mqtt_addr();
@@ -914,19 +930,22 @@ async fn a_persistent_sessions_subscriptions_and_expiry_survive_kill_9_and_resta
         );
         let (mut client, ack) = connect_ok(addr, persistent(protocol, &name, &sol, 600)).await;
         assert!(ack.session_present, "{name}: the session came back");
-        let p = expect_publish(&mut client).await;
-        assert_eq!(
-            (p.topic.as_str(), text(&p).as_str()),
-            (format!("{name}/t").as_str(), "after restart")
-        );
-        if let QosPid::AtLeastOnce(id) = p.qos {
-            client
-                .send(&Packet::PubAck(codec::PubResponse {
-                    packet_id: id,
-                    reason: 0,
-                    properties: Properties::default(),
-                }))
-                .await;
+        // What was queued before the kill, in order, then what came after the restart.
+        for expected in ["before 1", "before 2", "before 3", "after restart"] {
+            let p = expect_publish(&mut client).await;
+            assert_eq!(
+                (p.topic.as_str(), text(&p).as_str()),
+                (format!("{name}/t").as_str(), expected)
+            );
+            if let QosPid::AtLeastOnce(id) = p.qos {
+                client
+                    .send(&Packet::PubAck(codec::PubResponse {
+                        packet_id: id,
+                        reason: 0,
+                        properties: Properties::default(),
+                    }))
+                    .await;
+            }
         }
     }
     let (mut v5, _) = connect_ok(addr, persistent(Protocol::V5, "durable-v5", &sol, 600)).await;

@@ -27,6 +27,8 @@ pub enum EntityKind {
     Retained,
     /// A persistent MQTT session: subjects, subscriptions, expiry (`broker::core::sessions`).
     Session,
+    /// A QoS 1/2 message queued for a persistent MQTT session (`broker::core::sessions`).
+    Queued,
 }
 
 impl EntityKind {
@@ -37,6 +39,7 @@ impl EntityKind {
             EntityKind::Solution => "solution",
             EntityKind::Retained => "retained",
             EntityKind::Session => "session",
+            EntityKind::Queued => "queued",
         }
     }
 
@@ -47,6 +50,7 @@ impl EntityKind {
             "solution" => Some(EntityKind::Solution),
             "retained" => Some(EntityKind::Retained),
             "session" => Some(EntityKind::Session),
+            "queued" => Some(EntityKind::Queued),
             _ => None,
         }
     }

@@ -27,10 +27,12 @@ use twin::authz::{cut_event_to_view, cut_policy_to_view};
 use twin::entity::{EntityKind, Event};
 use twin::path::ThingPath;
 use twin::protocol::mqtt::{write_event_payload, write_event_topic};
+use twin::store::EmbeddedStore;
 
 use crate::core::message::{Delivery, Message, Offer, Origin};
 use crate::core::policies::{Policies, PolicyRef};
 use crate::core::session::{Session, SessionState};
+use crate::core::sessions;
 use crate::core::space::{SolutionSpace, Subscriber};
 use crate::core::topics;
 use crate::metrics::Metrics;
@@ -54,10 +56,13 @@ struct Candidate {
 
 /// What is being fanned out, and what a subscriber needs to have it.
 enum Judged<'a> {
-    /// A plain message, judged in the solution policy.
+    /// A plain message, judged in the solution policy. With `store`, a QoS 1/2 delivery to a
+    /// persistent session is journaled before it is queued (`wrote` says one was).
     Plain {
         message: &'a Arc<Message>,
         policy: Arc<Enforcer>,
+        store: Option<&'a EmbeddedStore>,
+        wrote: bool,
     },
     /// A twin event, judged in its entity's policy; payloads written on demand.
     Event {
@@ -90,7 +95,9 @@ impl Judged<'_> {
         now: Timestamp,
     ) -> Option<Delivery> {
         let message = match self {
-            Judged::Plain { message, policy } => {
+            Judged::Plain {
+                message, policy, ..
+            } => {
                 state.refresh_view(policy, now);
                 if !state.view().check(
                     ResourceType::Topic,
@@ -109,6 +116,7 @@ impl Judged<'_> {
                     qos: target.qos,
                     retain,
                     subscription_ids: target.subscription_ids,
+                    stored: None,
                 });
             }
             Judged::Event {
@@ -168,6 +176,7 @@ impl Judged<'_> {
             qos: target.qos,
             retain: false,
             subscription_ids: target.subscription_ids,
+            stored: None,
         })
     }
 }
@@ -192,12 +201,12 @@ fn fan_out(
     topic: &str,
     publisher: u64,
     max_qos: QoS,
-    mut judged: Judged<'_>,
+    judged: &mut Judged<'_>,
     metrics: &Metrics,
     now: Timestamp,
 ) -> usize {
     route(space, topic, publisher, max_qos, |session, target| {
-        offer(space, session, &mut judged, target, metrics, now)
+        offer(space, session, judged, target, metrics, now)
     })
 }
 
@@ -213,7 +222,36 @@ fn offer(
 ) -> bool {
     let mut state = session.lock();
     match judged.judge(&mut state, target, now) {
-        Some(delivery) => session.enqueue(state, delivery, metrics) == Offer::Queued,
+        Some(mut delivery) => {
+            if let Judged::Plain {
+                store: Some(store),
+                wrote,
+                ..
+            } = judged
+                && delivery.qos != QoS::AtMostOnce
+                && state.persisted
+                && Session::has_room(&state)
+            {
+                let seq = state.next_stored;
+                state.next_stored = seq.saturating_add(1);
+                match sessions::store_delivery(
+                    store,
+                    space.id.as_str(),
+                    &session.client_id,
+                    seq,
+                    &delivery,
+                ) {
+                    Ok(()) => {
+                        delivery.stored = Some(seq);
+                        *wrote = true;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, solution = %space.id, "a queued message could not be journaled")
+                    }
+                }
+            }
+            session.enqueue(state, delivery, metrics) == Offer::Queued
+        }
         None => {
             drop(state);
             metrics.denied(space.id.as_str(), "delivery");
@@ -302,21 +340,31 @@ fn route(
 }
 
 /// Offers an authorized plain message to every subscriber of `space` (keeping it, if
-/// retained, is `crate::core::retained`'s). Returns how many sessions queued it.
-pub fn publish(space: &SolutionSpace, message: &Arc<Message>, metrics: &Metrics) -> usize {
-    let judged = Judged::Plain {
+/// retained, is `crate::core::retained`'s); a QoS 1/2 delivery to a persistent session is
+/// journaled in `store` first. Whether it journaled one (the publisher's acknowledgement then
+/// waits until the journal is durable).
+pub fn publish(
+    space: &SolutionSpace,
+    message: &Arc<Message>,
+    metrics: &Metrics,
+    store: &EmbeddedStore,
+) -> bool {
+    let mut judged = Judged::Plain {
         message,
         policy: space.policy(),
+        store: Some(store),
+        wrote: false,
     };
     fan_out(
         space,
         message.topic.as_str(),
         message.publisher,
         message.qos,
-        judged,
+        &mut judged,
         metrics,
         crate::core::now(),
-    )
+    );
+    matches!(judged, Judged::Plain { wrote: true, .. })
 }
 
 /// Publishes durable events to the subscribers of their topics. An event is judged in its
@@ -350,7 +398,7 @@ pub fn publish_events(
         let Ok(topic_name) = topic.parse::<TopicName>() else {
             continue;
         };
-        let judged = Judged::Event {
+        let mut judged = Judged::Event {
             event,
             kind,
             policy,
@@ -359,7 +407,15 @@ pub fn publish_events(
             full: None,
             thing_path: OnceCell::new(),
         };
-        fan_out(space, &topic, 0, QoS::AtLeastOnce, judged, metrics, now);
+        fan_out(
+            space,
+            &topic,
+            0,
+            QoS::AtLeastOnce,
+            &mut judged,
+            metrics,
+            now,
+        );
     }
 }
 
@@ -376,13 +432,21 @@ pub fn publish_live(
 ) -> usize {
     let topic = message.topic.clone();
     let (publisher, qos) = (message.publisher, message.qos);
-    let judged = Judged::Live {
+    let mut judged = Judged::Live {
         message,
         policy,
         resource,
         namespace,
     };
-    fan_out(space, topic.as_str(), publisher, qos, judged, metrics, now)
+    fan_out(
+        space,
+        topic.as_str(),
+        publisher,
+        qos,
+        &mut judged,
+        metrics,
+        now,
+    )
 }
 
 /// Sends the retained messages matching a new subscription (MQTT §3.3.1.3, v5 Retain
@@ -431,6 +495,8 @@ pub fn deliver_retained(
         let mut judged = Judged::Plain {
             message,
             policy: policy.clone(),
+            store: None,
+            wrote: false,
         };
         let target = Target {
             qos: sub.options.qos.min(message.qos),

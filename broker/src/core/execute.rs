@@ -339,11 +339,14 @@ impl Core {
                     .retain
                     .then(|| self.keep_retained(&client.space, &message))
                     .flatten();
-                dispatch::publish(&client.space, &message, &self.metrics);
+                let queued_durably =
+                    dispatch::publish(&client.space, &message, &self.metrics, &self.twins.store);
                 match kept {
-                    // A retained message is acknowledged once it is durable.
-                    Some(Ok(durable)) => Outcome::Pending(Pending::after(durable)),
                     Some(Err(e)) => Outcome::Now(Told::new(Verdict::Failed, e.to_string())),
+                    // A retained message, or one queued for a persistent session, is
+                    // acknowledged once it is durable (the barrier covers both writes).
+                    _ if queued_durably => Outcome::Pending(Pending::durable_so_far(self)),
+                    Some(Ok(durable)) => Outcome::Pending(Pending::after(durable)),
                     None => Outcome::Now(Told::accepted()),
                 }
             }
@@ -483,7 +486,7 @@ impl Core {
         {
             tracing::error!(error = %e, solution = %space.id, "a retained will could not be stored");
         }
-        dispatch::publish(space, &will, &self.metrics);
+        dispatch::publish(space, &will, &self.metrics, &self.twins.store);
     }
 
     /// Keeps `message` as its topic's retained message in `space` (an empty payload clears it),
@@ -550,6 +553,7 @@ fn answer_requester(session: &Session, reply: &ReplyTo, answer: &Envelope, metri
         retain: false,
         subscription_ids: Vec::new(),
         message,
+        stored: None,
     };
     session.enqueue(session.lock(), delivery, metrics);
 }

@@ -104,6 +104,9 @@ pub struct Delivery {
     pub retain: bool,
     /// Identifiers of the matching subscriptions (MQTT 5), usually none or one.
     pub subscription_ids: Vec<NonZeroU32>,
+    /// The sequence number of its journal record, for a QoS 1/2 delivery queued for a
+    /// persistent session (`crate::core::sessions`).
+    pub stored: Option<u64>,
 }
 
 /// What happened to a delivery offered to a session.

@@ -424,6 +424,16 @@ impl Core {
         existed
     }
 
+    /// Deletes the journal records of deliveries that left `client`'s session.
+    pub fn forget_delivered(&self, client: &Client, stored: &[u64]) {
+        sessions::forget(
+            &self.twins.store,
+            client.space.id.as_str(),
+            &client.session.client_id,
+            stored,
+        );
+    }
+
     /// Writes `client`'s session to the journal if it outlives its connection.
     fn save_if_persistent(&self, client: &Client) {
         if client.session.lock().expiry_interval > 0 {

@@ -70,6 +70,11 @@ pub struct SessionState {
     pub expiry_interval: u32,
     /// Whether the journal holds this session (`crate::core::sessions`).
     pub persisted: bool,
+    /// The sequence number the next journaled delivery of this session gets.
+    pub next_stored: u64,
+    /// Journaled deliveries that left the session (acknowledged, refused, expired): their
+    /// records are deleted by the connection's next drain.
+    pub forgotten: Vec<u64>,
     max_queued: usize,
 }
 
@@ -110,6 +115,8 @@ impl Session {
                 incoming_qos2: Vec::new(),
                 expiry_interval,
                 persisted: false,
+                next_stored: 1,
+                forgotten: Vec::new(),
                 max_queued,
             }),
             wake: Notify::new(),
@@ -120,6 +127,12 @@ impl Session {
         // Every change to the state is a few field updates with no panic in between: a
         // poisoned lock still holds consistent state.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether a QoS 1/2 delivery would be queued now (online, or QoS ≥ 1; room in the queue):
+    /// worth journaling first.
+    pub fn has_room(state: &SessionState) -> bool {
+        state.queue.len() < state.max_queued
     }
 
     /// Whether the session has any subscription.
@@ -258,6 +271,14 @@ impl SessionState {
         }
     }
 
+    /// Queues a journaled delivery back at start-up (in sequence order).
+    pub fn restore_queued(&mut self, delivery: Delivery) {
+        if let Some(seq) = delivery.stored {
+            self.next_stored = self.next_stored.max(seq.saturating_add(1));
+        }
+        self.queue.push_back(delivery);
+    }
+
     pub fn has_queued(&self) -> bool {
         !self.queue.is_empty()
     }
@@ -289,6 +310,7 @@ impl SessionState {
             let now = Instant::now();
             if delivery.message.expires_at.is_some_and(|at| at <= now) {
                 metrics.dropped("expired");
+                self.forgotten.extend(delivery.stored);
                 continue;
             }
             let qos = match delivery.qos {
@@ -297,6 +319,7 @@ impl SessionState {
                 QoS::ExactlyOnce => QosPid::ExactlyOnce(self.allocate_packet_id()),
             };
             if !send(&delivery, qos) {
+                self.forgotten.extend(delivery.stored);
                 continue;
             }
             sent += 1;
@@ -347,9 +370,9 @@ impl SessionState {
                 && e.delivery.qos == qos
                 && (qos == QoS::AtLeastOnce || e.released)
         });
-        match position {
-            Some(i) => {
-                self.inflight.remove(i);
+        match position.and_then(|i| self.inflight.remove(i)) {
+            Some(done) => {
+                self.forgotten.extend(done.delivery.stored);
                 AckOutcome::Done
             }
             None => AckOutcome::Unknown,
@@ -366,7 +389,9 @@ impl SessionState {
             return AckOutcome::Unknown;
         };
         if failed {
-            self.inflight.remove(i);
+            if let Some(done) = self.inflight.remove(i) {
+                self.forgotten.extend(done.delivery.stored);
+            }
             return AckOutcome::Done;
         }
         if let Some(e) = self.inflight.get_mut(i) {

@@ -1,10 +1,19 @@
-//! Persistent sessions survive a restart — so far their identity, subscriptions and expiry (not
-//! yet their queued and in-flight messages): each session with a nonzero expiry interval is an
+//! Persistent sessions survive a restart — their identity, subscriptions, expiry, and the plain
+//! QoS 1/2 messages queued for them: each session with a nonzero expiry interval is an
 //! entity of the store (`EntityKind::Session`, ID `{solutionId}/{clientId}`), written when it
 //! attaches, when its subscriptions change and when its connection ends (with the time it
 //! ended, so that the expiry counts down across a restart), and deleted when it ends. At
 //! start-up each is put back into its solution's space, offline, with its subscriptions in the
 //! topic tree and its expiry timer running for what is left of it.
+//!
+//! A plain QoS 1/2 message queued for a persistent session is a `Queued` entity
+//! (`{solutionId}/{clientId}/{seq}`), written before it is queued; the publisher's
+//! acknowledgement waits until it is durable (`crate::core::dispatch::publish` says whether it
+//! wrote one). Its record is deleted once the message leaves the session (acknowledged by the
+//! subscriber, refused, expired) — not awaited: after a crash such a message may come again
+//! (at least once). After a restart queued and in-flight messages are sent again from the
+//! queue, with new packet identifiers; events and live messages queued for an offline session
+//! are not journaled.
 //!
 //! The journal write is not awaited before SUBACK/CONNACK: a subscription acknowledged within
 //! one group commit of a crash may be lost (the client learns it from `session present` or by
@@ -18,13 +27,137 @@ use serde_json::{Value, json};
 use twin::entity::{Entity, EntityKey, EntityKind, Event, EventAction};
 use twin::store::{EmbeddedStore, TwinStore, TwinStoreExt};
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use bytes::Bytes;
+
 use crate::auth::solution::Solutions;
+use crate::core::message::{Delivery, Message, Origin};
 use crate::core::session::{Session, SubscriptionRecord};
 use crate::core::space::{SolutionSpace, Spaces, Subscriber, tree_filter};
 use crate::mqtt::codec::{QoS, RetainHandling, SubscriptionOptions};
 
 fn key(solution: &str, client_id: &str) -> EntityKey {
     EntityKey::new(EntityKind::Session, format!("{solution}/{client_id}"))
+}
+
+fn queued_key(solution: &str, client_id: &str, seq: u64) -> EntityKey {
+    EntityKey::new(
+        EntityKind::Queued,
+        format!("{solution}/{client_id}/{seq:020}"),
+    )
+}
+
+/// Writes `delivery`, about to be queued for the persistent session `client_id`, as record
+/// `seq`.
+pub fn store_delivery(
+    store: &EmbeddedStore,
+    solution: &str,
+    client_id: &str,
+    seq: u64,
+    delivery: &Delivery,
+) -> Result<(), String> {
+    let message = &delivery.message;
+    let expires = message.expires_at.map(|at| {
+        let left = at.saturating_duration_since(std::time::Instant::now());
+        millis(SystemTime::now() + left)
+    });
+    let doc = json!({
+        "topic": message.topic.as_str(),
+        "payload": STANDARD.encode(&message.payload),
+        "qos": delivery.qos as u8,
+        "retain": delivery.retain,
+        "subscriptionIds": delivery.subscription_ids.iter().map(|id| id.get()).collect::<Vec<_>>(),
+        "expiresAtMillis": expires,
+    });
+    let key = queued_key(solution, client_id, seq);
+    let now = crate::core::now();
+    store
+        .write(
+            &key,
+            |_: Option<&Entity>| -> Result<Vec<Event>, std::convert::Infallible> {
+                Ok(vec![Event {
+                    key: key.clone(),
+                    action: EventAction::Created,
+                    path: String::new(),
+                    value: Some(doc.clone()),
+                    revision: 1,
+                    timestamp: now,
+                }])
+            },
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Deletes the records of deliveries that left the session.
+pub fn forget(store: &EmbeddedStore, solution: &str, client_id: &str, seqs: &[u64]) {
+    for &seq in seqs {
+        delete(store, &queued_key(solution, client_id, seq));
+    }
+}
+
+fn delete(store: &EmbeddedStore, key: &EntityKey) {
+    let now = crate::core::now();
+    let _ = store.write(
+        key,
+        |current: Option<&Entity>| -> Result<Vec<Event>, std::convert::Infallible> {
+            Ok(current
+                .map(|e| Event {
+                    key: key.clone(),
+                    action: EventAction::Deleted,
+                    path: String::new(),
+                    value: None,
+                    revision: e.revision.saturating_add(1),
+                    timestamp: now,
+                })
+                .into_iter()
+                .collect())
+        },
+    );
+}
+
+fn queued_delivery(doc: &Value, seq: u64) -> Option<Delivery> {
+    let topic = doc.get("topic")?.as_str()?.parse().ok()?;
+    let payload = STANDARD.decode(doc.get("payload")?.as_str()?).ok()?;
+    let qos = match doc.get("qos")?.as_u64()? {
+        1 => QoS::AtLeastOnce,
+        2 => QoS::ExactlyOnce,
+        _ => QoS::AtMostOnce,
+    };
+    let expiry_seconds = match doc.get("expiresAtMillis").and_then(Value::as_u64) {
+        None => None,
+        Some(at) => {
+            let left = (UNIX_EPOCH + Duration::from_millis(at))
+                .duration_since(SystemTime::now())
+                .ok()?;
+            Some(u32::try_from(left.as_secs().max(1)).ok()?)
+        }
+    };
+    let message = Message::new(
+        topic,
+        Bytes::from(payload),
+        Origin {
+            qos,
+            expiry_seconds,
+            ..Origin::default()
+        },
+    );
+    Some(Delivery {
+        message,
+        qos,
+        retain: doc.get("retain").and_then(Value::as_bool).unwrap_or(false),
+        subscription_ids: doc
+            .get("subscriptionIds")
+            .and_then(Value::as_array)
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|id| u32::try_from(id.as_u64()?).ok().and_then(NonZeroU32::new))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        stored: Some(seq),
+    })
 }
 
 fn millis(at: SystemTime) -> u64 {
@@ -94,6 +227,12 @@ pub fn remove(store: &EmbeddedStore, space: &SolutionSpace, session: &Session) {
             return;
         }
         state.persisted = false;
+    }
+    let prefix = format!("{}/{}/", space.id, session.client_id);
+    for queued in store.keys(EntityKind::Queued) {
+        if queued.id.starts_with(&prefix) {
+            delete(store, &queued);
+        }
     }
     let key = key(space.id.as_str(), &session.client_id);
     let now = crate::core::now();
@@ -276,5 +415,32 @@ pub fn restore(
             left: s.left,
         });
     }
+    restore_queued(store, &restored);
     restored
+}
+
+/// Queues the journaled deliveries of the restored sessions again, in sequence order; records
+/// of sessions that are gone (or unreadable ones) are deleted.
+fn restore_queued(store: &EmbeddedStore, restored: &[Restored]) {
+    let mut keys = store.keys(EntityKind::Queued);
+    // IDs end in a zero-padded sequence number: sorted IDs are in queue order per session.
+    keys.sort_by(|a, b| a.id.cmp(&b.id));
+    for key in keys {
+        let owner = key.id.rsplit_once('/').and_then(|(owner, seq)| {
+            let seq: u64 = seq.parse().ok()?;
+            let (solution, client) = owner.split_once('/')?;
+            let found = restored
+                .iter()
+                .find(|r| r.space.id.as_str() == solution && &*r.session.client_id == client)?;
+            Some((found, seq))
+        });
+        let delivery = owner.and_then(|(found, seq)| {
+            let entity = store.get(&key)?;
+            Some((found, queued_delivery(&entity.doc, seq)?))
+        });
+        match delivery {
+            Some((found, delivery)) => found.session.lock().restore_queued(delivery),
+            None => delete(store, &key),
+        }
+    }
 }

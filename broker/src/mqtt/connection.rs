@@ -232,6 +232,13 @@ impl Conn {
         let max_inflight = self.max_inflight;
         let session = self.client.session.clone();
         let mut state = session.lock();
+        if !state.forgotten.is_empty() {
+            // Journaled deliveries that left the session: their records go.
+            let forgotten = std::mem::take(&mut state.forgotten);
+            drop(state);
+            self.core.forget_delivered(&self.client, &forgotten);
+            state = session.lock();
+        }
         if state.generation != self.client.generation || !state.has_queued() {
             return;
         }

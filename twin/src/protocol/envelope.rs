@@ -408,7 +408,7 @@ pub(crate) fn entity_parts(key: &EntityKey) -> Result<(&str, &str, Group), Topic
     let group = match key.kind {
         EntityKind::Thing => Group::Things(Channel::Twin),
         EntityKind::Policy => Group::Policies,
-        EntityKind::Solution | EntityKind::Retained | EntityKind::Session => {
+        EntityKind::Solution | EntityKind::Retained | EntityKind::Session | EntityKind::Queued => {
             return Err(no_topic());
         }
     };

@@ -25,6 +25,7 @@ fn kind_code(kind: EntityKind) -> u8 {
         EntityKind::Solution => 3,
         EntityKind::Retained => 4,
         EntityKind::Session => 5,
+        EntityKind::Queued => 6,
     }
 }
 
@@ -35,6 +36,7 @@ fn kind_of(code: u8) -> Result<EntityKind, DecodeError> {
         3 => Ok(EntityKind::Solution),
         4 => Ok(EntityKind::Retained),
         5 => Ok(EntityKind::Session),
+        6 => Ok(EntityKind::Queued),
         other => Err(format!("unknown entity kind {other}")),
     }
 }
