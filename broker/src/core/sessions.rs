@@ -97,6 +97,8 @@ pub fn forget(store: &EmbeddedStore, solution: &str, client_id: &str, seqs: &[u6
     }
 }
 
+/// Deletes the entity `key`, if there is one. A failed write means the journal failed (the
+/// store logs it and refuses every write after it); the record is dealt with at the next start.
 fn delete(store: &EmbeddedStore, key: &EntityKey) {
     let now = crate::core::now();
     let _ = store.write(
@@ -228,33 +230,19 @@ pub fn remove(store: &EmbeddedStore, space: &SolutionSpace, session: &Session) {
         }
         state.persisted = false;
     }
+    // `{solution}/{client}/{seq}`: the rest after the prefix is the sequence number alone (a
+    // client ID may hold `/`: `a/b`'s records are not `a`'s).
     let prefix = format!("{}/{}/", space.id, session.client_id);
     for queued in store.keys(EntityKind::Queued) {
-        if queued.id.starts_with(&prefix) {
+        if queued
+            .id
+            .strip_prefix(&prefix)
+            .is_some_and(|seq| !seq.contains('/'))
+        {
             delete(store, &queued);
         }
     }
-    let key = key(space.id.as_str(), &session.client_id);
-    let now = crate::core::now();
-    let written = store.write(
-        &key,
-        |current: Option<&Entity>| -> Result<Vec<Event>, std::convert::Infallible> {
-            Ok(current
-                .map(|e| Event {
-                    key: key.clone(),
-                    action: EventAction::Deleted,
-                    path: String::new(),
-                    value: None,
-                    revision: e.revision.saturating_add(1),
-                    timestamp: now,
-                })
-                .into_iter()
-                .collect())
-        },
-    );
-    if let Err(e) = written {
-        tracing::error!(error = %e, solution = %space.id, "a persistent session could not be deleted");
-    }
+    delete(store, &key(space.id.as_str(), &session.client_id));
 }
 
 fn options(doc: &Value) -> Option<(Box<str>, SubscriptionRecord)> {
@@ -361,22 +349,7 @@ pub fn restore(
             Some((s, solution))
         });
         let Some((s, solution)) = found else {
-            let _ = store.write(
-                &key,
-                |current: Option<&Entity>| -> Result<Vec<Event>, std::convert::Infallible> {
-                    Ok(current
-                        .map(|e| Event {
-                            key: key.clone(),
-                            action: EventAction::Deleted,
-                            path: String::new(),
-                            value: None,
-                            revision: e.revision.saturating_add(1),
-                            timestamp: crate::core::now(),
-                        })
-                        .into_iter()
-                        .collect())
-                },
-            );
+            delete(store, &key);
             continue;
         };
         let space = spaces.get_or_create(&solution);
@@ -442,5 +415,63 @@ fn restore_queued(store: &EmbeddedStore, restored: &[Restored]) {
             Some((found, delivery)) => found.session.lock().restore_queued(delivery),
             None => delete(store, &key),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+
+    use policy::Enforcer;
+    use twin::entity::EntityKind;
+    use twin::store::{EmbeddedStore, StoreOptions, TwinStore};
+
+    use super::{remove, save, store_delivery};
+    use crate::auth::solution::{SolutionId, default_policy};
+    use crate::core::message::{Delivery, Message, Origin};
+    use crate::core::session::Session;
+    use crate::core::space::SolutionSpace;
+    use crate::mqtt::codec::QoS;
+
+    #[test]
+    fn ending_a_session_deletes_its_records_and_no_other_clients() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(StoreOptions::new(dir.path())).unwrap();
+        let id = SolutionId::parse("acme").unwrap();
+        let space = SolutionSpace::new(
+            id.clone(),
+            Arc::new(Enforcer::compile(&default_policy(&id).unwrap())),
+        );
+        let session = |client: &str| {
+            let subjects: Arc<[String]> = vec!["iot-things:acme".to_owned()].into();
+            let view = space
+                .policy()
+                .for_subjects(&subjects, None, crate::core::now());
+            Arc::new(Session::new(client.into(), subjects, view, 60, 10))
+        };
+        let delivery = Delivery {
+            message: Message::new("t".parse().unwrap(), "x".into(), Origin::default()),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            subscription_ids: Vec::new(),
+            stored: None,
+        };
+        // Client IDs may hold `/`: `a/b` is not a part of `a`.
+        let (a, ab) = (session("a"), session("a/b"));
+        for s in [&a, &ab] {
+            save(&store, &space, s, None);
+            store_delivery(&store, "acme", &s.client_id, 1, &delivery).unwrap();
+        }
+        remove(&store, &space, &a);
+        let left: Vec<String> = store
+            .keys(EntityKind::Queued)
+            .into_iter()
+            .chain(store.keys(EntityKind::Session))
+            .map(|k| k.id)
+            .collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(left.iter().all(|k| k.starts_with("acme/a/b")), "{left:?}");
     }
 }
