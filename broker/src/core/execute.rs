@@ -300,6 +300,17 @@ impl Core {
         )
     }
 
+    /// What the requester of a duplicate (a QoS 2 PUBLISH resent before its PUBREL) is told,
+    /// and when: a twin command once everything written so far is durable (its first attempt
+    /// may still be on its way to the journal); a plain message at once.
+    pub fn duplicate(&self, topic: &TopicName) -> Outcome {
+        if is_twin_topic(topic.as_str()) {
+            Outcome::Pending(Pending::durable_so_far(self))
+        } else {
+            Outcome::Now(Told::accepted())
+        }
+    }
+
     /// Authorizes and carries out `request` for `client`; the answer to a command goes to
     /// the requester alone, as `reply` says.
     pub fn execute(&self, client: &Client, request: Request<'_>, reply: ReplyTo) -> Outcome {

@@ -21,7 +21,6 @@ use std::time::{Duration, SystemTime};
 
 use bytes::BytesMut;
 use tokio::time::sleep_until;
-use twin::protocol::space::is_twin_topic;
 
 use crate::core::identity::{JWT_METHOD, ReauthRefusal};
 use crate::core::message::{Origin, deep_copy_topic};
@@ -434,21 +433,16 @@ impl Conn {
             let state = self.client.session.lock();
             if state.incoming_qos2.contains(&id) {
                 drop(state);
-                if is_twin_topic(topic.as_str()) {
-                    // The first attempt of a twin command (on this or an earlier connection)
-                    // may still be on its way to the journal: PUBREC once it is durable.
-                    self.in_order.push_back(InOrder {
-                        pending: Some(Pending::durable_so_far(&self.core)),
+                // Acknowledged as the core says: a twin command's first attempt may still be on
+                // its way to the journal.
+                match (self.core.duplicate(&topic), ack) {
+                    (Outcome::Now(told), Some(ack)) => self.acknowledge(ack, &told),
+                    (Outcome::Pending(pending), ack) => self.in_order.push_back(InOrder {
+                        pending: Some(pending),
                         told: Told::accepted(),
                         ack,
-                    });
-                } else {
-                    self.send_response(
-                        Packet::PubRec,
-                        id,
-                        ReasonCode::Success,
-                        Properties::default(),
-                    );
+                    }),
+                    (Outcome::Now(_), None) => {}
                 }
                 return None;
             }
