@@ -955,6 +955,49 @@ async fn a_persistent_session_with_its_queued_messages_survives_kill_9_and_resta
     assert!(!ack.session_present, "the expired session is gone");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacknowledged_deliveries_come_again_after_kill_9_with_dup_and_their_packet_ids() {
+    let (mut broker, sol) = started("");
+    let addr = broker.mqtt_addr();
+    let (mut sub, _) = connect_ok(addr, persistent(Protocol::V5, "inflight", &sol, 600)).await;
+    subscribe_ok(&mut sub, "inf/#", opts(QoS::AtLeastOnce)).await;
+    let mut publisher = connected(addr, Protocol::V5, "pub", &sol).await;
+    for (n, payload) in [(1, "m1"), (2, "m2")] {
+        assert_eq!(
+            publish_qos1(&mut publisher, "inf/t", payload.as_bytes(), n).await,
+            0
+        );
+    }
+    // Received, never acknowledged.
+    let mut sent = Vec::new();
+    for expected in ["m1", "m2"] {
+        let p = expect_publish(&mut sub).await;
+        assert_eq!(text(&p), expected);
+        assert!(!p.dup);
+        sent.push(p.qos);
+    }
+    // The packet identifiers are journaled without being awaited: give the group commit a
+    // moment, then kill -9.
+    settle().await;
+    broker.kill();
+    drop((sub, publisher));
+    broker.start();
+    let (mut sub, ack) = connect_ok(
+        broker.mqtt_addr(),
+        persistent(Protocol::V5, "inflight", &sol, 600),
+    )
+    .await;
+    assert!(ack.session_present);
+    for (expected, qos) in ["m1", "m2"].into_iter().zip(sent) {
+        let p = expect_publish(&mut sub).await;
+        assert_eq!(
+            (text(&p).as_str(), p.dup, p.qos),
+            (expected, true, qos),
+            "MQTT-4.4.0-1: resent with DUP under its original packet identifier"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_session_takeover_publishes_the_will_of_the_replaced_connection() {
     let (broker, sol) = started("");

@@ -424,6 +424,16 @@ impl Core {
         existed
     }
 
+    /// Records the packet identifiers `client`'s journaled deliveries were sent under.
+    pub fn record_sent(&self, client: &Client, sent: &[(u64, std::num::NonZeroU16)]) {
+        sessions::record_sent(
+            &self.twins.store,
+            client.space.id.as_str(),
+            &client.session.client_id,
+            sent,
+        );
+    }
+
     /// Deletes the journal records of deliveries that left `client`'s session.
     pub fn forget_delivered(&self, client: &Client, stored: &[u64]) {
         sessions::forget(

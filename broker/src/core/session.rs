@@ -75,6 +75,9 @@ pub struct SessionState {
     /// Journaled deliveries that left the session (acknowledged, refused, expired): their
     /// records are deleted by the connection's next drain.
     pub forgotten: Vec<u64>,
+    /// Journaled deliveries sent since the last drain, with their packet identifiers: recorded
+    /// so that after a restart they are sent again under the same identifiers (MQTT-4.4.0-1).
+    pub sent_stored: Vec<(u64, NonZeroU16)>,
     max_queued: usize,
 }
 
@@ -117,6 +120,7 @@ impl Session {
                 persisted: false,
                 next_stored: 1,
                 forgotten: Vec::new(),
+                sent_stored: Vec::new(),
                 max_queued,
             }),
             wake: Notify::new(),
@@ -271,12 +275,22 @@ impl SessionState {
         }
     }
 
-    /// Queues a journaled delivery back at start-up (in sequence order).
-    pub fn restore_queued(&mut self, delivery: Delivery) {
+    /// Puts a journaled delivery back at start-up (in sequence order): in flight under its
+    /// packet identifier if it had been sent (it is sent again with DUP on resume), else queued.
+    pub fn restore_queued(&mut self, delivery: Delivery, packet_id: Option<NonZeroU16>) {
         if let Some(seq) = delivery.stored {
             self.next_stored = self.next_stored.max(seq.saturating_add(1));
         }
-        self.queue.push_back(delivery);
+        match packet_id {
+            Some(packet_id) if !self.inflight.iter().any(|e| e.packet_id == packet_id) => {
+                self.inflight.push_back(Inflight {
+                    packet_id,
+                    delivery,
+                    released: false,
+                });
+            }
+            _ => self.queue.push_back(delivery),
+        }
     }
 
     pub fn has_queued(&self) -> bool {
@@ -324,6 +338,9 @@ impl SessionState {
             }
             sent += 1;
             if let Some(packet_id) = qos.packet_id() {
+                if let Some(seq) = delivery.stored {
+                    self.sent_stored.push((seq, packet_id));
+                }
                 self.inflight.push_back(Inflight {
                     packet_id,
                     delivery,

@@ -11,15 +11,16 @@
 //! acknowledgement waits until it is durable (`crate::core::dispatch::publish` says whether it
 //! wrote one). Its record is deleted once the message leaves the session (acknowledged by the
 //! subscriber, refused, expired) — not awaited: after a crash such a message may come again
-//! (at least once). After a restart queued and in-flight messages are sent again from the
-//! queue, with new packet identifiers; events and live messages queued for an offline session
-//! are not journaled.
+//! (at least once). When a journaled delivery is sent, its packet identifier is added to its
+//! record (not awaited), so that after a restart it is sent again under that identifier with
+//! DUP (MQTT-4.4.0-1); events and live messages queued for an offline session are not
+//! journaled.
 //!
 //! The journal write is not awaited before SUBACK/CONNACK: a subscription acknowledged within
 //! one group commit of a crash may be lost (the client learns it from `session present` or by
 //! subscribing again).
 
-use std::num::NonZeroU32;
+use std::num::{NonZeroU16, NonZeroU32};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -88,6 +89,36 @@ pub fn store_delivery(
         )
         .map(|_| ())
         .map_err(|e| e.to_string())
+}
+
+/// Records the packet identifiers journaled deliveries were sent under (not awaited: lost in a
+/// crash, the delivery is sent again under a new identifier).
+pub fn record_sent(
+    store: &EmbeddedStore,
+    solution: &str,
+    client_id: &str,
+    sent: &[(u64, NonZeroU16)],
+) {
+    let now = crate::core::now();
+    for &(seq, packet_id) in sent {
+        let key = queued_key(solution, client_id, seq);
+        let _ = store.write(
+            &key,
+            |current: Option<&Entity>| -> Result<Vec<Event>, std::convert::Infallible> {
+                Ok(current
+                    .map(|e| Event {
+                        key: key.clone(),
+                        action: EventAction::Modified,
+                        path: "/packetId".to_owned(),
+                        value: Some(json!(packet_id.get())),
+                        revision: e.revision.saturating_add(1),
+                        timestamp: now,
+                    })
+                    .into_iter()
+                    .collect())
+            },
+        );
+    }
 }
 
 /// Deletes the records of deliveries that left the session.
@@ -409,10 +440,18 @@ fn restore_queued(store: &EmbeddedStore, restored: &[Restored]) {
         });
         let delivery = owner.and_then(|(found, seq)| {
             let entity = store.get(&key)?;
-            Some((found, queued_delivery(&entity.doc, seq)?))
+            let packet_id = entity
+                .doc
+                .get("packetId")
+                .and_then(Value::as_u64)
+                .and_then(|n| u16::try_from(n).ok())
+                .and_then(std::num::NonZeroU16::new);
+            Some((found, queued_delivery(&entity.doc, seq)?, packet_id))
         });
         match delivery {
-            Some((found, delivery)) => found.session.lock().restore_queued(delivery),
+            Some((found, delivery, packet_id)) => {
+                found.session.lock().restore_queued(delivery, packet_id)
+            }
             None => delete(store, &key),
         }
     }

@@ -251,6 +251,11 @@ impl Conn {
         state.drain(max_inflight, &self.core.metrics, |delivery, qos| {
             out.publish(delivery, qos, false)
         });
+        if !state.sent_stored.is_empty() {
+            let sent = std::mem::take(&mut state.sent_stored);
+            drop(state);
+            self.core.record_sent(&self.client, &sent);
+        }
     }
 
     async fn flush(&mut self) -> io::Result<()> {
