@@ -998,6 +998,48 @@ async fn unacknowledged_deliveries_come_again_after_kill_9_with_dup_and_their_pa
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos2_publish_resent_with_dup_after_kill_9_is_not_delivered_twice() {
+    let (mut broker, sol) = started("");
+    let addr = broker.mqtt_addr();
+    let mut watcher = connected(addr, Protocol::V5, "watcher", &sol).await;
+    subscribe_ok(&mut watcher, "once/#", opts(QoS::AtLeastOnce)).await;
+    let (mut sender, _) = connect_ok(addr, persistent(Protocol::V5, "sender", &sol, 600)).await;
+    let mut first = publish("once/t", b"exactly once", qos2(5));
+    sender.send(&Packet::Publish(first.clone())).await;
+    match sender.recv().await {
+        Packet::PubRec(rec) => assert_eq!((rec.packet_id, rec.reason), (pid(5), 0)),
+        other => panic!("expected PUBREC 5, got {other:?}"),
+    }
+    assert_eq!(text(&expect_publish(&mut watcher).await), "exactly once");
+    // The PUBREL never went out: kill -9 right after the PUBREC.
+    broker.kill();
+    drop((sender, watcher));
+    broker.start();
+    let addr = broker.mqtt_addr();
+    let mut watcher = connected(addr, Protocol::V5, "watcher", &sol).await;
+    subscribe_ok(&mut watcher, "once/#", opts(QoS::AtLeastOnce)).await;
+    let (mut sender, ack) = connect_ok(addr, persistent(Protocol::V5, "sender", &sol, 600)).await;
+    assert!(ack.session_present);
+    // MQTT 4.3.3: the sender sends the PUBLISH again with DUP; the receiver knows it.
+    first.dup = true;
+    sender.send(&Packet::Publish(first)).await;
+    match sender.recv().await {
+        Packet::PubRec(rec) => assert_eq!((rec.packet_id, rec.reason), (pid(5), 0)),
+        other => panic!("expected PUBREC 5 again, got {other:?}"),
+    }
+    sender.send(&pubrel(5)).await;
+    match sender.recv().await {
+        Packet::PubComp(comp) => assert_eq!((comp.packet_id, comp.reason), (pid(5), 0)),
+        other => panic!("expected PUBCOMP 5, got {other:?}"),
+    }
+    assert_silent(
+        &mut watcher,
+        "the resent QoS 2 PUBLISH was delivered a second time",
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_session_takeover_publishes_the_will_of_the_replaced_connection() {
     let (broker, sol) = started("");

@@ -424,6 +424,39 @@ impl Core {
         existed
     }
 
+    /// `client` received QoS 2 PUBLISH `packet_id` (to be PUBREC'd; a resend before PUBREL is
+    /// a duplicate). For a persistent session the identifier is journaled: PUBREC once the
+    /// returned `Pending` completes.
+    pub fn received_exactly_once(
+        &self,
+        client: &Client,
+        packet_id: std::num::NonZeroU16,
+    ) -> Option<Pending> {
+        let persisted = {
+            let mut state = client.session.lock();
+            state.incoming_qos2.push(packet_id);
+            state.persisted
+        };
+        persisted.then(|| {
+            sessions::save(&self.twins.store, &client.space, &client.session, None);
+            Pending::durable_so_far(self)
+        })
+    }
+
+    /// `client` released QoS 2 packet `packet_id` (PUBREL); whether it was known.
+    pub fn released(&self, client: &Client, packet_id: std::num::NonZeroU16) -> bool {
+        let (known, persisted) = {
+            let mut state = client.session.lock();
+            let before = state.incoming_qos2.len();
+            state.incoming_qos2.retain(|&id| id != packet_id);
+            (state.incoming_qos2.len() != before, state.persisted)
+        };
+        if known && persisted {
+            sessions::save(&self.twins.store, &client.space, &client.session, None);
+        }
+        known
+    }
+
     /// Records the packet identifiers `client`'s journaled deliveries were sent under.
     pub fn record_sent(&self, client: &Client, sent: &[(u64, std::num::NonZeroU16)]) {
         sessions::record_sent(

@@ -13,7 +13,9 @@
 //! subscriber, refused, expired) — not awaited: after a crash such a message may come again
 //! (at least once). When a journaled delivery is sent, its packet identifier is added to its
 //! record (not awaited), so that after a restart it is sent again under that identifier with
-//! DUP (MQTT-4.4.0-1); events and live messages queued for an offline session are not
+//! DUP (MQTT-4.4.0-1). The QoS 2 identifiers a session received and has not seen PUBREL for
+//! are part of the session record; the PUBREC waits until it is durable, so a DUP resend after
+//! a restart is recognised. Events and live messages queued for an offline session are not
 //! journaled.
 //!
 //! The journal write is not awaited before SUBACK/CONNACK: a subscription acknowledged within
@@ -229,6 +231,7 @@ pub fn save(
             "subjects": &*state.subjects().clone(),
             "expiryInterval": state.expiry_interval,
             "subscriptions": subscriptions,
+            "incomingQos2": state.incoming_qos2.iter().map(|id| id.get()).collect::<Vec<_>>(),
             "endedAtMillis": ended.map(millis),
         })
     };
@@ -314,6 +317,7 @@ struct Stored {
     expiry: u32,
     left: u32,
     subscriptions: Vec<(Box<str>, SubscriptionRecord)>,
+    incoming_qos2: Vec<NonZeroU16>,
 }
 
 fn stored(doc: &Value, now: SystemTime) -> Option<Stored> {
@@ -349,6 +353,15 @@ fn stored(doc: &Value, now: SystemTime) -> Option<Stored> {
             .iter()
             .filter_map(options)
             .collect(),
+        incoming_qos2: doc
+            .get("incomingQos2")
+            .and_then(Value::as_array)
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|id| u16::try_from(id.as_u64()?).ok().and_then(NonZeroU16::new))
+                    .collect()
+            })
+            .unwrap_or_default(),
     })
 }
 
@@ -397,6 +410,7 @@ pub fn restore(
         {
             let mut state = session.lock();
             state.persisted = true;
+            state.incoming_qos2 = s.incoming_qos2;
             let mut tree = space.tree_write();
             for (filter, record) in s.subscriptions {
                 let shared = filter.starts_with("$share/");

@@ -339,12 +339,7 @@ impl Conn {
                 None
             }
             Packet::PubRel(rel) => {
-                let known = {
-                    let mut state = self.client.session.lock();
-                    let before = state.incoming_qos2.len();
-                    state.incoming_qos2.retain(|&id| id != rel.packet_id);
-                    state.incoming_qos2.len() != before
-                };
+                let known = self.core.released(&self.client, rel.packet_id);
                 let reason = if !known && self.v5() {
                     ReasonCode::PacketIdentifierNotFound
                 } else {
@@ -485,33 +480,55 @@ impl Conn {
             .publish(&self.client, &topic, &publish.payload, origin, reply);
         match outcome {
             Outcome::Now(told) => {
+                let mut journaled = None;
                 if let QosPid::ExactlyOnce(id) = publish.qos
                     && (told.verdict == Verdict::Accepted || !self.v5())
                 {
-                    self.client.session.lock().incoming_qos2.push(id);
+                    journaled = self.core.received_exactly_once(&self.client, id);
                 }
                 if let Some(ack) = ack {
-                    if self.in_order.is_empty() {
-                        self.acknowledge(ack, &told);
-                    } else {
+                    match journaled {
+                        // The PUBREC once the session's record of the identifier is durable.
+                        Some(pending) => self.in_order.push_back(InOrder {
+                            pending: Some(pending),
+                            told,
+                            ack: Some(ack),
+                        }),
+                        None if self.in_order.is_empty() => self.acknowledge(ack, &told),
                         // Acknowledgements go out in the order the PUBLISHes came (MQTT §4.6).
-                        self.in_order.push_back(InOrder {
+                        None => self.in_order.push_back(InOrder {
                             pending: None,
                             told,
                             ack: Some(ack),
-                        });
+                        }),
                     }
                 }
             }
             Outcome::Pending(pending) => {
-                if let QosPid::ExactlyOnce(id) = publish.qos {
-                    self.client.session.lock().incoming_qos2.push(id);
+                let journaled = match publish.qos {
+                    QosPid::ExactlyOnce(id) => self.core.received_exactly_once(&self.client, id),
+                    _ => None,
+                };
+                match journaled {
+                    // First the write, then the record of the identifier: the PUBREC after both.
+                    Some(recorded) => {
+                        self.in_order.push_back(InOrder {
+                            pending: Some(pending),
+                            told: Told::accepted(),
+                            ack: None,
+                        });
+                        self.in_order.push_back(InOrder {
+                            pending: Some(recorded),
+                            told: Told::accepted(),
+                            ack,
+                        });
+                    }
+                    None => self.in_order.push_back(InOrder {
+                        pending: Some(pending),
+                        told: Told::accepted(),
+                        ack,
+                    }),
                 }
-                self.in_order.push_back(InOrder {
-                    pending: Some(pending),
-                    told: Told::accepted(),
-                    ack,
-                });
             }
         }
         None
