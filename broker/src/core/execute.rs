@@ -515,7 +515,7 @@ impl Core {
             self.metrics.dropped("retained_limit");
             return None;
         }
-        let written = retained::store(&self.twins.store, space.id.as_str(), message, now());
+        let written = retained::store(&self.twins.store, space.id.as_str(), message);
         if clear {
             retained.remove(topic);
         } else {

@@ -19,6 +19,7 @@
 //! views, subscriptions and queue), `topics` (the subscription tree), `message` (what travels).
 
 pub mod dispatch;
+mod documents;
 mod execute;
 pub mod identity;
 pub mod message;

@@ -7,16 +7,16 @@
 //! dropped then.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
-use twin::entity::{Entity, EntityKey, EntityKind, Event, EventAction};
-use twin::store::{Durable, EmbeddedStore, TwinStore, TwinStoreExt};
+use twin::entity::{EntityKey, EntityKind};
+use twin::store::{Durable, EmbeddedStore, TwinStore};
 
 use crate::auth::solution::Solutions;
+use crate::core::documents;
 use crate::core::message::{ForwardedProperties, Message, Origin};
 use crate::core::space::Spaces;
 use crate::mqtt::codec::{QoS, TopicName, Utf8Str};
@@ -36,39 +36,10 @@ pub fn store(
     store: &EmbeddedStore,
     solution: &str,
     message: &Message,
-    now: policy::Timestamp,
 ) -> Result<Durable, RetainError> {
-    let key = key(solution, message.topic.as_str());
-    let clear = message.payload.is_empty();
-    let doc = (!clear).then(|| to_doc(solution, message));
-    let written = store
-        .write(
-            &key,
-            |current: Option<&Entity>| -> Result<Vec<Event>, RetainError> {
-                let revision = current.map_or(0, |e| e.revision).saturating_add(1);
-                Ok(match (&doc, current) {
-                    (None, None) => Vec::new(),
-                    (None, Some(_)) => vec![Event {
-                        key: key.clone(),
-                        action: EventAction::Deleted,
-                        path: String::new(),
-                        value: None,
-                        revision,
-                        timestamp: now,
-                    }],
-                    (Some(doc), _) => vec![Event {
-                        key: key.clone(),
-                        action: EventAction::Created,
-                        path: String::new(),
-                        value: Some(doc.clone()),
-                        revision,
-                        timestamp: now,
-                    }],
-                })
-            },
-        )
-        .map_err(|e| RetainError(e.to_string()))?;
-    Ok(written.durable)
+    let doc = (!message.payload.is_empty()).then(|| to_doc(solution, message));
+    documents::put(store, &key(solution, message.topic.as_str()), doc)
+        .map_err(|e| RetainError(e.to_string()))
 }
 
 fn to_doc(solution: &str, message: &Message) -> Value {
@@ -78,12 +49,10 @@ fn to_doc(solution: &str, message: &Message) -> Value {
     doc.insert("payload".into(), json!(STANDARD.encode(&message.payload)));
     doc.insert("qos".into(), json!(message.qos as u8));
     if let Some(at) = message.expires_at {
-        let left = at.saturating_duration_since(Instant::now());
-        let wall = SystemTime::now() + left;
-        let millis = wall
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        doc.insert("expiresAtMillis".into(), json!(millis));
+        doc.insert(
+            "expiresAtMillis".into(),
+            json!(documents::expiry_millis(at)),
+        );
     }
     if let Some(p) = &message.properties {
         let mut props = Map::new();
@@ -124,12 +93,7 @@ fn from_doc(doc: &Value) -> Option<(String, Arc<Message>)> {
     };
     let expiry_seconds = match doc.get("expiresAtMillis").and_then(Value::as_u64) {
         None => None,
-        Some(millis) => {
-            let at = UNIX_EPOCH + Duration::from_millis(millis);
-            let left = at.duration_since(SystemTime::now()).ok()?;
-            // Whole seconds, rounded up (the expiry clock runs in seconds).
-            Some(u32::try_from(left.as_secs() + u64::from(left.subsec_nanos() > 0)).ok()?)
-        }
+        Some(millis) => Some(documents::seconds_left(millis)?),
     };
     let properties = doc.get("properties").map(|p| {
         let text = |name: &str| p.get(name).and_then(Value::as_str);

@@ -35,6 +35,7 @@ use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 
 use crate::auth::solution::Solutions;
+use crate::core::documents;
 use crate::core::message::{Delivery, Message, Origin};
 use crate::core::session::{Session, SubscriptionRecord};
 use crate::core::space::{SolutionSpace, Spaces, Subscriber, tree_filter};
@@ -61,10 +62,7 @@ pub fn store_delivery(
     delivery: &Delivery,
 ) -> Result<(), String> {
     let message = &delivery.message;
-    let expires = message.expires_at.map(|at| {
-        let left = at.saturating_duration_since(std::time::Instant::now());
-        millis(SystemTime::now() + left)
-    });
+    let expires = message.expires_at.map(documents::expiry_millis);
     let doc = json!({
         "topic": message.topic.as_str(),
         "payload": STANDARD.encode(&message.payload),
@@ -73,22 +71,7 @@ pub fn store_delivery(
         "subscriptionIds": delivery.subscription_ids.iter().map(|id| id.get()).collect::<Vec<_>>(),
         "expiresAtMillis": expires,
     });
-    let key = queued_key(solution, client_id, seq);
-    let now = crate::core::now();
-    store
-        .write(
-            &key,
-            |_: Option<&Entity>| -> Result<Vec<Event>, std::convert::Infallible> {
-                Ok(vec![Event {
-                    key: key.clone(),
-                    action: EventAction::Created,
-                    path: String::new(),
-                    value: Some(doc.clone()),
-                    revision: 1,
-                    timestamp: now,
-                }])
-            },
-        )
+    documents::put(store, &queued_key(solution, client_id, seq), Some(doc))
         .map(|_| ())
         .map_err(|e| e.to_string())
 }
@@ -133,23 +116,7 @@ pub fn forget(store: &EmbeddedStore, solution: &str, client_id: &str, seqs: &[u6
 /// Deletes the entity `key`, if there is one. A failed write means the journal failed (the
 /// store logs it and refuses every write after it); the record is dealt with at the next start.
 fn delete(store: &EmbeddedStore, key: &EntityKey) {
-    let now = crate::core::now();
-    let _ = store.write(
-        key,
-        |current: Option<&Entity>| -> Result<Vec<Event>, std::convert::Infallible> {
-            Ok(current
-                .map(|e| Event {
-                    key: key.clone(),
-                    action: EventAction::Deleted,
-                    path: String::new(),
-                    value: None,
-                    revision: e.revision.saturating_add(1),
-                    timestamp: now,
-                })
-                .into_iter()
-                .collect())
-        },
-    );
+    let _ = documents::put(store, key, None);
 }
 
 fn queued_delivery(doc: &Value, seq: u64) -> Option<Delivery> {
@@ -162,12 +129,7 @@ fn queued_delivery(doc: &Value, seq: u64) -> Option<Delivery> {
     };
     let expiry_seconds = match doc.get("expiresAtMillis").and_then(Value::as_u64) {
         None => None,
-        Some(at) => {
-            let left = (UNIX_EPOCH + Duration::from_millis(at))
-                .duration_since(SystemTime::now())
-                .ok()?;
-            Some(u32::try_from(left.as_secs().max(1)).ok()?)
-        }
+        Some(millis) => Some(documents::seconds_left(millis)?),
     };
     let message = Message::new(
         topic,
@@ -193,11 +155,6 @@ fn queued_delivery(doc: &Value, seq: u64) -> Option<Delivery> {
             .unwrap_or_default(),
         stored: Some(seq),
     })
-}
-
-fn millis(at: SystemTime) -> u64 {
-    at.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Writes `session` of `space` (a persistent one) as it is now; `ended`: when its connection
@@ -232,25 +189,14 @@ pub fn save(
             "expiryInterval": state.expiry_interval,
             "subscriptions": subscriptions,
             "incomingQos2": state.incoming_qos2.iter().map(|id| id.get()).collect::<Vec<_>>(),
-            "endedAtMillis": ended.map(millis),
+            "endedAtMillis": ended.map(documents::millis),
         })
     };
-    let key = key(space.id.as_str(), &session.client_id);
-    let now = crate::core::now();
-    let written = store.write(
-        &key,
-        |current: Option<&Entity>| -> Result<Vec<Event>, std::convert::Infallible> {
-            Ok(vec![Event {
-                key: key.clone(),
-                action: EventAction::Created,
-                path: String::new(),
-                value: Some(doc.clone()),
-                revision: current.map_or(0, |e| e.revision).saturating_add(1),
-                timestamp: now,
-            }])
-        },
-    );
-    if let Err(e) = written {
+    if let Err(e) = documents::put(
+        store,
+        &key(space.id.as_str(), &session.client_id),
+        Some(doc),
+    ) {
         tracing::error!(error = %e, solution = %space.id, "a persistent session could not be stored");
     }
 }
