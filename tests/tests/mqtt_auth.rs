@@ -546,22 +546,33 @@ async fn a_v5_connect_with_authentication_method_jwt_takes_the_token_from_authen
 
 // --- the failure limiter -----------------------------------------------------------------------
 
+/// Connects as `client_id` with a wrong secret until the limiter answers instead of the check
+/// (3.1.1 "not authorized" in place of "bad user name or password"); the failures until then.
+async fn wrong_secret_until_limited(
+    broker: &Broker,
+    client_id: &str,
+    solution: &str,
+    wrong: &str,
+) -> usize {
+    let mut failures = 0;
+    loop {
+        match v4_refused(broker, client_id, solution, wrong).await {
+            V4Code::BadUserNamePassword => failures += 1,
+            V4Code::NotAuthorized => return failures,
+            other => panic!("unexpected CONNACK {other:?}"),
+        }
+        assert!(
+            failures <= 30,
+            "30 wrong secrets in a row and `{client_id}` is still not limited"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_failures_from_one_address_refuse_even_the_right_secret_for_a_while() {
     let (broker, s) = started();
     let wrong = "y".repeat(s.secret.len());
-    let mut bad_credentials = 0;
-    loop {
-        match v4_refused(&broker, "d1", &s.id, &wrong).await {
-            V4Code::BadUserNamePassword => bad_credentials += 1,
-            V4Code::NotAuthorized => break,
-            other => panic!("unexpected CONNACK {other:?}"),
-        }
-        assert!(
-            bad_credentials <= 30,
-            "30 wrong secrets in a row and the address is still not limited"
-        );
-    }
+    let bad_credentials = wrong_secret_until_limited(&broker, "d1", &s.id, &wrong).await;
     assert!(
         bad_credentials >= 5,
         "limited after only {bad_credentials} failures"
@@ -602,18 +613,7 @@ async fn a_brute_force_on_one_device_does_not_lock_out_its_neighbours_behind_the
     // secret and keeps retrying.
     let (broker, s) = started();
     let wrong = "y".repeat(s.secret.len());
-    let mut failures = 0;
-    loop {
-        match v4_refused(&broker, "broken", &s.id, &wrong).await {
-            V4Code::BadUserNamePassword => failures += 1,
-            V4Code::NotAuthorized => break,
-            other => panic!("unexpected CONNACK {other:?}"),
-        }
-        assert!(
-            failures <= 30,
-            "30 wrong secrets and the identity is not slowed"
-        );
-    }
+    wrong_secret_until_limited(&broker, "broken", &s.id, &wrong).await;
     // The broken identity now waits before it is checked again, even with the right secret…
     assert_eq!(
         v4_refused(&broker, "broken", &s.id, &s.secret).await,

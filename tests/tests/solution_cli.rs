@@ -361,20 +361,22 @@ fn a_solution_policy_may_name_itself_by_its_documented_id() {
       "ops":{"subjects":{"google:ops":{"type":"operators"}},"resources":{"solution:/":{"grant":["READ","WRITE"],"revoke":[]}}}}}"#;
     let file = dir.join("named.json");
     std::fs::write(&file, policy).unwrap();
-    let args = |file: &Path| {
-        vec![
-            "solution".to_owned(),
-            "policy".to_owned(),
-            "set".to_owned(),
-            "--data".to_owned(),
-            data.clone(),
-            "--solution".to_owned(),
-            "acme-eu".to_owned(),
-            file.to_str().unwrap().to_owned(),
-        ]
+    // `solution policy set` of `file`: its stdout (exit 0) or stderr (exit 2).
+    let set = |file: &Path, accepted: bool| {
+        let path = file.to_str().unwrap();
+        let args = [
+            "solution",
+            "policy",
+            "set",
+            "--data",
+            &data,
+            "--solution",
+            "acme-eu",
+            path,
+        ];
+        if accepted { ok(&args) } else { refused(&args) }
     };
-    let named = args(&file);
-    ok(&named.iter().map(String::as_str).collect::<Vec<_>>());
+    set(&file, true);
     let stored: Value = serde_json::from_str(&ok(&[
         "solution",
         "policy",
@@ -392,8 +394,7 @@ fn a_solution_policy_may_name_itself_by_its_documented_id() {
     let other = policy.replace("acme-eu:solution", "acme-us:solution");
     let file = dir.join("other.json");
     std::fs::write(&file, other).unwrap();
-    let wrong = args(&file);
-    let message = refused(&wrong.iter().map(String::as_str).collect::<Vec<_>>());
+    let message = set(&file, false);
     assert!(
         message.contains("is `acme-eu:solution` (or has no `policyId`), not `acme-us:solution`"),
         "{message}"

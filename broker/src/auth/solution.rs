@@ -911,6 +911,37 @@ mod tests {
     }
 
     #[test]
+    fn a_solution_policy_file_names_its_documented_id_or_none_and_is_json() {
+        let id = SolutionId::parse("acme-eu").unwrap();
+        let entries = r#""entries":{"e":{"subjects":{"google:ops":{"type":"x"}},
+            "resources":{"solution:/":{"grant":["WRITE"],"revoke":[]}}}}"#;
+        for accepted in [
+            format!(r#"{{"policyId":"acme-eu:solution",{entries}}}"#),
+            format!("{{{entries}}}"),
+        ] {
+            let policy = parse_solution_policy(&id, &accepted).unwrap();
+            assert!(policy.policy_id.is_none(), "{accepted}");
+        }
+        let refused = |text: &str| parse_solution_policy(&id, text).unwrap_err();
+        assert!(matches!(
+            refused(&format!(r#"{{"policyId":"acme-us:solution",{entries}}}"#)),
+            SolutionError::PolicyIdMismatch { found, .. } if found == "acme-us:solution"
+        ));
+        assert!(matches!(
+            refused(&format!(r#"{{"policyId":7,{entries}}}"#)),
+            SolutionError::PolicyIdMismatch { found, .. } if found == "7"
+        ));
+        assert!(matches!(
+            refused("{not json"),
+            SolutionError::PolicyNotJson(_)
+        ));
+        assert!(matches!(
+            refused(r#"{"entries":{"e":{"resources":{"solution:/":{"grant":["FLY"]}}}}}"#),
+            SolutionError::Policy(_)
+        ));
+    }
+
+    #[test]
     fn a_created_solution_authenticates_its_secret_and_nothing_else() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());

@@ -45,6 +45,18 @@ pub struct ReplyTo {
     pub correlation: Option<Bytes>,
 }
 
+impl ReplyTo {
+    /// Topic and correlation data may be slices of a read buffer; a reply kept until a write is
+    /// durable holds its own copies (so that it keeps no read buffer alive).
+    fn owned(self) -> ReplyTo {
+        ReplyTo {
+            wanted: self.wanted,
+            topic: self.topic.as_ref().map(deep_copy_topic),
+            correlation: self.correlation.as_deref().map(Bytes::copy_from_slice),
+        }
+    }
+}
+
 /// What the requester is told about a request, besides the answer that went to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Told {
@@ -452,8 +464,9 @@ impl Core {
                 policy,
             } => {
                 // The answer is built only if it will reach the requester.
-                let answer = (reply.wanted && reply.topic.is_some())
-                    .then(|| Box::new((Envelope::response(&command, status, value), reply)));
+                let answer = (reply.wanted && reply.topic.is_some()).then(|| {
+                    Box::new((Envelope::response(&command, status, value), reply.owned()))
+                });
                 Outcome::Pending(Pending {
                     durable,
                     events,
@@ -551,11 +564,13 @@ fn answer_requester(session: &Session, reply: &ReplyTo, answer: &Envelope, metri
         .subscribed_qos(topic.as_str())
         .unwrap_or(QoS::AtLeastOnce);
     let message = Message::new(
-        topic.clone(),
+        deep_copy_topic(topic),
         Bytes::from(answer.to_bytes()),
         Origin {
             qos,
-            properties: ForwardedProperties::correlation(reply.correlation.clone()),
+            properties: ForwardedProperties::correlation(
+                reply.correlation.as_deref().map(Bytes::copy_from_slice),
+            ),
             ..Origin::default()
         },
     );

@@ -281,6 +281,22 @@ impl Core {
         (ours, expiry)
     }
 
+    /// Changes how long `client`'s session outlives its connection (capped like at attach).
+    /// A session that was to end with its connection cannot be given an expiry at the end
+    /// (MQTT-3.14.2-2): `Err`, nothing changed.
+    pub fn change_session_expiry(
+        &self,
+        client: &Client,
+        seconds: u32,
+    ) -> Result<(), ExpiryAfterZero> {
+        let mut state = client.session.lock();
+        if state.expiry_interval == 0 && seconds != 0 {
+            return Err(ExpiryAfterZero);
+        }
+        state.expiry_interval = seconds.min(self.settings.max_session_expiry_seconds);
+        Ok(())
+    }
+
     /// Ends a detached session now (expiry 0) or once its expiry interval has passed without
     /// a new attach.
     pub fn expire_session(&self, client: &Client, expiry: u32) {
@@ -500,6 +516,10 @@ impl Core {
         result
     }
 }
+
+/// A session without expiry cannot be given one when its connection ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpiryAfterZero;
 
 /// The session limit of the solution is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

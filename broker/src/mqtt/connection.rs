@@ -450,23 +450,14 @@ impl Conn {
                 return Some(Close::ReceiveMaximumExceeded);
             }
         }
+        // Slices of the read buffer: the core copies them only if it sends an answer.
         let reply = ReplyTo {
             wanted: true,
             topic: self
                 .v5()
-                .then(|| {
-                    publish
-                        .properties
-                        .response_topic
-                        .as_ref()
-                        .map(deep_copy_topic)
-                })
+                .then(|| publish.properties.response_topic.clone())
                 .flatten(),
-            correlation: publish
-                .properties
-                .correlation_data
-                .as_deref()
-                .map(bytes::Bytes::copy_from_slice),
+            correlation: publish.properties.correlation_data.clone(),
         };
         let origin = Origin {
             qos: publish.qos.qos(),
@@ -625,12 +616,13 @@ impl Conn {
     }
 
     fn on_disconnect(&mut self, disconnect: &Disconnect) -> Close {
-        if let Some(expiry) = disconnect.properties.session_expiry_interval {
-            let mut state = self.client.session.lock();
-            if state.expiry_interval == 0 && expiry != 0 {
-                return Close::Protocol(Violation::SessionExpiryAfterZero);
-            }
-            state.expiry_interval = expiry.min(self.core.settings.max_session_expiry_seconds);
+        if let Some(expiry) = disconnect.properties.session_expiry_interval
+            && self
+                .core
+                .change_session_expiry(&self.client, expiry)
+                .is_err()
+        {
+            return Close::Protocol(Violation::SessionExpiryAfterZero);
         }
         Close::Disconnected {
             with_will: disconnect.reason == ReasonCode::DisconnectWithWill.code(),
