@@ -229,11 +229,11 @@ fn offer(
                 ..
             } = judged
                 && delivery.qos != QoS::AtMostOnce
-                && state.persisted
                 && Session::has_room(&state)
+                && let Some(journal) = state.journal.as_mut()
             {
-                let seq = state.next_stored;
-                state.next_stored = seq.saturating_add(1);
+                let seq = journal.next_stored;
+                journal.next_stored = seq.saturating_add(1);
                 match sessions::store_delivery(
                     store,
                     space.id.as_str(),

@@ -452,7 +452,7 @@ impl Core {
         let persisted = {
             let mut state = client.session.lock();
             state.incoming_qos2.push(packet_id);
-            state.persisted
+            state.persisted()
         };
         persisted.then(|| {
             sessions::save(&self.twins.store, &client.space, &client.session, None);
@@ -466,7 +466,7 @@ impl Core {
             let mut state = client.session.lock();
             let before = state.incoming_qos2.len();
             state.incoming_qos2.retain(|&id| id != packet_id);
-            (state.incoming_qos2.len() != before, state.persisted)
+            (state.incoming_qos2.len() != before, state.persisted())
         };
         if known && persisted {
             sessions::save(&self.twins.store, &client.space, &client.session, None);

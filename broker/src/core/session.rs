@@ -68,16 +68,10 @@ pub struct SessionState {
     pub incoming_qos2: Vec<NonZeroU16>,
     /// Seconds the session outlives its connection (0: it ends with it; `u32::MAX`: never).
     pub expiry_interval: u32,
-    /// Whether the journal holds this session (`crate::core::sessions`).
-    pub persisted: bool,
-    /// The sequence number the next journaled delivery of this session gets.
-    pub next_stored: u64,
-    /// Journaled deliveries that left the session (acknowledged, refused, expired): their
-    /// records are deleted by the connection's next drain.
-    pub forgotten: Vec<u64>,
-    /// Journaled deliveries sent since the last drain, with their packet identifiers: recorded
-    /// so that after a restart they are sent again under the same identifiers (MQTT-4.4.0-1).
-    pub sent_stored: Vec<(u64, NonZeroU16)>,
+    /// The journal's bookkeeping when the journal holds this session
+    /// (`crate::core::sessions`); out of line, since most sessions end with their connection
+    /// and an idle connection's session should stay small.
+    pub journal: Option<Box<Journaled>>,
     max_queued: usize,
 }
 
@@ -117,10 +111,7 @@ impl Session {
                 next_packet_id: 1,
                 incoming_qos2: Vec::new(),
                 expiry_interval,
-                persisted: false,
-                next_stored: 1,
-                forgotten: Vec::new(),
-                sent_stored: Vec::new(),
+                journal: None,
                 max_queued,
             }),
             wake: Notify::new(),
@@ -230,6 +221,29 @@ pub enum Resend<'a> {
     Release(NonZeroU16),
 }
 
+/// A persistent session's journal bookkeeping.
+#[derive(Debug)]
+pub struct Journaled {
+    /// The sequence number the next journaled delivery of this session gets.
+    pub next_stored: u64,
+    /// Journaled deliveries that left the session (acknowledged, refused, expired): their
+    /// records are deleted by the connection's next drain.
+    pub forgotten: Vec<u64>,
+    /// Journaled deliveries sent since the last drain, with their packet identifiers: recorded
+    /// so that after a restart they are sent again under the same identifiers (MQTT-4.4.0-1).
+    pub sent_stored: Vec<(u64, NonZeroU16)>,
+}
+
+impl Default for Journaled {
+    fn default() -> Self {
+        Journaled {
+            next_stored: 1,
+            forgotten: Vec::new(),
+            sent_stored: Vec::new(),
+        }
+    }
+}
+
 /// What the connection must do with a client's acknowledgement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AckOutcome {
@@ -279,7 +293,8 @@ impl SessionState {
     /// packet identifier if it had been sent (it is sent again with DUP on resume), else queued.
     pub fn restore_queued(&mut self, delivery: Delivery, packet_id: Option<NonZeroU16>) {
         if let Some(seq) = delivery.stored {
-            self.next_stored = self.next_stored.max(seq.saturating_add(1));
+            let journal = self.journal.get_or_insert_with(Box::default);
+            journal.next_stored = journal.next_stored.max(seq.saturating_add(1));
         }
         match packet_id {
             Some(packet_id) if !self.inflight.iter().any(|e| e.packet_id == packet_id) => {
@@ -291,6 +306,18 @@ impl SessionState {
             }
             _ => self.queue.push_back(delivery),
         }
+    }
+
+    /// A journaled delivery (`stored`) left the session: its record is to be deleted.
+    fn forget(&mut self, stored: Option<u64>) {
+        if let (Some(seq), Some(journal)) = (stored, self.journal.as_mut()) {
+            journal.forgotten.push(seq);
+        }
+    }
+
+    /// Whether the journal holds this session.
+    pub fn persisted(&self) -> bool {
+        self.journal.is_some()
     }
 
     pub fn has_queued(&self) -> bool {
@@ -324,7 +351,7 @@ impl SessionState {
             let now = Instant::now();
             if delivery.message.expires_at.is_some_and(|at| at <= now) {
                 metrics.dropped("expired");
-                self.forgotten.extend(delivery.stored);
+                self.forget(delivery.stored);
                 continue;
             }
             let qos = match delivery.qos {
@@ -333,13 +360,13 @@ impl SessionState {
                 QoS::ExactlyOnce => QosPid::ExactlyOnce(self.allocate_packet_id()),
             };
             if !send(&delivery, qos) {
-                self.forgotten.extend(delivery.stored);
+                self.forget(delivery.stored);
                 continue;
             }
             sent += 1;
             if let Some(packet_id) = qos.packet_id() {
-                if let Some(seq) = delivery.stored {
-                    self.sent_stored.push((seq, packet_id));
+                if let (Some(seq), Some(journal)) = (delivery.stored, self.journal.as_mut()) {
+                    journal.sent_stored.push((seq, packet_id));
                 }
                 self.inflight.push_back(Inflight {
                     packet_id,
@@ -389,7 +416,7 @@ impl SessionState {
         });
         match position.and_then(|i| self.inflight.remove(i)) {
             Some(done) => {
-                self.forgotten.extend(done.delivery.stored);
+                self.forget(done.delivery.stored);
                 AckOutcome::Done
             }
             None => AckOutcome::Unknown,
@@ -407,7 +434,7 @@ impl SessionState {
         };
         if failed {
             if let Some(done) = self.inflight.remove(i) {
-                self.forgotten.extend(done.delivery.stored);
+                self.forget(done.delivery.stored);
             }
             return AckOutcome::Done;
         }

@@ -167,7 +167,7 @@ pub fn save(
 ) {
     let doc = {
         let mut state = session.lock();
-        state.persisted = true;
+        state.journal.get_or_insert_with(Box::default);
         let subscriptions: Vec<Value> = state
             .subscriptions
             .iter()
@@ -205,10 +205,9 @@ pub fn save(
 pub fn remove(store: &EmbeddedStore, space: &SolutionSpace, session: &Session) {
     {
         let mut state = session.lock();
-        if !state.persisted {
+        if state.journal.take().is_none() {
             return;
         }
-        state.persisted = false;
     }
     // `{solution}/{client}/{seq}`: the rest after the prefix is the sequence number alone (a
     // client ID may hold `/`: `a/b`'s records are not `a`'s).
@@ -355,7 +354,7 @@ pub fn restore(
         ));
         {
             let mut state = session.lock();
-            state.persisted = true;
+            state.journal.get_or_insert_with(Box::default);
             state.incoming_qos2 = s.incoming_qos2;
             let mut tree = space.tree_write();
             for (filter, record) in s.subscriptions {

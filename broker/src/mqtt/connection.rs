@@ -231,9 +231,11 @@ impl Conn {
         let max_inflight = self.max_inflight;
         let session = self.client.session.clone();
         let mut state = session.lock();
-        if !state.forgotten.is_empty() {
+        if let Some(journal) = state.journal.as_mut()
+            && !journal.forgotten.is_empty()
+        {
             // Journaled deliveries that left the session: their records go.
-            let forgotten = std::mem::take(&mut state.forgotten);
+            let forgotten = std::mem::take(&mut journal.forgotten);
             drop(state);
             self.core.forget_delivered(&self.client, &forgotten);
             state = session.lock();
@@ -251,8 +253,10 @@ impl Conn {
         state.drain(max_inflight, &self.core.metrics, |delivery, qos| {
             out.publish(delivery, qos, false)
         });
-        if !state.sent_stored.is_empty() {
-            let sent = std::mem::take(&mut state.sent_stored);
+        if let Some(journal) = state.journal.as_mut()
+            && !journal.sent_stored.is_empty()
+        {
+            let sent = std::mem::take(&mut journal.sent_stored);
             drop(state);
             self.core.record_sent(&self.client, &sent);
         }
