@@ -960,6 +960,123 @@ async fn a_persistent_session_with_its_queued_messages_survives_kill_9_and_resta
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twin_events_and_live_messages_queued_for_an_offline_session_survive_kill_9() {
+    let (mut broker, sol) = started("");
+    let addr = broker.mqtt_addr();
+    let (mut watcher, _) = connect_ok(addr, persistent(Protocol::V5, "watcher", &sol, 600)).await;
+    subscribe_ok(
+        &mut watcher,
+        "org.acme/+/things/twin/events/#",
+        opts(QoS::AtLeastOnce),
+    )
+    .await;
+    subscribe_ok(
+        &mut watcher,
+        "org.acme/+/things/live/messages/#",
+        opts(QoS::AtLeastOnce),
+    )
+    .await;
+    disconnect(watcher).await;
+    // While the watcher is offline: a thing created and changed, and a live message with its
+    // properties, each acknowledged; then kill -9 at once.
+    let mut device = connected(addr, Protocol::V5, "device", &sol).await;
+    let create = "org.acme/lamp/things/twin/commands/create";
+    assert_eq!(publish_qos1(&mut device, create, b"{}", 1).await, 0);
+    let modify = "org.acme/lamp/things/twin/commands/modify/attributes/on";
+    assert_eq!(publish_qos1(&mut device, modify, b"true", 2).await, 0);
+    let live = "org.acme/lamp/things/live/messages/switch";
+    let mut message = publish(live, br#"{"on":false}"#, qos1(3));
+    message.properties.correlation_data = Some(bytes::Bytes::from_static(b"\x00c-1"));
+    message.properties.response_topic = Some(e2e::protocol_support::topic("app/replies"));
+    message.properties.user_properties = vec![(e2e::raw::utf8("trace"), e2e::raw::utf8("t-1"))];
+    device.send(&Packet::Publish(message)).await;
+    assert_eq!(expect_puback(&mut device, 3).await, 0);
+    broker.kill();
+    drop(device);
+    broker.start();
+    let (mut watcher, ack) = connect_ok(
+        broker.mqtt_addr(),
+        persistent(Protocol::V5, "watcher", &sol, 600),
+    )
+    .await;
+    assert!(ack.session_present);
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let p = expect_publish(&mut watcher).await;
+        got.push(p.topic.as_str().to_owned());
+        if p.topic.as_str() == live {
+            assert_eq!(text(&p), r#"{"on":false}"#);
+            assert_eq!(
+                p.properties.correlation_data.as_deref(),
+                Some(&b"\x00c-1"[..])
+            );
+            assert_eq!(
+                p.properties.response_topic.as_ref().map(|t| t.as_str()),
+                Some("app/replies")
+            );
+            assert_eq!(p.properties.user_properties.len(), 1);
+        }
+        if let QosPid::AtLeastOnce(id) = p.qos {
+            watcher.send(&puback(id.get())).await;
+        }
+    }
+    assert_eq!(
+        got,
+        [
+            "org.acme/lamp/things/twin/events/created",
+            "org.acme/lamp/things/twin/events/created/attributes/on",
+            live
+        ],
+        "what was queued for the offline session before kill -9, in order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_session_and_subscription_survive_kill_9_at_once() {
+    let (mut broker, sol) = started("");
+    // Without waiting for the journal, the session or the subscription was lost within a
+    // few rounds.
+    for round in 0..5 {
+        let name = format!("quick-{round}");
+        // CONNACK, then kill -9 at once: the session is there after the restart.
+        let (client, ack) = connect_ok(
+            broker.mqtt_addr(),
+            persistent(Protocol::V5, &name, &sol, 600),
+        )
+        .await;
+        assert!(!ack.session_present);
+        broker.kill();
+        drop(client);
+        broker.start();
+        let (mut client, ack) = connect_ok(
+            broker.mqtt_addr(),
+            persistent(Protocol::V5, &name, &sol, 600),
+        )
+        .await;
+        assert!(ack.session_present, "round {round}: the acknowledged session is gone");
+        // SUBACK, then kill -9 at once: the subscription is there after the restart.
+        subscribe_ok(&mut client, &format!("{name}/#"), opts(QoS::AtLeastOnce)).await;
+        broker.kill();
+        drop(client);
+        broker.start();
+        let addr = broker.mqtt_addr();
+        let (mut client, ack) = connect_ok(addr, persistent(Protocol::V5, &name, &sol, 600)).await;
+        assert!(ack.session_present);
+        let mut publisher = connected(addr, Protocol::V5, "publisher", &sol).await;
+        assert_eq!(
+            publish_qos1(&mut publisher, &format!("{name}/t"), b"hello", 1).await,
+            0
+        );
+        let p = expect_publish(&mut client).await;
+        assert_eq!(
+            text(&p),
+            "hello",
+            "round {round}: the acknowledged subscription is gone"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unacknowledged_deliveries_come_again_after_kill_9_with_dup_and_their_packet_ids() {
     let (mut broker, sol) = started("");
     let addr = broker.mqtt_addr();

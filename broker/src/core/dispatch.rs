@@ -54,15 +54,29 @@ struct Candidate {
     target: Target,
 }
 
+/// Where QoS 1/2 deliveries to persistent sessions are journaled before they are queued (none:
+/// retained messages sent on subscribe, already stored), and whether one was: the publisher's
+/// acknowledgement then waits for the journal.
+struct Journal<'a> {
+    store: Option<&'a EmbeddedStore>,
+    wrote: bool,
+}
+
+impl<'a> Journal<'a> {
+    fn to(store: &'a EmbeddedStore) -> Self {
+        Journal {
+            store: Some(store),
+            wrote: false,
+        }
+    }
+}
+
 /// What is being fanned out, and what a subscriber needs to have it.
 enum Judged<'a> {
-    /// A plain message, judged in the solution policy. With `store`, a QoS 1/2 delivery to a
-    /// persistent session is journaled before it is queued (`wrote` says one was).
+    /// A plain message, judged in the solution policy.
     Plain {
         message: &'a Arc<Message>,
         policy: Arc<Enforcer>,
-        store: Option<&'a EmbeddedStore>,
-        wrote: bool,
     },
     /// A twin event, judged in its entity's policy; payloads written on demand.
     Event {
@@ -95,9 +109,7 @@ impl Judged<'_> {
         now: Timestamp,
     ) -> Option<Delivery> {
         let message = match self {
-            Judged::Plain {
-                message, policy, ..
-            } => {
+            Judged::Plain { message, policy } => {
                 state.refresh_view(policy, now);
                 if !state.view().check(
                     ResourceType::Topic,
@@ -202,20 +214,22 @@ fn fan_out(
     publisher: u64,
     max_qos: QoS,
     judged: &mut Judged<'_>,
+    journal: &mut Journal<'_>,
     metrics: &Metrics,
     now: Timestamp,
 ) -> usize {
     route(space, topic, publisher, max_qos, |session, target| {
-        offer(space, session, judged, target, metrics, now)
+        offer(space, session, judged, journal, target, metrics, now)
     })
 }
 
-/// Judges one delivery for `session` under its lock and queues it if allowed; denials are
-/// counted and logged. Whether the session took it.
+/// Judges one delivery for `session` under its lock and queues it if allowed (journaled first
+/// for a persistent session); denials are counted and logged. Whether the session took it.
 fn offer(
     space: &SolutionSpace,
     session: &Session,
     judged: &mut Judged<'_>,
+    journal: &mut Journal<'_>,
     target: Target,
     metrics: &Metrics,
     now: Timestamp,
@@ -223,17 +237,13 @@ fn offer(
     let mut state = session.lock();
     match judged.judge(&mut state, target, now) {
         Some(mut delivery) => {
-            if let Judged::Plain {
-                store: Some(store),
-                wrote,
-                ..
-            } = judged
+            if let Some(store) = journal.store
                 && delivery.qos != QoS::AtMostOnce
                 && Session::has_room(&state)
-                && let Some(journal) = state.journal.as_mut()
+                && let Some(bookkeeping) = state.journal.as_mut()
             {
-                let seq = journal.next_stored;
-                journal.next_stored = seq.saturating_add(1);
+                let seq = bookkeeping.next_stored;
+                bookkeeping.next_stored = seq.saturating_add(1);
                 match sessions::store_delivery(
                     store,
                     space.id.as_str(),
@@ -243,7 +253,7 @@ fn offer(
                 ) {
                     Ok(()) => {
                         delivery.stored = Some(seq);
-                        *wrote = true;
+                        journal.wrote = true;
                     }
                     Err(e) => {
                         tracing::error!(error = %e, solution = %space.id, "a queued message could not be journaled")
@@ -352,32 +362,34 @@ pub fn publish(
     let mut judged = Judged::Plain {
         message,
         policy: space.policy(),
-        store: Some(store),
-        wrote: false,
     };
+    let mut journal = Journal::to(store);
     fan_out(
         space,
         message.topic.as_str(),
         message.publisher,
         message.qos,
         &mut judged,
+        &mut journal,
         metrics,
         crate::core::now(),
     );
-    matches!(judged, Judged::Plain { wrote: true, .. })
+    journal.wrote
 }
 
 /// Publishes durable events to the subscribers of their topics. An event is judged in its
 /// entity's current policy, or in `fallback` when the entity no longer names one (a deleted
-/// thing).
+/// thing). Whether one was journaled for a persistent session (see [`publish`]).
 pub fn publish_events(
     policies: &Policies,
     space: &SolutionSpace,
     events: &[Event],
     fallback: Option<&PolicyRef>,
+    store: &EmbeddedStore,
     metrics: &Metrics,
     now: Timestamp,
-) {
+) -> bool {
+    let mut journal = Journal::to(store);
     let mut topic = String::new();
     for event in events {
         topic.clear();
@@ -413,23 +425,28 @@ pub fn publish_events(
             0,
             QoS::AtLeastOnce,
             &mut judged,
+            &mut journal,
             metrics,
             now,
         );
     }
+    journal.wrote
 }
 
 /// Routes a live message whose sender was authorized: each receiver needs unrestricted READ on
-/// `message:{resource}` in `policy`, the thing's policy. Never stored.
+/// `message:{resource}` in `policy`, the thing's policy. Never kept for the thing; like any
+/// QoS 1/2 delivery journaled for a persistent session. Whether one was (see [`publish`]).
+#[allow(clippy::too_many_arguments)]
 pub fn publish_live(
     space: &SolutionSpace,
     message: Arc<Message>,
     policy: &PolicyRef,
     resource: &str,
     namespace: &str,
+    store: &EmbeddedStore,
     metrics: &Metrics,
     now: Timestamp,
-) -> usize {
+) -> bool {
     let topic = message.topic.clone();
     let (publisher, qos) = (message.publisher, message.qos);
     let mut judged = Judged::Live {
@@ -438,15 +455,18 @@ pub fn publish_live(
         resource,
         namespace,
     };
+    let mut journal = Journal::to(store);
     fan_out(
         space,
         topic.as_str(),
         publisher,
         qos,
         &mut judged,
+        &mut journal,
         metrics,
         now,
-    )
+    );
+    journal.wrote
 }
 
 /// Sends the retained messages matching a new subscription (MQTT §3.3.1.3, v5 Retain
@@ -495,8 +515,6 @@ pub fn deliver_retained(
         let mut judged = Judged::Plain {
             message,
             policy: policy.clone(),
-            store: None,
-            wrote: false,
         };
         let target = Target {
             qos: sub.options.qos.min(message.qos),
@@ -504,6 +522,18 @@ pub fn deliver_retained(
             subscription_ids: sub.id.into_iter().collect(),
             retained_on_subscribe: true,
         };
-        offer(space, &sub.session, &mut judged, target, metrics, now);
+        let mut journal = Journal {
+            store: None,
+            wrote: false,
+        };
+        offer(
+            space,
+            &sub.session,
+            &mut judged,
+            &mut journal,
+            target,
+            metrics,
+            now,
+        );
     }
 }

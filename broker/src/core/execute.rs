@@ -110,9 +110,11 @@ pub enum Outcome {
 /// A twin change waiting for the journal. Completing it ([`Pending::poll_done`]) — once the
 /// journal batch holding it is durable — publishes its events through the fan-out, sends the
 /// answer to the requester, and yields what the requester is told; nothing is announced before
-/// that. Cancel-safe: nothing happens until the write is durable, and then all of it within one
-/// poll. It borrows the core and the requester's space and session while polled (its holder
-/// has them) instead of keeping shared references of its own.
+/// that. If an event was queued for a persistent session, its record is journaled and the
+/// requester is told only once that is durable too. Cancel-safe: nothing happens until the
+/// write is durable, and then all of the announcing within one poll. It borrows the core and
+/// the requester's space and session while polled (its holder has them) instead of keeping
+/// shared references of its own.
 #[derive(Debug)]
 pub struct Pending {
     durable: Durable,
@@ -121,6 +123,9 @@ pub struct Pending {
     answer: Option<Box<(Envelope, ReplyTo)>>,
     /// The policy the events are judged with when the entity no longer names one.
     policy: Option<PolicyRef>,
+    /// Announced: what the requester is told once the deliveries journaled for persistent
+    /// sessions (`durable` now waits for them) are durable.
+    told: Option<Told>,
 }
 
 impl Pending {
@@ -137,6 +142,7 @@ impl Pending {
             events: Vec::new(),
             answer: None,
             policy: None,
+            told: None,
         }
     }
 
@@ -149,9 +155,19 @@ impl Pending {
         space: &SolutionSpace,
         session: &Session,
     ) -> Poll<Told> {
-        match Pin::new(&mut self.durable).poll(cx) {
-            Poll::Ready(result) => Poll::Ready(self.complete(result, core, space, session)),
-            Poll::Pending => Poll::Pending,
+        loop {
+            let result = std::task::ready!(Pin::new(&mut self.durable).poll(cx));
+            if let Some(told) = self.told.take() {
+                if let Err(e) = result {
+                    // The change itself is durable and announced; the journal failed after it.
+                    tracing::error!(error = %e, "a queued event could not be journaled");
+                }
+                return Poll::Ready(told);
+            }
+            let told = self.complete(result, core, space, session);
+            if self.told.is_none() {
+                return Poll::Ready(told);
+            }
         }
     }
 
@@ -179,13 +195,15 @@ impl Pending {
             space,
             &self.events,
             self.policy.as_ref(),
+            &core.twins.store,
             &core.metrics,
             now(),
         );
     }
 
     /// What happens once the journal has answered: events and answer out (durable), or the
-    /// failure told (not stored: nothing announced).
+    /// failure told (not stored: nothing announced). If an event was journaled for a persistent
+    /// session, `told` is set and `durable` waits for that record.
     pub(crate) fn complete(
         &mut self,
         result: Result<(), StoreError>,
@@ -195,14 +213,19 @@ impl Pending {
     ) -> Told {
         match result {
             Ok(()) => {
-                dispatch::publish_events(
+                let queued_durably = dispatch::publish_events(
                     &core.twins.policies,
                     space,
                     &std::mem::take(&mut self.events),
                     self.policy.as_ref(),
+                    &core.twins.store,
                     &core.metrics,
                     now(),
                 );
+                if queued_durably {
+                    self.durable = core.twins.store.durable_so_far();
+                    self.told = Some(Told::accepted());
+                }
                 if let Some(answer) = self.answer.take() {
                     let (answer, reply) = *answer;
                     answer_requester(session, &reply, &answer, &core.metrics);
@@ -394,16 +417,22 @@ impl Core {
                                 ..origin
                             },
                         );
-                        dispatch::publish_live(
+                        let queued_durably = dispatch::publish_live(
                             &client.space,
                             shared,
                             &policy,
                             &resource,
                             message.thing_id.namespace(),
+                            &self.twins.store,
                             &self.metrics,
                             now,
                         );
-                        Outcome::Now(Told::accepted())
+                        if queued_durably {
+                            // Queued for a persistent session: acknowledged once journaled.
+                            Outcome::Pending(Pending::durable_so_far(self))
+                        } else {
+                            Outcome::Now(Told::accepted())
+                        }
                     }
                     Err(error) => {
                         self.metrics.denied(client.space.id.as_str(), "message");
@@ -472,6 +501,7 @@ impl Core {
                     events,
                     answer,
                     policy,
+                    told: None,
                 })
             }
         }

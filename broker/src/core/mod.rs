@@ -38,6 +38,7 @@ use std::time::{Duration, SystemTime};
 use policy::{Mode, Permission, ResourceType, Timestamp};
 use tokio::sync::watch;
 use twin::protocol::space::FilterSpace;
+use twin::store::Durable;
 
 pub use execute::{Outcome, Pending, ReplyTo, Request, Told, Verdict};
 pub use identity::{Credentials, Identity, Refusal};
@@ -149,6 +150,8 @@ pub struct Attached {
     pub session_present: bool,
     /// The expiry in force, if the broker capped the requested one.
     pub capped_expiry: Option<u32>,
+    /// A persistent session's record: the session is acknowledged (CONNACK) once it is durable.
+    pub saved: Option<Durable>,
 }
 
 /// Why a subscription was refused.
@@ -240,11 +243,12 @@ impl Core {
         };
         sessions.insert(client_id, session.clone());
         drop(sessions);
-        if expiry > 0 {
-            sessions::save(&self.twins.store, &space, &session, None);
+        let saved = if expiry > 0 {
+            sessions::save(&self.twins.store, &space, &session, None)
         } else {
             sessions::remove(&self.twins.store, &space, &session);
-        }
+            None
+        };
         Ok(Attached {
             client: Client {
                 identity,
@@ -255,6 +259,7 @@ impl Core {
             },
             session_present,
             capped_expiry: (expiry != request.expiry_seconds).then_some(expiry),
+            saved,
         })
     }
 
@@ -492,6 +497,13 @@ impl Core {
             &client.session.client_id,
             stored,
         );
+    }
+
+    /// For a session the journal holds: completes once what was written of it so far (a
+    /// subscription change) is durable; the adapter acknowledges the change then.
+    pub fn session_saved(&self, client: &Client) -> Option<Pending> {
+        let persisted = client.session.lock().persisted();
+        persisted.then(|| Pending::durable_so_far(self))
     }
 
     /// Writes `client`'s session to the journal if it outlives its connection.

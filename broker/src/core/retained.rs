@@ -17,9 +17,9 @@ use twin::store::{Durable, EmbeddedStore, TwinStore};
 
 use crate::auth::solution::Solutions;
 use crate::core::documents;
-use crate::core::message::{ForwardedProperties, Message, Origin};
+use crate::core::message::{Message, Origin};
 use crate::core::space::Spaces;
-use crate::mqtt::codec::{QoS, TopicName, Utf8Str};
+use crate::mqtt::codec::{QoS, TopicName};
 
 fn key(solution: &str, topic: &str) -> EntityKey {
     EntityKey::new(EntityKind::Retained, format!("{solution}/{topic}"))
@@ -55,28 +55,7 @@ fn to_doc(solution: &str, message: &Message) -> Value {
         );
     }
     if let Some(p) = &message.properties {
-        let mut props = Map::new();
-        if let Some(utf8) = p.payload_format_utf8 {
-            props.insert("payloadFormatUtf8".into(), json!(utf8));
-        }
-        if let Some(t) = &p.content_type {
-            props.insert("contentType".into(), json!(t.as_str()));
-        }
-        if let Some(t) = &p.response_topic {
-            props.insert("responseTopic".into(), json!(t.as_str()));
-        }
-        if let Some(d) = &p.correlation_data {
-            props.insert("correlationData".into(), json!(STANDARD.encode(d)));
-        }
-        if !p.user_properties.is_empty() {
-            let pairs: Vec<Value> = p
-                .user_properties
-                .iter()
-                .map(|(k, v)| json!([k.as_str(), v.as_str()]))
-                .collect();
-            props.insert("userProperties".into(), Value::Array(pairs));
-        }
-        doc.insert("properties".into(), Value::Object(props));
+        doc.insert("properties".into(), documents::properties_to_doc(p));
     }
     Value::Object(doc)
 }
@@ -95,31 +74,9 @@ fn from_doc(doc: &Value) -> Option<(String, Arc<Message>)> {
         None => None,
         Some(millis) => Some(documents::seconds_left(millis)?),
     };
-    let properties = doc.get("properties").map(|p| {
-        let text = |name: &str| p.get(name).and_then(Value::as_str);
-        Box::new(ForwardedProperties {
-            payload_format_utf8: p.get("payloadFormatUtf8").and_then(Value::as_bool),
-            content_type: text("contentType").and_then(|t| t.parse::<Utf8Str>().ok()),
-            response_topic: text("responseTopic").and_then(|t| t.parse::<TopicName>().ok()),
-            correlation_data: text("correlationData")
-                .and_then(|d| STANDARD.decode(d).ok())
-                .map(Bytes::from),
-            user_properties: p
-                .get("userProperties")
-                .and_then(Value::as_array)
-                .map(|pairs| {
-                    pairs
-                        .iter()
-                        .filter_map(|pair| {
-                            let k = pair.get(0)?.as_str()?.parse::<Utf8Str>().ok()?;
-                            let v = pair.get(1)?.as_str()?.parse::<Utf8Str>().ok()?;
-                            Some((k, v))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
-        })
-    });
+    let properties = doc
+        .get("properties")
+        .map(|p| Box::new(documents::properties_from_doc(p)));
     let message = Message::new(
         topic,
         Bytes::from(payload),

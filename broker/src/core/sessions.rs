@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use twin::entity::{Entity, EntityKey, EntityKind, Event, EventAction};
-use twin::store::{EmbeddedStore, TwinStore, TwinStoreExt};
+use twin::store::{Durable, EmbeddedStore, TwinStore, TwinStoreExt};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -63,7 +63,7 @@ pub fn store_delivery(
 ) -> Result<(), String> {
     let message = &delivery.message;
     let expires = message.expires_at.map(documents::expiry_millis);
-    let doc = json!({
+    let mut doc = json!({
         "topic": message.topic.as_str(),
         "payload": STANDARD.encode(&message.payload),
         "qos": delivery.qos as u8,
@@ -71,6 +71,9 @@ pub fn store_delivery(
         "subscriptionIds": delivery.subscription_ids.iter().map(|id| id.get()).collect::<Vec<_>>(),
         "expiresAtMillis": expires,
     });
+    if let (Some(p), Some(fields)) = (&message.properties, doc.as_object_mut()) {
+        fields.insert("properties".into(), documents::properties_to_doc(p));
+    }
     documents::put(store, &queued_key(solution, client_id, seq), Some(doc))
         .map(|_| ())
         .map_err(|e| e.to_string())
@@ -137,6 +140,9 @@ fn queued_delivery(doc: &Value, seq: u64) -> Option<Delivery> {
         Origin {
             qos,
             expiry_seconds,
+            properties: doc
+                .get("properties")
+                .map(|p| Box::new(documents::properties_from_doc(p))),
             ..Origin::default()
         },
     );
@@ -158,13 +164,14 @@ fn queued_delivery(doc: &Value, seq: u64) -> Option<Delivery> {
 }
 
 /// Writes `session` of `space` (a persistent one) as it is now; `ended`: when its connection
-/// ended (`None`: attached). A failed write is logged: the session then lives in memory only.
+/// ended (`None`: attached). Completes once durable. A failed write is logged: the session then
+/// lives in memory only.
 pub fn save(
     store: &EmbeddedStore,
     space: &SolutionSpace,
     session: &Session,
     ended: Option<SystemTime>,
-) {
+) -> Option<Durable> {
     let doc = {
         let mut state = session.lock();
         state.journal.get_or_insert_with(Box::default);
@@ -192,12 +199,16 @@ pub fn save(
             "endedAtMillis": ended.map(documents::millis),
         })
     };
-    if let Err(e) = documents::put(
+    match documents::put(
         store,
         &key(space.id.as_str(), &session.client_id),
         Some(doc),
     ) {
-        tracing::error!(error = %e, solution = %space.id, "a persistent session could not be stored");
+        Ok(durable) => Some(durable),
+        Err(e) => {
+            tracing::error!(error = %e, solution = %space.id, "a persistent session could not be stored");
+            None
+        }
     }
 }
 

@@ -67,15 +67,24 @@ struct Ack {
     exactly_once: bool,
 }
 
-/// An acknowledgement in PUBLISH order (MQTT §4.6): it waits for its own twin write, if it has
+/// What goes out once an [`InOrder`] entry is done.
+#[derive(Debug)]
+enum Answer {
+    /// PUBACK or PUBREC, as the core told.
+    Publish(Ack),
+    /// A SUBACK or UNSUBACK of a persistent session, once its record is durable.
+    Packet(Box<Packet>),
+}
+
+/// An acknowledgement in PUBLISH order (MQTT §4.6): it waits for its own write, if it has
 /// one, and for every acknowledgement before it.
 #[derive(Debug)]
 pub(crate) struct InOrder {
-    /// The twin write whose completion tells the publisher how it went.
+    /// The write whose completion tells the publisher how it went.
     pending: Option<Pending>,
     /// Without a write: what the publisher is told.
     told: Told,
-    ack: Option<Ack>,
+    answer: Option<Answer>,
 }
 
 /// Completes with what the oldest entry tells its publisher once it may be acknowledged (at
@@ -195,10 +204,12 @@ impl Conn {
                 }
                 _ = session.wake.notified() => {}
                 told = front_done(&mut self.in_order, &self.core, &self.client), if !self.in_order.is_empty() => {
-                    if let Some(entry) = self.in_order.pop_front()
-                        && let Some(ack) = entry.ack
-                    {
-                        self.acknowledge(ack, &told);
+                    match self.in_order.pop_front().and_then(|entry| entry.answer) {
+                        Some(Answer::Publish(ack)) => self.acknowledge(ack, &told),
+                        Some(Answer::Packet(packet)) => {
+                            self.outbound().packet(&packet);
+                        }
+                        None => {}
                     }
                 }
                 _ = sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
@@ -444,7 +455,7 @@ impl Conn {
                     (Outcome::Pending(pending), ack) => self.in_order.push_back(InOrder {
                         pending: Some(pending),
                         told: Told::accepted(),
-                        ack,
+                        answer: ack.map(Answer::Publish),
                     }),
                     (Outcome::Now(_), None) => {}
                 }
@@ -487,14 +498,14 @@ impl Conn {
                         Some(pending) => self.in_order.push_back(InOrder {
                             pending: Some(pending),
                             told,
-                            ack: Some(ack),
+                            answer: Some(Answer::Publish(ack)),
                         }),
                         None if self.in_order.is_empty() => self.acknowledge(ack, &told),
                         // Acknowledgements go out in the order the PUBLISHes came (MQTT §4.6).
                         None => self.in_order.push_back(InOrder {
                             pending: None,
                             told,
-                            ack: Some(ack),
+                            answer: Some(Answer::Publish(ack)),
                         }),
                     }
                 }
@@ -510,18 +521,18 @@ impl Conn {
                         self.in_order.push_back(InOrder {
                             pending: Some(pending),
                             told: Told::accepted(),
-                            ack: None,
+                            answer: None,
                         });
                         self.in_order.push_back(InOrder {
                             pending: Some(recorded),
                             told: Told::accepted(),
-                            ack,
+                            answer: ack.map(Answer::Publish),
                         });
                     }
                     None => self.in_order.push_back(InOrder {
                         pending: Some(pending),
                         told: Told::accepted(),
-                        ack,
+                        answer: ack.map(Answer::Publish),
                     }),
                 }
             }
@@ -588,13 +599,28 @@ impl Conn {
             })
             .collect();
         // Retained messages of the new subscriptions wait in the session's queue: they follow
-        // the SUBACK.
-        self.outbound().packet(&Packet::SubAck(SubAck {
+        // the SUBACK (of a persistent session, they may come first: MQTT-3.8.4-?, allowed).
+        self.answer_when_saved(Packet::SubAck(SubAck {
             packet_id: subscribe.packet_id,
             codes,
             properties: Properties::default(),
         }));
         None
+    }
+
+    /// Sends `packet` (SUBACK, UNSUBACK) at once, or for a persistent session once its changed
+    /// record is durable: a subscription acknowledged survives kill -9.
+    fn answer_when_saved(&mut self, packet: Packet) {
+        match self.core.session_saved(&self.client) {
+            Some(pending) => self.in_order.push_back(InOrder {
+                pending: Some(pending),
+                told: Told::accepted(),
+                answer: Some(Answer::Packet(Box::new(packet))),
+            }),
+            None => {
+                self.outbound().packet(&packet);
+            }
+        }
     }
 
     fn on_unsubscribe(&mut self, unsubscribe: Unsubscribe) {
@@ -612,7 +638,7 @@ impl Conn {
                 }
             })
             .collect();
-        self.outbound().packet(&Packet::UnsubAck(UnsubAck {
+        self.answer_when_saved(Packet::UnsubAck(UnsubAck {
             packet_id: unsubscribe.packet_id,
             codes,
             properties: Properties::default(),

@@ -186,6 +186,7 @@ async fn accept(
         client,
         session_present,
         capped_expiry,
+        saved,
     } = match core.attach(identity, request) {
         Ok(attached) => attached,
         Err(_) => {
@@ -193,6 +194,11 @@ async fn accept(
             return None;
         }
     };
+    // A persistent session is acknowledged once its record is durable (a failure is logged
+    // by the core: the session then lives in memory only).
+    if let Some(saved) = saved {
+        let _ = saved.await;
+    }
 
     let settings = &core.settings;
     let mut properties = Properties::default();
