@@ -21,6 +21,14 @@ pub struct DeniedLabels {
     pub kind: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// The route pattern (`/api/2/things/{thing_id}`), never the raw path.
+    pub route: String,
+    pub method: String,
+    pub status: u16,
+}
+
 /// Every metric the broker keeps.
 #[derive(Debug)]
 pub struct Metrics {
@@ -40,6 +48,8 @@ pub struct Metrics {
     /// Connections closed for a protocol violation or malformed packet, by reason.
     pub protocol_errors: Family<ReasonLabel, Counter>,
     pub sessions_taken_over: Counter,
+    /// HTTP requests by route, method and status.
+    pub http_requests: Family<HttpLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -57,6 +67,7 @@ impl Default for Metrics {
             messages_denied: Family::default(),
             protocol_errors: Family::default(),
             sessions_taken_over: Counter::default(),
+            http_requests: Family::default(),
         };
         registry.register(
             "connections_accepted",
@@ -108,6 +119,11 @@ impl Default for Metrics {
             "Sessions taken over by a new connection with the same client ID",
             m.sessions_taken_over.clone(),
         );
+        registry.register(
+            "http_requests",
+            "HTTP requests by route, method and status",
+            m.http_requests.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -136,6 +152,16 @@ impl Metrics {
             .get_or_create(&DeniedLabels {
                 solution: solution.to_owned(),
                 kind,
+            })
+            .inc();
+    }
+
+    pub fn http_request(&self, route: String, method: String, status: u16) {
+        self.http_requests
+            .get_or_create(&HttpLabels {
+                route,
+                method,
+                status,
             })
             .inc();
     }

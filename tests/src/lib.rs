@@ -20,6 +20,7 @@
 
 pub mod broker;
 pub mod clients;
+pub mod http;
 pub mod issuer;
 pub mod protocol_support;
 pub mod raw;

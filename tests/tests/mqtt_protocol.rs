@@ -1053,7 +1053,10 @@ async fn an_acknowledged_session_and_subscription_survive_kill_9_at_once() {
             persistent(Protocol::V5, &name, &sol, 600),
         )
         .await;
-        assert!(ack.session_present, "round {round}: the acknowledged session is gone");
+        assert!(
+            ack.session_present,
+            "round {round}: the acknowledged session is gone"
+        );
         // SUBACK, then kill -9 at once: the subscription is there after the restart.
         subscribe_ok(&mut client, &format!("{name}/#"), opts(QoS::AtLeastOnce)).await;
         broker.kill();

@@ -208,6 +208,7 @@ fn event_message(topic: TopicName, event: &Event, value: Option<&Value>) -> Arc<
 
 /// Offers `judged` on `topic` to every subscribed session of `space` (no one twice; one member
 /// per shared group), each judged at once. Returns how many sessions queued it.
+#[allow(clippy::too_many_arguments)] // the route, the judgement, and where it is kept
 fn fan_out(
     space: &SolutionSpace,
     topic: &str,

@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use policy::{Mode, Permission, ResourceType, Timestamp};
-use twin::command::{Command, CommandHeaders};
+use twin::command::{Action, Command, CommandHeaders};
 use twin::entity::Event;
 use twin::error::DittoError;
 use twin::protocol::envelope::{Envelope, Request as DittoRequest};
@@ -494,7 +494,14 @@ impl Core {
             } => {
                 // The answer is built only if it will reach the requester.
                 let answer = (reply.wanted && reply.topic.is_some()).then(|| {
-                    Box::new((Envelope::response(&command, status, value), reply.owned()))
+                    // The entity tag of the changed entity (a deleted one has none).
+                    let deleted = match &command {
+                        Command::Thing(c) => c.action == Action::Delete && c.path.is_root(),
+                        Command::Policy(c) => c.action == Action::Delete && c.path == "/",
+                    };
+                    let revision = events.last().map(|e| e.revision).filter(|_| !deleted);
+                    let answer = Envelope::response(&command, status, value).with_etag(revision);
+                    Box::new((answer, reply.owned()))
                 });
                 Outcome::Pending(Pending {
                     durable,

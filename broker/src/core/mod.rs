@@ -263,6 +263,38 @@ impl Core {
         })
     }
 
+    /// A client for one request or stream (HTTP, SSE): `identity` with a session of its own
+    /// that no client ID names and nothing journals — answers and deliveries go into it and
+    /// its adapter takes them out. Subscriptions it makes end with [`Core::release`].
+    pub fn transient(&self, identity: Identity) -> Client {
+        let space = self.spaces.get_or_create(&identity.solution);
+        let view = space.policy().for_subjects(&identity.subjects, None, now());
+        let session = Arc::new(Session::new(
+            identity.client_id.clone(),
+            identity.subjects.clone(),
+            view,
+            0,
+            self.settings.max_queued_messages,
+        ));
+        let link = Arc::new(Link::default());
+        session.lock().link = Some(link.clone());
+        Client {
+            identity,
+            space,
+            session,
+            link,
+            generation: 0,
+        }
+    }
+
+    /// Ends a [`Core::transient`] client's subscriptions.
+    pub fn release(&self, client: &Client) {
+        client.space.unsubscribe_all(&client.session);
+        let mut state = client.session.lock();
+        state.link = None;
+        state.clear();
+    }
+
     /// The client lets go of its session (its connection ended). Whether the session was
     /// still its own (not taken over) and the session's expiry interval then.
     pub fn detach(&self, client: &Client) -> (bool, u32) {

@@ -378,6 +378,22 @@ impl SessionState {
         sent
     }
 
+    /// The next queued delivery that has not expired, for an adapter without an
+    /// acknowledgement window (an HTTP request's answer, an SSE stream): it leaves the session.
+    pub fn pop_next(&mut self, metrics: &Metrics) -> Option<Delivery> {
+        let now = Instant::now();
+        while let Some(delivery) = self.queue.pop_front() {
+            if delivery.message.expires_at.is_some_and(|at| at <= now) {
+                metrics.dropped("expired");
+                self.forget(delivery.stored);
+                continue;
+            }
+            self.forget(delivery.stored);
+            return Some(delivery);
+        }
+        None
+    }
+
     /// What was in flight when the previous connection ended, to send again (MQTT §4.4), in
     /// order: PUBLISH with DUP for unacknowledged messages, PUBREL for QoS 2 messages the
     /// client already received.

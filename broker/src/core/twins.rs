@@ -191,9 +191,11 @@ impl Twins {
                         };
                         let status = response.status;
                         drop(state);
+                        let revision = current.as_deref().map(|e| e.revision);
                         let command = Command::Thing(cmd);
                         Executed::Answered {
-                            reply: Envelope::response(&command, status, value),
+                            reply: Envelope::response(&command, status, value)
+                                .with_etag(revision.filter(|_| status == 200)),
                             denied: false,
                         }
                     }
@@ -430,8 +432,10 @@ impl Twins {
                                 .as_ref()
                                 .and_then(|v| cut_policy_to_view(view, &cmd.path, v));
                             drop(state);
+                            let revision = current.as_deref().map(|e| e.revision);
                             Executed::Answered {
-                                reply: Envelope::response(&Command::Policy(cmd), status, value),
+                                reply: Envelope::response(&Command::Policy(cmd), status, value)
+                                    .with_etag(revision.filter(|_| status == 200)),
                                 denied: false,
                             }
                         }

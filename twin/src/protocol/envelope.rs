@@ -336,6 +336,15 @@ impl Envelope {
         envelope
     }
 
+    /// With the entity tag of `revision` (Ditto's `etag` header, `"rev:N"`), if there is one.
+    pub fn with_etag(mut self, revision: Option<u64>) -> Self {
+        if let Some(revision) = revision {
+            self.headers
+                .insert("etag".into(), Value::String(format!("\"rev:{revision}\"")));
+        }
+        self
+    }
+
     /// The error answering a message on `topic` (`None`: the entity is unknown, Ditto's
     /// `_/_/things/twin/errors`): the errors topic of the same entity and channel, path `/`,
     /// value = the error's JSON, its status, and `correlation-id` echoed.

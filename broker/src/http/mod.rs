@@ -1,6 +1,11 @@
-//! The HTTP listener (axum): for now the operational endpoints — `/metrics` (Prometheus text
-//! format), `/health` (the process serves) and `/ready` (listeners bound, not shutting down).
-//! The Ditto-compatible API joins it in a later release.
+//! The HTTP adapter (axum, DESIGN.md §7): the Ditto-compatible API under `/api/2`
+//! (`twin.rs`: things and policies), authenticated per request (`auth.rs`), and the
+//! operational endpoints — `/metrics` (Prometheus text format), `/health` (the process serves)
+//! and `/ready` (listeners bound, not shutting down). Like every adapter it decides nothing:
+//! each request is a call of the core.
+
+pub mod auth;
+pub mod twin;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,6 +41,23 @@ async fn ready(State(core): State<Arc<Core>>) -> (StatusCode, &'static str) {
     }
 }
 
+/// Counts each request by its route (the matched pattern, never the raw path) and status.
+async fn count(
+    State(core): State<Arc<Core>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().as_str().to_owned();
+    let response = next.run(request).await;
+    core.metrics
+        .http_request(route, method, response.status().as_u16());
+    response
+}
+
 /// Binds `address` and serves until the broker shuts down; returns the bound address.
 pub async fn start(core: Arc<Core>, address: &str) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(address)
@@ -47,8 +69,11 @@ pub async fn start(core: Arc<Core>, address: &str) -> std::io::Result<SocketAddr
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .route("/ready", get(ready))
+        .merge(twin::routes())
+        .layer(axum::middleware::from_fn_with_state(core.clone(), count))
         .with_state(core);
     tokio::spawn(async move {
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
             let _ = shutdown.wait_for(|stop| *stop).await;
         });

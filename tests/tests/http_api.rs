@@ -1,0 +1,449 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+//! The HTTP API against the real `thingsgate serve --http` (issue 11; DESIGN.md §2 and §7, the
+//! seed's solution identification): authentication and solution identification per request,
+//! the Ditto-compatible things and policies routes with their status codes, errors, entity
+//! tags and partial views — decided by the same core as MQTT, so an MQTT write is seen over
+//! HTTP and an HTTP write reaches MQTT subscribers, each cut to its reader's view.
+
+use std::time::Duration;
+
+use broker::mqtt::codec::{Protocol, QoS};
+use e2e::broker::{Broker, Solution};
+use e2e::http::{Api, Auth, http_addr};
+use e2e::issuer::{SOLUTION_CLAIM, dev_issuer};
+use e2e::protocol_support::{connected, expect_publish, opts, publish_qos1, subscribe_ok, text};
+use serde_json::{Value, json};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// A broker with an HTTP listener and the dev JWT issuer; one solution owning `org.acme`.
+fn started() -> (Broker, Solution, Api) {
+    let mut broker = Broker::new();
+    dev_issuer().write_jwks(&broker.dir().join("jwks.json"), &[]);
+    broker.write_config(&dev_issuer().config_toml("jwks.json"));
+    let solution = broker.create_solution("org.acme");
+    broker.arg("--http").arg("127.0.0.1:0");
+    broker.start();
+    let api = Api::new(http_addr(&broker));
+    (broker, solution, api)
+}
+
+/// A token of the dev issuer for `sub`, naming `solution` in its claim.
+fn token_with_claim(sub: &str, solution: &Solution) -> String {
+    let mut claims = dev_issuer().claims(sub, HOUR);
+    claims.insert(SOLUTION_CLAIM.into(), json!(solution.id));
+    dev_issuer().sign(&claims)
+}
+
+/// The lamp's policy: the solution owns everything; `dev:alice` reads the attributes but not
+/// `secret`; `dev:bob` may change `features/power` only.
+fn lamp_policy(solution: &Solution) -> Value {
+    json!({
+        "entries": {
+            "owner": {
+                "subjects": {format!("iot-things:{}", solution.id): {"type": "solution"}},
+                "resources": {
+                    "thing:/": {"grant": ["READ", "WRITE"], "revoke": []},
+                    "policy:/": {"grant": ["READ", "WRITE"], "revoke": []},
+                    "message:/": {"grant": ["READ", "WRITE"], "revoke": []}
+                }
+            },
+            "viewer": {
+                "subjects": {"dev:alice": {"type": "user"}},
+                "resources": {
+                    "thing:/attributes": {"grant": ["READ"], "revoke": []},
+                    "thing:/attributes/secret": {"grant": [], "revoke": ["READ"]}
+                }
+            },
+            "operator": {
+                "subjects": {"dev:bob": {"type": "user"}},
+                "resources": {
+                    "thing:/features/power": {"grant": ["READ", "WRITE"], "revoke": []}
+                }
+            }
+        }
+    })
+}
+
+/// Creates policy and thing `org.acme:lamp` over HTTP with the solution's secret.
+async fn create_lamp(api: &Api, solution: &Solution) {
+    let owner = Auth::basic(solution);
+    let created = api
+        .put(
+            "/api/2/policies/org.acme:lamp",
+            &owner,
+            &lamp_policy(solution),
+        )
+        .await;
+    assert_eq!(created.status, 201, "policy created: {created:?}");
+    let created = api
+        .put(
+            "/api/2/things/org.acme:lamp",
+            &owner,
+            &json!({
+                "policyId": "org.acme:lamp",
+                "attributes": {"room": "hall", "secret": "s3"},
+                "features": {"power": {"properties": {"on": false}}}
+            }),
+        )
+        .await;
+    assert_eq!(created.status, 201, "thing created: {created:?}");
+    assert_eq!(
+        created.header("location"),
+        Some("/api/2/things/org.acme:lamp")
+    );
+    assert_eq!(created.header("etag"), Some("\"rev:1\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_valid_credentials_are_401_and_the_api_token_alone_grants_nothing() {
+    let (_broker, solution, api) = started();
+    let path = "/api/2/things/org.acme:lamp";
+    let wrong_secret = Auth::Basic {
+        solution: solution.id.clone(),
+        secret: "not-the-secret".into(),
+    };
+    let bad_token = Auth::bearer(
+        &dev_issuer().tampered(&dev_issuer().claims("alice", HOUR)),
+        Some(&solution.api_token),
+    );
+    // A good token that names no solution, without the API token: not identified.
+    let unidentified = Auth::bearer(&dev_issuer().token("alice", HOUR), None);
+    for (what, auth) in [
+        ("no credentials", Auth::None),
+        (
+            "only the API token",
+            Auth::ApiTokenOnly(solution.api_token.clone()),
+        ),
+        ("a wrong secret", wrong_secret),
+        ("a tampered token", bad_token),
+        ("a token without solution or API token", unidentified),
+    ] {
+        let answer = api.get(path, &auth).await;
+        assert_eq!(answer.status, 401, "{what}: {answer:?}");
+        assert!(
+            answer
+                .header("www-authenticate")
+                .is_some_and(|c| c.contains("Basic") && c.contains("Bearer")),
+            "{what}: the challenge names both schemes: {answer:?}"
+        );
+        assert_eq!(answer.error(), Some("gateway:authentication.failed"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn things_and_their_parts_follow_dittos_methods_status_codes_and_entity_tags() {
+    let (_broker, solution, api) = started();
+    create_lamp(&api, &solution).await;
+    let owner = Auth::basic(&solution);
+
+    let got = api.get("/api/2/things/org.acme:lamp", &owner).await;
+    assert_eq!(got.status, 200, "{got:?}");
+    assert_eq!(got.body["thingId"], "org.acme:lamp");
+    assert_eq!(got.body["attributes"]["room"], "hall");
+    assert_eq!(got.header("etag"), Some("\"rev:1\""));
+    let fields = api
+        .get(
+            "/api/2/things/org.acme:lamp?fields=attributes/room,_revision",
+            &owner,
+        )
+        .await;
+    assert_eq!(
+        fields.body,
+        json!({"attributes": {"room": "hall"}, "_revision": 1})
+    );
+
+    // Conditional requests.
+    let unchanged = api
+        .send(
+            api.request(reqwest::Method::GET, "/api/2/things/org.acme:lamp", &owner)
+                .header("if-none-match", "\"rev:1\""),
+        )
+        .await;
+    assert_eq!(unchanged.status, 304);
+    let stale = api
+        .send(
+            api.request(
+                reqwest::Method::PUT,
+                "/api/2/things/org.acme:lamp/attributes/room",
+                &owner,
+            )
+            .header("if-match", "\"rev:7\"")
+            .body("\"kitchen\""),
+        )
+        .await;
+    assert_eq!(stale.status, 412, "{stale:?}");
+    assert_eq!(stale.error(), Some("things:condition.failed"));
+
+    // Sub-resources: a new attribute (201), a changed one (204), a merge, a delete.
+    let created = api
+        .put(
+            "/api/2/things/org.acme:lamp/attributes/floor",
+            &owner,
+            &json!(2),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{created:?}");
+    assert_eq!(created.body, json!(2));
+    let changed = api
+        .put(
+            "/api/2/things/org.acme:lamp/features/power/properties/on",
+            &owner,
+            &json!(true),
+        )
+        .await;
+    assert_eq!(changed.status, 204, "{changed:?}");
+    assert_eq!(changed.header("etag"), Some("\"rev:3\""));
+    let not_merge = api
+        .send(
+            api.request(
+                reqwest::Method::PATCH,
+                "/api/2/things/org.acme:lamp",
+                &owner,
+            )
+            .header("content-type", "application/json")
+            .body("{}"),
+        )
+        .await;
+    assert_eq!(not_merge.status, 415, "{not_merge:?}");
+    let merged = api
+        .patch(
+            "/api/2/things/org.acme:lamp",
+            &owner,
+            &json!({"attributes": {"floor": null, "color": "red"}}),
+        )
+        .await;
+    assert_eq!(merged.status, 204, "{merged:?}");
+    let deleted = api
+        .delete("/api/2/things/org.acme:lamp/attributes/color", &owner)
+        .await;
+    assert_eq!(deleted.status, 204, "{deleted:?}");
+    let attributes = api
+        .get("/api/2/things/org.acme:lamp/attributes", &owner)
+        .await;
+    assert_eq!(attributes.body, json!({"room": "hall", "secret": "s3"}));
+    let missing = api
+        .get("/api/2/things/org.acme:lamp/attributes/color", &owner)
+        .await;
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.error(), Some("things:attribute.notfound"));
+
+    // Bad requests: an invalid ID, a path that addresses nothing, a body that is not JSON.
+    let bad_id = api.get("/api/2/things/no-namespace", &owner).await;
+    assert_eq!(
+        (bad_id.status, bad_id.error()),
+        (400, Some("things:id.invalid"))
+    );
+    let bad_path = api.get("/api/2/things/org.acme:lamp/nowhere", &owner).await;
+    assert_eq!(
+        (bad_path.status, bad_path.error()),
+        (400, Some("things:path.invalid"))
+    );
+    let not_json = api
+        .send(
+            api.request(
+                reqwest::Method::PUT,
+                "/api/2/things/org.acme:lamp/attributes/x",
+                &owner,
+            )
+            .body("{oops"),
+        )
+        .await;
+    assert_eq!(
+        (not_json.status, not_json.error()),
+        (400, Some("things:json.invalid"))
+    );
+
+    // The thing goes, and is gone.
+    let gone = api.delete("/api/2/things/org.acme:lamp", &owner).await;
+    assert_eq!(gone.status, 204);
+    let after = api.get("/api/2/things/org.acme:lamp", &owner).await;
+    assert_eq!(
+        (after.status, after.error()),
+        (404, Some("things:thing.notfound"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_are_cut_to_the_callers_view_and_denied_writes_are_403_as_over_mqtt() {
+    let (_broker, solution, api) = started();
+    create_lamp(&api, &solution).await;
+    // Alice: a token naming the solution in its claim. Bob: a token plus the API token.
+    let alice = Auth::bearer(&token_with_claim("alice", &solution), None);
+    let bob = Auth::bearer(&dev_issuer().token("bob", HOUR), Some(&solution.api_token));
+
+    let seen = api.get("/api/2/things/org.acme:lamp", &alice).await;
+    assert_eq!(seen.status, 200, "{seen:?}");
+    assert_eq!(
+        seen.body,
+        json!({"thingId": "org.acme:lamp", "attributes": {"room": "hall"}}),
+        "alice reads the attributes but not `secret` nor the features (and the thing's ID: \
+         DESIGN.md §1 rule 6)"
+    );
+    let secret = api
+        .get("/api/2/things/org.acme:lamp/attributes/secret", &alice)
+        .await;
+    assert_eq!(
+        (secret.status, secret.error()),
+        (404, Some("things:attribute.notfound")),
+        "{secret:?}"
+    );
+    let write = api
+        .put(
+            "/api/2/things/org.acme:lamp/attributes/room",
+            &alice,
+            &json!("attic"),
+        )
+        .await;
+    assert_eq!(
+        (write.status, write.error()),
+        (403, Some("things:attribute.notmodifiable")),
+        "{write:?}"
+    );
+
+    let switched = api
+        .put(
+            "/api/2/things/org.acme:lamp/features/power/properties/on",
+            &bob,
+            &json!(true),
+        )
+        .await;
+    assert_eq!(
+        switched.status, 204,
+        "bob may switch the lamp: {switched:?}"
+    );
+    let hidden = api
+        .get("/api/2/things/org.acme:lamp/attributes", &bob)
+        .await;
+    assert_eq!(hidden.status, 404, "bob cannot read attributes: {hidden:?}");
+
+    // `GET /things?ids=` lists what each caller may see.
+    let listed = api
+        .get("/api/2/things?ids=org.acme:lamp,org.acme:missing", &alice)
+        .await;
+    assert_eq!(listed.status, 200);
+    assert_eq!(
+        listed.body,
+        json!([{"thingId": "org.acme:lamp", "attributes": {"room": "hall"}}])
+    );
+    let no_ids = api.get("/api/2/things", &alice).await;
+    assert_eq!(
+        (no_ids.status, no_ids.error()),
+        (400, Some("things:ids.missing"))
+    );
+
+    // The policy: alice may not read it, the owner may, cut to nothing more than it holds.
+    let policy = api.get("/api/2/policies/org.acme:lamp", &alice).await;
+    assert_eq!(policy.status, 404, "{policy:?}");
+    let entry = api
+        .get(
+            "/api/2/policies/org.acme:lamp/entries/viewer/subjects",
+            &Auth::basic(&solution),
+        )
+        .await;
+    assert_eq!(entry.body, json!({"dev:alice": {"type": "user"}}));
+    // The owner takes alice's READ of the room away: her next read no longer shows it.
+    let revoked = api
+        .put(
+            "/api/2/policies/org.acme:lamp/entries/viewer/resources/thing:/attributes/room",
+            &Auth::basic(&solution),
+            &json!({"grant": [], "revoke": ["READ"]}),
+        )
+        .await;
+    assert!(
+        revoked.status == 201 || revoked.status == 204,
+        "{revoked:?}"
+    );
+    let seen = api.get("/api/2/things/org.acme:lamp", &alice).await;
+    assert_eq!(
+        seen.body,
+        json!({"thingId": "org.acme:lamp", "attributes": {}}),
+        "READ still holds on `attributes`, on nothing inside: {seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thing_posted_without_an_id_gets_a_generated_one_in_the_solutions_namespace() {
+    let (_broker, solution, api) = started();
+    let owner = Auth::basic(&solution);
+    let posted = api
+        .post("/api/2/things", &owner, &json!({"attributes": {"a": 1}}))
+        .await;
+    assert_eq!(posted.status, 201, "{posted:?}");
+    let location = posted.header("location").unwrap().to_owned();
+    let id = location.strip_prefix("/api/2/things/").unwrap();
+    assert!(id.starts_with("org.acme:"), "{id}");
+    assert_eq!(posted.body["thingId"], id);
+    let got = api.get(&location, &owner).await;
+    assert_eq!(got.body["attributes"], json!({"a": 1}));
+    let foreign = api
+        .post("/api/2/things?namespace=org.other", &owner, &json!({}))
+        .await;
+    assert!(
+        foreign.status == 403 || foreign.status == 404,
+        "a namespace of no solution's: {foreign:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt_write_is_read_over_http_and_an_http_write_reaches_mqtt_subscribers_cut_to_their_view()
+ {
+    let (broker, solution, api) = started();
+    create_lamp(&api, &solution).await;
+    let addr = broker.mqtt_addr();
+    // MQTT → HTTP.
+    let mut device = connected(addr, Protocol::V5, "device", &solution).await;
+    assert_eq!(
+        publish_qos1(
+            &mut device,
+            "org.acme/lamp/things/twin/commands/modify/attributes/room",
+            b"\"cellar\"",
+            1
+        )
+        .await,
+        0
+    );
+    let room = api
+        .get(
+            "/api/2/things/org.acme:lamp/attributes/room",
+            &Auth::basic(&solution),
+        )
+        .await;
+    assert_eq!(room.body, json!("cellar"));
+    // HTTP → MQTT: alice's subscription sees the attributes change without `secret`.
+    let alice_token = token_with_claim("alice", &solution);
+    let mut connect = e2e::protocol_support::login(Protocol::V5, "alice-app", &solution);
+    connect.username = None;
+    connect.password = Some(bytes::Bytes::from(alice_token.clone()));
+    let (mut alice, _) = e2e::protocol_support::connect_ok(addr, connect).await;
+    subscribe_ok(
+        &mut alice,
+        "org.acme/lamp/things/twin/events/#",
+        opts(QoS::AtLeastOnce),
+    )
+    .await;
+    let merged = api
+        .patch(
+            "/api/2/things/org.acme:lamp/attributes",
+            &Auth::basic(&solution),
+            &json!({"room": "loft", "secret": "s4"}),
+        )
+        .await;
+    assert_eq!(merged.status, 204, "{merged:?}");
+    let event = expect_publish(&mut alice).await;
+    assert_eq!(
+        event.topic.as_str(),
+        "org.acme/lamp/things/twin/events/merged/attributes"
+    );
+    let payload: Value = serde_json::from_str(&text(&event)).unwrap();
+    assert_eq!(
+        payload["value"],
+        json!({"room": "loft"}),
+        "the event is cut to alice's view: {payload}"
+    );
+}
