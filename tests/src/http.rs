@@ -169,3 +169,81 @@ impl Api {
         self.send(self.request(Method::DELETE, path, auth)).await
     }
 }
+
+/// An open Server-Sent Events stream: events as (id, JSON data), read with a deadline.
+#[derive(Debug)]
+pub struct EventStream {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl Api {
+    /// Opens `GET path` with `Accept: text/event-stream` (and `Last-Event-ID` if given); the
+    /// stream must be answered 200.
+    pub async fn events(
+        &self,
+        path: &str,
+        auth: &Auth,
+        last_event_id: Option<&str>,
+    ) -> EventStream {
+        let mut builder = self
+            .request(Method::GET, path, auth)
+            .header("accept", "text/event-stream");
+        if let Some(id) = last_event_id {
+            builder = builder.header("last-event-id", id);
+        }
+        // No overall timeout on a stream: each read below has its own.
+        let response = builder
+            .timeout(Duration::from_secs(3600))
+            .send()
+            .await
+            .expect("the SSE request was answered");
+        assert_eq!(
+            response.status().as_u16(),
+            200,
+            "SSE stream refused: {response:?}"
+        );
+        EventStream {
+            response,
+            buffer: String::new(),
+        }
+    }
+}
+
+impl EventStream {
+    /// The next event with data, within `within`: its `id` and its data as JSON; `None` if none
+    /// came (or the stream ended).
+    pub async fn next_within(&mut self, within: Duration) -> Option<(Option<String>, Value)> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut id = None;
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        id = Some(v.trim().to_owned());
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if data.is_empty() {
+                    continue; // a keep-alive comment
+                }
+                let json = serde_json::from_str(&data).unwrap_or(Value::String(data));
+                return Some((id, json));
+            }
+            match tokio::time::timeout_at(deadline, self.response.chunk()).await {
+                Ok(Ok(Some(chunk))) => self.buffer.push_str(&String::from_utf8_lossy(&chunk)),
+                _ => return None,
+            }
+        }
+    }
+
+    /// The next event, which must come within `HTTP_TIMEOUT`.
+    pub async fn next(&mut self) -> (Option<String>, Value) {
+        self.next_within(HTTP_TIMEOUT)
+            .await
+            .expect("an SSE event within the timeout")
+    }
+}

@@ -447,3 +447,94 @@ async fn an_mqtt_write_is_read_over_http_and_an_http_write_reaches_mqtt_subscrib
         "the event is cut to alice's view: {payload}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_sent_events_stream_each_change_cut_to_the_readers_view_and_resume_from_last_event_id()
+ {
+    let (broker, solution, api) = started();
+    create_lamp(&api, &solution).await;
+    let owner = Auth::basic(&solution);
+    let alice = Auth::bearer(&token_with_claim("alice", &solution), None);
+    let mut owner_events = api.events("/api/2/things", &owner, None).await;
+    let mut alice_events = api
+        .events("/api/2/things?ids=org.acme:lamp", &alice, None)
+        .await;
+    let mut alice_fields = api
+        .events(
+            "/api/2/things?namespaces=org.acme&fields=thingId,attributes/room",
+            &alice,
+            None,
+        )
+        .await;
+
+    // An MQTT device changes the attributes; then an HTTP write changes the feature.
+    let mut device = connected(broker.mqtt_addr(), Protocol::V5, "device", &solution).await;
+    assert_eq!(
+        publish_qos1(
+            &mut device,
+            "org.acme/lamp/things/twin/commands/merge/attributes",
+            br#"{"room":"loft","secret":"s9"}"#,
+            1
+        )
+        .await,
+        0
+    );
+    let switched = api
+        .put(
+            "/api/2/things/org.acme:lamp/features/power/properties/on",
+            &owner,
+            &json!(true),
+        )
+        .await;
+    assert_eq!(switched.status, 204);
+
+    let (id, first) = owner_events.next().await;
+    assert_eq!(first["thingId"], "org.acme:lamp");
+    assert_eq!(
+        first["attributes"],
+        json!({"room": "loft", "secret": "s9"}),
+        "{first}"
+    );
+    assert_eq!(first["_revision"], 2);
+    let id = id.expect("each event has an id");
+    let (_, second) = owner_events.next().await;
+    assert_eq!(
+        second["features"],
+        json!({"power": {"properties": {"on": true}}})
+    );
+
+    let (_, seen) = alice_events.next().await;
+    assert_eq!(
+        seen["attributes"],
+        json!({"room": "loft"}),
+        "alice's stream is cut to her view: {seen}"
+    );
+    assert!(
+        alice_events
+            .next_within(Duration::from_millis(700))
+            .await
+            .is_none(),
+        "alice may not read the feature: its change is not streamed to her"
+    );
+    let (_, selected) = alice_fields.next().await;
+    assert_eq!(
+        selected,
+        json!({"thingId": "org.acme:lamp", "attributes": {"room": "loft"}})
+    );
+
+    // Coming back with the first event's ID: the thing's current state, cut to the view.
+    let mut resumed = api.events("/api/2/things", &alice, Some(&id)).await;
+    let (_, state) = resumed.next().await;
+    assert_eq!(state["thingId"], "org.acme:lamp");
+    assert_eq!(state["attributes"], json!({"room": "loft"}), "{state}");
+    assert!(state.get("features").is_none(), "{state}");
+
+    // Over the API, an unauthenticated stream is refused like any request.
+    let refused = api
+        .send(
+            api.request(reqwest::Method::GET, "/api/2/things", &Auth::None)
+                .header("accept", "text/event-stream"),
+        )
+        .await;
+    assert_eq!(refused.status, 401);
+}

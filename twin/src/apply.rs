@@ -321,6 +321,20 @@ fn parse_selector_into(
     Ok(())
 }
 
+/// `value` (an object) reduced to Ditto's field selector `fields`: what each selected pointer
+/// addresses, at its place (for values that are not a stored entity: an SSE event's partial
+/// thing).
+pub fn select_fields(value: &Value, fields: &str) -> Result<Value, DittoError> {
+    let mut out = Map::new();
+    for pointer in parse_field_selector(fields)? {
+        let segments: Vec<Cow<'_, str>> = path_segments(&pointer).collect();
+        if let Some(v) = value_at(value, &segments) {
+            insert_at(&mut out, &segments, v.clone());
+        }
+    }
+    Ok(Value::Object(out))
+}
+
 /// Copies `value` into `out` at `segments`, creating the objects on the way.
 fn insert_at(out: &mut Map<String, Value>, segments: &[Cow<'_, str>], value: Value) {
     let Some((last, parents)) = segments.split_last() else {

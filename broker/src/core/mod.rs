@@ -287,6 +287,37 @@ impl Core {
         }
     }
 
+    /// The things of `client`'s solution (in `namespaces`, if given) changed at or after
+    /// `since`: IDs only, for an adapter catching a stream up (their content is read through
+    /// [`Core::execute`], authorized and cut like any retrieve).
+    pub fn things_changed_since(
+        &self,
+        client: &Client,
+        since: Timestamp,
+        namespaces: Option<&[String]>,
+    ) -> Vec<twin::ThingId> {
+        use twin::store::TwinStore;
+        let mut changed = Vec::new();
+        for key in self.twins.store.keys(twin::EntityKind::Thing) {
+            let Ok(id) = twin::ThingId::parse(&key.id) else {
+                continue;
+            };
+            let wanted = client.owns(id.namespace())
+                && namespaces.is_none_or(|list| list.iter().any(|n| n == id.namespace()));
+            if wanted
+                && self
+                    .twins
+                    .store
+                    .get(&key)
+                    .is_some_and(|entity| entity.modified >= since)
+            {
+                changed.push(id);
+            }
+        }
+        changed.sort();
+        changed
+    }
+
     /// Ends a [`Core::transient`] client's subscriptions.
     pub fn release(&self, client: &Client) {
         client.space.unsubscribe_all(&client.session);

@@ -5,6 +5,7 @@
 //! each request is a call of the core.
 
 pub mod auth;
+pub mod sse;
 pub mod twin;
 
 use std::net::SocketAddr;

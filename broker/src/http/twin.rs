@@ -25,6 +25,7 @@ use twin::{DittoError, PolicyId, ThingId};
 
 use crate::core::{Core, Identity, Outcome, ReplyTo, Request};
 use crate::http::auth::{self, Unauthenticated};
+use crate::http::sse;
 use crate::mqtt::codec::TopicName;
 
 /// The routes of this module.
@@ -46,6 +47,8 @@ pub struct TwinQuery {
     ids: Option<String>,
     /// `POST /things?namespace=…`: where the generated thing goes.
     namespace: Option<String>,
+    /// SSE: the namespaces whose things are streamed (comma-separated).
+    namespaces: Option<String>,
 }
 
 /// A Ditto error as an HTTP response: its status and its JSON.
@@ -177,19 +180,44 @@ async fn list_things(
         Ok(identity) => identity,
         Err(u) => return u.into_response(),
     };
+    let wants_events = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/event-stream"));
+    if wants_events {
+        let ids = match query.ids.as_deref().map(parse_ids).transpose() {
+            Ok(ids) => ids,
+            Err(e) => return ditto_error(&e),
+        };
+        let selection = sse::Selection {
+            ids,
+            namespaces: query.namespaces.as_deref().map(|list| {
+                list.split(',')
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            }),
+            fields: query.fields.clone(),
+            since: headers
+                .get("last-event-id")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse().ok()),
+        };
+        return sse::stream(core, identity, selection).await;
+    }
     let Some(ids) = query.ids.as_deref() else {
         return ditto_error(
             &DittoError::new(400, "things:ids.missing", "the parameter `ids` is missing")
                 .with_description("List the thing IDs to retrieve: `/api/2/things?ids=ns:a,ns:b`."),
         );
     };
+    let ids = match parse_ids(ids) {
+        Ok(ids) => ids,
+        Err(e) => return ditto_error(&e),
+    };
     let mut things = Vec::new();
-    for id in ids.split(',').map(str::trim).filter(|id| !id.is_empty()) {
-        let Ok(thing_id) = ThingId::parse(id) else {
-            return ditto_error(&DittoError::id_invalid(format!(
-                "`{id}` is not a valid thing ID"
-            )));
-        };
+    for thing_id in ids {
         let command = Command::Thing(ThingCommand {
             thing_id,
             action: Action::Retrieve,
@@ -209,6 +237,18 @@ async fn list_things(
         }
     }
     (StatusCode::OK, axum::Json(Value::Array(things))).into_response()
+}
+
+/// The thing IDs of an `ids` parameter (comma-separated).
+fn parse_ids(ids: &str) -> Result<Vec<ThingId>, DittoError> {
+    ids.split(',')
+        .map(str::trim)
+        .filter(|id| !id.is_empty())
+        .map(|id| {
+            ThingId::parse(id)
+                .map_err(|e| DittoError::id_invalid(format!("`{id}` is not a valid thing ID: {e}")))
+        })
+        .collect()
 }
 
 /// `POST /api/2/things[?namespace=…]`: a new thing with a generated name, in the namespace
@@ -475,7 +515,7 @@ fn answer_topic() -> Option<TopicName> {
 /// Executes `command` for `identity` in a task of its own — a client that hangs up does not
 /// cancel a write half-way: its events still go out once durable — and reads the answer from
 /// the request's session.
-async fn execute(core: Arc<Core>, identity: Identity, command: Command) -> Envelope {
+pub(crate) async fn execute(core: Arc<Core>, identity: Identity, command: Command) -> Envelope {
     let task = tokio::spawn(async move {
         let client = core.transient(identity);
         let reply = ReplyTo {
