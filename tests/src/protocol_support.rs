@@ -315,3 +315,10 @@ pub async fn disconnect(mut client: RawClient) {
 pub fn text(p: &Publish) -> String {
     String::from_utf8_lossy(&p.payload).into_owned()
 }
+
+/// Acknowledges a received QoS 1 PUBLISH (PUBACK); nothing for QoS 0.
+pub async fn ack_if_needed(client: &mut RawClient, p: &Publish) {
+    if let broker::mqtt::codec::QosPid::AtLeastOnce(id) = p.qos {
+        client.send(&puback(id.get())).await;
+    }
+}

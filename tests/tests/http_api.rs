@@ -538,3 +538,127 @@ async fn server_sent_events_stream_each_change_cut_to_the_readers_view_and_resum
         .await;
     assert_eq!(refused.status, 401);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_message_over_http_reaches_the_device_and_returns_its_answer() {
+    let (broker, solution, api) = started();
+    create_lamp(&api, &solution).await;
+    let owner = Auth::basic(&solution);
+    let mut device = connected(broker.mqtt_addr(), Protocol::V5, "device", &solution).await;
+    subscribe_ok(
+        &mut device,
+        "org.acme/lamp/things/live/messages/#",
+        opts(QoS::AtLeastOnce),
+    )
+    .await;
+
+    // Fire and forget: 202 once routed.
+    let sent = api
+        .send(
+            api.request(
+                reqwest::Method::POST,
+                "/api/2/things/org.acme:lamp/inbox/messages/blink?timeout=0",
+                &owner,
+            )
+            .header("content-type", "text/plain")
+            .body("twice"),
+        )
+        .await;
+    assert_eq!(sent.status, 202, "{sent:?}");
+    let blink = expect_publish(&mut device).await;
+    assert_eq!(
+        blink.topic.as_str(),
+        "org.acme/lamp/things/live/messages/blink"
+    );
+    assert_eq!(text(&blink), "twice");
+    assert_eq!(
+        blink.properties.content_type.as_ref().map(|t| t.as_str()),
+        Some("text/plain")
+    );
+    e2e::protocol_support::ack_if_needed(&mut device, &blink).await;
+
+    // A question: the device answers on the reply address with the correlation data.
+    let question = tokio::spawn({
+        let api = api.clone();
+        let owner = owner.clone();
+        async move {
+            api.send(
+                api.request(
+                    reqwest::Method::POST,
+                    "/api/2/things/org.acme:lamp/features/power/inbox/messages/switch?timeout=10",
+                    &owner,
+                )
+                .header("content-type", "application/json")
+                .body(r#"{"on":true}"#),
+            )
+            .await
+        }
+    });
+    let asked = expect_publish(&mut device).await;
+    assert_eq!(
+        asked.topic.as_str(),
+        "org.acme/lamp/things/live/messages/switch/features/power"
+    );
+    e2e::protocol_support::ack_if_needed(&mut device, &asked).await;
+    let reply_to = asked
+        .properties
+        .response_topic
+        .clone()
+        .expect("the message carries a reply address");
+    let mut answer = e2e::protocol_support::publish(
+        reply_to.as_str(),
+        br#"{"switched":true}"#,
+        e2e::protocol_support::qos1(7),
+    );
+    answer.properties.correlation_data = asked.properties.correlation_data.clone();
+    answer.properties.content_type = Some(e2e::raw::utf8("application/json"));
+    answer.properties.user_properties = vec![(e2e::raw::utf8("status"), e2e::raw::utf8("200"))];
+    device
+        .send(&broker::mqtt::codec::Packet::Publish(answer))
+        .await;
+    assert_eq!(
+        e2e::protocol_support::expect_puback(&mut device, 7).await,
+        0
+    );
+    let answered = question.await.unwrap();
+    assert_eq!(answered.status, 200, "{answered:?}");
+    assert_eq!(answered.body, json!({"switched": true}));
+    assert_eq!(answered.header("content-type"), Some("application/json"));
+
+    // The reply address is gone once answered: a second answer is refused.
+    assert_eq!(
+        publish_qos1(&mut device, reply_to.as_str(), b"late", 8).await,
+        0x87
+    );
+    // Nobody answers: 408 within the timeout.
+    let unanswered = api
+        .send(
+            api.request(
+                reqwest::Method::POST,
+                "/api/2/things/org.acme:lamp/inbox/messages/ping?timeout=1",
+                &owner,
+            )
+            .body("?"),
+        )
+        .await;
+    assert_eq!(unanswered.status, 408, "{unanswered:?}");
+    // Bob may not send messages to the lamp: 403 with Ditto's error, nothing routed.
+    let bob = Auth::bearer(&dev_issuer().token("bob", HOUR), Some(&solution.api_token));
+    let denied = api
+        .send(
+            api.request(
+                reqwest::Method::POST,
+                "/api/2/things/org.acme:lamp/inbox/messages/switch?timeout=0",
+                &bob,
+            )
+            .body("{}"),
+        )
+        .await;
+    assert_eq!(denied.status, 403, "{denied:?}");
+    let ping = expect_publish(&mut device).await;
+    assert_eq!(
+        ping.topic.as_str(),
+        "org.acme/lamp/things/live/messages/ping"
+    );
+    e2e::protocol_support::assert_silent(&mut device, "bob's denied message was routed").await;
+}

@@ -355,6 +355,13 @@ impl Core {
                 topic,
                 payload,
                 origin,
+            } if topic.as_str().starts_with(crate::core::REPLY_PREFIX) => {
+                self.reply(client, topic, payload, origin)
+            }
+            Request::Plain {
+                topic,
+                payload,
+                origin,
             } => {
                 if !client.solution_allows(
                     ResourceType::Topic,
@@ -435,6 +442,14 @@ impl Core {
                         }
                     }
                     Err(error) => {
+                        if let Ok(topic) = message.topic() {
+                            let answer = Envelope::error(
+                                Some(&topic),
+                                &error,
+                                message.headers.correlation_id.as_deref(),
+                            );
+                            answer_requester(&client.session, &reply, &answer, &self.metrics);
+                        }
                         self.metrics.denied(client.space.id.as_str(), "message");
                         tracing::debug!(
                             solution = %client.space.id,
@@ -449,6 +464,37 @@ impl Core {
             }
             Request::Command(command) => self.execute_command(client, command, reply, now),
         }
+    }
+
+    /// A publish to a reply address: to the one session waiting on it, or refused if none is
+    /// (any more).
+    fn reply(&self, client: &Client, topic: &TopicName, payload: &[u8], origin: Origin) -> Outcome {
+        let Some(waiting) = client.space.reply_session(topic.as_str()) else {
+            self.metrics.denied(client.space.id.as_str(), "publish");
+            return Outcome::Now(Told::new(
+                Verdict::NotAuthorized,
+                "nobody waits for an answer at this address",
+            ));
+        };
+        let qos = origin.qos.min(QoS::AtLeastOnce);
+        let message = Message::new(
+            deep_copy_topic(topic),
+            Bytes::copy_from_slice(payload),
+            Origin {
+                qos,
+                retain: false,
+                ..origin
+            },
+        );
+        let delivery = Delivery {
+            message,
+            qos,
+            retain: false,
+            subscription_ids: Vec::new(),
+            stored: None,
+        };
+        waiting.enqueue(waiting.lock(), delivery, &self.metrics);
+        Outcome::Now(Told::accepted())
     }
 
     fn execute_command(

@@ -66,6 +66,9 @@ pub struct Core {
     pub shutdown: watch::Receiver<bool>,
 }
 
+/// The prefix of reply addresses ([`Core::reply_address`]).
+pub const REPLY_PREFIX: &str = "$thingsgate/replies/";
+
 /// The wall clock as the policy crate takes it.
 pub fn now() -> Timestamp {
     let millis = SystemTime::now()
@@ -318,8 +321,21 @@ impl Core {
         changed
     }
 
-    /// Ends a [`Core::transient`] client's subscriptions.
+    /// An unguessable address for answers to `client` (the response topic of a live message
+    /// it sends): a publish to it by anyone of the solution reaches `client`'s session alone,
+    /// with no topic policy consulted — knowing the address is the permission, as a Ditto
+    /// response finds its requester by correlation — until [`Core::release`]. `None` if the
+    /// system's random generator fails.
+    pub fn reply_address(&self, client: &Client) -> Option<crate::mqtt::codec::TopicName> {
+        let bytes = random_bytes::<16>().ok()?;
+        let topic = format!("{REPLY_PREFIX}{}", hex(&bytes));
+        client.space.add_reply(&topic, &client.session);
+        topic.parse().ok()
+    }
+
+    /// Ends a [`Core::transient`] client's subscriptions and reply addresses.
     pub fn release(&self, client: &Client) {
+        client.space.remove_replies(&client.session);
         client.space.unsubscribe_all(&client.session);
         let mut state = client.session.lock();
         state.link = None;

@@ -48,11 +48,18 @@ pub struct SolutionSpace {
     next_will: AtomicU64,
     /// Retained messages kept at most (`crate::limits`): a memory bound per solution.
     pub max_retained: usize,
+    /// Reply addresses handed out (`Core::reply_address`), each to one waiting session.
+    replies: Mutex<HashMap<Box<str>, std::sync::Weak<Session>>>,
 }
 
 fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
     // Writers replace values whole: a poisoned lock still holds consistent data.
     lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Map updates only: a poisoned lock still holds consistent data.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
@@ -71,7 +78,26 @@ impl SolutionSpace {
             pending_wills: Mutex::new(HashMap::new()),
             next_will: AtomicU64::new(1),
             max_retained: crate::limits::MqttSettings::default().max_retained_messages,
+            replies: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Registers reply address `topic` for `session`.
+    pub fn add_reply(&self, topic: &str, session: &Arc<Session>) {
+        lock(&self.replies).insert(topic.into(), Arc::downgrade(session));
+    }
+
+    /// The session waiting on reply address `topic`, if it still is.
+    pub fn reply_session(&self, topic: &str) -> Option<Arc<Session>> {
+        lock(&self.replies)
+            .get(topic)
+            .and_then(std::sync::Weak::upgrade)
+    }
+
+    /// Forgets the reply addresses of `session`.
+    pub fn remove_replies(&self, session: &Arc<Session>) {
+        lock(&self.replies)
+            .retain(|_, waiting| waiting.upgrade().is_some_and(|s| !Arc::ptr_eq(&s, session)));
     }
 
     /// The solution policy's current compiled revision.

@@ -5,6 +5,7 @@
 //! each request is a call of the core.
 
 pub mod auth;
+pub mod messages;
 pub mod sse;
 pub mod twin;
 

@@ -21,11 +21,12 @@ use serde_json::Value;
 use twin::command::{Action, Command, CommandHeaders, EntityTags, PolicyCommand, ThingCommand};
 use twin::path::ThingPath;
 use twin::protocol::envelope::Envelope;
+use twin::protocol::message::LiveMessage;
 use twin::{DittoError, PolicyId, ThingId};
 
 use crate::core::{Core, Identity, Outcome, ReplyTo, Request};
 use crate::http::auth::{self, Unauthenticated};
-use crate::http::sse;
+use crate::http::{messages, sse};
 use crate::mqtt::codec::TopicName;
 
 /// The routes of this module.
@@ -49,6 +50,8 @@ pub struct TwinQuery {
     namespace: Option<String>,
     /// SSE: the namespaces whose things are streamed (comma-separated).
     namespaces: Option<String>,
+    /// Live messages: seconds to wait for the answer (0: do not wait).
+    timeout: Option<String>,
 }
 
 /// A Ditto error as an HTTP response: its status and its JSON.
@@ -334,6 +337,11 @@ fn generated_name() -> Option<String> {
 
 impl Call {
     async fn thing(self, thing_id: &str, path: &str) -> Response {
+        if let Ok(id) = ThingId::parse(thing_id)
+            && let Some(message) = messages::message_path(&id, path)
+        {
+            return self.message(message).await;
+        }
         let location = format!("/api/2/things/{thing_id}{}", suffix(path));
         match self.thing_command(thing_id, path).await {
             Ok((identity, command)) => {
@@ -351,6 +359,42 @@ impl Call {
             }
             Err(refused) => refused.into_response(),
         }
+    }
+
+    /// A live message to or from a thing (`POST` only).
+    async fn message(self, message: Result<LiveMessage, DittoError>) -> Response {
+        let identity = match self.identity().await {
+            Ok(identity) => identity,
+            Err(refused) => return refused.into_response(),
+        };
+        if self.method != Method::POST {
+            return ditto_error(
+                &DittoError::new(
+                    405,
+                    "method.notallowed",
+                    format!("{} is not allowed on a message", self.method),
+                )
+                .with_description("Send a message with POST."),
+            );
+        }
+        let message = match message {
+            Ok(message) => message,
+            Err(e) => return ditto_error(&e),
+        };
+        let waiting =
+            match messages::Waiting::from_request(self.query.timeout.as_deref(), &self.headers) {
+                Ok(waiting) => waiting,
+                Err(e) => return ditto_error(&e),
+            };
+        messages::send(
+            self.core,
+            identity,
+            message,
+            &self.headers,
+            self.body,
+            waiting,
+        )
+        .await
     }
 
     async fn identity(&self) -> Result<Identity, Refused> {
