@@ -560,12 +560,26 @@ impl Solutions {
         secret: &str,
         client_id: &str,
     ) -> Result<Subjects, AuthRefusal> {
+        self.check_secret(solution_id, secret, client_id)
+            .map(|(subjects, _)| subjects)
+    }
+
+    /// [`Solutions::authenticate_secret`], also giving the ID of the secret that matched (a
+    /// revocation closes the connections it opened).
+    pub fn check_secret(
+        &self,
+        solution_id: &str,
+        secret: &str,
+        client_id: &str,
+    ) -> Result<(Subjects, String), AuthRefusal> {
         let solution = self.get(solution_id).ok_or(AuthRefusal::UnknownSolution)?;
         let candidate = Digest::of(secret);
         let mut matched: Option<bool> = None;
+        let mut secret_id = String::new();
         for record in &solution.secrets {
             if verify_digest(&candidate, &record.digest) {
                 matched = Some(record.revoked || matched == Some(true));
+                secret_id.clone_from(&record.id);
             }
         }
         match matched {
@@ -578,7 +592,7 @@ impl Solutions {
                     subjects.push(format!("{solution_subject}:{client_id}"));
                 }
                 subjects.push(solution_subject);
-                Ok(Subjects::new(subjects))
+                Ok((Subjects::new(subjects), secret_id))
             }
         }
     }
@@ -754,6 +768,28 @@ impl Solutions {
             Ok(Some(changed))
         })?;
         Ok(added)
+    }
+
+    /// Removes a namespace from a solution; `false` if it did not own it. Its things stay in
+    /// the store, out of reach of every solution until a solution adds the namespace again.
+    pub fn remove_namespace(
+        &self,
+        store: &dyn TwinStore,
+        id: &SolutionId,
+        namespace: &str,
+        now: Timestamp,
+    ) -> Result<bool, SolutionError> {
+        let mut removed = false;
+        self.change(store, id, "namespaces", now, |_, current| {
+            if !current.namespaces.iter().any(|ns| ns == namespace) {
+                return Ok(None);
+            }
+            let mut changed = current.clone();
+            changed.namespaces.retain(|ns| ns != namespace);
+            removed = true;
+            Ok(Some(changed))
+        })?;
+        Ok(removed)
     }
 
     /// Replaces a solution's policy, after [`check_solution_policy`]. Revision and `_` metadata

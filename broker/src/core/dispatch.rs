@@ -33,7 +33,7 @@ use crate::core::message::{Delivery, Message, Offer, Origin};
 use crate::core::policies::{Policies, PolicyRef};
 use crate::core::session::{Session, SessionState};
 use crate::core::sessions;
-use crate::core::space::{SolutionSpace, Subscriber};
+use crate::core::space::{SolutionSpace, Subscriber, Usage};
 use crate::core::topics;
 use crate::metrics::Metrics;
 use crate::mqtt::codec::{QoS, RetainHandling, TopicName};
@@ -261,11 +261,17 @@ fn offer(
                     }
                 }
             }
-            session.enqueue(state, delivery, metrics) == Offer::Queued
+            let bytes = delivery.message.payload.len() as u64;
+            let queued = session.enqueue(state, delivery, metrics) == Offer::Queued;
+            if queued {
+                Usage::add(&space.usage.messages_out, 1);
+                Usage::add(&space.usage.bytes_out, bytes);
+            }
+            queued
         }
         None => {
             drop(state);
-            metrics.denied(space.id.as_str(), "delivery");
+            space.denied(metrics, "delivery");
             tracing::debug!(
                 solution = %space.id,
                 client = %session.client_id,

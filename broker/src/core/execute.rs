@@ -27,7 +27,7 @@ use crate::core::message::{Delivery, ForwardedProperties, Message, Origin, deep_
 use crate::core::policies::PolicyRef;
 use crate::core::retained::{self, RetainError};
 use crate::core::session::Session;
-use crate::core::space::SolutionSpace;
+use crate::core::space::{SolutionSpace, Usage};
 use crate::core::twins::Executed;
 use crate::core::{Client, Core, dispatch, now};
 use crate::metrics::Metrics;
@@ -277,6 +277,7 @@ impl Core {
         origin: Origin,
         reply: ReplyTo,
     ) -> Outcome {
+        Usage::add(&client.space.usage.bytes_in, payload.len() as u64);
         if !is_twin_topic(topic.as_str()) {
             return self.execute(
                 client,
@@ -350,6 +351,7 @@ impl Core {
     /// the requester alone, as `reply` says.
     pub fn execute(&self, client: &Client, request: Request<'_>, reply: ReplyTo) -> Outcome {
         let now = now();
+        Usage::add(&client.space.usage.messages_in, 1);
         match request {
             Request::Plain {
                 topic,
@@ -370,7 +372,7 @@ impl Core {
                     Mode::Unrestricted,
                     now,
                 ) {
-                    self.metrics.denied(client.space.id.as_str(), "publish");
+                    client.space.denied(&self.metrics, "publish");
                     tracing::debug!(
                         solution = %client.space.id,
                         client = %client.session.client_id,
@@ -450,7 +452,7 @@ impl Core {
                             );
                             answer_requester(&client.session, &reply, &answer, &self.metrics);
                         }
-                        self.metrics.denied(client.space.id.as_str(), "message");
+                        client.space.denied(&self.metrics, "message");
                         tracing::debug!(
                             solution = %client.space.id,
                             client = %client.session.client_id,
@@ -470,7 +472,7 @@ impl Core {
     /// (any more).
     fn reply(&self, client: &Client, topic: &TopicName, payload: &[u8], origin: Origin) -> Outcome {
         let Some(waiting) = client.space.reply_session(topic.as_str()) else {
-            self.metrics.denied(client.space.id.as_str(), "publish");
+            client.space.denied(&self.metrics, "publish");
             return Outcome::Now(Told::new(
                 Verdict::NotAuthorized,
                 "nobody waits for an answer at this address",
@@ -513,7 +515,7 @@ impl Core {
                 let status = answer.status.unwrap_or(200);
                 let reason = error_message(&answer);
                 if denied {
-                    self.metrics.denied(client.space.id.as_str(), "command");
+                    client.space.denied(&self.metrics, "command");
                     tracing::debug!(
                         solution = %client.space.id,
                         client = %client.session.client_id,
@@ -584,7 +586,7 @@ impl Core {
                 Mode::Unrestricted,
             )
         {
-            self.metrics.denied(space.id.as_str(), "publish");
+            space.denied(&self.metrics, "publish");
             tracing::debug!(solution = %space.id, client = client_id, topic, "will denied");
             return;
         }

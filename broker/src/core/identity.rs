@@ -68,6 +68,8 @@ pub struct Identity {
     pub expires_at: Option<SystemTime>,
     /// Authenticated with method `jwt`: may re-authenticate with a fresh token.
     pub jwt_method: bool,
+    /// The solution secret it authenticated with (its ID): revoking it ends the connection.
+    pub secret_id: Option<Arc<str>>,
 }
 
 /// Why authentication failed; the label goes to metrics and debug logs, never to the client.
@@ -187,9 +189,9 @@ impl Authenticator {
         let Some(username) = credentials.username else {
             return Err(Refusal::NotAuthorized("no_solution"));
         };
-        let subjects = self
+        let (subjects, secret_id) = self
             .solutions
-            .authenticate_secret(username, password, credentials.client_id)
+            .check_secret(username, password, credentials.client_id)
             .map_err(|refusal| Refusal::BadCredentials(refusal.as_str()))?;
         let solution = self
             .solutions
@@ -201,6 +203,7 @@ impl Authenticator {
             client_id: credentials.client_id.into(),
             expires_at: None,
             jwt_method: false,
+            secret_id: Some(secret_id.into()),
         })
     }
 
@@ -237,6 +240,7 @@ impl Authenticator {
             client_id: credentials.client_id.into(),
             expires_at: Some(jwt.expires_at),
             jwt_method: false,
+            secret_id: None,
         })
     }
 

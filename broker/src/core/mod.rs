@@ -18,6 +18,7 @@
 //! journal; `sessions` keeps persistent sessions there), `session` (a client's subjects,
 //! views, subscriptions and queue), `topics` (the subscription tree), `message` (what travels).
 
+pub mod admin;
 pub mod dispatch;
 mod documents;
 mod execute;
@@ -99,17 +100,14 @@ pub struct Client {
 }
 
 impl Client {
-    /// Whether the client's solution owns `namespace` (checked before any policy).
+    /// Whether the client's solution owns `namespace` now (checked before any policy; a
+    /// namespace removed online isolates at once).
     pub fn owns(&self, namespace: &str) -> bool {
-        self.identity
-            .solution
-            .namespaces
-            .iter()
-            .any(|n| n == namespace)
+        self.space.owns(namespace)
     }
 
     /// Whether the solution policy grants `permission` on `kind:{path}` unrestricted.
-    fn solution_allows(
+    pub fn solution_allows(
         &self,
         kind: ResourceType,
         path: &str,
@@ -208,6 +206,9 @@ impl Core {
             return Err(SessionLimit);
         }
         let link = Arc::new(Link::default());
+        if let Some(secret_id) = &identity.secret_id {
+            space.opened_with_secret(secret_id, &link);
+        }
         let mut sessions = space.sessions();
         space.cancel_pending_will(&client_id);
         let mut resumed = None;
@@ -476,7 +477,7 @@ impl Core {
             }
         };
         if !allowed {
-            self.metrics.denied(client.space.id.as_str(), "subscribe");
+            client.space.denied(&self.metrics, "subscribe");
             tracing::debug!(
                 solution = %client.space.id,
                 client = %client.session.client_id,

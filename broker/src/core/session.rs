@@ -44,8 +44,10 @@ struct Inflight {
 /// The handle of the connection currently attached to a session.
 #[derive(Debug, Default)]
 pub struct Link {
-    /// Notified when another connection takes the session over (or the server shuts down).
+    /// Notified when another connection takes the session over (or the server shuts down),
+    /// or when its credentials were revoked (`revoked` set first).
     pub kick: Notify,
+    pub revoked: std::sync::atomic::AtomicBool,
 }
 
 /// The mutable part of a session.

@@ -433,12 +433,12 @@ mod tests {
 
     use std::sync::Arc;
 
-    use policy::Enforcer;
     use twin::entity::EntityKind;
     use twin::store::{EmbeddedStore, StoreOptions, TwinStore};
 
     use super::{remove, save, store_delivery};
-    use crate::auth::solution::{SolutionId, default_policy};
+    use crate::auth::secret::Digest;
+    use crate::auth::solution::{Solution, SolutionId, default_policy};
     use crate::core::message::{Delivery, Message, Origin};
     use crate::core::session::Session;
     use crate::core::space::SolutionSpace;
@@ -449,10 +449,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(StoreOptions::new(dir.path())).unwrap();
         let id = SolutionId::parse("acme").unwrap();
-        let space = SolutionSpace::new(
-            id.clone(),
-            Arc::new(Enforcer::compile(&default_policy(&id).unwrap())),
-        );
+        let space = SolutionSpace::new(Arc::new(Solution {
+            id: id.clone(),
+            api_token_digest: Digest::of("token"),
+            secrets: Vec::new(),
+            namespaces: Vec::new(),
+            policy: default_policy(&id).unwrap(),
+        }));
         let session = |client: &str| {
             let subjects: Arc<[String]> = vec!["iot-things:acme".to_owned()].into();
             let view = space

@@ -13,7 +13,7 @@ use policy::Enforcer;
 
 use crate::auth::solution::{Solution, SolutionId};
 use crate::core::message::Message;
-use crate::core::session::Session;
+use crate::core::session::{Link, Session};
 use crate::core::topics::TopicTree;
 use crate::mqtt::codec::SubscriptionOptions;
 
@@ -32,9 +32,15 @@ pub struct Subscriber {
 #[derive(Debug)]
 pub struct SolutionSpace {
     pub id: SolutionId,
-    /// The compiled solution policy. Fixed while the server runs: solution policies change on
-    /// a stopped data dir (`thingsgate solution policy set`).
-    policy: Arc<Enforcer>,
+    /// The solution as it is now (namespaces, secrets, policy) and its compiled policy:
+    /// replaced whole when the solution is changed online (`Core::solution_changed`), seen by
+    /// the next check of every connection.
+    current: RwLock<(Arc<Solution>, Arc<Enforcer>)>,
+    /// The connections opened with each solution secret (by secret ID), to end them when it
+    /// is revoked.
+    by_secret: Mutex<HashMap<Box<str>, Vec<std::sync::Weak<Link>>>>,
+    /// Usage counters (DESIGN.md §1).
+    pub usage: Usage,
     pub tree: RwLock<TopicTree<Subscriber>>,
     /// Retained messages by topic name.
     pub retained: RwLock<HashMap<Box<str>, Arc<Message>>>,
@@ -66,11 +72,30 @@ fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// A solution's usage counters, kept as it is used (relaxed atomics).
+#[derive(Debug, Default)]
+pub struct Usage {
+    pub messages_in: AtomicU64,
+    pub messages_out: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub denied: AtomicU64,
+}
+
+impl Usage {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
 impl SolutionSpace {
-    pub fn new(id: SolutionId, policy: Arc<Enforcer>) -> Self {
+    pub fn new(solution: Arc<Solution>) -> Self {
+        let policy = Arc::new(Enforcer::compile(&solution.policy));
         SolutionSpace {
-            id,
-            policy,
+            id: solution.id.clone(),
+            current: RwLock::new((solution, policy)),
+            by_secret: Mutex::new(HashMap::new()),
+            usage: Usage::default(),
             tree: RwLock::new(TopicTree::new()),
             retained: RwLock::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
@@ -102,7 +127,54 @@ impl SolutionSpace {
 
     /// The solution policy's current compiled revision.
     pub fn policy(&self) -> Arc<Enforcer> {
-        self.policy.clone()
+        read(&self.current).1.clone()
+    }
+
+    /// The solution as it is now.
+    pub fn solution(&self) -> Arc<Solution> {
+        read(&self.current).0.clone()
+    }
+
+    /// Whether the solution owns `namespace` now.
+    pub fn owns(&self, namespace: &str) -> bool {
+        read(&self.current)
+            .0
+            .namespaces
+            .iter()
+            .any(|n| n == namespace)
+    }
+
+    /// A publish, subscription, delivery or command of this solution was denied: counted in
+    /// the metrics (by kind) and in the solution's usage.
+    pub fn denied(&self, metrics: &crate::metrics::Metrics, kind: &'static str) {
+        metrics.denied(self.id.as_str(), kind);
+        Usage::add(&self.usage.denied, 1);
+    }
+
+    /// The solution changed: its namespaces and policy apply from the next check on.
+    pub fn replace_solution(&self, solution: Arc<Solution>) {
+        let policy = Arc::new(Enforcer::compile(&solution.policy));
+        *write(&self.current) = (solution, policy);
+    }
+
+    /// Remembers that `link` connected with secret `secret_id`.
+    pub fn opened_with_secret(&self, secret_id: &str, link: &Arc<Link>) {
+        let mut by_secret = lock(&self.by_secret);
+        let links = by_secret.entry(secret_id.into()).or_default();
+        if links.len() >= 16 && links.len().is_power_of_two() {
+            links.retain(|l| l.strong_count() > 0);
+        }
+        links.push(Arc::downgrade(link));
+    }
+
+    /// The connections still open with secret `secret_id` (forgotten here).
+    pub fn take_secret_links(&self, secret_id: &str) -> Vec<Arc<Link>> {
+        lock(&self.by_secret)
+            .remove(secret_id)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect()
     }
 
     pub fn tree_read(&self) -> RwLockReadGuard<'_, TopicTree<Subscriber>> {
@@ -217,8 +289,7 @@ impl Spaces {
         write(&self.spaces)
             .entry(solution.id.clone())
             .or_insert_with(|| {
-                let enforcer = Arc::new(Enforcer::compile(&solution.policy));
-                let mut space = SolutionSpace::new(solution.id.clone(), enforcer);
+                let mut space = SolutionSpace::new(Arc::new(solution.clone()));
                 space.max_retained = self.max_retained;
                 Arc::new(space)
             })

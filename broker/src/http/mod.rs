@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod messages;
+pub mod solutions;
 pub mod sse;
 pub mod twin;
 
@@ -72,6 +73,7 @@ pub async fn start(core: Arc<Core>, address: &str) -> std::io::Result<SocketAddr
         .route("/health", get(health))
         .route("/ready", get(ready))
         .merge(twin::routes())
+        .merge(solutions::routes())
         .layer(axum::middleware::from_fn_with_state(core.clone(), count))
         .with_state(core);
     tokio::spawn(async move {

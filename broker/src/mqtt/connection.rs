@@ -174,7 +174,13 @@ impl Conn {
             let may_read = self.in_order.len() < usize::from(self.core.settings.receive_maximum);
             tokio::select! {
                 biased;
-                _ = link.kick.notified() => return Close::TakenOver,
+                _ = link.kick.notified() => {
+                    return if link.revoked.load(std::sync::atomic::Ordering::Acquire) {
+                        Close::CredentialsRevoked
+                    } else {
+                        Close::TakenOver
+                    };
+                }
                 _ = shutdown.changed() => return Close::ShuttingDown,
                 read = self.io.read_into(&mut self.rbuf), if may_read => {
                     match read {

@@ -158,6 +158,8 @@ pub enum Close {
     ReceiveMaximumExceeded,
     TopicAliasInvalid,
     TakenOver,
+    /// The solution secret it connected with was revoked.
+    CredentialsRevoked,
     ShuttingDown,
     KeepAliveTimeout,
     TokenExpired,
@@ -183,6 +185,7 @@ impl Close {
             Close::ShuttingDown => ReasonCode::ServerShuttingDown,
             Close::KeepAliveTimeout => ReasonCode::KeepAliveTimeout,
             Close::TokenExpired
+            | Close::CredentialsRevoked
             | Close::ReauthWithoutToken
             | Close::ReauthRefused
             | Close::ReauthOtherIdentity => ReasonCode::NotAuthorized,
@@ -199,7 +202,11 @@ impl Close {
 
     /// The reason string of the server's DISCONNECT, where one helps the client.
     pub fn reason_string(self) -> Option<&'static str> {
-        (self == Close::TokenExpired).then_some("token expired")
+        match self {
+            Close::TokenExpired => Some("token expired"),
+            Close::CredentialsRevoked => Some("credentials revoked"),
+            _ => None,
+        }
     }
 
     pub fn label(self) -> &'static str {
@@ -224,6 +231,7 @@ impl Close {
             Close::ReceiveMaximumExceeded => "receive_maximum_exceeded",
             Close::TopicAliasInvalid => "topic_alias_invalid",
             Close::TakenOver => "session_taken_over",
+            Close::CredentialsRevoked => "credentials_revoked",
             Close::ShuttingDown => "server_shutting_down",
             Close::KeepAliveTimeout => "keep_alive_timeout",
             Close::TokenExpired => "token_expired",

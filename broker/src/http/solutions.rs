@@ -1,0 +1,169 @@
+//! Solution administration under `/api/2/solutions/{solutionId}` (DESIGN.md §1, §7): each
+//! route one [`Admin`] request of the core, which authorizes it by the solution policy and
+//! applies it to live connections. A new secret is shown once, in the answer that creates it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+
+use crate::core::Core;
+use crate::core::admin::{Admin, AdminAnswer};
+use crate::http::auth;
+use crate::http::twin::ditto_error;
+
+/// The routes of this module.
+pub fn routes() -> Router<Arc<Core>> {
+    Router::new()
+        .route("/api/2/solutions/{solution_id}", get(show))
+        .route("/api/2/solutions/{solution_id}/namespaces", get(namespaces))
+        .route(
+            "/api/2/solutions/{solution_id}/namespaces/{namespace}",
+            put(add_namespace).delete(remove_namespace),
+        )
+        .route(
+            "/api/2/solutions/{solution_id}/secrets",
+            get(secrets).post(add_secret),
+        )
+        .route(
+            "/api/2/solutions/{solution_id}/secrets/{secret_id}",
+            axum::routing::delete(revoke_secret),
+        )
+        .route(
+            "/api/2/solutions/{solution_id}/policy",
+            get(policy).put(set_policy),
+        )
+        .route("/api/2/solutions/{solution_id}/clients", get(clients))
+        .route("/api/2/solutions/{solution_id}/usage", get(usage))
+}
+
+/// Authenticates the request and carries out `request` on `solution_id`.
+async fn administer(
+    core: Arc<Core>,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    solution_id: &str,
+    request: Admin,
+) -> Response {
+    let identity = match auth::authenticate(&core, headers, peer.ip()).await {
+        Ok(identity) => identity,
+        Err(u) => return u.into_response(),
+    };
+    let client = core.transient(identity);
+    let answer = core.administer(&client, solution_id, request).await;
+    core.release(&client);
+    match answer {
+        Ok(AdminAnswer::Value(value)) => (StatusCode::OK, axum::Json(value)).into_response(),
+        Ok(AdminAnswer::Created(value)) => (StatusCode::CREATED, axum::Json(value)).into_response(),
+        Ok(AdminAnswer::Done) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => ditto_error(&e),
+    }
+}
+
+type Peer = ConnectInfo<SocketAddr>;
+
+async fn show(
+    State(core): State<Arc<Core>>,
+    ConnectInfo(peer): Peer,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    administer(core, peer, &headers, &id, Admin::Show).await
+}
+
+async fn namespaces(
+    State(core): State<Arc<Core>>,
+    ConnectInfo(peer): Peer,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    administer(core, peer, &headers, &id, Admin::Namespaces).await
+}
+
+async fn add_namespace(
+    State(core): State<Arc<Core>>,
+    ConnectInfo(peer): Peer,
+    Path((id, ns)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    administer(core, peer, &headers, &id, Admin::AddNamespace(ns)).await
+}
+
+async fn remove_namespace(
+    State(core): State<Arc<Core>>,
+    ConnectInfo(peer): Peer,
+    Path((id, ns)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    administer(core, peer, &headers, &id, Admin::RemoveNamespace(ns)).await
+}
+
+async fn secrets(
+    State(core): State<Arc<Core>>,
+    ConnectInfo(peer): Peer,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    administer(core, peer, &headers, &id, Admin::Secrets).await
+}
+
+async fn add_secret(
+    State(core): State<Arc<Core>>,
+    ConnectInfo(peer): Peer,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    administer(core, peer, &headers, &id, Admin::AddSecret).await
+}
+
+async fn revoke_secret(
+    State(core): State<Arc<Core>>,
+    ConnectInfo(peer): Peer,
+    Path((id, secret_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    administer(core, peer, &headers, &id, Admin::RevokeSecret(secret_id)).await
+}
+
+async fn policy(
+    State(core): State<Arc<Core>>,
+    ConnectInfo(peer): Peer,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    administer(core, peer, &headers, &id, Admin::Policy).await
+}
+
+async fn set_policy(
+    State(core): State<Arc<Core>>,
+    ConnectInfo(peer): Peer,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let text = String::from_utf8_lossy(&body).into_owned();
+    administer(core, peer, &headers, &id, Admin::SetPolicy(text)).await
+}
+
+async fn clients(
+    State(core): State<Arc<Core>>,
+    ConnectInfo(peer): Peer,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    administer(core, peer, &headers, &id, Admin::Clients).await
+}
+
+async fn usage(
+    State(core): State<Arc<Core>>,
+    ConnectInfo(peer): Peer,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    administer(core, peer, &headers, &id, Admin::Usage).await
+}
