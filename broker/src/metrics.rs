@@ -7,6 +7,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -27,6 +28,43 @@ pub struct HttpLabels {
     pub route: String,
     pub method: String,
     pub status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// `plain`, `command`, `message` (in); `plain`, `event`, `live`, `answer` (out).
+    pub kind: &'static str,
+}
+
+/// Counters of one label each, taken from their family once (a hot-path add is one atomic).
+#[derive(Debug, Clone)]
+pub struct ByKind {
+    pub plain: Counter,
+    pub command: Counter,
+    pub message: Counter,
+    pub event: Counter,
+    pub live: Counter,
+    pub answer: Counter,
+}
+
+impl ByKind {
+    fn of(family: &Family<KindLabel, Counter>, kinds: &[&'static str]) -> Self {
+        let get = |kind: &'static str| {
+            if kinds.contains(&kind) {
+                family.get_or_create(&KindLabel { kind }).clone()
+            } else {
+                Counter::default()
+            }
+        };
+        ByKind {
+            plain: get("plain"),
+            command: get("command"),
+            message: get("message"),
+            event: get("event"),
+            live: get("live"),
+            answer: get("answer"),
+        }
+    }
 }
 
 /// Every metric the broker keeps.
@@ -50,6 +88,13 @@ pub struct Metrics {
     pub sessions_taken_over: Counter,
     /// HTTP requests by route, method and status.
     pub http_requests: Family<HttpLabels, Counter>,
+    /// Requests the core executed, by kind (`plain`, `command`, `message`).
+    pub core_in: ByKind,
+    /// Deliveries the fan-out queued, by kind (`plain`, `event`, `live`; `answer`: to the
+    /// requester).
+    pub core_out: ByKind,
+    /// How long the fan-out of one message took (sampled: one message in 64).
+    pub dispatch_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -68,7 +113,32 @@ impl Default for Metrics {
             protocol_errors: Family::default(),
             sessions_taken_over: Counter::default(),
             http_requests: Family::default(),
+            core_in: ByKind::of(&Family::default(), &[]),
+            core_out: ByKind::of(&Family::default(), &[]),
+            dispatch_seconds: Histogram::new(exponential_buckets(0.000_002, 4.0, 10)),
         };
+        let core_in_family = Family::<KindLabel, Counter>::default();
+        let core_out_family = Family::<KindLabel, Counter>::default();
+        let m = Metrics {
+            core_in: ByKind::of(&core_in_family, &["plain", "command", "message"]),
+            core_out: ByKind::of(&core_out_family, &["plain", "event", "live", "answer"]),
+            ..m
+        };
+        registry.register(
+            "messages_in",
+            "Requests executed by the core, by kind",
+            core_in_family,
+        );
+        registry.register(
+            "messages_out",
+            "Deliveries queued by the fan-out, by kind",
+            core_out_family,
+        );
+        registry.register(
+            "dispatch_seconds",
+            "Time to fan one message out to its subscribers (one message in 64 is measured)",
+            m.dispatch_seconds.clone(),
+        );
         registry.register(
             "connections_accepted",
             "TCP/TLS connections accepted",
@@ -166,11 +236,19 @@ impl Metrics {
             .inc();
     }
 
-    /// The exposition text (`text/plain; version=0.0.4` / OpenMetrics).
-    pub fn encode(&self) -> String {
+    /// The exposition text (OpenMetrics), with `extra` metric families written before its
+    /// end (values read at scrape time: `crate::core::stats`).
+    pub fn encode(&self, extra: &str) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        if let Some(body) = out.strip_suffix("# EOF\n") {
+            let mut whole = String::with_capacity(out.len() + extra.len());
+            whole.push_str(body);
+            whole.push_str(extra);
+            whole.push_str("# EOF\n");
+            return whole;
+        }
         out
     }
 }

@@ -113,6 +113,7 @@ impl Harness {
         let request = SessionRequest {
             clean_start: true,
             expiry_seconds: 0,
+            protocol: crate::core::session::Protocol::Mqtt,
         };
         match self.core.attach(identity, request) {
             Ok(attached) => TestClient(attached.client),

@@ -662,3 +662,72 @@ async fn a_live_message_over_http_reaches_the_device_and_returns_its_answer() {
     );
     e2e::protocol_support::assert_silent(&mut device, "bob's denied message was routed").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_connections_requests_decisions_the_cache_and_the_journal() {
+    let (broker, solution, api) = started();
+    create_lamp(&api, &solution).await;
+    let mut device = connected(broker.mqtt_addr(), Protocol::V5, "device", &solution).await;
+    assert_eq!(
+        publish_qos1(
+            &mut device,
+            "org.acme/lamp/things/twin/commands/modify/attributes/room",
+            b"\"attic\"",
+            1
+        )
+        .await,
+        0
+    );
+    let alice = Auth::bearer(&token_with_claim("alice", &solution), None);
+    let denied = api
+        .put(
+            "/api/2/things/org.acme:lamp/attributes/room",
+            &alice,
+            &json!("x"),
+        )
+        .await;
+    assert_eq!(denied.status, 403);
+    let metrics = api.get("/metrics", &Auth::None).await;
+    assert_eq!(metrics.status, 200);
+    let text = metrics.body.as_str().unwrap_or_default().to_owned();
+    let value = |line_start: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(line_start))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no `{line_start}` in the metrics:\n{text}"))
+    };
+    let solution_label = format!("solution=\"{}\"", solution.id);
+    assert_eq!(
+        value(&format!(
+            "thingsgate_connections{{protocol=\"mqtt\",{solution_label}}}"
+        )),
+        1.0
+    );
+    assert!(value("thingsgate_messages_in_total{kind=\"command\"}") >= 3.0);
+    assert!(
+        value(&format!(
+            "thingsgate_authorizations_total{{{solution_label},outcome=\"denied\"}}"
+        )) >= 1.0
+    );
+    assert!(
+        value(&format!(
+            "thingsgate_authorizations_total{{{solution_label},outcome=\"allowed\"}}"
+        )) >= 3.0
+    );
+    assert!(value("thingsgate_journal_fsync_seconds_count") >= 3.0);
+    assert!(value("thingsgate_journal_batch_writes_count") >= 3.0);
+    assert!(value("thingsgate_policy_cache_size") >= 1.0);
+    assert!(value("thingsgate_policy_cache_lookups_total{result=\"hit\"}") >= 1.0);
+    assert!(
+        value(
+            "thingsgate_http_requests_total{route=\"/api/2/things/{thing_id}/{*path}\",method=\"PUT\",status=\"403\"}"
+        ) >= 1.0,
+        "{text}"
+    );
+    assert!(text.ends_with("# EOF\n"));
+    assert!(
+        !text.contains(&solution.secret) && !text.contains(&solution.api_token),
+        "no credential in the metrics"
+    );
+}

@@ -219,8 +219,28 @@ fn fan_out(
     metrics: &Metrics,
     now: Timestamp,
 ) -> usize {
-    route(space, topic, publisher, max_qos, |session, target| {
+    let started = sampled().then(std::time::Instant::now);
+    let queued = route(space, topic, publisher, max_qos, |session, target| {
         offer(space, session, judged, journal, target, metrics, now)
+    });
+    if let Some(started) = started {
+        metrics
+            .dispatch_seconds
+            .observe(started.elapsed().as_secs_f64());
+    }
+    queued
+}
+
+/// Whether this fan-out is timed: one in 64 per thread (timing each would cost a lock of the
+/// histogram per message).
+fn sampled() -> bool {
+    thread_local! {
+        static COUNT: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+    COUNT.with(|c| {
+        let n = c.get().wrapping_add(1);
+        c.set(n);
+        n % 64 == 1
     })
 }
 
@@ -238,6 +258,7 @@ fn offer(
     let mut state = session.lock();
     match judged.judge(&mut state, target, now) {
         Some(mut delivery) => {
+            Usage::add(&space.usage.allowed, 1);
             if let Some(store) = journal.store
                 && delivery.qos != QoS::AtMostOnce
                 && Session::has_room(&state)
@@ -266,6 +287,11 @@ fn offer(
             if queued {
                 Usage::add(&space.usage.messages_out, 1);
                 Usage::add(&space.usage.bytes_out, bytes);
+                match judged {
+                    Judged::Plain { .. } => metrics.core_out.plain.inc(),
+                    Judged::Event { .. } => metrics.core_out.event.inc(),
+                    Judged::Live { .. } => metrics.core_out.live.inc(),
+                };
             }
             queued
         }

@@ -351,7 +351,31 @@ impl Core {
     /// the requester alone, as `reply` says.
     pub fn execute(&self, client: &Client, request: Request<'_>, reply: ReplyTo) -> Outcome {
         let now = now();
-        Usage::add(&client.space.usage.messages_in, 1);
+        let usage = &client.space.usage;
+        Usage::add(&usage.messages_in, 1);
+        match &request {
+            Request::Plain { .. } => self.metrics.core_in.plain.inc(),
+            Request::Message { .. } => self.metrics.core_in.message.inc(),
+            Request::Command(_) => self.metrics.core_in.command.inc(),
+        };
+        let outcome = self.execute_request(client, request, reply, now);
+        let allowed = match &outcome {
+            Outcome::Now(told) => told.verdict != Verdict::NotAuthorized,
+            Outcome::Pending(_) => true,
+        };
+        if allowed {
+            Usage::add(&usage.allowed, 1);
+        }
+        outcome
+    }
+
+    fn execute_request(
+        &self,
+        client: &Client,
+        request: Request<'_>,
+        reply: ReplyTo,
+        now: Timestamp,
+    ) -> Outcome {
         match request {
             Request::Plain {
                 topic,
@@ -666,6 +690,7 @@ fn answer_requester(session: &Session, reply: &ReplyTo, answer: &Envelope, metri
         message,
         stored: None,
     };
+    metrics.core_out.answer.inc();
     session.enqueue(session.lock(), delivery, metrics);
 }
 

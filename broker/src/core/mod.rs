@@ -29,6 +29,7 @@ pub mod retained;
 pub mod session;
 pub mod sessions;
 pub mod space;
+pub mod stats;
 pub mod topics;
 pub mod twins;
 
@@ -141,6 +142,8 @@ pub struct SessionRequest {
     /// Seconds the session outlives its connection (0: ends with it; `u32::MAX`: never),
     /// before the broker's cap.
     pub expiry_seconds: u32,
+    /// How the client connects (for metrics).
+    pub protocol: session::Protocol,
 }
 
 /// A session granted by [`Core::attach`].
@@ -205,7 +208,7 @@ impl Core {
             tracing::warn!(solution = %space.id, limit = settings.max_sessions, "session limit reached");
             return Err(SessionLimit);
         }
-        let link = Arc::new(Link::default());
+        let link = Arc::new(Link::new(request.protocol));
         if let Some(secret_id) = &identity.secret_id {
             space.opened_with_secret(secret_id, &link);
         }
@@ -280,7 +283,7 @@ impl Core {
             0,
             self.settings.max_queued_messages,
         ));
-        let link = Arc::new(Link::default());
+        let link = Arc::new(Link::new(session::Protocol::Http));
         session.lock().link = Some(link.clone());
         Client {
             identity,

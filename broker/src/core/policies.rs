@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use policy::{Enforcer, PolicyCache};
@@ -63,6 +64,9 @@ pub struct Policies {
     /// For policies with imports: each imported policy's revision when the importer was
     /// compiled.
     imports: RwLock<HashMap<Box<str>, ImportRevisions>>,
+    /// Lookups answered from the cache, and compilations (for metrics).
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
 }
 
 fn policy_key(id: &str) -> EntityKey {
@@ -75,6 +79,8 @@ impl Policies {
             store,
             cache: PolicyCache::new(100_000),
             imports: RwLock::new(HashMap::new()),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
         }
     }
 
@@ -121,8 +127,10 @@ impl Policies {
             && cached.revision == entity.revision
             && self.imports_unchanged(id)
         {
+            self.hits.fetch_add(1, Ordering::Relaxed);
             return Some(cached.enforcer);
         }
+        self.misses.fetch_add(1, Ordering::Relaxed);
         // Stored policies were validated when written; one that no longer parses grants nothing.
         let policy = policy::policy_from_value(&entity.doc).ok()?;
         let mut revisions = Vec::with_capacity(policy.imports.len());
@@ -150,6 +158,11 @@ impl Policies {
         }
         self.cache.insert(id, entity.revision, enforcer.clone());
         Some(enforcer)
+    }
+
+    /// How many compiled policies the cache holds.
+    pub fn cached(&self) -> usize {
+        self.cache.len()
     }
 
     /// Whether the policies `id` imports are at the revisions its cached enforcer was compiled

@@ -42,12 +42,45 @@ struct Inflight {
 }
 
 /// The handle of the connection currently attached to a session.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Link {
     /// Notified when another connection takes the session over (or the server shuts down),
     /// or when its credentials were revoked (`revoked` set first).
     pub kick: Notify,
     pub revoked: std::sync::atomic::AtomicBool,
+    /// How the client is connected (for metrics).
+    pub protocol: Protocol,
+}
+
+/// The ways a client holds a session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Protocol {
+    #[default]
+    Mqtt,
+    #[allow(dead_code)] // until the WebSocket transport lands
+    MqttWebSocket,
+    /// A request or stream of the HTTP API.
+    Http,
+}
+
+impl Protocol {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Mqtt => "mqtt",
+            Protocol::MqttWebSocket => "mqtt-ws",
+            Protocol::Http => "http",
+        }
+    }
+}
+
+impl Link {
+    pub fn new(protocol: Protocol) -> Self {
+        Link {
+            kick: Notify::new(),
+            revoked: std::sync::atomic::AtomicBool::new(false),
+            protocol,
+        }
+    }
 }
 
 /// The mutable part of a session.

@@ -75,6 +75,8 @@ fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 /// A solution's usage counters, kept as it is used (relaxed atomics).
 #[derive(Debug, Default)]
 pub struct Usage {
+    /// Requests and deliveries allowed (the other authorization outcome is `denied`).
+    pub allowed: AtomicU64,
     pub messages_in: AtomicU64,
     pub messages_out: AtomicU64,
     pub bytes_in: AtomicU64,
@@ -279,6 +281,11 @@ impl Spaces {
             spaces: RwLock::new(HashMap::new()),
             max_retained,
         }
+    }
+
+    /// Every solution's space.
+    pub fn all(&self) -> Vec<Arc<SolutionSpace>> {
+        read(&self.spaces).values().cloned().collect()
     }
 
     /// The space of `solution`, created (its policy compiled once) if new.

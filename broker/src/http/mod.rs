@@ -28,7 +28,7 @@ async fn metrics(State(core): State<Arc<Core>>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        core.metrics.encode(),
+        core.metrics_text(),
     )
 }
 

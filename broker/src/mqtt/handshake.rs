@@ -181,6 +181,7 @@ async fn accept(
     let request = SessionRequest {
         clean_start: connect.clean_start,
         expiry_seconds,
+        protocol: io.protocol(),
     };
     let Attached {
         client,

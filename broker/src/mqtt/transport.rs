@@ -15,6 +15,11 @@ pub enum Transport {
 }
 
 impl Transport {
+    /// The protocol a client on this socket speaks, for the core's metrics.
+    pub fn protocol(&self) -> crate::core::session::Protocol {
+        crate::core::session::Protocol::Mqtt
+    }
+
     /// Reads what is available into `buf` (0: the peer closed). Cancel-safe. TCP waits for
     /// readability before reserving buffer space, so an idle connection holds none.
     pub async fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {

@@ -117,7 +117,7 @@ use crate::entity::{Entity, EntityKey, EntityKind, Event};
 
 pub use embedded::EmbeddedStore;
 pub use error::{StoreError, WriteError};
-pub use writer::JournalStats;
+pub use writer::{BATCH_WRITES_BOUNDS, JournalStats, SYNC_MICROS_BOUNDS};
 
 /// A store of twins (things, policies, solutions). Object-safe: the broker holds an
 /// `Arc<dyn TwinStore>`; use [`TwinStoreExt::write`] to write.

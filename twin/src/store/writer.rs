@@ -59,6 +59,44 @@ pub(crate) struct Journal {
     batches: AtomicU64,
     writes: AtomicU64,
     bytes: AtomicU64,
+    /// How long each batch's write and `fsync` took, and how many writes it held.
+    sync_micros: Buckets,
+    batch_writes: Buckets,
+}
+
+/// Upper bounds of the `fsync` latency buckets, in microseconds.
+pub const SYNC_MICROS_BOUNDS: [u64; 10] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000,
+];
+/// Upper bounds of the batch-size buckets, in writes.
+pub const BATCH_WRITES_BOUNDS: [u64; 10] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024];
+
+/// A histogram of counts by upper bound (the last slot: above every bound), with its sum.
+#[derive(Debug, Default)]
+struct Buckets {
+    counts: [AtomicU64; 11],
+    sum: AtomicU64,
+}
+
+impl Buckets {
+    fn observe(&self, bounds: &[u64; 10], value: u64) {
+        let slot = bounds
+            .iter()
+            .position(|&b| value <= b)
+            .unwrap_or(bounds.len());
+        if let Some(count) = self.counts.get(slot) {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum.fetch_add(value, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> ([u64; 11], u64) {
+        let mut counts = [0; 11];
+        for (out, count) in counts.iter_mut().zip(&self.counts) {
+            *out = count.load(Ordering::Relaxed);
+        }
+        (counts, self.sum.load(Ordering::Relaxed))
+    }
 }
 
 /// What the journal writer has made durable since the store was opened.
@@ -69,6 +107,11 @@ pub struct JournalStats {
     /// Writes (calls that appended events) completed.
     pub writes: u64,
     pub bytes: u64,
+    /// Batches by how long their write and `fsync` took: counts per bucket of
+    /// [`SYNC_MICROS_BOUNDS`] (the last: longer), and the sum in microseconds.
+    pub sync_micros: ([u64; 11], u64),
+    /// Batches by how many writes they held ([`BATCH_WRITES_BOUNDS`]), and the sum.
+    pub batch_writes: ([u64; 11], u64),
 }
 
 #[derive(Debug)]
@@ -143,6 +186,8 @@ impl Journal {
             batches: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            sync_micros: Buckets::default(),
+            batch_writes: Buckets::default(),
         }
     }
 
@@ -151,6 +196,8 @@ impl Journal {
             batches: self.batches.load(Ordering::Relaxed),
             writes: self.writes.load(Ordering::Relaxed),
             bytes: self.bytes.load(Ordering::Relaxed),
+            sync_micros: self.sync_micros.snapshot(),
+            batch_writes: self.batch_writes.snapshot(),
         }
     }
 
@@ -347,8 +394,14 @@ impl Writer {
         let mut waiters = Vec::new();
         while let Some(mut batch) = self.take(&mut bytes, &mut waiters) {
             let roll_at = batch.roll.as_ref().map(|r| (r.at, r.last_seq));
+            let started = Instant::now();
             match self.commit(&bytes, roll_at, batch.end_seq) {
                 Ok(()) => {
+                    let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    journal.sync_micros.observe(&SYNC_MICROS_BOUNDS, micros);
+                    journal
+                        .batch_writes
+                        .observe(&BATCH_WRITES_BOUNDS, batch.waiters.len() as u64);
                     journal.batches.fetch_add(1, Ordering::Relaxed);
                     journal
                         .writes

@@ -1,0 +1,186 @@
+//! Metrics read at scrape time from the core's own state rather than counted on the hot path:
+//! connections by protocol and solution, authorization decisions and usage per solution, the
+//! policy cache, and the journal's `fsync` latency and batch sizes. Written in the Prometheus /
+//! OpenMetrics text format after the registry's families (`Metrics::encode`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+
+use twin::store::{BATCH_WRITES_BOUNDS, SYNC_MICROS_BOUNDS};
+
+use crate::core::Core;
+
+/// Escapes a label value (`\`, `"` and newlines).
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP thingsgate_{name} {help}");
+    let _ = writeln!(out, "# TYPE thingsgate_{name} {kind}");
+}
+
+/// A histogram from bucket counts (`counts[i]`: observations ≤ `bounds[i]`, the last: above
+/// all), its sum, and a unit scale (bounds and sum are divided by it).
+fn histogram(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    bounds: &[u64],
+    (counts, sum): &([u64; 11], u64),
+    scale: f64,
+) {
+    header(out, name, "histogram", help);
+    let mut cumulative = 0;
+    for (bound, count) in bounds.iter().zip(counts.iter()) {
+        cumulative += count;
+        let _ = writeln!(
+            out,
+            "thingsgate_{name}_bucket{{le=\"{}\"}} {cumulative}",
+            *bound as f64 / scale
+        );
+    }
+    let total: u64 = counts.iter().sum();
+    let _ = writeln!(out, "thingsgate_{name}_bucket{{le=\"+Inf\"}} {total}");
+    let _ = writeln!(out, "thingsgate_{name}_sum {}", *sum as f64 / scale);
+    let _ = writeln!(out, "thingsgate_{name}_count {total}");
+}
+
+impl Core {
+    /// The whole `/metrics` text.
+    pub fn metrics_text(&self) -> String {
+        let mut out = String::new();
+        let spaces = self.spaces.all();
+        // Connections by protocol and solution.
+        let mut connections: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
+        for space in &spaces {
+            for session in space.sessions().values() {
+                if let Some(link) = &session.lock().link {
+                    *connections
+                        .entry((space.id.to_string(), link.protocol.as_str()))
+                        .or_default() += 1;
+                }
+            }
+        }
+        header(
+            &mut out,
+            "connections",
+            "gauge",
+            "Clients attached to a session now, by protocol and solution",
+        );
+        for ((solution, protocol), n) in &connections {
+            let _ = writeln!(
+                out,
+                "thingsgate_connections{{protocol=\"{protocol}\",solution=\"{}\"}} {n}",
+                label(solution)
+            );
+        }
+        // Authorization decisions and usage per solution.
+        header(
+            &mut out,
+            "authorizations",
+            "counter",
+            "Authorization decisions (requests and deliveries) by solution and outcome",
+        );
+        for space in &spaces {
+            let u = &space.usage;
+            let solution = label(space.id.as_str());
+            for (outcome, n) in [("allowed", &u.allowed), ("denied", &u.denied)] {
+                let _ = writeln!(
+                    out,
+                    "thingsgate_authorizations_total{{solution=\"{solution}\",outcome=\"{outcome}\"}} {}",
+                    n.load(Ordering::Relaxed)
+                );
+            }
+        }
+        header(
+            &mut out,
+            "solution_messages",
+            "counter",
+            "Messages in (requests) and out (deliveries) per solution",
+        );
+        for space in &spaces {
+            let u = &space.usage;
+            let solution = label(space.id.as_str());
+            for (direction, n) in [("in", &u.messages_in), ("out", &u.messages_out)] {
+                let _ = writeln!(
+                    out,
+                    "thingsgate_solution_messages_total{{solution=\"{solution}\",direction=\"{direction}\"}} {}",
+                    n.load(Ordering::Relaxed)
+                );
+            }
+        }
+        header(
+            &mut out,
+            "solution_bytes",
+            "counter",
+            "Payload bytes in (MQTT publishes) and out (deliveries) per solution",
+        );
+        for space in &spaces {
+            let u = &space.usage;
+            let solution = label(space.id.as_str());
+            for (direction, n) in [("in", &u.bytes_in), ("out", &u.bytes_out)] {
+                let _ = writeln!(
+                    out,
+                    "thingsgate_solution_bytes_total{{solution=\"{solution}\",direction=\"{direction}\"}} {}",
+                    n.load(Ordering::Relaxed)
+                );
+            }
+        }
+        // The policy cache.
+        let policies = &self.twins.policies;
+        header(
+            &mut out,
+            "policy_cache_lookups",
+            "counter",
+            "Policy lookups answered from the compiled cache (hit) or compiled (miss)",
+        );
+        let _ = writeln!(
+            out,
+            "thingsgate_policy_cache_lookups_total{{result=\"hit\"}} {}",
+            policies.hits.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "thingsgate_policy_cache_lookups_total{{result=\"miss\"}} {}",
+            policies.misses.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "policy_cache_size",
+            "gauge",
+            "Compiled policies in the cache",
+        );
+        let _ = writeln!(out, "thingsgate_policy_cache_size {}", policies.cached());
+        // The journal.
+        let journal = self.twins.store.journal_stats();
+        histogram(
+            &mut out,
+            "journal_fsync_seconds",
+            "Time to write and fsync one journal batch",
+            &SYNC_MICROS_BOUNDS,
+            &journal.sync_micros,
+            1e6,
+        );
+        histogram(
+            &mut out,
+            "journal_batch_writes",
+            "Writes made durable by one journal batch (one fsync)",
+            &BATCH_WRITES_BOUNDS,
+            &journal.batch_writes,
+            1.0,
+        );
+        header(
+            &mut out,
+            "journal_bytes",
+            "counter",
+            "Bytes written to the journal",
+        );
+        let _ = writeln!(out, "thingsgate_journal_bytes_total {}", journal.bytes);
+        self.metrics.encode(&out)
+    }
+}
