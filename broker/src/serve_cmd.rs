@@ -138,7 +138,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         )
         .await?;
         let http = match &args.http {
-            Some(address) => Some(crate::http::start(server.core.clone(), address).await?),
+            Some(address) => {
+                Some(crate::http::start(server.core.clone(), server.websocket(), address).await?)
+            }
             None => None,
         };
         {

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""An independent MQTT client for Thingsgate's end-to-end tests (tests/tests/mqtt_clients.rs).
+"""An independent MQTT client for Thingsgate's end-to-end tests (tests/tests/mqtt_clients.rs,
+tests/tests/mqtt_websocket.rs).
 
-With Eclipse Paho (PyPI `paho-mqtt` 2.x): connect, subscribe at QoS 1, publish at QoS 1 to the
-subscribed topic, receive the message back; or, with --expect-refused, check that the CONNECT is
-refused. Every wait is bounded by --timeout.
+With Eclipse Paho (PyPI `paho-mqtt` 2.x), over TCP or WebSockets (--transport websockets, path
+--ws-path): connect, subscribe at QoS 1, publish to the subscribed topic at each --qos (default:
+1) and receive each message back at that QoS; or, with --expect-refused, check that the CONNECT
+is refused. Every wait is bounded by --timeout.
 
 Prints one line per step on stdout; exit code 0 on success, 1 on a failed check, 2 when
 paho-mqtt is missing.
@@ -37,6 +39,15 @@ def main():
     parser.add_argument("--topic", default="e2e/paho/temp")
     parser.add_argument("--payload", default="21.5")
     parser.add_argument("--timeout", type=float, default=10.0)
+    parser.add_argument("--transport", choices=["tcp", "websockets"], default="tcp")
+    parser.add_argument("--ws-path", default="/mqtt")
+    parser.add_argument(
+        "--qos",
+        type=int,
+        choices=[0, 1],
+        action="append",
+        help="publish at this QoS (repeatable, in order; default: 1)",
+    )
     parser.add_argument(
         "--expect-refused",
         type=int,
@@ -51,7 +62,10 @@ def main():
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=args.client_id,
         protocol=protocol,
+        transport=args.transport,
     )
+    if args.transport == "websockets":
+        client.ws_set_options(path=args.ws_path)
     if args.username is not None or args.password is not None:
         client.username_pw_set(args.username, args.password)
 
@@ -110,22 +124,26 @@ def main():
         if granted != [1]:
             fail(f"expected QoS 1 granted, got {granted}")
 
-        info = client.publish(args.topic, args.payload.encode(), qos=1)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            fail(f"publish not sent: {info.rc}")
-        if not published.wait(args.timeout):
-            fail("no PUBACK")
-        print(f"puback {state['puback'].value}", flush=True)
-        if state["puback"].is_failure:
-            fail(f"publish refused: {state['puback']}")
+        for qos in args.qos or [1]:
+            published.clear()
+            received.clear()
+            info = client.publish(args.topic, args.payload.encode(), qos=qos)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                fail(f"publish not sent: {info.rc}")
+            if not published.wait(args.timeout):
+                fail("no PUBACK" if qos else "QoS 0 publish not written")
+            if qos:
+                print(f"puback {state['puback'].value}", flush=True)
+                if state["puback"].is_failure:
+                    fail(f"publish refused: {state['puback']}")
 
-        if not received.wait(args.timeout):
-            fail("the published message was not delivered back")
-        message = state["message"]
-        payload = message.payload.decode(errors="replace")
-        print(f"received {message.topic} {payload} qos={message.qos}", flush=True)
-        if message.topic != args.topic or payload != args.payload:
-            fail(f"expected {args.topic} {args.payload}")
+            if not received.wait(args.timeout):
+                fail(f"the message published at QoS {qos} was not delivered back")
+            message = state["message"]
+            payload = message.payload.decode(errors="replace")
+            print(f"received {message.topic} {payload} qos={message.qos}", flush=True)
+            if message.topic != args.topic or payload != args.payload or message.qos != qos:
+                fail(f"expected {args.topic} {args.payload} qos={qos}")
         client.disconnect()
         print("ok", flush=True)
     finally:

@@ -62,7 +62,11 @@ async fn count(
 }
 
 /// Binds `address` and serves until the broker shuts down; returns the bound address.
-pub async fn start(core: Arc<Core>, address: &str) -> std::io::Result<SocketAddr> {
+pub async fn start(
+    core: Arc<Core>,
+    websocket: crate::mqtt::websocket::Endpoint,
+    address: &str,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(address)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on `{address}`: {e}")))?;
@@ -74,6 +78,10 @@ pub async fn start(core: Arc<Core>, address: &str) -> std::io::Result<SocketAddr
         .route("/ready", get(ready))
         .merge(twin::routes())
         .merge(solutions::routes())
+        .route(
+            crate::mqtt::websocket::PATH,
+            crate::mqtt::websocket::route(websocket),
+        )
         .layer(axum::middleware::from_fn_with_state(core.clone(), count))
         .with_state(core);
     tokio::spawn(async move {

@@ -3,8 +3,9 @@
 //! own, decisions are the core's.
 //!
 //! In the order bytes flow: `server` (listeners, TLS, shutdown; `admission`: handshake and
-//! connection slots)
-//! → `transport` (the socket) → `codec` (packets: check the fixed header, then parse) →
+//! connection slots; `websocket`: the upgrade at `/mqtt` on the HTTP listener, admitted alike)
+//! → `transport` (the socket: TCP, TLS or WebSocket) → `codec` (packets: check the fixed
+//! header, then parse) →
 //! `handshake` (CONNECT → `Core::authenticate` → `Core::attach` → CONNACK) → `connection`
 //! (the main loop; each packet to a core call, acknowledgements in order) → `outbound`
 //! (deliveries and answers into PUBLISH packets: topic aliases, maximum packet size).
@@ -18,4 +19,5 @@ pub mod outbound;
 pub(crate) mod reason;
 pub(crate) mod server;
 pub(crate) mod transport;
+pub(crate) mod websocket;
 pub(crate) mod will;

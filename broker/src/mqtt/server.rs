@@ -3,6 +3,8 @@
 //! handshake timeout, and graceful shutdown as a
 //! pair of signals (STYLE.md): a `watch` that says "stop", and an `mpsc` whose senders every
 //! connection holds, so that waiting for the last one to drop waits for every connection.
+//! MQTT over WebSockets is accepted by the HTTP listener and joins here
+//! ([`Server::websocket`]): the same core, admission and shutdown.
 
 use std::io;
 use std::net::SocketAddr;
@@ -24,6 +26,7 @@ use crate::metrics::Metrics;
 use crate::mqtt::admission::Admission;
 use crate::mqtt::connection;
 use crate::mqtt::transport::Transport;
+use crate::mqtt::websocket;
 
 /// A TLS listener's material.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +74,8 @@ pub struct Server {
     /// The bound addresses of the plain listeners, in the order given.
     pub mqtt_addrs: Vec<SocketAddr>,
     pub mqtts_addr: Option<SocketAddr>,
+    /// What the HTTP listener needs to serve MQTT over WebSockets.
+    websocket: websocket::Endpoint,
     stop: watch::Sender<bool>,
     done_tx: Option<mpsc::Sender<()>>,
     done_rx: mpsc::Receiver<()>,
@@ -142,10 +147,16 @@ pub async fn start(
             done_tx.clone(),
         ));
     }
+    let websocket = websocket::Endpoint {
+        core: core.clone(),
+        admission,
+        done: done_tx.downgrade(),
+    };
     Ok(Server {
         core,
         mqtt_addrs,
         mqtts_addr,
+        websocket,
         stop,
         done_tx: Some(done_tx),
         done_rx,
@@ -230,6 +241,13 @@ async fn accept_loop(
 }
 
 impl Server {
+    /// The upgrade endpoint the HTTP router mounts at `/mqtt`
+    /// (`crate::mqtt::websocket::route`): its connections are admitted, served and shut down
+    /// with this server's.
+    pub fn websocket(&self) -> websocket::Endpoint {
+        self.websocket.clone()
+    }
+
     /// Stops accepting, tells every connection to close (v5: DISCONNECT 0x8B) and waits for
     /// them, at most `grace`.
     pub async fn shutdown(mut self, grace: std::time::Duration) {

@@ -1,5 +1,5 @@
-//! The socket of one MQTT connection: plain TCP or TLS, read into a buffer that an idle
-//! connection does not hold, written from the connection's write buffer.
+//! The socket of one MQTT connection: plain TCP, TLS or a WebSocket, read into a buffer that an
+//! idle connection does not hold, written from the connection's write buffer.
 
 use std::io;
 
@@ -7,11 +7,15 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// The socket: plain TCP or TLS.
+use crate::mqtt::websocket::WsStream;
+
+/// The socket: plain TCP, TLS or MQTT over WebSockets. The last two are boxed: the enum is
+/// part of every connection's task, and a plain TCP connection must not pay for their size.
 #[derive(Debug)]
 pub enum Transport {
     Tcp(TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    WebSocket(Box<WsStream>),
 }
 
 impl Transport {
@@ -21,7 +25,8 @@ impl Transport {
     }
 
     /// Reads what is available into `buf` (0: the peer closed). Cancel-safe. TCP waits for
-    /// readability before reserving buffer space, so an idle connection holds none.
+    /// readability before reserving buffer space, so an idle connection holds none; a
+    /// WebSocket appends each binary message's payload once it has arrived.
     pub async fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
             Transport::Tcp(stream) => loop {
@@ -47,6 +52,7 @@ impl Transport {
                 }
                 stream.read_buf(buf).await
             }
+            Transport::WebSocket(stream) => stream.read_into(buf).await,
         }
     }
 
@@ -57,6 +63,7 @@ impl Transport {
                 stream.write_all(data).await?;
                 stream.flush().await
             }
+            Transport::WebSocket(stream) => stream.write_all(data).await,
         }
     }
 
@@ -64,6 +71,10 @@ impl Transport {
         let _ = match self {
             Transport::Tcp(stream) => stream.shutdown().await,
             Transport::Tls(stream) => stream.shutdown().await,
+            Transport::WebSocket(stream) => {
+                stream.shutdown().await;
+                Ok(())
+            }
         };
     }
 }
