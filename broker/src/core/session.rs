@@ -57,7 +57,6 @@ pub struct Link {
 pub enum Protocol {
     #[default]
     Mqtt,
-    #[allow(dead_code)] // until the WebSocket transport lands
     MqttWebSocket,
     /// A request or stream of the HTTP API.
     Http,

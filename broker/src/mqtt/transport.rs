@@ -21,7 +21,10 @@ pub enum Transport {
 impl Transport {
     /// The protocol a client on this socket speaks, for the core's metrics.
     pub fn protocol(&self) -> crate::core::session::Protocol {
-        crate::core::session::Protocol::Mqtt
+        match self {
+            Transport::WebSocket(_) => crate::core::session::Protocol::MqttWebSocket,
+            _ => crate::core::session::Protocol::Mqtt,
+        }
     }
 
     /// Reads what is available into `buf` (0: the peer closed). Cancel-safe. TCP waits for
