@@ -32,6 +32,14 @@ async fn metrics(State(core): State<Arc<Core>>) -> impl IntoResponse {
     )
 }
 
+/// The OpenAPI document of this API (`tests/tests/http_openapi.rs` checks it against the
+/// running server).
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
 async fn health() -> &'static str {
     "ok\n"
 }
@@ -76,6 +84,7 @@ pub async fn start(
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .route("/ready", get(ready))
+        .route("/api/2/openapi.json", get(openapi))
         .merge(twin::routes())
         .merge(solutions::routes())
         .route(
