@@ -134,6 +134,21 @@ impl Api {
         }
     }
 
+    /// [`Api::send`], but a request that fails on the way (connection refused or cut) is
+    /// `None` rather than a panic.
+    pub async fn try_send(&self, builder: reqwest::RequestBuilder) -> Option<Answer> {
+        let response = builder.send().await.ok()?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().await.ok()?;
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Some(Answer {
+            status,
+            headers,
+            body,
+        })
+    }
+
     pub async fn get(&self, path: &str, auth: &Auth) -> Answer {
         self.send(self.request(Method::GET, path, auth)).await
     }

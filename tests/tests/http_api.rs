@@ -731,3 +731,117 @@ async fn metrics_count_connections_requests_decisions_the_cache_and_the_journal(
         "no credential in the metrics"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_credential_of_any_kind_reaches_the_log_over_http() {
+    let (broker, solution, api) = started();
+    create_lamp(&api, &solution).await;
+    let token = token_with_claim("alice", &solution);
+    let plain_token = dev_issuer().token("bob", HOUR);
+    let tampered = dev_issuer().tampered(&dev_issuer().claims("mallory", HOUR));
+    let wrong = "wrong-secret-0123456789abcdef";
+    for auth in [
+        Auth::basic(&solution),
+        Auth::bearer(&token, None),
+        Auth::bearer(&plain_token, Some(&solution.api_token)),
+        Auth::bearer(&tampered, Some(&solution.api_token)),
+        Auth::Basic {
+            solution: solution.id.clone(),
+            secret: wrong.into(),
+        },
+        Auth::ApiTokenOnly(solution.api_token.clone()),
+    ] {
+        let _ = api.get("/api/2/things/org.acme:lamp", &auth).await;
+        let _ = api
+            .put(
+                "/api/2/things/org.acme:lamp/attributes/room",
+                &auth,
+                &json!("den"),
+            )
+            .await;
+    }
+    // A created secret is answered once and never logged either.
+    let created = api
+        .post(
+            &format!("/api/2/solutions/{}/secrets", solution.id),
+            &Auth::basic(&solution),
+            &json!({}),
+        )
+        .await;
+    let new_secret = created.body["secret"].as_str().unwrap().to_owned();
+    broker.assert_logs_never_contain(&[
+        &solution.secret,
+        &solution.api_token,
+        &token,
+        e2e::issuer::signature_of(&token),
+        &plain_token,
+        e2e::issuer::signature_of(&plain_token),
+        e2e::issuer::signature_of(&tampered),
+        wrong,
+        &new_secret,
+    ]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_shutdown_loses_no_write_acknowledged_over_http() {
+    let (mut broker, solution, api) = started();
+    let owner = Auth::basic(&solution);
+    let created = api
+        .put(
+            "/api/2/things/org.acme:counter",
+            &owner,
+            &json!({"attributes": {}}),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{created:?}");
+    // Writers keep writing while the broker is told to stop.
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let api = api.clone();
+        let owner = owner.clone();
+        writers.push(tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            for n in 0..10_000u32 {
+                let answer = api
+                    .try_send(
+                        api.request(
+                            reqwest::Method::PUT,
+                            &format!("/api/2/things/org.acme:counter/attributes/w{w}-{n}"),
+                            &owner,
+                        )
+                        .header("content-type", "application/json")
+                        .body(n.to_string())
+                        .timeout(Duration::from_secs(5)),
+                    )
+                    .await;
+                match answer {
+                    Some(a) if a.status == 201 => acknowledged.push(format!("w{w}-{n}")),
+                    _ => break,
+                }
+            }
+            acknowledged
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let stopped = broker.stop();
+    assert!(stopped.success(), "a graceful stop: {stopped}");
+    let mut acknowledged = Vec::new();
+    for writer in writers {
+        acknowledged.extend(writer.await.unwrap());
+    }
+    broker.start();
+    let api = Api::new(http_addr(&broker));
+    let attributes = api
+        .get("/api/2/things/org.acme:counter/attributes", &owner)
+        .await;
+    assert_eq!(attributes.status, 200);
+    let missing: Vec<&String> = acknowledged
+        .iter()
+        .filter(|key| attributes.body.get(key.as_str()).is_none())
+        .collect();
+    assert!(
+        !acknowledged.is_empty() && missing.is_empty(),
+        "{} writes acknowledged before the stop, missing after the restart: {missing:?}",
+        acknowledged.len()
+    );
+}

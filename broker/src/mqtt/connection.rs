@@ -54,8 +54,25 @@ pub async fn serve(
 ) {
     core.metrics.connections_active.inc();
     if let Some(mut conn) = Box::pin(handshake::open(&core, io, peer, slot, admission)).await {
-        let close = conn.run().await;
-        Box::pin((*conn).finish(close)).await;
+        // A span per connection (client ID, solution) where debug logging is on; then the
+        // main loop runs boxed inside it, so that an idle connection's task does not carry a
+        // span when it is off.
+        let span = tracing::debug_span!(
+            "connection",
+            client = %conn.client.session.client_id,
+            solution = %conn.client.space.id,
+            %peer,
+        );
+        if span.is_disabled() {
+            let close = conn.run().await;
+            Box::pin((*conn).finish(close)).await;
+        } else {
+            let traced = async move {
+                let close = conn.run().await;
+                (*conn).finish(close).await;
+            };
+            Box::pin(tracing::Instrument::instrument(traced, span)).await;
+        }
     }
     core.metrics.connections_active.dec();
 }
