@@ -1140,6 +1140,108 @@ mod tests {
         assert_eq!((p.line, p.column), (1, 2));
     }
 
+    /// The fields a table accepts, as serde names them when refusing an unknown one: derived
+    /// from the struct itself, so a new field shows up here without anyone listing it.
+    fn accepted_fields(toml_with_unknown_field: &str) -> Vec<String> {
+        let message = toml::from_str::<RawConfig>(toml_with_unknown_field)
+            .unwrap_err()
+            .message()
+            .to_owned();
+        let (_, expected) = message.split_once("expected").unwrap();
+        let fields: Vec<String> = expected
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect();
+        assert!(fields.len() > 1, "{message}");
+        fields
+    }
+
+    /// The rows (`| `field` | …`) of the section of `docs/configuration.md` whose heading
+    /// starts with `heading`, by field.
+    fn documented(doc: &str, heading: &str) -> std::collections::BTreeMap<String, String> {
+        let (_, section) = doc.split_once(&format!("\n## {heading}")).unwrap();
+        let section = section.split("\n## ").next().unwrap();
+        section
+            .lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix("| `")?;
+                let (field, _) = rest.split_once('`')?;
+                Some((field.to_owned(), line.to_owned()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_config_field_is_documented_with_its_environment_variable() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/configuration.md");
+        let doc = std::fs::read_to_string(path).unwrap();
+
+        let tables = accepted_fields("no_such_table = 1");
+        assert_eq!(
+            tables,
+            ["issuer", "mqtt"],
+            "a new top-level table needs a section"
+        );
+
+        let mqtt = accepted_fields("[mqtt]\nno_such_field = 1");
+        let rows = documented(&doc, "`[mqtt]`");
+        assert_eq!(
+            rows.keys().collect::<Vec<_>>(),
+            mqtt.iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>(),
+            "the [mqtt] rows of docs/configuration.md and the fields of MqttSettings"
+        );
+        for field in &mqtt {
+            let var = mqtt_env_var(field);
+            assert!(rows[field].contains(&format!("`{var}`")), "{field}: {var}");
+            // The variable exists: a value it cannot take is refused for its own reason,
+            // not as an unknown field.
+            let e = crate::limits::MqttSettings::default()
+                .apply_env([(var.clone(), "x".to_owned())])
+                .err();
+            assert!(
+                e.is_none_or(|e| !e.message.contains("names no field")),
+                "{var} is not read"
+            );
+        }
+
+        let accepted = accepted_fields("[[issuer]]\nno_such_field = 1");
+        let rows = documented(&doc, "`[[issuer]]`");
+        // Aliases (Ditto's `auth-subjects`) are named in their field's row.
+        let (aliases, issuer): (Vec<String>, Vec<String>) =
+            accepted.into_iter().partition(|f| f.contains('-'));
+        for alias in &aliases {
+            let field = alias.replace('-', "_");
+            assert!(rows[&field].contains(&format!("`{alias}`")), "{alias}");
+        }
+        let mut sorted = issuer.clone();
+        sorted.sort();
+        assert_eq!(
+            rows.keys().collect::<Vec<_>>(),
+            sorted.iter().collect::<Vec<_>>(),
+            "the [[issuer]] rows of docs/configuration.md and the fields of RawIssuer"
+        );
+        for field in issuer.iter().filter(|f| *f != "key") {
+            assert!(
+                ISSUER_FIELDS.contains(&field.as_str()),
+                "`{field}` has no THINGSGATE_ISSUER_ override"
+            );
+            let var = format!("`THINGSGATE_ISSUER_<KEY>_{}`", field.to_ascii_uppercase());
+            assert!(rows[field].contains(&var), "{field}: {var}");
+        }
+
+        // The complete example parses.
+        let (_, example) = doc.split_once("## A complete example").unwrap();
+        let (_, example) = example.split_once("```toml\n").unwrap();
+        let (example, _) = example.split_once("```").unwrap();
+        let config = parse(example).unwrap();
+        assert_eq!(config.issuers.len(), 2);
+    }
+
     #[test]
     fn env_key_replaces_non_alphanumerics() {
         assert_eq!(env_key("my-idp.eu"), "MY_IDP_EU");
