@@ -33,6 +33,23 @@ pub enum Command {
     ///
     /// Prints `mqtt listening on ADDR` per listener, then `ready`, on stdout.
     Serve(crate::serve_cmd::ServeArgs),
+    /// Check a config file without starting the server.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Read and validate a TOML config file as `serve` would, with the `THINGSGATE_…`
+    /// environment overrides: unknown keys, wrong types, invalid values, listen addresses, TLS
+    /// files and JWKS files.
+    ///
+    /// Prints `ok` and exits 0, or prints the error (the file, line and column, the field and
+    /// what is wrong) on stderr and exits 2.
+    Check {
+        /// The config file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -195,11 +212,23 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }),
         Command::Solution(command) => run_solution(command),
         Command::Serve(args) => crate::serve_cmd::run(args),
+        Command::Config(ConfigCommand::Check { file }) => check_config(&file),
         Command::Token(args) => {
             println!("{}", crate::token_cmd::run(&args)?);
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `thingsgate config check FILE`.
+fn check_config(file: &std::path::Path) -> anyhow::Result<ExitCode> {
+    crate::auth::jwt::install_crypto_provider()
+        .map_err(|e| anyhow::anyhow!("cannot install the crypto provider: {e}"))?;
+    for note in crate::config::check(file, std::env::vars())? {
+        eprintln!("note: {note}");
+    }
+    println!("ok");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_solution(command: SolutionCommand) -> anyhow::Result<ExitCode> {

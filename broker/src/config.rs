@@ -121,24 +121,154 @@ pub struct JwksUrl {
     pub ca_file: Option<PathBuf>,
 }
 
-/// The configuration cannot be used. Every message names the file (or variable) and the field.
+/// The configuration cannot be used. Every message names the file (or variable), the line and
+/// column when the problem has one in the file (not for a value from the environment or a field
+/// the file leaves out), and the field.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file `{path}`: {source}")]
-    Read {
+    #[error("cannot read config file `{path}`: {error}")]
+    Read { path: String, error: std::io::Error },
+    #[error("config file `{path}` is not valid{at}: {message}{}", at.excerpt())]
+    Syntax {
         path: String,
-        source: std::io::Error,
+        at: At,
+        message: String,
     },
-    #[error("config file `{path}` is not valid: {message}")]
-    Syntax { path: String, message: String },
-    #[error("config file `{path}`: {field}: {message}")]
+    #[error("config file `{path}`{at}: {field}: {message}{}", at.excerpt())]
     Invalid {
         path: String,
+        at: At,
         field: String,
         message: String,
     },
     #[error("environment variable `{var}`: {message}")]
     Env { var: String, message: String },
+}
+
+/// A place in the config file: 1-based line and column (in characters), with the line's text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub line: usize,
+    pub column: usize,
+    /// The whole line, shown under the message with a caret at the column; `None` when the line
+    /// holds a secret (credentials in a URL).
+    pub text: Option<String>,
+}
+
+impl Position {
+    /// The position of byte `offset` of `text` (clamped to its length).
+    fn of(text: &str, offset: usize) -> Self {
+        let mut offset = offset.min(text.len());
+        while !text.is_char_boundary(offset) {
+            offset -= 1;
+        }
+        let before = text.get(..offset).unwrap_or_default();
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let line_end = text
+            .get(offset..)
+            .and_then(|rest| rest.find('\n'))
+            .map_or(text.len(), |i| offset + i);
+        Position {
+            line: before.matches('\n').count() + 1,
+            column: before.get(line_start..).unwrap_or_default().chars().count() + 1,
+            text: text
+                .get(line_start..line_end)
+                .map(|line| line.trim_end_matches('\r').to_owned()),
+        }
+    }
+}
+
+/// Where an error sits in the file, if it sits anywhere: displayed as `, line L, column C`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct At(pub Option<Position>);
+
+impl At {
+    /// The line of the file with a caret under the column, on lines of their own (or nothing).
+    pub fn excerpt(&self) -> String {
+        match &self.0 {
+            None | Some(Position { text: None, .. }) => String::new(),
+            Some(Position {
+                line,
+                column,
+                text: Some(text),
+            }) => {
+                let number = line.to_string();
+                let pad = " ".repeat(number.len());
+                let caret = " ".repeat(column.saturating_sub(1));
+                format!("\n {number} | {text}\n {pad} | {caret}^")
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for At {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            None => Ok(()),
+            Some(p) => write!(f, ", line {}, column {}", p.line, p.column),
+        }
+    }
+}
+
+/// One step of a path into the TOML document, to find where a value is.
+#[derive(Debug, Clone, Copy)]
+enum Key<'a> {
+    /// A key of a table (also tried with `-` for `_`, the spelling of serde aliases).
+    Name(&'a str),
+    /// An element of an array (of tables).
+    Index(usize),
+}
+
+/// The config text and its name, for errors that point into it.
+struct Source<'a> {
+    path: &'a str,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    /// Where the value at `keys` is; if the file leaves it out, where the nearest enclosing
+    /// table or value is (e.g. the `[[issuer]]` header of an issuer missing a field). The text
+    /// is parsed again (only when there is an error to report).
+    fn locate(&self, keys: &[Key<'_>]) -> At {
+        use toml::de::{DeTable, DeValue};
+        let Ok(root) = DeTable::parse(self.text) else {
+            return At(None);
+        };
+        let mut span: Option<std::ops::Range<usize>> = None;
+        let mut value: Option<&DeValue<'_>> = None;
+        for key in keys {
+            let next = match (key, value) {
+                (Key::Name(name), None) => find(root.get_ref(), name),
+                (Key::Name(name), Some(DeValue::Table(table))) => find(table, name),
+                (Key::Index(index), Some(DeValue::Array(array))) => array.get(*index),
+                _ => None,
+            };
+            let Some(next) = next else { break };
+            span = Some(next.span());
+            value = Some(next.get_ref());
+        }
+        At(span.map(|span| Position::of(self.text, span.start)))
+    }
+
+    fn syntax(&self, error: &toml::de::Error) -> ConfigError {
+        ConfigError::Syntax {
+            path: self.path.to_owned(),
+            at: At(error.span().map(|span| Position::of(self.text, span.start))),
+            message: error.message().trim_end().to_owned(),
+        }
+    }
+}
+
+/// The value of `name` (or of its `-` spelling) in `table`.
+fn find<'t, 'i>(
+    table: &'t toml::de::DeTable<'i>,
+    name: &str,
+) -> Option<&'t toml::Spanned<toml::de::DeValue<'i>>> {
+    let dashed = name.replace('_', "-");
+    table
+        .iter()
+        .find(|(key, _)| key.get_ref() == name || key.get_ref() == &dashed)
+        .map(|(_, value)| value)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -196,9 +326,9 @@ impl Config {
         path: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         Self::parse(&text, path, env)
     }
@@ -210,22 +340,27 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
         let display = path.display().to_string();
-        let mut raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
-            path: display.clone(),
-            message: e.to_string().trim_end().to_owned(),
-        })?;
+        let source = Source {
+            path: &display,
+            text,
+        };
+        let mut raw: RawConfig = toml::from_str(text).map_err(|e| source.syntax(&e))?;
         let env: Vec<(String, String)> = env.into_iter().collect();
         let overridden = apply_env(&mut raw, env.iter().cloned())?;
-        raw.mqtt.apply_env(env).map_err(|e| ConfigError::Invalid {
-            path: display.clone(),
-            field: format!("[mqtt] {}", e.field),
-            message: e.message,
+        raw.mqtt.apply_env(env.iter().cloned()).map_err(|e| {
+            if e.field.starts_with(crate::limits::MQTT_ENV_PREFIX) {
+                return ConfigError::Env {
+                    var: e.field,
+                    message: e.message,
+                };
+            }
+            mqtt_invalid(&source, &env, &e.field, None, e.message)
         })?;
         let base_dir = path.parent().unwrap_or(Path::new(""));
         let mut issuers: Vec<IssuerConfig> = Vec::with_capacity(raw.issuers.len());
         for (index, raw_issuer) in raw.issuers.into_iter().enumerate() {
             let site = Site {
-                path: &display,
+                source: &source,
                 index,
                 key: raw_issuer.key.clone(),
                 overridden: &overridden,
@@ -256,6 +391,111 @@ impl Config {
     }
 }
 
+/// `thingsgate config check FILE`: everything `serve` would refuse at start-up because of the
+/// file, found without starting it: the file read and validated with the environment's
+/// overrides ([`Config::parse`]), then every listen address resolved, the TLS certificate and
+/// key loaded (when both are set) and every issuer's JWKS file read and parsed. Returns notes
+/// on what was not checked (a `jwks_url` is fetched only by `serve`). The crypto provider must
+/// be installed ([`crate::auth::jwt::install_crypto_provider`]).
+pub fn check(
+    path: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Vec<String>, ConfigError> {
+    let display = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+        path: display.clone(),
+        error,
+    })?;
+    let env: Vec<(String, String)> = env.into_iter().collect();
+    let config = Config::parse(&text, path, env.iter().cloned())?;
+    let source = Source {
+        path: &display,
+        text: &text,
+    };
+    for (index, address) in config.mqtt.listen.iter().enumerate() {
+        check_address(address)
+            .map_err(|m| mqtt_invalid(&source, &env, "listen", Some(index), m))?;
+    }
+    if let Some(address) = &config.mqtt.tls_listen {
+        check_address(address).map_err(|m| mqtt_invalid(&source, &env, "tls_listen", None, m))?;
+    }
+    if let (Some(cert), Some(key)) = (&config.mqtt.tls_cert_file, &config.mqtt.tls_key_file) {
+        use crate::mqtt::server::{TlsError, tls_acceptor};
+        if let Err(e) = tls_acceptor(&config.base_dir.join(cert), &config.base_dir.join(key)) {
+            let field = match e {
+                TlsError::Key { .. } => "tls_key_file",
+                TlsError::Certificate { .. } | TlsError::Config(_) => "tls_cert_file",
+            };
+            return Err(mqtt_invalid(&source, &env, field, None, e.to_string()));
+        }
+    }
+    let mut notes = Vec::new();
+    for (index, issuer) in config.issuers.iter().enumerate() {
+        let overridden = ISSUER_FIELDS
+            .iter()
+            .filter(|f| {
+                let var = issuer_env_var(&issuer.key, f);
+                env.iter().any(|(name, _)| *name == var)
+            })
+            .map(|f| (index, *f))
+            .collect();
+        let site = Site {
+            source: &source,
+            index,
+            key: issuer.key.clone(),
+            overridden: &overridden,
+        };
+        match &issuer.jwks {
+            JwksSource::File(_) => {
+                crate::auth::jwt::Issuers::from_config(std::slice::from_ref(issuer))
+                    .map_err(|e| site.invalid("jwks_file", e.to_string()))?;
+            }
+            JwksSource::Url(jwks) => notes.push(format!(
+                "issuer `{}`: jwks_url `{}` is fetched when `serve` starts, not checked here",
+                issuer.key, jwks.url
+            )),
+        }
+    }
+    Ok(notes)
+}
+
+/// A listen address `serve` can bind: `HOST:PORT` that resolves.
+fn check_address(address: &str) -> Result<(), String> {
+    use std::net::ToSocketAddrs;
+    match address.to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(format!("`{address}` resolves to no address")),
+        Err(e) => Err(format!(
+            "`{address}` is not a listen address (HOST:PORT): {e}"
+        )),
+    }
+}
+
+/// A bad `[mqtt]` value (element `index` of a list field), located in the file unless `env`
+/// set it.
+fn mqtt_invalid(
+    source: &Source<'_>,
+    env: &[(String, String)],
+    field: &str,
+    index: Option<usize>,
+    message: String,
+) -> ConfigError {
+    let var = mqtt_env_var(field);
+    let (at, from_env) = if env.iter().any(|(name, _)| *name == var) {
+        (At(None), format!(" (set by {var})"))
+    } else {
+        let mut keys = vec![Key::Name("mqtt"), Key::Name(field)];
+        keys.extend(index.map(Key::Index));
+        (source.locate(&keys), String::new())
+    };
+    ConfigError::Invalid {
+        path: source.path.to_owned(),
+        at,
+        field: format!("[mqtt] field `{field}`{from_env}"),
+        message,
+    }
+}
+
 /// The environment-variable form of an issuer key: `my-idp` → `MY_IDP`.
 pub fn env_key(key: &str) -> String {
     key.chars()
@@ -274,6 +514,15 @@ pub fn issuer_env_var(key: &str, field: &str) -> String {
     format!(
         "{ISSUER_ENV_PREFIX}{}_{}",
         env_key(key),
+        field.to_ascii_uppercase()
+    )
+}
+
+/// The variable that overrides `field` of `[mqtt]`.
+fn mqtt_env_var(field: &str) -> String {
+    format!(
+        "{}{}",
+        crate::limits::MQTT_ENV_PREFIX,
         field.to_ascii_uppercase()
     )
 }
@@ -351,7 +600,7 @@ fn apply_env(
 
 /// Where a value sits, for error messages.
 struct Site<'a> {
-    path: &'a str,
+    source: &'a Source<'a>,
     index: usize,
     key: String,
     overridden: &'a HashSet<(usize, &'static str)>,
@@ -359,13 +608,40 @@ struct Site<'a> {
 
 impl Site<'_> {
     fn invalid(&self, field: &'static str, message: impl Into<String>) -> ConfigError {
-        let from_env = if self.overridden.contains(&(self.index, field)) {
-            format!(" (set by {})", issuer_env_var(&self.key, field))
+        self.invalid_at(field, message, true)
+    }
+
+    /// As [`Site::invalid`], without quoting the line: the value holds a secret.
+    fn invalid_unquoted(&self, field: &'static str, message: impl Into<String>) -> ConfigError {
+        self.invalid_at(field, message, false)
+    }
+
+    fn invalid_at(
+        &self,
+        field: &'static str,
+        message: impl Into<String>,
+        quote: bool,
+    ) -> ConfigError {
+        let (at, from_env) = if self.overridden.contains(&(self.index, field)) {
+            (
+                At(None),
+                format!(" (set by {})", issuer_env_var(&self.key, field)),
+            )
         } else {
-            String::new()
+            let keys = [
+                Key::Name("issuer"),
+                Key::Index(self.index),
+                Key::Name(field),
+            ];
+            let mut at = self.source.locate(&keys);
+            if let (false, Some(position)) = (quote, &mut at.0) {
+                position.text = None;
+            }
+            (at, String::new())
         };
         ConfigError::Invalid {
-            path: self.path.to_owned(),
+            path: self.source.path.to_owned(),
+            at,
             field: format!(
                 "[[issuer]] #{} (key `{}`) field `{field}`{from_env}",
                 self.index + 1,
@@ -432,7 +708,11 @@ fn validate_issuer(
             JwksSource::File(base_dir.join(file))
         }
         (None, Some(url)) => {
-            let url = parse_jwks_url(&url).map_err(|m| site.invalid("jwks_url", m))?;
+            // A URL with `@` may hold credentials: its line is not quoted.
+            let url = parse_jwks_url(&url).map_err(|m| match url.contains('@') {
+                true => site.invalid_unquoted("jwks_url", m),
+                false => site.invalid("jwks_url", m),
+            })?;
             let refresh_seconds = raw
                 .jwks_refresh_seconds
                 .unwrap_or(DEFAULT_JWKS_REFRESH_SECONDS);
@@ -741,6 +1021,225 @@ mod tests {
         assert!(error(&text).contains("field `auth_subjects`"));
         let text = format!("{GOOD}leeway_seconds = 3600\n");
         assert!(error(&text).contains("field `leeway_seconds`"));
+    }
+
+    /// The `(line, column)` an error points at, if any.
+    fn position(error: &ConfigError) -> Option<(usize, usize)> {
+        match error {
+            ConfigError::Syntax { at, .. } | ConfigError::Invalid { at, .. } => {
+                at.0.as_ref().map(|p| (p.line, p.column))
+            }
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn an_invalid_value_is_located_at_its_line_and_column() {
+        let text = format!("# issuers\n{GOOD}algorithms = [\"RS256\", \"HS256\"]\n");
+        let e = parse(&text).unwrap_err();
+        // GOOD starts with a newline and indents by 8: line 8, after `    algorithms = `.
+        assert_eq!(position(&e), Some((8, 18)), "{e}");
+        let message = e.to_string();
+        assert!(
+            message.starts_with("config file `/etc/tg/config.toml`, line 8, column 18: "),
+            "{message}"
+        );
+        assert!(message.contains("field `algorithms`"), "{message}");
+        assert!(message.contains("`HS256` is symmetric"), "{message}");
+        assert!(
+            message.ends_with("algorithms = [\"RS256\", \"HS256\"]\n   |                  ^"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_missing_field_points_at_its_table() {
+        let text = format!("{GOOD}{}", GOOD.replace(r#""google""#, r#""g2""#))
+            .replacen("jwks_file = \"jwks.json\"", "", 2)
+            .replacen("https://accounts.google.com", "https://other", 1);
+        let e = parse(&text).unwrap_err();
+        assert_eq!(position(&e), Some((2, 9)), "{e}");
+        assert!(e.to_string().contains("`jwks_file` or `jwks_url`"), "{e}");
+    }
+
+    #[test]
+    fn the_second_issuer_is_located_in_its_own_table() {
+        let second = GOOD
+            .replace(r#""google""#, r#""g2""#)
+            .replace("https://accounts.google.com", "https://other");
+        let text = format!("{GOOD}{second}leeway_seconds = 301\n");
+        let e = parse(&text).unwrap_err();
+        assert_eq!(position(&e), Some((13, 22)), "{e}");
+        assert!(e.to_string().contains("#2 (key `g2`)"), "{e}");
+    }
+
+    #[test]
+    fn syntax_errors_unknown_keys_and_wrong_types_are_located() {
+        let e = parse("[mqtt]\nmax_inflight = \"many\"\n").unwrap_err();
+        assert_eq!(position(&e), Some((2, 16)), "{e}");
+        assert!(e.to_string().contains("expected u16"), "{e}");
+        let e = parse("\n\n[mqtt]\nmax_inflite = 3\n").unwrap_err();
+        assert_eq!(position(&e), Some((4, 1)), "{e}");
+        assert!(e.to_string().contains("unknown field `max_inflite`"), "{e}");
+        let e = parse("[mqtt\n").unwrap_err();
+        assert_eq!(position(&e).map(|(line, _)| line), Some(1), "{e}");
+        let e = parse("unknown = 1\n").unwrap_err();
+        assert!(e.to_string().contains("unknown field `unknown`"), "{e}");
+        assert_eq!(position(&e), Some((1, 1)), "{e}");
+    }
+
+    #[test]
+    fn mqtt_values_are_located_unless_the_environment_set_them() {
+        let text = "[mqtt]\nmax_packet_size = 10\n";
+        let e = parse(text).unwrap_err();
+        assert_eq!(position(&e), Some((2, 19)), "{e}");
+        assert!(
+            e.to_string().contains("[mqtt] field `max_packet_size`"),
+            "{e}"
+        );
+        let env =
+            [("THINGSGATE_MQTT_MAX_INFLIGHT", "0")].map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let e = Config::parse("", Path::new("c.toml"), env).unwrap_err();
+        assert_eq!(position(&e), None, "{e}");
+        assert!(
+            e.to_string()
+                .contains("`max_inflight` (set by THINGSGATE_MQTT_MAX_INFLIGHT)"),
+            "{e}"
+        );
+        let env =
+            [("THINGSGATE_MQTT_MAX_INFLIGHT", "lots")].map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let e = Config::parse("", Path::new("c.toml"), env).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("environment variable `THINGSGATE_MQTT_MAX_INFLIGHT`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_issuer_value_from_the_environment_is_not_located_in_the_file() {
+        let env = [("THINGSGATE_ISSUER_GOOGLE_LEEWAY_SECONDS", "999")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let e = Config::parse(GOOD, Path::new("c.toml"), env).unwrap_err();
+        assert_eq!(position(&e), None, "{e}");
+        assert!(
+            e.to_string()
+                .contains("(set by THINGSGATE_ISSUER_GOOGLE_LEEWAY_SECONDS)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn positions_count_characters_not_bytes() {
+        let p = Position::of("a = \"é\"\nb = 1\n", 12);
+        assert_eq!((p.line, p.column), (2, 4));
+        assert_eq!(p.text.as_deref(), Some("b = 1"));
+        let p = Position::of("é = 1", 3);
+        assert_eq!((p.line, p.column), (1, 3));
+        let p = Position::of("x", 99);
+        assert_eq!((p.line, p.column), (1, 2));
+    }
+
+    /// The fields a table accepts, as serde names them when refusing an unknown one: derived
+    /// from the struct itself, so a new field shows up here without anyone listing it.
+    fn accepted_fields(toml_with_unknown_field: &str) -> Vec<String> {
+        let message = toml::from_str::<RawConfig>(toml_with_unknown_field)
+            .unwrap_err()
+            .message()
+            .to_owned();
+        let (_, expected) = message.split_once("expected").unwrap();
+        let fields: Vec<String> = expected
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect();
+        assert!(fields.len() > 1, "{message}");
+        fields
+    }
+
+    /// The rows (`| `field` | …`) of the section of `docs/configuration.md` whose heading
+    /// starts with `heading`, by field.
+    fn documented(doc: &str, heading: &str) -> std::collections::BTreeMap<String, String> {
+        let (_, section) = doc.split_once(&format!("\n## {heading}")).unwrap();
+        let section = section.split("\n## ").next().unwrap();
+        section
+            .lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix("| `")?;
+                let (field, _) = rest.split_once('`')?;
+                Some((field.to_owned(), line.to_owned()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_config_field_is_documented_with_its_environment_variable() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/configuration.md");
+        let doc = std::fs::read_to_string(path).unwrap();
+
+        let tables = accepted_fields("no_such_table = 1");
+        assert_eq!(
+            tables,
+            ["issuer", "mqtt"],
+            "a new top-level table needs a section"
+        );
+
+        let mqtt = accepted_fields("[mqtt]\nno_such_field = 1");
+        let rows = documented(&doc, "`[mqtt]`");
+        assert_eq!(
+            rows.keys().collect::<Vec<_>>(),
+            mqtt.iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>(),
+            "the [mqtt] rows of docs/configuration.md and the fields of MqttSettings"
+        );
+        for field in &mqtt {
+            let var = mqtt_env_var(field);
+            assert!(rows[field].contains(&format!("`{var}`")), "{field}: {var}");
+            // The variable exists: a value it cannot take is refused for its own reason,
+            // not as an unknown field.
+            let e = crate::limits::MqttSettings::default()
+                .apply_env([(var.clone(), "x".to_owned())])
+                .err();
+            assert!(
+                e.is_none_or(|e| !e.message.contains("names no field")),
+                "{var} is not read"
+            );
+        }
+
+        let accepted = accepted_fields("[[issuer]]\nno_such_field = 1");
+        let rows = documented(&doc, "`[[issuer]]`");
+        // Aliases (Ditto's `auth-subjects`) are named in their field's row.
+        let (aliases, issuer): (Vec<String>, Vec<String>) =
+            accepted.into_iter().partition(|f| f.contains('-'));
+        for alias in &aliases {
+            let field = alias.replace('-', "_");
+            assert!(rows[&field].contains(&format!("`{alias}`")), "{alias}");
+        }
+        let mut sorted = issuer.clone();
+        sorted.sort();
+        assert_eq!(
+            rows.keys().collect::<Vec<_>>(),
+            sorted.iter().collect::<Vec<_>>(),
+            "the [[issuer]] rows of docs/configuration.md and the fields of RawIssuer"
+        );
+        for field in issuer.iter().filter(|f| *f != "key") {
+            assert!(
+                ISSUER_FIELDS.contains(&field.as_str()),
+                "`{field}` has no THINGSGATE_ISSUER_ override"
+            );
+            let var = format!("`THINGSGATE_ISSUER_<KEY>_{}`", field.to_ascii_uppercase());
+            assert!(rows[field].contains(&var), "{field}: {var}");
+        }
+
+        // The complete example parses.
+        let (_, example) = doc.split_once("## A complete example").unwrap();
+        let (_, example) = example.split_once("```toml\n").unwrap();
+        let (example, _) = example.split_once("```").unwrap();
+        let config = parse(example).unwrap();
+        assert_eq!(config.issuers.len(), 2);
     }
 
     #[test]

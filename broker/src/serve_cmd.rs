@@ -1,6 +1,7 @@
 //! `thingsgate serve`: load the config and the data dir, start the listeners, print where they
 //! are, run until SIGINT/SIGTERM, then shut down gracefully (connections closed, journal
-//! flushed last). `--dev` prepares a demo solution and a local JWT issuer first.
+//! flushed last). `--dev` prepares a demo solution, a local JWT issuer and a demo thing first
+//! (`crate::dev`), and opens an HTTP listener even without `--http`.
 //!
 //! Start-up output on stdout (a contract scripts and tests rely on): one line per listener,
 //! `mqtt listening on ADDR` / `mqtts listening on ADDR` / `http listening on ADDR`, then `ready`. Logs go to stderr.
@@ -36,10 +37,12 @@ pub struct ServeArgs {
     /// The MQTT-over-TLS listener address; replaces `[mqtt] tls_listen`.
     #[arg(long = "mqtts", value_name = "ADDR")]
     pub mqtts: Option<String>,
-    /// The HTTP address: `/metrics`, `/health`, `/ready` (the API comes later).
+    /// The HTTP address: the API under `/api/2`, MQTT over WebSockets at `/mqtt`, `/metrics`,
+    /// `/health`, `/ready`; with `--dev`, default: 127.0.0.1:8080, or a free port if taken.
     #[arg(long = "http", value_name = "ADDR")]
     pub http: Option<String>,
-    /// Development mode: a demo solution, a local JWT issuer, ready-to-paste client commands.
+    /// Development mode: a demo solution, a local JWT issuer, a demo thing whose policy gives
+    /// a device and two users different rights, ready-to-paste client commands.
     #[arg(long)]
     pub dev: bool,
 }
@@ -137,11 +140,23 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             args.dev && args.mqtt.is_empty(),
         )
         .await?;
-        let http = match &args.http {
-            Some(address) => {
+        let http = match (&args.http, args.dev) {
+            (Some(address), _) => {
                 Some(crate::http::start(server.core.clone(), server.websocket(), address).await?)
             }
-            None => None,
+            // Development mode shows the HTTP API too: port 8080, or a free one if it is taken.
+            (None, true) => {
+                let start =
+                    |address| crate::http::start(server.core.clone(), server.websocket(), address);
+                match start(crate::dev::DEV_HTTP).await {
+                    Ok(address) => Some(address),
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                        Some(start("127.0.0.1:0").await?)
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            (None, false) => None,
         };
         {
             let mut out = std::io::stdout().lock();
@@ -155,7 +170,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 writeln!(out, "http listening on {address}")?;
             }
             if let (Some(dev), Some(address)) = (&dev, server.mqtt_addrs.first()) {
-                crate::dev::print_instructions(&mut out, dev, *address)?;
+                crate::dev::print_instructions(&mut out, dev, *address, http)?;
             }
             writeln!(out, "ready")?;
             out.flush()?;

@@ -1,0 +1,384 @@
+//! `cargo xtask`: the project's own developer commands (the xtask pattern: a plain binary in the
+//! workspace, run through the alias in `.cargo/config.toml`). Standard library only, so it
+//! builds in seconds on a fresh machine.
+//!
+//! `cargo xtask test [ARGS…]` is README's test command and what CI runs. The end-to-end tests
+//! drive the real broker with third-party tools besides Rust and a C compiler; it makes sure each
+//! is there, installs what is missing (saying so), then runs `cargo test --workspace ARGS…`
+//! (without `--workspace` when ARGS pick packages with `-p`):
+//!
+//! | needed | checked by | installed with |
+//! |---|---|---|
+//! | `mosquitto_pub`, `mosquitto_sub` | on `PATH` | `apt-get install mosquitto-clients` |
+//! | `curl`, `stdbuf`, `python3` | on `PATH` | `apt-get install curl coreutils python3` |
+//! | Python's `paho-mqtt` 2.x and `PyYAML` | `python3 -c 'import …'` | `pip install --target <target dir>/xtask/python`, put on `PYTHONPATH` for the tests |
+//!
+//! Python packages go into a directory of the build's own, not into the system's or the user's
+//! Python (Debian's is "externally managed" and refuses `pip install`); the system's copy is used
+//! when it is already there. apt-get runs directly as root, through `sudo -n` otherwise; when
+//! neither works the error says what to install by hand. `XTASK_NO_INSTALL=1` only checks.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+/// The pip requirement of each Python module the tests import (`tests/tests/mqtt_clients.rs`
+/// runs paho-mqtt 2; `tests/tests/docker_files.rs` reads the compose file with PyYAML).
+const PYTHON_MODULES: [PythonModule; 2] = [
+    PythonModule {
+        check: "import paho.mqtt, sys; sys.exit(paho.mqtt.__version__.split('.')[0] != '2')",
+        requirement: "paho-mqtt>=2,<3",
+    },
+    PythonModule {
+        check: "import yaml",
+        requirement: "PyYAML>=6,<7",
+    },
+];
+
+/// Programs the tests run, with the Debian package that has each.
+const PROGRAMS: [(&str, &str); 5] = [
+    ("mosquitto_pub", "mosquitto-clients"),
+    ("mosquitto_sub", "mosquitto-clients"),
+    ("curl", "curl"),
+    ("stdbuf", "coreutils"),
+    ("python3", "python3"),
+];
+
+#[derive(Debug)]
+struct PythonModule {
+    /// Exits 0 when the module is importable in the version the tests need.
+    check: &'static str,
+    requirement: &'static str,
+}
+
+/// A task failed; the message says what to do about it.
+#[derive(Debug)]
+struct Failure(String);
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure(e.to_string())
+    }
+}
+
+const USAGE: &str = "usage: cargo xtask test [CARGO TEST ARGS…]
+  Installs what the end-to-end tests need when it is missing (mosquitto clients, curl,
+  Python's paho-mqtt and PyYAML), then runs `cargo test --workspace [ARGS…]`.
+  XTASK_NO_INSTALL=1: check only, install nothing.";
+
+fn main() -> ExitCode {
+    let mut args = std::env::args_os().skip(1);
+    let result = match args.next().as_ref().and_then(|a| a.to_str()) {
+        Some("test") => test(args.collect()),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            Ok(ExitCode::from(2))
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(Failure(message)) => {
+            eprintln!("xtask: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `cargo xtask test ARGS…`.
+fn test(args: Vec<OsString>) -> Result<ExitCode, Failure> {
+    let root = workspace_root();
+    let install = std::env::var_os("XTASK_NO_INSTALL").is_none_or(|v| v.is_empty() || v == "0");
+    ensure_programs(install)?;
+    let python_dir = target_dir(&root).join("xtask").join("python");
+    let python_path = python_path(&python_dir);
+    ensure_python_modules(install, &python_dir, &python_path)?;
+
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let cargo_args = cargo_test_args(args);
+    eprintln!("xtask: cargo {}", display_args(&cargo_args));
+    let status = Command::new(cargo)
+        .current_dir(&root)
+        .args(&cargo_args)
+        .env("PYTHONPATH", &python_path)
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    Ok(match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    })
+}
+
+/// `test --workspace ARGS…`, or `test ARGS…` when ARGS choose packages themselves (cargo lets
+/// `--workspace` win over `-p`).
+fn cargo_test_args(args: Vec<OsString>) -> Vec<OsString> {
+    let picks_packages = args.iter().take_while(|a| *a != "--").any(|a| {
+        let a = a.to_string_lossy();
+        a == "-p" || a == "--package" || a.starts_with("--package=") || a.starts_with("-p")
+    });
+    let mut out: Vec<OsString> = vec!["test".into()];
+    if !picks_packages {
+        out.push("--workspace".into());
+    }
+    out.extend(args);
+    out
+}
+
+fn display_args(args: &[OsString]) -> String {
+    args.iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The repository root: this crate lives in `xtask/`.
+fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// Cargo's target directory (`CARGO_TARGET_DIR`, relative to the root, or `target`).
+fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => root.join(dir),
+        _ => root.join("target"),
+    }
+}
+
+/// `PYTHONPATH` for the checks and the tests: our directory first, then the caller's.
+fn python_path(python_dir: &Path) -> OsString {
+    let mut paths = vec![python_dir.to_path_buf()];
+    if let Some(existing) = std::env::var_os("PYTHONPATH") {
+        paths.extend(std::env::split_paths(&existing));
+    }
+    std::env::join_paths(paths).unwrap_or_else(|_| python_dir.as_os_str().to_owned())
+}
+
+/// Whether `program` can be started (it is on `PATH`).
+fn runs(program: &str) -> bool {
+    let mut command = Command::new("sh");
+    command.args(["-c", "command -v \"$1\" >/dev/null 2>&1", "sh", program]);
+    quietly(&mut command)
+}
+
+/// Runs `command` with its output discarded; whether it succeeded.
+fn quietly(command: &mut Command) -> bool {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn ensure_programs(install: bool) -> Result<(), Failure> {
+    let mut packages: Vec<&str> = Vec::new();
+    for (program, package) in PROGRAMS {
+        if !runs(program) {
+            eprintln!("xtask: `{program}` is missing (Debian package {package})");
+            if !packages.contains(&package) {
+                packages.push(package);
+            }
+        }
+    }
+    if packages.is_empty() {
+        return Ok(());
+    }
+    apt_install(install, &packages)?;
+    for (program, package) in PROGRAMS {
+        if !runs(program) {
+            return Err(Failure(format!(
+                "`{program}` is still missing after installing {package}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `apt-get install PACKAGES` as root or through `sudo -n`, after `apt-get update` (a fresh
+/// container has no package lists).
+fn apt_install(install: bool, packages: &[&str]) -> Result<(), Failure> {
+    let by_hand = format!("apt-get install {}", packages.join(" "));
+    if !install {
+        return Err(Failure(format!(
+            "XTASK_NO_INSTALL is set: install them yourself (`{by_hand}`)"
+        )));
+    }
+    if !runs("apt-get") {
+        return Err(Failure(format!(
+            "no apt-get here: install the equivalent of `{by_hand}` with your package manager"
+        )));
+    }
+    let as_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    let prefix: &[&str] = if as_root {
+        &[]
+    } else if quietly(Command::new("sudo").args(["-n", "true"])) {
+        &["sudo", "-n"]
+    } else {
+        return Err(Failure(format!(
+            "installing needs root (not root, and `sudo -n` asks for a password): run \
+             `sudo {by_hand}` once"
+        )));
+    };
+    eprintln!(
+        "xtask: installing {} with apt-get (once; later runs find them)",
+        packages.join(" ")
+    );
+    let apt = |args: &[&str]| -> Result<(), Failure> {
+        let (program, rest) = match prefix.split_first() {
+            Some((sudo, sudo_args)) => (*sudo, [sudo_args, &["apt-get"], args].concat()),
+            None => ("apt-get", args.to_vec()),
+        };
+        let status = Command::new(program)
+            .args(&rest)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
+            .status()
+            .map_err(|e| format!("cannot run apt-get: {e}"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(Failure(format!(
+                "`apt-get {}` failed ({status}): install them yourself (`{by_hand}`)",
+                args.join(" ")
+            )))
+        }
+    };
+    apt(&["update", "-qq"])?;
+    apt(&[
+        &["install", "-y", "-qq", "--no-install-recommends"],
+        packages,
+    ]
+    .concat())
+}
+
+/// Whether `module` is importable in the version the tests need, with `python_path`.
+fn python_has(module: &PythonModule, python_path: &OsString) -> bool {
+    quietly(
+        Command::new("python3")
+            .args(["-c", module.check])
+            .env("PYTHONPATH", python_path),
+    )
+}
+
+fn ensure_python_modules(
+    install: bool,
+    python_dir: &Path,
+    python_path: &OsString,
+) -> Result<(), Failure> {
+    let missing: Vec<&str> = PYTHON_MODULES
+        .iter()
+        .filter(|m| !python_has(m, python_path))
+        .map(|m| m.requirement)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let by_hand = format!(
+        "python3 -m pip install {}",
+        missing
+            .iter()
+            .map(|r| format!("'{r}'"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    if !install {
+        return Err(Failure(format!(
+            "Python packages missing: {}; XTASK_NO_INSTALL is set: install them yourself \
+             (`{by_hand}`)",
+            missing.join(", ")
+        )));
+    }
+    if !quietly(Command::new("python3").args(["-m", "pip", "--version"])) {
+        eprintln!("xtask: Python has no pip");
+        apt_install(install, &["python3-pip"])?;
+    }
+    eprintln!(
+        "xtask: installing {} with pip into {} (used only by the tests)",
+        missing.join(", "),
+        python_dir.display()
+    );
+    let status = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--upgrade",
+            "--target",
+        ])
+        .arg(python_dir)
+        .args(&missing)
+        .env("PIP_ROOT_USER_ACTION", "ignore")
+        .stdin(Stdio::null())
+        .status()
+        .map_err(|e| format!("cannot run pip: {e}"))?;
+    if !status.success() {
+        return Err(Failure(format!(
+            "pip failed ({status}): install them yourself (`{by_hand}`)"
+        )));
+    }
+    if let Some(module) = PYTHON_MODULES.iter().find(|m| !python_has(m, python_path)) {
+        return Err(Failure(format!(
+            "`{}` is still not importable after pip installed it into {}",
+            module.requirement,
+            python_dir.display()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<OsString> {
+        list.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn the_whole_workspace_is_tested_unless_packages_are_picked() {
+        assert_eq!(cargo_test_args(args(&[])), args(&["test", "--workspace"]));
+        assert_eq!(
+            cargo_test_args(args(&["--release", "--", "--nocapture"])),
+            args(&["test", "--workspace", "--release", "--", "--nocapture"])
+        );
+        for picked in [
+            &["-p", "e2e"][..],
+            &["--package", "e2e"],
+            &["--package=e2e"],
+            &["-pe2e"],
+        ] {
+            let mut expected = args(&["test"]);
+            expected.extend(args(picked));
+            assert_eq!(cargo_test_args(args(picked)), expected);
+        }
+        // After `--` the arguments belong to the test binaries.
+        assert_eq!(
+            cargo_test_args(args(&["--", "-p"])),
+            args(&["test", "--workspace", "--", "-p"])
+        );
+    }
+
+    #[test]
+    fn our_python_directory_comes_first() {
+        let dir = Path::new("/t/xtask/python");
+        let path = python_path(dir);
+        let first = std::env::split_paths(&path).next();
+        assert_eq!(first.as_deref(), Some(dir));
+    }
+
+    #[test]
+    fn a_program_that_is_not_there_is_missing() {
+        assert!(runs("sh"));
+        assert!(!runs("no-such-program-xtask"));
+    }
+}
