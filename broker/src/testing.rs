@@ -108,7 +108,7 @@ impl Harness {
             client_id: client_id.into(),
             expires_at: None,
             jwt_method: false,
-            secret_id: None,
+            secret: None,
         };
         let request = SessionRequest {
             clean_start: true,

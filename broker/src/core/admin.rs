@@ -238,7 +238,10 @@ impl Core {
     pub fn solution_changed(&self, solution: Arc<Solution>) {
         let space = self.spaces.get_or_create(&solution);
         for record in solution.secrets.iter().filter(|s| s.revoked) {
-            for link in space.take_secret_links(&record.id) {
+            let Some(secret) = crate::core::identity::secret_number(&record.id) else {
+                continue;
+            };
+            for link in space.links_with_secret(secret) {
                 link.revoked.store(true, Ordering::Release);
                 link.kick.notify_one();
             }

@@ -68,8 +68,9 @@ pub struct Identity {
     pub expires_at: Option<SystemTime>,
     /// Authenticated with method `jwt`: may re-authenticate with a fresh token.
     pub jwt_method: bool,
-    /// The solution secret it authenticated with (its ID): revoking it ends the connection.
-    pub secret_id: Option<Arc<str>>,
+    /// The number of the solution secret it authenticated with (`s3` → 3): revoking it ends
+    /// the connection.
+    pub secret: Option<u32>,
 }
 
 /// Why authentication failed; the label goes to metrics and debug logs, never to the client.
@@ -113,6 +114,11 @@ pub struct Authenticator {
     pub solutions: Arc<Solutions>,
     pub issuers: Arc<Issuers>,
     pub limiter: FailureLimiter,
+}
+
+/// The number of secret ID `s<n>` (`None` for any other form).
+pub fn secret_number(secret_id: &str) -> Option<u32> {
+    secret_id.strip_prefix('s')?.parse().ok().filter(|&n| n > 0)
 }
 
 /// Whether a password looks like a compact JWS (`xxx.yyy.zzz`, base64url parts).
@@ -203,7 +209,7 @@ impl Authenticator {
             client_id: credentials.client_id.into(),
             expires_at: None,
             jwt_method: false,
-            secret_id: Some(secret_id.into()),
+            secret: secret_number(&secret_id),
         })
     }
 
@@ -240,7 +246,7 @@ impl Authenticator {
             client_id: credentials.client_id.into(),
             expires_at: Some(jwt.expires_at),
             jwt_method: false,
-            secret_id: None,
+            secret: None,
         })
     }
 

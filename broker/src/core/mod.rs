@@ -208,10 +208,7 @@ impl Core {
             tracing::warn!(solution = %space.id, limit = settings.max_sessions, "session limit reached");
             return Err(SessionLimit);
         }
-        let link = Arc::new(Link::new(request.protocol));
-        if let Some(secret_id) = &identity.secret_id {
-            space.opened_with_secret(secret_id, &link);
-        }
+        let link = Arc::new(Link::new(request.protocol, identity.secret));
         let mut sessions = space.sessions();
         space.cancel_pending_will(&client_id);
         let mut resumed = None;
@@ -283,7 +280,7 @@ impl Core {
             0,
             self.settings.max_queued_messages,
         ));
-        let link = Arc::new(Link::new(session::Protocol::Http));
+        let link = Arc::new(Link::new(session::Protocol::Http, None));
         session.lock().link = Some(link.clone());
         Client {
             identity,

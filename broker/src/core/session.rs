@@ -50,10 +50,13 @@ pub struct Link {
     pub revoked: std::sync::atomic::AtomicBool,
     /// How the client is connected (for metrics).
     pub protocol: Protocol,
+    /// The number of the solution secret it connected with (0: none).
+    pub secret: u32,
 }
 
 /// The ways a client holds a session.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Protocol {
     #[default]
     Mqtt,
@@ -73,11 +76,12 @@ impl Protocol {
 }
 
 impl Link {
-    pub fn new(protocol: Protocol) -> Self {
+    pub fn new(protocol: Protocol, secret: Option<u32>) -> Self {
         Link {
             kick: Notify::new(),
             revoked: std::sync::atomic::AtomicBool::new(false),
             protocol,
+            secret: secret.unwrap_or(0),
         }
     }
 }

@@ -36,9 +36,6 @@ pub struct SolutionSpace {
     /// replaced whole when the solution is changed online (`Core::solution_changed`), seen by
     /// the next check of every connection.
     current: RwLock<(Arc<Solution>, Arc<Enforcer>)>,
-    /// The connections opened with each solution secret (by secret ID), to end them when it
-    /// is revoked.
-    by_secret: Mutex<HashMap<Box<str>, Vec<std::sync::Weak<Link>>>>,
     /// Usage counters (DESIGN.md §1).
     pub usage: Usage,
     pub tree: RwLock<TopicTree<Subscriber>>,
@@ -96,7 +93,6 @@ impl SolutionSpace {
         SolutionSpace {
             id: solution.id.clone(),
             current: RwLock::new((solution, policy)),
-            by_secret: Mutex::new(HashMap::new()),
             usage: Usage::default(),
             tree: RwLock::new(TopicTree::new()),
             retained: RwLock::new(HashMap::new()),
@@ -159,23 +155,12 @@ impl SolutionSpace {
         *write(&self.current) = (solution, policy);
     }
 
-    /// Remembers that `link` connected with secret `secret_id`.
-    pub fn opened_with_secret(&self, secret_id: &str, link: &Arc<Link>) {
-        let mut by_secret = lock(&self.by_secret);
-        let links = by_secret.entry(secret_id.into()).or_default();
-        if links.len() >= 16 && links.len().is_power_of_two() {
-            links.retain(|l| l.strong_count() > 0);
-        }
-        links.push(Arc::downgrade(link));
-    }
-
-    /// The connections still open with secret `secret_id` (forgotten here).
-    pub fn take_secret_links(&self, secret_id: &str) -> Vec<Arc<Link>> {
-        lock(&self.by_secret)
-            .remove(secret_id)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(std::sync::Weak::upgrade)
+    /// The links of the clients attached now that connected with secret number `secret`.
+    pub fn links_with_secret(&self, secret: u32) -> Vec<Arc<Link>> {
+        self.sessions()
+            .values()
+            .filter_map(|session| session.lock().link.clone())
+            .filter(|link| link.secret == secret)
             .collect()
     }
 

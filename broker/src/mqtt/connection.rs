@@ -54,27 +54,31 @@ pub async fn serve(
 ) {
     core.metrics.connections_active.inc();
     if let Some(mut conn) = Box::pin(handshake::open(&core, io, peer, slot, admission)).await {
-        // A span per connection (client ID, solution) where debug logging is on; then the
-        // main loop runs boxed inside it, so that an idle connection's task does not carry a
-        // span when it is off.
-        let span = tracing::debug_span!(
-            "connection",
-            client = %conn.client.session.client_id,
-            solution = %conn.client.space.id,
-            %peer,
-        );
-        if span.is_disabled() {
+        // A span per connection (client ID, solution) where debug logging is on, the main
+        // loop boxed inside it: an idle connection's task carries no span when it is off.
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            Box::pin(traced(conn, peer)).await;
+        } else {
             let close = conn.run().await;
             Box::pin((*conn).finish(close)).await;
-        } else {
-            let traced = async move {
-                let close = conn.run().await;
-                (*conn).finish(close).await;
-            };
-            Box::pin(tracing::Instrument::instrument(traced, span)).await;
         }
     }
     core.metrics.connections_active.dec();
+}
+
+/// The main loop and the ending of `conn` inside a span naming it.
+async fn traced(mut conn: Box<Conn>, peer: SocketAddr) {
+    let span = tracing::debug_span!(
+        "connection",
+        client = %conn.client.session.client_id,
+        solution = %conn.client.space.id,
+        %peer,
+    );
+    let run = async move {
+        let close = conn.run().await;
+        (*conn).finish(close).await;
+    };
+    tracing::Instrument::instrument(run, span).await;
 }
 
 /// How a PUBLISH is acknowledged: PUBACK (QoS 1) or PUBREC (QoS 2), and its identifier.
