@@ -255,6 +255,13 @@ async fn accept(
         reauth: None,
         _slot: slot,
     });
+    // The connection's span (`connection::spawn`), if it has one, learns who connected.
+    let span = tracing::Span::current();
+    span.record(
+        "client",
+        tracing::field::display(&conn.client.session.client_id),
+    );
+    span.record("solution", tracing::field::display(&conn.client.space.id));
     conn.outbound().packet(&Packet::ConnAck(ConnAck {
         session_present,
         code: 0,

@@ -210,7 +210,7 @@ async fn accept_loop(
         let tls = tls.clone();
         let done = done.clone();
         let admission = admission.clone();
-        tokio::spawn(async move {
+        connection::spawn(peer, async move {
             let _done = done;
             let transport = match tls {
                 None => Transport::Tcp(tcp),

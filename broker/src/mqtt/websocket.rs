@@ -145,7 +145,18 @@ pub async fn upgrade(
             let _done = done;
             let transport =
                 Transport::WebSocket(Box::new(WsStream::new(socket, core.metrics.clone())));
-            connection::serve(core, transport, peer, slot, &admission).await;
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                let span = tracing::debug_span!(
+                    "connection",
+                    %peer,
+                    client = tracing::field::Empty,
+                    solution = tracing::field::Empty,
+                );
+                let serve = connection::serve(core, transport, peer, slot, &admission);
+                Box::pin(tracing::Instrument::instrument(serve, span)).await;
+            } else {
+                connection::serve(core, transport, peer, slot, &admission).await;
+            }
         }))
 }
 
