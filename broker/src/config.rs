@@ -74,6 +74,15 @@ pub struct Config {
     pub mqtt: crate::limits::MqttSettings,
     /// The directory relative paths of the file are resolved against.
     pub base_dir: PathBuf,
+    /// `[[operator]]` tables: who may create solutions online (subject `operator:<name>`).
+    pub operators: Vec<OperatorConfig>,
+}
+
+/// A configured operator: a name and the SHA-256 digest of its secret (never the secret).
+#[derive(Debug, Clone)]
+pub struct OperatorConfig {
+    pub name: String,
+    pub secret_digest: crate::auth::secret::Digest,
 }
 
 /// A configured JWT issuer, validated.
@@ -278,6 +287,15 @@ struct RawConfig {
     issuers: Vec<RawIssuer>,
     #[serde(default)]
     mqtt: crate::limits::MqttSettings,
+    #[serde(default, rename = "operator")]
+    operators: Vec<RawOperator>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOperator {
+    name: String,
+    secret_sha256: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -383,10 +401,51 @@ impl Config {
             }
             issuers.push(issuer);
         }
+        let mut operators: Vec<OperatorConfig> = Vec::with_capacity(raw.operators.len());
+        for (index, raw_operator) in raw.operators.into_iter().enumerate() {
+            let invalid = |field: &str, message: String| ConfigError::Invalid {
+                path: source.path.to_owned(),
+                at: source.locate(&[Key::Name("operator"), Key::Index(index), Key::Name(field)]),
+                field: format!("operator.{field}"),
+                message,
+            };
+            let name = raw_operator.name;
+            let valid_name = !name.is_empty()
+                && name.len() <= 64
+                && name.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
+                });
+            if !valid_name {
+                return Err(invalid(
+                    "name",
+                    format!("`{name}` is not an operator name (1 to 64 of a-z, 0-9, `-`, `_`)"),
+                ));
+            }
+            if operators.iter().any(|o| o.name == name) {
+                return Err(invalid(
+                    "name",
+                    format!("another operator is named `{name}`"),
+                ));
+            }
+            let secret_digest = crate::auth::secret::Digest::from_hex(&raw_operator.secret_sha256)
+                .map_err(|_| {
+                    invalid(
+                        "secret_sha256",
+                        "expected the SHA-256 of the operator's secret as 64 hex digits \
+                         (`printf %s \"$SECRET\" | sha256sum`)"
+                            .to_owned(),
+                    )
+                })?;
+            operators.push(OperatorConfig {
+                name,
+                secret_digest,
+            });
+        }
         Ok(Config {
             issuers,
             mqtt: raw.mqtt,
             base_dir: base_dir.to_path_buf(),
+            operators,
         })
     }
 }
@@ -1181,8 +1240,15 @@ mod tests {
         let tables = accepted_fields("no_such_table = 1");
         assert_eq!(
             tables,
-            ["issuer", "mqtt"],
+            ["issuer", "mqtt", "operator"],
             "a new top-level table needs a section"
+        );
+        let operator = accepted_fields("[[operator]]\nno_such_field = 1");
+        let rows = documented(&doc, "`[[operator]]`");
+        assert_eq!(
+            rows.keys().collect::<Vec<_>>(),
+            operator.iter().collect::<Vec<_>>(),
+            "the [[operator]] rows of docs/configuration.md and the fields of RawOperator"
         );
 
         let mqtt = accepted_fields("[mqtt]\nno_such_field = 1");

@@ -130,6 +130,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             solutions: Arc::new(solutions),
             issuers,
             limiter: FailureLimiter::new(LimiterConfig::default()),
+            operators: config.operators.clone(),
         };
         let server = server::start(
             config.mqtt.clone(),

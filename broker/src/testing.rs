@@ -81,6 +81,7 @@ impl Harness {
                 solutions: Arc::new(solutions),
                 issuers: Arc::new(issuers),
                 limiter: FailureLimiter::new(LimiterConfig::default()),
+                operators: Vec::new(),
             },
             spaces: crate::core::space::Spaces::new(settings.max_retained_messages),
             settings,

@@ -209,3 +209,99 @@ async fn a_solution_policy_replaced_online_decides_the_next_publish() {
     let (_c, ack) = connect_ok(addr, login(Protocol::V311, "v3", &solution)).await;
     assert!(!ack.session_present);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_from_the_config_creates_solutions_online_and_nobody_else_can() {
+    const OPERATOR_SECRET: &str = "operator-secret-for-the-e2e-test-7f3a";
+    let digest = {
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, OPERATOR_SECRET.as_bytes());
+        d.as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let mut broker = Broker::new();
+    broker.write_config(&format!(
+        "[[operator]]\nname = \"ops\"\nsecret_sha256 = \"{digest}\"\n"
+    ));
+    let existing = broker.create_solution("org.acme");
+    broker.arg("--http").arg("127.0.0.1:0");
+    broker.start();
+    let api = Api::new(http_addr(&broker));
+    let operator = Auth::Basic {
+        solution: "operator/ops".into(),
+        secret: OPERATOR_SECRET.into(),
+    };
+    let created = api
+        .post(
+            "/api/2/solutions",
+            &operator,
+            &json!({"solutionId": "fresh", "namespaces": ["org.fresh"]}),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{created:?}");
+    assert_eq!(created.header("location"), Some("/api/2/solutions/fresh"));
+    let fresh = Solution {
+        id: "fresh".into(),
+        api_token: created.body["apiToken"].as_str().unwrap().into(),
+        secret: created.body["secret"].as_str().unwrap().into(),
+    };
+    // The new solution works at once: MQTT with its secret, HTTP administration.
+    let mut device = connected(broker.mqtt_addr(), Protocol::V5, "d1", &fresh).await;
+    assert_eq!(
+        publish_qos1(
+            &mut device,
+            "org.fresh/t1/things/twin/commands/create",
+            b"{}",
+            1
+        )
+        .await,
+        0
+    );
+    let shown = api
+        .get("/api/2/solutions/fresh", &Auth::basic(&fresh))
+        .await;
+    assert_eq!(shown.body["namespaces"], json!(["org.fresh"]));
+
+    for (what, auth, status) in [
+        (
+            "a wrong operator secret",
+            Auth::Basic {
+                solution: "operator/ops".into(),
+                secret: "nope".into(),
+            },
+            401,
+        ),
+        ("a solution's own secret", Auth::basic(&existing), 401),
+        ("nothing", Auth::None, 401),
+    ] {
+        let refused = api
+            .post(
+                "/api/2/solutions",
+                &auth,
+                &json!({"namespaces": ["org.other"]}),
+            )
+            .await;
+        assert_eq!(refused.status, status, "{what}: {refused:?}");
+    }
+    let taken = api
+        .post(
+            "/api/2/solutions",
+            &operator,
+            &json!({"namespaces": ["org.acme"]}),
+        )
+        .await;
+    assert_eq!(
+        taken.status, 409,
+        "a namespace of another solution: {taken:?}"
+    );
+    let again = api
+        .post(
+            "/api/2/solutions",
+            &operator,
+            &json!({"solutionId": "fresh", "namespaces": ["org.fresh2"]}),
+        )
+        .await;
+    assert_eq!(again.status, 409, "{again:?}");
+    broker.assert_logs_never_contain(&[OPERATOR_SECRET, &fresh.secret, &fresh.api_token]);
+}

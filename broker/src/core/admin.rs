@@ -96,6 +96,52 @@ fn solution_error(e: &SolutionError) -> DittoError {
 }
 
 impl Core {
+    /// Creates a solution for an operator (`operator:<name>`, authenticated by
+    /// `Authenticator::authenticate_operator`): `id` (generated if `None`) owning `namespaces`;
+    /// the answer holds its API token and first secret, shown this once.
+    pub async fn create_solution(
+        &self,
+        operator: &str,
+        id: Option<String>,
+        namespaces: Vec<String>,
+    ) -> Result<Value, DittoError> {
+        let solutions = self.auth.solutions.clone();
+        let store = self.twins.store.clone();
+        let created = tokio::task::spawn_blocking(move || -> Result<Value, SolutionError> {
+            let id = id
+                .map(|id| crate::auth::solution::SolutionId::parse(&id))
+                .transpose()?;
+            let store: &dyn twin::store::TwinStore = &*store;
+            let created = solutions.create(store, id, &namespaces, now())?;
+            Ok(json!({
+                "solutionId": created.solution_id.as_str(),
+                "apiToken": created.api_token.expose(),
+                "secret": created.secret.expose(),
+            }))
+        })
+        .await
+        .map_err(|e| {
+            DittoError::new(
+                500,
+                "solutions:internal.error",
+                format!("the creation failed: {e}"),
+            )
+        })?
+        .map_err(|e| match e {
+            SolutionError::Exists(_) => {
+                DittoError::new(409, "solutions:solution.conflict", e.to_string())
+            }
+            SolutionError::BadId(_) => DittoError::new(400, "solutions:id.invalid", e.to_string()),
+            other => solution_error(&other),
+        })?;
+        let id = created
+            .get("solutionId")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        tracing::info!(operator, solution = id, "solution created");
+        Ok(created)
+    }
+
     /// Carries out `request` on solution `solution_id` for `client`.
     pub async fn administer(
         &self,

@@ -114,7 +114,12 @@ pub struct Authenticator {
     pub solutions: Arc<Solutions>,
     pub issuers: Arc<Issuers>,
     pub limiter: FailureLimiter,
+    /// Who may create solutions (`[[operator]]` in the config).
+    pub operators: Vec<crate::config::OperatorConfig>,
 }
+
+/// The name an operator gives as user name: `operator/<name>` (a `/` is in no solution ID).
+pub const OPERATOR_PREFIX: &str = "operator/";
 
 /// The number of secret ID `s<n>` (`None` for any other form).
 pub fn secret_number(secret_id: &str) -> Option<u32> {
@@ -248,6 +253,38 @@ impl Authenticator {
             jwt_method: false,
             secret: None,
         })
+    }
+
+    /// An operator's credentials (user name `operator/<name>`, its secret) from `peer`: its
+    /// subject `operator:<name>`. Limited like every other authentication.
+    pub async fn authenticate_operator(
+        &self,
+        username: &str,
+        secret: &str,
+        peer: IpAddr,
+    ) -> Result<String, Refusal> {
+        let claimed = format!("{username}\u{0}operator");
+        match self.limiter.admit(peer, &claimed, Instant::now()) {
+            Admission::Allowed => {}
+            Admission::Limited { .. } => return Err(Refusal::RateLimited),
+            Admission::Slowed { delay } => tokio::time::sleep(delay).await,
+        }
+        let name = username.strip_prefix(OPERATOR_PREFIX).unwrap_or_default();
+        let candidate = crate::auth::secret::Digest::of(secret);
+        // Every operator's digest is compared, in constant time, whatever matches.
+        let mut found = false;
+        for operator in &self.operators {
+            let digest_matches =
+                crate::auth::secret::verify_digest(&candidate, &operator.secret_digest);
+            found |= digest_matches && operator.name == name;
+        }
+        if found {
+            self.limiter.record_success(peer, &claimed);
+            Ok(format!("operator:{name}"))
+        } else {
+            self.limiter.record_failure(peer, &claimed, Instant::now());
+            Err(Refusal::BadCredentials("wrong_operator_secret"))
+        }
     }
 
     /// Re-authentication of `identity` with a fresh token (DESIGN.md §2): the same solution

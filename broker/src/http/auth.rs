@@ -95,6 +95,35 @@ fn presented(headers: &HeaderMap) -> Option<Presented> {
     None
 }
 
+/// An operator's request (`Authorization: Basic operator/<name>:<secret>`): its subject.
+pub async fn authenticate_operator(
+    core: &Core,
+    headers: &HeaderMap,
+    peer: IpAddr,
+) -> Result<String, Unauthenticated> {
+    let operator = presented(headers).and_then(|p| {
+        let username = p.username?;
+        username
+            .starts_with(crate::core::identity::OPERATOR_PREFIX)
+            .then_some((username, p.password?))
+    });
+    let Some((username, secret)) = operator else {
+        core.metrics.refused("no_operator_credentials");
+        return Err(Unauthenticated {
+            rate_limited: false,
+        });
+    };
+    core.auth
+        .authenticate_operator(&username, &secret, peer)
+        .await
+        .map_err(|refusal| {
+            core.metrics.refused(refusal.label());
+            Unauthenticated {
+                rate_limited: refusal == Refusal::RateLimited,
+            }
+        })
+}
+
 /// Authenticates the request's credentials from `peer`.
 pub async fn authenticate(
     core: &Core,

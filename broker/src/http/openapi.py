@@ -96,6 +96,10 @@ def sol(get=None, put=None, post=None, delete=None, params=S):
     if post: ops["post"] = {"tags": ["Solutions"], "summary": post, "parameters": params, "responses": resp([201, 401, 403, 404, 429], {"type": "object", "properties": {"secretId": {"type": "string"}, "secret": {"type": "string"}}})}
     if delete: ops["delete"] = {"tags": ["Solutions"], "summary": delete, "parameters": params, "responses": resp([204, 401, 403, 404, 429])}
     return ops
+paths["/api/2/solutions"] = {"post": {"tags": ["Solutions"], "summary": "Create a solution (operators of the config only: `Authorization: Basic operator/<name>:<secret>`); its API token and first secret are in this answer only",
+    "security": [{"basic": []}],
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object", "required": ["namespaces"], "properties": {"solutionId": {"type": "string"}, "namespaces": {"type": "array", "items": {"type": "string"}}}}}}},
+    "responses": resp([201, 400, 401, 409, 429], {"type": "object", "properties": {"solutionId": {"type": "string"}, "apiToken": {"type": "string"}, "secret": {"type": "string"}}})}}
 paths["/api/2/solutions/{solutionId}"] = sol(get="The solution: namespaces and secret IDs (READ `solution:/`)")
 paths["/api/2/solutions/{solutionId}/namespaces"] = sol(get="The namespaces (READ `solution:/namespaces`)")
 paths["/api/2/solutions/{solutionId}/namespaces/{namespace}"] = sol(put="Add a namespace (WRITE `solution:/namespaces`)", delete="Remove a namespace: its things are out of reach at once", params=S + [p("namespace", "e.g. `org.acme.fleet`")])

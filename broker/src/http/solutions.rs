@@ -20,6 +20,7 @@ use crate::http::twin::ditto_error;
 /// The routes of this module.
 pub fn routes() -> Router<Arc<Core>> {
     Router::new()
+        .route("/api/2/solutions", axum::routing::post(create))
         .route("/api/2/solutions/{solution_id}", get(show))
         .route("/api/2/solutions/{solution_id}/namespaces", get(namespaces))
         .route(
@@ -66,6 +67,59 @@ async fn administer(
 }
 
 type Peer = ConnectInfo<SocketAddr>;
+
+/// What `POST /api/2/solutions` takes.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct NewSolution {
+    solution_id: Option<String>,
+    namespaces: Vec<String>,
+}
+
+/// `POST /api/2/solutions` by an operator: a new solution; its API token and first secret
+/// are in this answer only.
+async fn create(
+    State(core): State<Arc<Core>>,
+    ConnectInfo(peer): Peer,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let operator = match auth::authenticate_operator(&core, &headers, peer.ip()).await {
+        Ok(operator) => operator,
+        Err(u) => return u.into_response(),
+    };
+    let request: NewSolution = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => {
+            return ditto_error(&twin::DittoError::new(
+                400,
+                "solutions:json.invalid",
+                format!("expected {{\"namespaces\": [...], \"solutionId\"?: ...}}: {e}"),
+            ));
+        }
+    };
+    match core
+        .create_solution(&operator, request.solution_id, request.namespaces)
+        .await
+    {
+        Ok(created) => {
+            let location = format!(
+                "/api/2/solutions/{}",
+                created
+                    .get("solutionId")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or_default()
+            );
+            (
+                StatusCode::CREATED,
+                [(axum::http::header::LOCATION, location)],
+                axum::Json(created),
+            )
+                .into_response()
+        }
+        Err(e) => ditto_error(&e),
+    }
+}
 
 async fn show(
     State(core): State<Arc<Core>>,
