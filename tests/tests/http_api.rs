@@ -845,3 +845,111 @@ async fn a_graceful_shutdown_loses_no_write_acknowledged_over_http() {
         acknowledged.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditional_requests_and_sse_filters_evaluate_rql_on_what_the_requester_may_read() {
+    let (_broker, solution, api) = started();
+    create_lamp(&api, &solution).await;
+    let owner = Auth::basic(&solution);
+    let alice = Auth::bearer(&token_with_claim("alice", &solution), None);
+    let get = |condition: &str| {
+        format!(
+            "/api/2/things/org.acme:lamp?condition={}",
+            urlencode(condition)
+        )
+    };
+    assert_eq!(
+        api.get(&get(r#"eq(attributes/room,"hall")"#), &owner)
+            .await
+            .status,
+        200
+    );
+    let failed = api
+        .get(&get(r#"eq(attributes/room,"cellar")"#), &owner)
+        .await;
+    assert_eq!(
+        (failed.status, failed.error()),
+        (412, Some("things:condition.failed")),
+        "{failed:?}"
+    );
+    // Alice may not read `secret`: for her it does not exist.
+    assert_eq!(
+        api.get(&get("exists(attributes/secret)"), &owner)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        api.get(&get("exists(attributes/secret)"), &alice)
+            .await
+            .status,
+        412
+    );
+    let bad = api.get(&get("eq(attributes/room"), &owner).await;
+    assert_eq!(
+        (bad.status, bad.error()),
+        (400, Some("rql.expression.invalid"))
+    );
+    // A conditional change: applied only while the condition holds.
+    let put = |condition: &str| {
+        format!(
+            "/api/2/things/org.acme:lamp/attributes/room?condition={}",
+            urlencode(condition)
+        )
+    };
+    assert_eq!(
+        api.put(&put("gt(_revision,5)"), &owner, &json!("x"))
+            .await
+            .status,
+        412
+    );
+    assert_eq!(
+        api.put(&put("ge(_revision,1)"), &owner, &json!("attic"))
+            .await
+            .status,
+        204
+    );
+
+    // SSE: only the changes that satisfy the filter.
+    let mut events = api
+        .events(
+            &format!(
+                "/api/2/things?filter={}",
+                urlencode(r#"eq(attributes/room,"loft")"#)
+            ),
+            &owner,
+            None,
+        )
+        .await;
+    for room in ["cellar", "loft"] {
+        let changed = api
+            .put(
+                "/api/2/things/org.acme:lamp/attributes/room",
+                &owner,
+                &json!(room),
+            )
+            .await;
+        assert_eq!(changed.status, 204);
+    }
+    let (_, event) = events.next().await;
+    assert_eq!(event["attributes"], json!({"room": "loft"}), "{event}");
+    assert!(
+        events
+            .next_within(Duration::from_millis(500))
+            .await
+            .is_none(),
+        "nothing else passes the filter"
+    );
+}
+
+/// Percent-encodes a query parameter value.
+fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

@@ -86,6 +86,9 @@ pub struct CommandHeaders {
     pub if_none_match: Option<EntityTags>,
     /// Ditto's field selector for retrieves (`thingId,attributes/location`).
     pub fields: Option<String>,
+    /// Ditto's `condition`: an RQL expression (`crate::rql`) the thing, as the requester may
+    /// read it, must satisfy, or the command is refused with 412.
+    pub condition: Option<String>,
     pub other: Map<String, Value>,
 }
 

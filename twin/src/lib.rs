@@ -26,6 +26,7 @@ pub mod id;
 pub mod merge;
 pub mod path;
 pub mod protocol;
+pub mod rql;
 pub mod store;
 pub mod thing;
 

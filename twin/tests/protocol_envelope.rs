@@ -180,6 +180,7 @@ fn a_modify_envelope_becomes_a_thing_command_with_its_headers() {
         if_match: Some(EntityTags::Revisions(vec![3])),
         if_none_match: None,
         fields: None,
+        condition: None,
         other: json!({"content-type": "application/json"})
             .as_object()
             .unwrap()
@@ -354,6 +355,7 @@ fn sample_commands() -> Vec<Command> {
         if_match: Some(EntityTags::Revisions(vec![3, 4])),
         if_none_match: Some(EntityTags::Any),
         fields: Some("thingId,attributes".into()),
+        condition: Some(r#"eq(attributes/a,"b")"#.into()),
         other: json!({"x-trace": "abc", "timeout": 5})
             .as_object()
             .unwrap()

@@ -72,6 +72,35 @@ impl Executed {
     }
 }
 
+/// Whether `current` (the thing; `None`: it does not exist), as `view` may read it, satisfies
+/// Ditto's `condition`: `Ok` if so; 412 `things:condition.failed` if not; 400 if the
+/// expression is malformed. Evaluated before the command is applied (for atomic optimistic
+/// concurrency use `If-Match`).
+fn condition_holds(
+    view: &policy::SubjectView,
+    condition: &str,
+    current: Option<&Entity>,
+) -> Result<(), DittoError> {
+    let rql = twin::rql::Rql::parse(condition)?;
+    let mut seen = current
+        .and_then(|e| cut_to_view(view, &twin::path::ThingPath::root(), &e.doc))
+        .unwrap_or_else(|| json!({}));
+    if let (Some(entity), Some(fields)) = (current, seen.as_object_mut())
+        && !fields.is_empty()
+    {
+        fields.insert("_revision".into(), json!(entity.revision));
+        fields.insert("_created".into(), json!(entity.created.to_string()));
+        fields.insert("_modified".into(), json!(entity.modified.to_string()));
+    }
+    if rql.matches(&seen) {
+        Ok(())
+    } else {
+        Err(DittoError::condition_failed(format!(
+            "the condition `{condition}` does not hold"
+        )))
+    }
+}
+
 fn thing_key(id: &str) -> EntityKey {
     EntityKey::new(EntityKind::Thing, id)
 }
@@ -172,6 +201,13 @@ impl Twins {
                 let error = denied(&cmd, requirement);
                 drop(state);
                 return Executed::error(&Command::Thing(cmd), &error, true);
+            }
+            if let Some(condition) = &cmd.headers.condition {
+                let current = self.store.get(&thing_key(cmd.thing_id.as_str()));
+                if let Err(error) = condition_holds(view, condition, current.as_deref()) {
+                    drop(state);
+                    return Executed::error(&Command::Thing(cmd), &error, false);
+                }
             }
             if cmd.action == Action::Retrieve {
                 let current = self.store.get(&thing_key(cmd.thing_id.as_str()));

@@ -33,7 +33,8 @@ THING = p("thingId", "`namespace:name`")
 POLICY = p("policyId", "`namespace:name`")
 SOL = p("solutionId", "the solution's ID")
 FIELDS = q("fields", "Ditto's field selector, e.g. `thingId,attributes/location,_revision`")
-COND = [H("If-Match", "entity tags (`\"rev:3\"`) or `*`"), H("If-None-Match", "entity tags or `*`"), H("correlation-id", "echoed in the answer")]
+CONDITION = q("condition", "an RQL expression the thing (as the requester may read it) must satisfy, else 412, e.g. `eq(attributes/room,\"hall\")`")
+COND = [H("If-Match", "entity tags (`\"rev:3\"`) or `*`"), H("If-None-Match", "entity tags or `*`"), H("correlation-id", "echoed in the answer"), CONDITION]
 body = {"required": True, "content": {"application/json": {"schema": ANY}}}
 patchbody = {"required": True, "content": {"application/merge-patch+json": {"schema": ANY}}}
 
@@ -51,7 +52,7 @@ def crud(path, params, tag, put=True, patch=True, delete=True, summary=""):
 
 paths["/api/2/things"] = {
     "get": {"tags": ["Things"], "summary": "Retrieve the things listed in `ids` (each cut to the requester's view; those it cannot read are left out), or with `Accept: text/event-stream` stream their changes as Server-Sent Events",
-            "parameters": [q("ids", "comma-separated thing IDs (required without `Accept: text/event-stream`)"), FIELDS, q("namespaces", "SSE: comma-separated namespaces"), H("Last-Event-ID", "SSE: resume from this event ID (milliseconds)")],
+            "parameters": [q("ids", "comma-separated thing IDs (required without `Accept: text/event-stream`)"), FIELDS, q("namespaces", "SSE: comma-separated namespaces"), q("filter", "SSE: an RQL expression each change must satisfy"), H("Last-Event-ID", "SSE: resume from this event ID (milliseconds)")],
             "responses": dict(resp([200, 400, 401, 403, 429], {"type": "array", "items": ANY}), **{"200": {"description": "The things, or an event stream", "content": {"application/json": {"schema": {"type": "array", "items": ANY}}, "text/event-stream": {"schema": {"type": "string"}}}}})},
     "post": {"tags": ["Things"], "summary": "Create a thing with a generated name", "parameters": [q("namespace", "the namespace (default: the solution's first)")],
              "requestBody": {"required": False, "content": {"application/json": {"schema": ANY}}}, "responses": resp([201, 400, 401, 403, 404, 409, 413, 429], ANY)},

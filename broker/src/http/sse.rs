@@ -27,6 +27,7 @@ use twin::entity::path_segments;
 use twin::path::ThingPath;
 use twin::protocol::envelope::Envelope;
 use twin::protocol::topic::Criterion;
+use twin::rql::Rql;
 use twin::{DittoError, EventAction, ThingId};
 
 use crate::core::{Client, Core, Identity};
@@ -39,6 +40,8 @@ pub struct Selection {
     pub ids: Option<Vec<ThingId>>,
     pub namespaces: Option<Vec<String>>,
     pub fields: Option<String>,
+    /// `filter`: an RQL expression each change (as thing JSON, cut to the view) must satisfy.
+    pub filter: Option<String>,
     /// `Last-Event-ID`: resume from this time (milliseconds).
     pub since: Option<i64>,
 }
@@ -62,6 +65,10 @@ pub async fn stream(core: Arc<Core>, identity: Identity, selection: Selection) -
     {
         return ditto_error(&e);
     }
+    let filter = match selection.filter.as_deref().map(Rql::parse).transpose() {
+        Ok(filter) => filter.map(Arc::new),
+        Err(e) => return ditto_error(&e),
+    };
     let expires = identity.expires_at;
     let client = core.transient(identity.clone());
     let filters: Vec<String> = match (&selection.ids, &selection.namespaces) {
@@ -112,8 +119,15 @@ pub async fn stream(core: Arc<Core>, identity: Identity, selection: Selection) -
             ),
         };
         for id in candidates {
-            if let Some(event) =
-                current_state(&core, &identity, id, since, selection.fields.as_deref()).await
+            if let Some(event) = current_state(
+                &core,
+                &identity,
+                id,
+                since,
+                selection.fields.as_deref(),
+                filter.as_deref(),
+            )
+            .await
             {
                 backlog.push(event);
             }
@@ -128,6 +142,7 @@ pub async fn stream(core: Arc<Core>, identity: Identity, selection: Selection) -
         (subscribed, core.shutdown.clone()),
         move |(subscribed, mut stop)| {
             let fields = fields.clone();
+            let filter = filter.clone();
             async move {
                 loop {
                     let next = {
@@ -135,9 +150,11 @@ pub async fn stream(core: Arc<Core>, identity: Identity, selection: Selection) -
                         state.pop_next(&subscribed.core.metrics)
                     };
                     if let Some(delivery) = next {
-                        if let Some(event) =
-                            change_event(&delivery.message.payload, fields.as_deref())
-                        {
+                        if let Some(event) = change_event(
+                            &delivery.message.payload,
+                            fields.as_deref(),
+                            filter.as_deref(),
+                        ) {
                             return Some((Ok::<_, Infallible>(event), (subscribed, stop)));
                         }
                         continue;
@@ -163,7 +180,7 @@ pub async fn stream(core: Arc<Core>, identity: Identity, selection: Selection) -
 
 /// The SSE event of one event delivery: the changed part as thing JSON (`None`: a deletion, or
 /// not an event).
-fn change_event(payload: &[u8], fields: Option<&str>) -> Option<SseEvent> {
+fn change_event(payload: &[u8], fields: Option<&str>, filter: Option<&Rql>) -> Option<SseEvent> {
     let envelope = Envelope::parse(payload).ok()?;
     match envelope.topic.criterion() {
         Criterion::Events(action) if *action != EventAction::Deleted => {}
@@ -205,7 +222,11 @@ fn change_event(payload: &[u8], fields: Option<&str>) -> Option<SseEvent> {
     if let Some(ts) = modified {
         thing.insert("_modified".into(), Value::from(ts.to_string()));
     }
-    sse_event(Value::Object(thing), modified, fields)
+    let thing = Value::Object(thing);
+    if filter.is_some_and(|f| !f.matches(&thing)) {
+        return None;
+    }
+    sse_event(thing, modified, fields)
 }
 
 fn sse_event(thing: Value, modified: Option<Timestamp>, fields: Option<&str>) -> Option<SseEvent> {
@@ -228,6 +249,7 @@ async fn current_state(
     thing_id: ThingId,
     since: i64,
     fields: Option<&str>,
+    filter: Option<&Rql>,
 ) -> Option<SseEvent> {
     let command = Command::Thing(ThingCommand {
         thing_id,
@@ -249,7 +271,7 @@ async fn current_state(
         .get("_modified")
         .and_then(Value::as_str)
         .and_then(|t| Timestamp::parse_rfc3339(t).ok())?;
-    if modified.unix_millis() < since {
+    if modified.unix_millis() < since || filter.is_some_and(|f| !f.matches(&thing)) {
         return None;
     }
     sse_event(thing, Some(modified), fields)

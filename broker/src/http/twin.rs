@@ -52,6 +52,10 @@ pub struct TwinQuery {
     namespaces: Option<String>,
     /// Live messages: seconds to wait for the answer (0: do not wait).
     timeout: Option<String>,
+    /// Ditto's conditional requests: an RQL expression the thing must satisfy.
+    condition: Option<String>,
+    /// SSE: an RQL expression each streamed change must satisfy.
+    filter: Option<String>,
 }
 
 /// A Ditto error as an HTTP response: its status and its JSON.
@@ -202,6 +206,7 @@ async fn list_things(
                     .collect()
             }),
             fields: query.fields.clone(),
+            filter: query.filter.clone(),
             since: headers
                 .get("last-event-id")
                 .and_then(|v| v.to_str().ok())
@@ -547,6 +552,7 @@ fn command_headers(headers: &HeaderMap, query: &TwinQuery) -> Result<CommandHead
         if_match: tags(header::IF_MATCH)?,
         if_none_match: tags(header::IF_NONE_MATCH)?,
         fields: query.fields.clone(),
+        condition: query.condition.clone(),
         other: serde_json::Map::new(),
     })
 }

@@ -537,6 +537,8 @@ pub(crate) fn command_headers(
             parsed.if_none_match = Some(header_entity_tags(&key, value)?);
         } else if key.eq_ignore_ascii_case("fields") {
             parsed.fields = Some(header_string(&key, value)?);
+        } else if key.eq_ignore_ascii_case("condition") {
+            parsed.condition = Some(header_string(&key, value)?);
         } else {
             parsed.other.insert(key, value);
         }
@@ -562,6 +564,9 @@ pub(crate) fn headers_to_json(headers: &CommandHeaders) -> Map<String, Value> {
             "if-none-match".into(),
             Value::String(entity_tags_text(tags)),
         );
+    }
+    if let Some(condition) = &headers.condition {
+        json.insert("condition".into(), Value::String(condition.clone()));
     }
     for (key, value) in &headers.other {
         json.entry(key.clone()).or_insert_with(|| value.clone());
