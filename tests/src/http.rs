@@ -12,6 +12,20 @@ use serde_json::Value;
 
 use crate::broker::{Broker, Solution};
 
+/// A started broker with an HTTP listener and the dev JWT issuer (`crate::issuer`); one
+/// solution owning `org.acme`; the API client for it.
+pub fn started_with_http() -> (Broker, Solution, Api) {
+    let issuer = crate::issuer::dev_issuer();
+    let mut broker = Broker::new();
+    issuer.write_jwks(&broker.dir().join("jwks.json"), &[]);
+    broker.write_config(&issuer.config_toml("jwks.json"));
+    let solution = broker.create_solution("org.acme");
+    broker.arg("--http").arg("127.0.0.1:0");
+    broker.start();
+    let api = Api::new(http_addr(&broker));
+    (broker, solution, api)
+}
+
 /// How long one request may take.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(20);
 

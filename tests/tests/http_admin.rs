@@ -13,22 +13,11 @@ use std::time::Duration;
 
 use broker::mqtt::codec::{Packet, Protocol};
 use e2e::broker::{Broker, Solution};
-use e2e::http::{Api, Auth, http_addr};
+use e2e::http::{Api, Auth, http_addr, started_with_http as started};
 use e2e::issuer::{SOLUTION_CLAIM, dev_issuer};
 use e2e::protocol_support::{connect_ok, connected, login, publish_qos0, publish_qos1};
 use e2e::raw::{NET_TIMEOUT, RawClient};
 use serde_json::{Value, json};
-
-fn started() -> (Broker, Solution, Api) {
-    let mut broker = Broker::new();
-    dev_issuer().write_jwks(&broker.dir().join("jwks.json"), &[]);
-    broker.write_config(&dev_issuer().config_toml("jwks.json"));
-    let solution = broker.create_solution("org.acme");
-    broker.arg("--http").arg("127.0.0.1:0");
-    broker.start();
-    let api = Api::new(http_addr(&broker));
-    (broker, solution, api)
-}
 
 fn path(solution: &Solution, rest: &str) -> String {
     format!("/api/2/solutions/{}{rest}", solution.id)

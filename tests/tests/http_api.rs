@@ -13,25 +13,13 @@
 use std::time::Duration;
 
 use broker::mqtt::codec::{Protocol, QoS};
-use e2e::broker::{Broker, Solution};
-use e2e::http::{Api, Auth, http_addr};
+use e2e::broker::Solution;
+use e2e::http::{Api, Auth, http_addr, started_with_http as started};
 use e2e::issuer::{SOLUTION_CLAIM, dev_issuer};
 use e2e::protocol_support::{connected, expect_publish, opts, publish_qos1, subscribe_ok, text};
 use serde_json::{Value, json};
 
 const HOUR: Duration = Duration::from_secs(3600);
-
-/// A broker with an HTTP listener and the dev JWT issuer; one solution owning `org.acme`.
-fn started() -> (Broker, Solution, Api) {
-    let mut broker = Broker::new();
-    dev_issuer().write_jwks(&broker.dir().join("jwks.json"), &[]);
-    broker.write_config(&dev_issuer().config_toml("jwks.json"));
-    let solution = broker.create_solution("org.acme");
-    broker.arg("--http").arg("127.0.0.1:0");
-    broker.start();
-    let api = Api::new(http_addr(&broker));
-    (broker, solution, api)
-}
 
 /// A token of the dev issuer for `sub`, naming `solution` in its claim.
 fn token_with_claim(sub: &str, solution: &Solution) -> String {

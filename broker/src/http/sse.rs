@@ -22,16 +22,14 @@ use futures_util::stream;
 use policy::Timestamp;
 use serde_json::{Map, Value};
 use twin::apply::select_fields;
-use twin::command::{Action, Command, CommandHeaders, ThingCommand};
 use twin::entity::path_segments;
-use twin::path::ThingPath;
 use twin::protocol::envelope::Envelope;
 use twin::protocol::topic::Criterion;
 use twin::rql::Rql;
 use twin::{DittoError, EventAction, ThingId};
 
 use crate::core::{Client, Core, Identity};
-use crate::http::twin::{ditto_error, execute};
+use crate::http::twin::{ditto_error, execute, retrieve};
 use crate::mqtt::codec::{QoS, SubscriptionOptions};
 
 /// What the stream selects.
@@ -251,17 +249,10 @@ async fn current_state(
     fields: Option<&str>,
     filter: Option<&Rql>,
 ) -> Option<SseEvent> {
-    let command = Command::Thing(ThingCommand {
+    let command = retrieve(
         thing_id,
-        action: Action::Retrieve,
-        path: ThingPath::root(),
-        value: None,
-        headers: CommandHeaders {
-            response_required: Some(true),
-            fields: Some("thingId,attributes,features,definition,_revision,_modified".into()),
-            ..CommandHeaders::default()
-        },
-    });
+        Some("thingId,attributes,features,definition,_revision,_modified".into()),
+    );
     let answer = execute(core.clone(), identity.clone(), command).await;
     if answer.status != Some(200) {
         return None;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
@@ -95,83 +95,48 @@ struct Call {
     body: Bytes,
 }
 
-async fn thing(
-    State(core): State<Arc<Core>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    method: Method,
-    Path(thing_id): Path<String>,
-    Query(query): Query<TwinQuery>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let call = Call {
-        core,
-        peer,
-        method,
-        headers,
-        query,
-        body,
-    };
+impl FromRequest<Arc<Core>> for Call {
+    type Rejection = Response;
+
+    async fn from_request(
+        request: axum::extract::Request,
+        core: &Arc<Core>,
+    ) -> Result<Self, Response> {
+        let (mut parts, body) = request.into_parts();
+        let ConnectInfo(peer) = ConnectInfo::<SocketAddr>::from_request_parts(&mut parts, core)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let Query(query) = Query::<TwinQuery>::from_request_parts(&mut parts, core)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let (method, headers) = (parts.method.clone(), parts.headers.clone());
+        let body = Bytes::from_request(axum::extract::Request::from_parts(parts, body), core)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        Ok(Call {
+            core: core.clone(),
+            peer,
+            method,
+            headers,
+            query,
+            body,
+        })
+    }
+}
+
+async fn thing(Path(thing_id): Path<String>, call: Call) -> Response {
     call.thing(&thing_id, "").await
 }
 
-async fn thing_part(
-    State(core): State<Arc<Core>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    method: Method,
-    Path((thing_id, path)): Path<(String, String)>,
-    Query(query): Query<TwinQuery>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let call = Call {
-        core,
-        peer,
-        method,
-        headers,
-        query,
-        body,
-    };
+async fn thing_part(Path((thing_id, path)): Path<(String, String)>, call: Call) -> Response {
     call.thing(&thing_id, &path).await
 }
 
-async fn policy(
-    State(core): State<Arc<Core>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    method: Method,
-    Path(policy_id): Path<String>,
-    Query(query): Query<TwinQuery>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let call = Call {
-        core,
-        peer,
-        method,
-        headers,
-        query,
-        body,
-    };
+async fn policy(Path(policy_id): Path<String>, call: Call) -> Response {
     call.policy(&policy_id, "").await
 }
 
-async fn policy_part(
-    State(core): State<Arc<Core>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    method: Method,
-    Path((policy_id, path)): Path<(String, String)>,
-    Query(query): Query<TwinQuery>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let call = Call {
-        core,
-        peer,
-        method,
-        headers,
-        query,
-        body,
-    };
+async fn policy_part(Path((policy_id, path)): Path<(String, String)>, call: Call) -> Response {
     call.policy(&policy_id, &path).await
 }
 
@@ -226,17 +191,7 @@ async fn list_things(
     };
     let mut things = Vec::new();
     for thing_id in ids {
-        let command = Command::Thing(ThingCommand {
-            thing_id,
-            action: Action::Retrieve,
-            path: ThingPath::root(),
-            value: None,
-            headers: CommandHeaders {
-                fields: query.fields.clone(),
-                response_required: Some(true),
-                ..CommandHeaders::default()
-            },
-        });
+        let command = retrieve(thing_id, query.fields.clone());
         let answer = execute(core.clone(), identity.clone(), command).await;
         if answer.status == Some(200)
             && let Some(value) = answer.value
@@ -245,6 +200,21 @@ async fn list_things(
         }
     }
     (StatusCode::OK, axum::Json(Value::Array(things))).into_response()
+}
+
+/// A retrieve of a whole thing (`fields` selecting parts), answered to the requester.
+pub(crate) fn retrieve(thing_id: ThingId, fields: Option<String>) -> Command {
+    Command::Thing(ThingCommand {
+        thing_id,
+        action: Action::Retrieve,
+        path: ThingPath::root(),
+        value: None,
+        headers: CommandHeaders {
+            fields,
+            response_required: Some(true),
+            ..CommandHeaders::default()
+        },
+    })
 }
 
 /// The thing IDs of an `ids` parameter (comma-separated).

@@ -146,14 +146,12 @@ pub async fn upgrade(
             let transport =
                 Transport::WebSocket(Box::new(WsStream::new(socket, core.metrics.clone())));
             if tracing::enabled!(tracing::Level::DEBUG) {
-                let span = tracing::debug_span!(
-                    "connection",
-                    %peer,
-                    client = tracing::field::Empty,
-                    solution = tracing::field::Empty,
-                );
                 let serve = connection::serve(core, transport, peer, slot, &admission);
-                Box::pin(tracing::Instrument::instrument(serve, span)).await;
+                Box::pin(tracing::Instrument::instrument(
+                    serve,
+                    connection::span(peer),
+                ))
+                .await;
             } else {
                 connection::serve(core, transport, peer, slot, &admission).await;
             }
