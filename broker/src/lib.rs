@@ -16,7 +16,10 @@
 //!   commands: `serve_cmd` and `dev` (`thingsgate serve [--dev]`), `policy_cmd`,
 //!   `solution_cmd`, `token_cmd`; `config` (TOML, `THINGSGATE_…` overrides, issuers);
 //!   `limits` (every limit and what happens at it); `logging` (text or JSON, every value a
-//!   client chose escaped); `metrics`, `http` (`/metrics`, `/health`, `/ready`).
+//!   client chose escaped); `metrics`.
+//! - `http`: the HTTP adapter — the Ditto-compatible API under `/api/2` (`twin`, `messages`,
+//!   `sse`, `solutions`, authenticated by `auth`), `/metrics`, `/health`, `/ready`, the
+//!   OpenAPI document, and the mount point of MQTT over WebSockets (`mqtt::websocket`).
 //! - `testing`: the core without sockets, for benchmarks and tests.
 //!
 //! The public surface is what the binary, the tests and the benchmarks use: `cli`, `config`,
