@@ -31,7 +31,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// Longest the Paho client process may run.
-const PROCESS_LIMIT: Duration = Duration::from_secs(20);
+const PROCESS_LIMIT: Duration = Duration::from_secs(45);
 
 /// A started broker (`[mqtt]` config `config`) with an HTTP listener and one solution in
 /// `org.acme`; the HTTP listener's address.
@@ -219,6 +219,9 @@ fn paho_over_websockets(http: SocketAddr, args: &[&str]) -> Output {
     command
         .arg(workspace_root().join("tests/python/paho_client.py"))
         .args(["--transport", "websockets", "--ws-path", "/mqtt"])
+        // Each of the script's waits; generous, as a CI machine may be loaded (seen: a wait
+        // of the default 10 s ran out once while three test binaries ran in parallel).
+        .args(["--timeout", "20"])
         .args(["--port", &http.port().to_string()])
         .args(args)
         .stdin(Stdio::null())
