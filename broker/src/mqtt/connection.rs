@@ -111,19 +111,33 @@ pub(crate) struct InOrder {
 }
 
 /// Completes with what the oldest entry tells its publisher once it may be acknowledged (at
-/// once for an entry without a write). Cancel-safe: the entry stays in the queue.
+/// once for an entry without a write). Every waiting write is driven, not only the oldest: a
+/// later one's events go out (and a persistent subscriber's record of them is journaled) as
+/// soon as it is durable, while the acknowledgements still leave in order — driving only the
+/// oldest made each write behind it wait a journal round of its own (measured: twin QoS 1 to
+/// a persistent subscriber at a quarter of the clean figure). Writes complete in journal
+/// order, so their events go out in PUBLISH order. Cancel-safe: entries stay in the queue.
 fn front_done<'a>(
     queue: &'a mut VecDeque<InOrder>,
     core: &'a Core,
     client: &'a Client,
 ) -> impl Future<Output = Told> + 'a {
-    std::future::poll_fn(move |cx| match queue.front_mut() {
-        Some(InOrder {
-            pending: Some(pending),
-            ..
-        }) => pending.poll_done(cx, core, &client.space, &client.session),
-        Some(entry) => Poll::Ready(std::mem::replace(&mut entry.told, Told::accepted())),
-        None => Poll::Pending,
+    std::future::poll_fn(move |cx| {
+        for entry in queue.iter_mut() {
+            if let Some(pending) = &mut entry.pending
+                && let Poll::Ready(told) =
+                    pending.poll_done(cx, core, &client.space, &client.session)
+            {
+                entry.pending = None;
+                entry.told = told;
+            }
+        }
+        match queue.front_mut() {
+            Some(entry) if entry.pending.is_none() => {
+                Poll::Ready(std::mem::replace(&mut entry.told, Told::accepted()))
+            }
+            _ => Poll::Pending,
+        }
     })
 }
 
