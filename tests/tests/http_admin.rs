@@ -273,6 +273,14 @@ async fn an_operator_from_the_config_creates_solutions_online_and_nobody_else_ca
             .await;
         assert_eq!(refused.status, status, "{what}: {refused:?}");
     }
+    let malformed = api
+        .post("/api/2/solutions", &operator, &json!({"namespace": "x"}))
+        .await;
+    assert_eq!(
+        (malformed.status, malformed.error()),
+        (400, Some("solutions:json.invalid")),
+        "{malformed:?}"
+    );
     let taken = api
         .post(
             "/api/2/solutions",

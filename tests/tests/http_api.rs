@@ -941,3 +941,46 @@ fn urlencode(text: &str) -> String {
         })
         .collect()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_live_messages_and_solution_requests_get_clear_errors() {
+    let (_broker, solution, api) = started();
+    create_lamp(&api, &solution).await;
+    let owner = Auth::basic(&solution);
+    for (method, path, status, error) in [
+        (
+            reqwest::Method::POST,
+            "/api/2/things/org.acme:lamp/inbox/messages/ping?timeout=soon",
+            400,
+            "messages:timeout.invalid",
+        ),
+        (
+            reqwest::Method::POST,
+            "/api/2/things/org.acme:lamp/inbox/messages/a/b",
+            400,
+            "messages:subject.invalid",
+        ),
+        (
+            reqwest::Method::GET,
+            "/api/2/things/org.acme:lamp/inbox/messages/ping",
+            405,
+            "method.notallowed",
+        ),
+    ] {
+        let answer = api
+            .send(api.request(method.clone(), path, &owner).body("{}"))
+            .await;
+        assert_eq!(
+            (answer.status, answer.error()),
+            (status, Some(error)),
+            "{method} {path}: {answer:?}"
+        );
+    }
+    let bad = api
+        .send(
+            api.request(reqwest::Method::POST, "/api/2/solutions", &Auth::None)
+                .body("not json"),
+        )
+        .await;
+    assert_eq!(bad.status, 401, "operators only, before the body is read");
+}

@@ -5,11 +5,12 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use twin::store::{BATCH_WRITES_BOUNDS, SYNC_MICROS_BOUNDS};
 
 use crate::core::Core;
+use crate::core::space::Usage;
 
 /// Escapes a label value (`\`, `"` and newlines).
 fn label(value: &str) -> String {
@@ -80,55 +81,38 @@ impl Core {
             );
         }
         // Authorization decisions and usage per solution.
-        header(
-            &mut out,
-            "authorizations",
-            "counter",
-            "Authorization decisions (requests and deliveries) by solution and outcome",
-        );
-        for space in &spaces {
-            let u = &space.usage;
-            let solution = label(space.id.as_str());
-            for (outcome, n) in [("allowed", &u.allowed), ("denied", &u.denied)] {
-                let _ = writeln!(
-                    out,
-                    "thingsgate_authorizations_total{{solution=\"{solution}\",outcome=\"{outcome}\"}} {}",
-                    n.load(Ordering::Relaxed)
-                );
-            }
-        }
-        header(
-            &mut out,
-            "solution_messages",
-            "counter",
-            "Messages in (requests) and out (deliveries) per solution",
-        );
-        for space in &spaces {
-            let u = &space.usage;
-            let solution = label(space.id.as_str());
-            for (direction, n) in [("in", &u.messages_in), ("out", &u.messages_out)] {
-                let _ = writeln!(
-                    out,
-                    "thingsgate_solution_messages_total{{solution=\"{solution}\",direction=\"{direction}\"}} {}",
-                    n.load(Ordering::Relaxed)
-                );
-            }
-        }
-        header(
-            &mut out,
-            "solution_bytes",
-            "counter",
-            "Payload bytes in (MQTT publishes) and out (deliveries) per solution",
-        );
-        for space in &spaces {
-            let u = &space.usage;
-            let solution = label(space.id.as_str());
-            for (direction, n) in [("in", &u.bytes_in), ("out", &u.bytes_out)] {
-                let _ = writeln!(
-                    out,
-                    "thingsgate_solution_bytes_total{{solution=\"{solution}\",direction=\"{direction}\"}} {}",
-                    n.load(Ordering::Relaxed)
-                );
+        type Pick = fn(&Usage) -> [(&'static str, &AtomicU64); 2];
+        let families: [(&str, &str, &str, Pick); 3] = [
+            (
+                "authorizations",
+                "outcome",
+                "Authorization decisions (requests and deliveries) by solution and outcome",
+                |u| [("allowed", &u.allowed), ("denied", &u.denied)],
+            ),
+            (
+                "solution_messages",
+                "direction",
+                "Messages in (requests) and out (deliveries) per solution",
+                |u| [("in", &u.messages_in), ("out", &u.messages_out)],
+            ),
+            (
+                "solution_bytes",
+                "direction",
+                "Payload bytes in (MQTT publishes) and out (deliveries) per solution",
+                |u| [("in", &u.bytes_in), ("out", &u.bytes_out)],
+            ),
+        ];
+        for (name, key, help, pick) in families {
+            header(&mut out, name, "counter", help);
+            for space in &spaces {
+                let solution = label(space.id.as_str());
+                for (value, n) in pick(&space.usage) {
+                    let _ = writeln!(
+                        out,
+                        "thingsgate_{name}_total{{solution=\"{solution}\",{key}=\"{value}\"}} {}",
+                        n.load(Ordering::Relaxed)
+                    );
+                }
             }
         }
         // The policy cache.

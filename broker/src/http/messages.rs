@@ -24,7 +24,7 @@ use twin::{DittoError, ThingId};
 
 use crate::core::message::{ForwardedProperties, Origin};
 use crate::core::{Core, Identity, Outcome, ReplyTo, Request, Verdict};
-use crate::http::twin::ditto_error;
+use crate::http::twin::{answer_topic, ditto_error};
 use crate::mqtt::codec::{QoS, TopicName};
 
 /// The longest a request waits for an answer.
@@ -166,7 +166,7 @@ pub async fn send(
     };
     let reply = ReplyTo {
         wanted: true,
-        topic: "$thingsgate/http/answer".parse().ok(),
+        topic: answer_topic(),
         correlation: None,
     };
     let outcome = core.execute(

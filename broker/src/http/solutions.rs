@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
@@ -43,26 +44,51 @@ pub fn routes() -> Router<Arc<Core>> {
         .route("/api/2/solutions/{solution_id}/usage", get(usage))
 }
 
-/// Authenticates the request and carries out `request` on `solution_id`.
-async fn administer(
+/// Who asks: the core, the peer and the request's headers (for authentication).
+struct Caller {
     core: Arc<Core>,
     peer: SocketAddr,
-    headers: &HeaderMap,
-    solution_id: &str,
-    request: Admin,
-) -> Response {
-    let identity = match auth::authenticate(&core, headers, peer.ip()).await {
-        Ok(identity) => identity,
-        Err(u) => return u.into_response(),
-    };
-    let client = core.transient(identity);
-    let answer = core.administer(&client, solution_id, request).await;
-    core.release(&client);
-    match answer {
-        Ok(AdminAnswer::Value(value)) => (StatusCode::OK, axum::Json(value)).into_response(),
-        Ok(AdminAnswer::Created(value)) => (StatusCode::CREATED, axum::Json(value)).into_response(),
-        Ok(AdminAnswer::Done) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => ditto_error(&e),
+    headers: HeaderMap,
+}
+
+impl FromRequestParts<Arc<Core>> for Caller {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, core: &Arc<Core>) -> Result<Self, Response> {
+        let ConnectInfo(peer) = ConnectInfo::<SocketAddr>::from_request_parts(parts, core)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        Ok(Caller {
+            core: core.clone(),
+            peer,
+            headers: parts.headers.clone(),
+        })
+    }
+}
+
+impl Caller {
+    /// Authenticates the request and carries out `request` on `solution_id`.
+    async fn administer(self, solution_id: &str, request: Admin) -> Response {
+        let Caller {
+            core,
+            peer,
+            headers,
+        } = self;
+        let identity = match auth::authenticate(&core, &headers, peer.ip()).await {
+            Ok(identity) => identity,
+            Err(u) => return u.into_response(),
+        };
+        let client = core.transient(identity);
+        let answer = core.administer(&client, solution_id, request).await;
+        core.release(&client);
+        match answer {
+            Ok(AdminAnswer::Value(value)) => (StatusCode::OK, axum::Json(value)).into_response(),
+            Ok(AdminAnswer::Created(value)) => {
+                (StatusCode::CREATED, axum::Json(value)).into_response()
+            }
+            Ok(AdminAnswer::Done) => StatusCode::NO_CONTENT.into_response(),
+            Err(e) => ditto_error(&e),
+        }
     }
 }
 
@@ -121,103 +147,47 @@ async fn create(
     }
 }
 
-async fn show(
-    State(core): State<Arc<Core>>,
-    ConnectInfo(peer): Peer,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    administer(core, peer, &headers, &id, Admin::Show).await
+async fn show(Path(id): Path<String>, caller: Caller) -> Response {
+    caller.administer(&id, Admin::Show).await
 }
 
-async fn namespaces(
-    State(core): State<Arc<Core>>,
-    ConnectInfo(peer): Peer,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    administer(core, peer, &headers, &id, Admin::Namespaces).await
+async fn namespaces(Path(id): Path<String>, caller: Caller) -> Response {
+    caller.administer(&id, Admin::Namespaces).await
 }
 
-async fn add_namespace(
-    State(core): State<Arc<Core>>,
-    ConnectInfo(peer): Peer,
-    Path((id, ns)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Response {
-    administer(core, peer, &headers, &id, Admin::AddNamespace(ns)).await
+async fn add_namespace(Path((id, ns)): Path<(String, String)>, caller: Caller) -> Response {
+    caller.administer(&id, Admin::AddNamespace(ns)).await
 }
 
-async fn remove_namespace(
-    State(core): State<Arc<Core>>,
-    ConnectInfo(peer): Peer,
-    Path((id, ns)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Response {
-    administer(core, peer, &headers, &id, Admin::RemoveNamespace(ns)).await
+async fn remove_namespace(Path((id, ns)): Path<(String, String)>, caller: Caller) -> Response {
+    caller.administer(&id, Admin::RemoveNamespace(ns)).await
 }
 
-async fn secrets(
-    State(core): State<Arc<Core>>,
-    ConnectInfo(peer): Peer,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    administer(core, peer, &headers, &id, Admin::Secrets).await
+async fn secrets(Path(id): Path<String>, caller: Caller) -> Response {
+    caller.administer(&id, Admin::Secrets).await
 }
 
-async fn add_secret(
-    State(core): State<Arc<Core>>,
-    ConnectInfo(peer): Peer,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    administer(core, peer, &headers, &id, Admin::AddSecret).await
+async fn add_secret(Path(id): Path<String>, caller: Caller) -> Response {
+    caller.administer(&id, Admin::AddSecret).await
 }
 
-async fn revoke_secret(
-    State(core): State<Arc<Core>>,
-    ConnectInfo(peer): Peer,
-    Path((id, secret_id)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Response {
-    administer(core, peer, &headers, &id, Admin::RevokeSecret(secret_id)).await
+async fn revoke_secret(Path((id, secret_id)): Path<(String, String)>, caller: Caller) -> Response {
+    caller.administer(&id, Admin::RevokeSecret(secret_id)).await
 }
 
-async fn policy(
-    State(core): State<Arc<Core>>,
-    ConnectInfo(peer): Peer,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    administer(core, peer, &headers, &id, Admin::Policy).await
+async fn policy(Path(id): Path<String>, caller: Caller) -> Response {
+    caller.administer(&id, Admin::Policy).await
 }
 
-async fn set_policy(
-    State(core): State<Arc<Core>>,
-    ConnectInfo(peer): Peer,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn set_policy(Path(id): Path<String>, caller: Caller, body: Bytes) -> Response {
     let text = String::from_utf8_lossy(&body).into_owned();
-    administer(core, peer, &headers, &id, Admin::SetPolicy(text)).await
+    caller.administer(&id, Admin::SetPolicy(text)).await
 }
 
-async fn clients(
-    State(core): State<Arc<Core>>,
-    ConnectInfo(peer): Peer,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    administer(core, peer, &headers, &id, Admin::Clients).await
+async fn clients(Path(id): Path<String>, caller: Caller) -> Response {
+    caller.administer(&id, Admin::Clients).await
 }
 
-async fn usage(
-    State(core): State<Arc<Core>>,
-    ConnectInfo(peer): Peer,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    administer(core, peer, &headers, &id, Admin::Usage).await
+async fn usage(Path(id): Path<String>, caller: Caller) -> Response {
+    caller.administer(&id, Admin::Usage).await
 }

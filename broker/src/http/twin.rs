@@ -528,7 +528,7 @@ fn command_headers(headers: &HeaderMap, query: &TwinQuery) -> Result<CommandHead
 }
 
 /// Where the answer to an HTTP request goes: its own session, under this topic (never routed).
-fn answer_topic() -> Option<TopicName> {
+pub(crate) fn answer_topic() -> Option<TopicName> {
     "$thingsgate/http/answer".parse().ok()
 }
 
