@@ -54,6 +54,8 @@ pub const ALICE_SUBJECT: &str = "alice";
 pub const BOB_SUBJECT: &str = "bob";
 /// Where `serve --dev` listens for HTTP unless `--http` is given (a free port if it is taken).
 pub const DEV_HTTP: &str = "127.0.0.1:8080";
+/// The AMQP listener of `serve --dev` (5672 is RabbitMQ's), or a free port if taken.
+pub const DEV_AMQP: &str = "127.0.0.1:5673";
 
 /// What `--dev` prepared, for the instructions.
 #[derive(Debug)]
@@ -273,6 +275,7 @@ pub fn print_instructions(
     dev: &DevSetup,
     mqtt: SocketAddr,
     http: Option<SocketAddr>,
+    amqp: Option<SocketAddr>,
 ) -> std::io::Result<()> {
     let host = mqtt.ip();
     let port = mqtt.port();
@@ -357,6 +360,22 @@ pub fn print_instructions(
         "mosquitto_pub {} -d -q 1 -t '{namespace}/{name}/policies/commands/modify/entries/dashboard/resources/thing:/attributes/model' -m '{{\"grant\":[\"READ\"],\"revoke\":[]}}'",
         mqtt_as("developer", DEV_SUBJECT, "DEV_TOKEN")
     )?;
+    if let Some(amqp) = amqp {
+        // Routing keys: MQTT levels joined with `.`, a `.` inside a level written `/`.
+        let key = format!("{}.{name}.things.twin", namespace.replace('.', "/"));
+        writeln!(
+            out,
+            "# 7. AMQP 0.9.1 (Debian's amqp-tools): alice's view of the events, and the lamp switching power off"
+        )?;
+        writeln!(
+            out,
+            "amqp-consume --url \"amqp://alice:$ALICE_TOKEN@{amqp}\" -e amq.topic -r '{key}.events.#' cat"
+        )?;
+        writeln!(
+            out,
+            "amqp-publish --url \"amqp://lamp:$LAMP_TOKEN@{amqp}\" -e amq.topic -r '{key}.commands.modify.features.power.properties.on' -p -b false"
+        )?;
+    }
     writeln!(
         out,
         "# plain topics: subscribe with the solution secret (basic auth: user name = solution ID)"

@@ -26,6 +26,7 @@
 //! `auth::jwt`, `auth::solution`, `token_cmd`, `mqtt::codec`, `mqtt::outbound`, `testing`.
 //! Everything else is `pub(crate)`.
 
+pub(crate) mod amqp;
 pub mod auth;
 pub mod cli;
 pub mod config;

@@ -247,3 +247,33 @@ mod tests {
         );
     }
 }
+
+/// The limits of the AMQP 0.9.1 listener (`crate::amqp`), fixed (not configurable yet), and what
+/// happens at each. Shared with MQTT: `max_connections`, the handshake bounds, the connect
+/// timeout, `max_queued_messages` (per queue: a queue is a session), `max_sessions` (queues
+/// count), `max_session_expiry_seconds` (a durable queue outlives its connection that long),
+/// `receive_maximum` (twin writes of one connection waiting for the journal: reading pauses),
+/// and `max_packet_size` as the largest message body.
+///
+/// | limit | value | when reached |
+/// |---|---|---|
+/// | frame size | 131,072 bytes (`frame_max` offered in `connection.tune`; a client may ask for less, not below 4,096) | a bigger frame is refused from its 7-byte header, before buffering: `connection.close` 501 FRAME_ERROR |
+/// | frame size during the handshake | 16,384 bytes | likewise (a `start-ok` carries a token) |
+/// | channels per connection | 2,047 (`channel_max`) | `channel.open` above it: `connection.close` 504 CHANNEL_ERROR |
+/// | heartbeat | 60 s offered; the client's `tune-ok` value rules (0: none) | we send a heartbeat after half the interval without output; a client silent for two intervals is disconnected |
+/// | queues per connection | 64 | one more `queue.declare`: `channel.close` 406 PRECONDITION_FAILED |
+/// | bindings per queue | 64 | one more `queue.bind`: `channel.close` 406 PRECONDITION_FAILED |
+/// | consumers per channel | 64 | one more `basic.consume`: `channel.close` 406 PRECONDITION_FAILED |
+/// | unacknowledged deliveries per channel | 2,048, also when `basic.qos` asks for more or for 0 (unlimited) | deliveries wait in the queue until acknowledgements make room |
+/// | message body | `max_packet_size` (1 MiB) | a larger `body-size` in a content header: `channel.close` 406 PRECONDITION_FAILED, nothing published |
+/// | queued messages per queue | `max_queued_messages` (1,000) | the newest message is dropped, counted (`reason="queue_full"`) |
+pub mod amqp {
+    pub const FRAME_MAX: u32 = 131_072;
+    pub const HANDSHAKE_FRAME_MAX: u32 = 16_384;
+    pub const CHANNEL_MAX: u16 = 2047;
+    pub const HEARTBEAT_SECONDS: u16 = 60;
+    pub const MAX_QUEUES: usize = 64;
+    pub const MAX_BINDINGS: usize = 64;
+    pub const MAX_CONSUMERS: usize = 64;
+    pub const MAX_UNACKED: usize = 2048;
+}

@@ -4,7 +4,8 @@
 //! (`crate::dev`), and opens an HTTP listener even without `--http`.
 //!
 //! Start-up output on stdout (a contract scripts and tests rely on): one line per listener,
-//! `mqtt listening on ADDR` / `mqtts listening on ADDR` / `http listening on ADDR`, then `ready`. Logs go to stderr.
+//! `mqtt listening on ADDR` / `mqtts listening on ADDR` / `amqp listening on ADDR` / `amqps
+//! listening on ADDR` / `http listening on ADDR`, then `ready`. Logs go to stderr.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -37,6 +38,14 @@ pub struct ServeArgs {
     /// The MQTT-over-TLS listener address; replaces `[mqtt] tls_listen`.
     #[arg(long = "mqtts", value_name = "ADDR")]
     pub mqtts: Option<String>,
+    /// A plain AMQP 0.9.1 listener address (repeatable); with `--dev`, default: 127.0.0.1:5673,
+    /// or a free port if taken.
+    #[arg(long = "amqp", value_name = "ADDR")]
+    pub amqp: Vec<String>,
+    /// The AMQP-over-TLS listener address (the certificate of `[mqtt] tls_cert_file` and
+    /// `tls_key_file`).
+    #[arg(long = "amqps", value_name = "ADDR")]
+    pub amqps: Option<String>,
     /// The HTTP address: the API under `/api/2`, MQTT over WebSockets at `/mqtt`, `/metrics`,
     /// `/health`, `/ready`; with `--dev`, default: 127.0.0.1:8080, or a free port if taken.
     #[arg(long = "http", value_name = "ADDR")]
@@ -100,21 +109,23 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .mqtt
         .validate()
         .map_err(|e| anyhow::anyhow!("[mqtt] {e}"))?;
-    let tls = match &config.mqtt.tls_listen {
-        Some(address) => {
-            let resolve = |file: &Option<String>| -> anyhow::Result<PathBuf> {
-                let file = file
-                    .as_deref()
-                    .context("a TLS listener needs `tls_cert_file` and `tls_key_file`")?;
-                Ok(resolve(&config.base_dir, file))
-            };
-            let acceptor = server::tls_acceptor(
-                &resolve(&config.mqtt.tls_cert_file)?,
-                &resolve(&config.mqtt.tls_key_file)?,
-            )?;
-            Some((address.clone(), acceptor))
-        }
-        None => None,
+    let acceptor = if config.mqtt.tls_listen.is_some() || args.amqps.is_some() {
+        let resolve = |file: &Option<String>| -> anyhow::Result<PathBuf> {
+            let file = file
+                .as_deref()
+                .context("a TLS listener needs `tls_cert_file` and `tls_key_file`")?;
+            Ok(resolve(&config.base_dir, file))
+        };
+        Some(server::tls_acceptor(
+            &resolve(&config.mqtt.tls_cert_file)?,
+            &resolve(&config.mqtt.tls_key_file)?,
+        )?)
+    } else {
+        None
+    };
+    let tls = match (&config.mqtt.tls_listen, &acceptor) {
+        (Some(address), Some(acceptor)) => Some((address.clone(), acceptor.clone())),
+        _ => None,
     };
     let DataDir { store, solutions } = dir;
     let store = Arc::new(store);
@@ -141,6 +152,26 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             args.dev && args.mqtt.is_empty(),
         )
         .await?;
+        let mut amqp_addrs = Vec::new();
+        for address in &args.amqp {
+            amqp_addrs.push(server.listen_amqp(address, None).await?);
+        }
+        if args.amqp.is_empty() && args.dev {
+            // Development mode speaks AMQP too: port 5673 (RabbitMQ may have 5672), or a free one.
+            match server.listen_amqp(crate::dev::DEV_AMQP, None).await {
+                Ok(address) => amqp_addrs.push(address),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    amqp_addrs.push(server.listen_amqp("127.0.0.1:0", None).await?);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let amqps_addr = match (&args.amqps, &acceptor) {
+            (Some(address), Some(acceptor)) => {
+                Some(server.listen_amqp(address, Some(acceptor.clone())).await?)
+            }
+            _ => None,
+        };
         let http = match (&args.http, args.dev) {
             (Some(address), _) => {
                 Some(crate::http::start(server.core.clone(), server.websocket(), address).await?)
@@ -167,11 +198,17 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             if let Some(address) = server.mqtts_addr {
                 writeln!(out, "mqtts listening on {address}")?;
             }
+            for address in &amqp_addrs {
+                writeln!(out, "amqp listening on {address}")?;
+            }
+            if let Some(address) = amqps_addr {
+                writeln!(out, "amqps listening on {address}")?;
+            }
             if let Some(address) = http {
                 writeln!(out, "http listening on {address}")?;
             }
             if let (Some(dev), Some(address)) = (&dev, server.mqtt_addrs.first()) {
-                crate::dev::print_instructions(&mut out, dev, *address, http)?;
+                crate::dev::print_instructions(&mut out, dev, *address, http, amqp_addrs.first().copied())?;
             }
             writeln!(out, "ready")?;
             out.flush()?;

@@ -228,7 +228,7 @@ impl Pending {
                 }
                 if let Some(answer) = self.answer.take() {
                     let (answer, reply) = *answer;
-                    answer_requester(session, &reply, &answer, &core.metrics);
+                    answer_requester(space, session, &reply, &answer, &core.metrics);
                 }
                 Told::accepted()
             }
@@ -240,7 +240,7 @@ impl Pending {
                     let error = DittoError::new(500, "things:internal.error", NOT_STORED);
                     let topic = Some(answer.topic.clone());
                     let failed = Envelope::error(topic.as_ref(), &error, None);
-                    answer_requester(session, &reply, &failed, &core.metrics);
+                    answer_requester(space, session, &reply, &failed, &core.metrics);
                 }
                 Told::new(Verdict::Failed, NOT_STORED)
             }
@@ -302,7 +302,7 @@ impl Core {
             Err(error) => {
                 let reply = default_reply(client, reply, &parsed, None);
                 let answer = Envelope::error(parsed.ditto_topic().as_ref(), &error, None);
-                answer_requester(&client.session, &reply, &answer, &self.metrics);
+                answer_requester(&client.space, &client.session, &reply, &answer, &self.metrics);
                 return Outcome::Now(Told::new(Verdict::BadPayload, error.message));
             }
         };
@@ -474,7 +474,7 @@ impl Core {
                                 &error,
                                 message.headers.correlation_id.as_deref(),
                             );
-                            answer_requester(&client.session, &reply, &answer, &self.metrics);
+                            answer_requester(&client.space, &client.session, &reply, &answer, &self.metrics);
                         }
                         client.space.denied(&self.metrics, "message");
                         tracing::debug!(
@@ -548,7 +548,7 @@ impl Core {
                         "command denied"
                     );
                 }
-                answer_requester(&client.session, &reply, &answer, &self.metrics);
+                answer_requester(&client.space, &client.session, &reply, &answer, &self.metrics);
                 let verdict = match (denied, status) {
                     (true, _) => Verdict::NotAuthorized,
                     (false, s) if s >= 400 => Verdict::Failed,
@@ -664,11 +664,25 @@ fn default_reply(
     reply
 }
 
-/// Sends `answer` to the requester alone: into its own session, on the topic `reply` names.
-fn answer_requester(session: &Session, reply: &ReplyTo, answer: &Envelope, metrics: &Metrics) {
+/// Sends `answer` to the requester alone: into its own session, on the topic `reply` names —
+/// or, when that topic is one of the solution's reply addresses ([`Core::reply_address`]),
+/// into the session waiting there (an AMQP requester's `reply-to` queue).
+fn answer_requester(
+    space: &SolutionSpace,
+    session: &Session,
+    reply: &ReplyTo,
+    answer: &Envelope,
+    metrics: &Metrics,
+) {
     let (true, Some(topic)) = (reply.wanted, &reply.topic) else {
         return;
     };
+    let waiting = topic
+        .as_str()
+        .starts_with(crate::core::REPLY_PREFIX)
+        .then(|| space.reply_session(topic.as_str()))
+        .flatten();
+    let session = waiting.as_deref().unwrap_or(session);
     let qos = session
         .subscribed_qos(topic.as_str())
         .unwrap_or(QoS::AtLeastOnce);

@@ -63,6 +63,8 @@ pub enum Protocol {
     MqttWebSocket,
     /// A request or stream of the HTTP API.
     Http,
+    /// An AMQP 0.9.1 connection (and each of its queues).
+    Amqp,
 }
 
 impl Protocol {
@@ -71,6 +73,7 @@ impl Protocol {
             Protocol::Mqtt => "mqtt",
             Protocol::MqttWebSocket => "mqtt-ws",
             Protocol::Http => "http",
+            Protocol::Amqp => "amqp",
         }
     }
 }
@@ -379,10 +382,22 @@ impl SessionState {
         &mut self,
         max_inflight: usize,
         metrics: &Metrics,
+        send: impl FnMut(&Delivery, QosPid) -> bool,
+    ) -> usize {
+        self.drain_at_most(max_inflight, usize::MAX, metrics, send)
+    }
+
+    /// [`SessionState::drain`], sending at most `limit` messages (QoS 0 included): for an
+    /// adapter whose window counts every unacknowledged delivery (AMQP prefetch).
+    pub fn drain_at_most(
+        &mut self,
+        max_inflight: usize,
+        limit: usize,
+        metrics: &Metrics,
         mut send: impl FnMut(&Delivery, QosPid) -> bool,
     ) -> usize {
         let mut sent = 0;
-        while self.inflight.len() < max_inflight {
+        while self.inflight.len() < max_inflight && sent < limit {
             let Some(delivery) = self.queue.pop_front() else {
                 break;
             };
@@ -475,6 +490,44 @@ impl SessionState {
             }
             None => AckOutcome::Unknown,
         }
+    }
+
+    /// A delivery sent under `packet_id` was refused by its receiver with a request to try
+    /// again (AMQP `basic.reject`/`basic.nack` with requeue): it goes back to the front of the
+    /// queue. Whether it was in flight.
+    pub fn requeue(&mut self, packet_id: NonZeroU16) -> bool {
+        let Some(i) = self.inflight.iter().position(|e| e.packet_id == packet_id) else {
+            return false;
+        };
+        match self.inflight.remove(i) {
+            Some(entry) => {
+                self.queue.push_front(entry.delivery);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Everything in flight goes back to the front of the queue, in order (the consumer that
+    /// had it went away without acknowledging: AMQP requeues unacknowledged deliveries).
+    pub fn requeue_inflight(&mut self) {
+        while let Some(entry) = self.inflight.pop_back() {
+            self.queue.push_front(entry.delivery);
+        }
+    }
+
+    /// How many messages wait in the queue (not in flight).
+    pub fn queued_len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Drops what waits in the queue (not what is in flight); how many (AMQP `queue.purge`).
+    pub fn purge(&mut self) -> usize {
+        let purged = std::mem::take(&mut self.queue);
+        for delivery in &purged {
+            self.forget(delivery.stored);
+        }
+        purged.len()
     }
 
     /// PUBREC from the client; a failure (`failed`) ends the exchange.

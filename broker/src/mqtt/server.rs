@@ -23,7 +23,7 @@ use crate::core::space::Spaces;
 use crate::core::twins::Twins;
 use crate::limits::MqttSettings;
 use crate::metrics::Metrics;
-use crate::mqtt::admission::Admission;
+use crate::mqtt::admission::{Admission, HandshakeSlot};
 use crate::mqtt::connection;
 use crate::mqtt::transport::Transport;
 use crate::mqtt::websocket;
@@ -76,6 +76,7 @@ pub struct Server {
     pub mqtts_addr: Option<SocketAddr>,
     /// What the HTTP listener needs to serve MQTT over WebSockets.
     websocket: websocket::Endpoint,
+    admission: Arc<Admission>,
     stop: watch::Sender<bool>,
     done_tx: Option<mpsc::Sender<()>>,
     done_rx: mpsc::Receiver<()>,
@@ -133,6 +134,7 @@ pub async fn start(
             None,
             admission.clone(),
             done_tx.clone(),
+            serve_mqtt,
         ));
     }
     let mut mqtts_addr = None;
@@ -145,11 +147,12 @@ pub async fn start(
             Some(acceptor),
             admission.clone(),
             done_tx.clone(),
+            serve_mqtt,
         ));
     }
     let websocket = websocket::Endpoint {
         core: core.clone(),
-        admission,
+        admission: admission.clone(),
         done: done_tx.downgrade(),
     };
     Ok(Server {
@@ -157,6 +160,7 @@ pub async fn start(
         mqtt_addrs,
         mqtts_addr,
         websocket,
+        admission,
         stop,
         done_tx: Some(done_tx),
         done_rx,
@@ -169,13 +173,32 @@ async fn bind(address: &str) -> io::Result<TcpListener> {
         .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on `{address}`: {e}")))
 }
 
-async fn accept_loop(
+/// Serves an MQTT socket (the `serve` of the accept loop).
+async fn serve_mqtt(
+    core: Arc<Core>,
+    transport: Transport,
+    peer: SocketAddr,
+    slot: HandshakeSlot,
+    admission: Arc<Admission>,
+) {
+    connection::serve(core, transport, peer, slot, &admission).await;
+}
+
+/// Accepts sockets for `serve` (MQTT or AMQP): admission, TLS, one task per connection.
+async fn accept_loop<S, F>(
     core: Arc<Core>,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     admission: Arc<Admission>,
     done: mpsc::Sender<()>,
-) {
+    serve: S,
+) where
+    S: Fn(Arc<Core>, Transport, SocketAddr, HandshakeSlot, Arc<Admission>) -> F
+        + Copy
+        + Send
+        + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
     let mut shutdown = core.shutdown.clone();
     loop {
         let permit = tokio::select! {
@@ -235,12 +258,35 @@ async fn accept_loop(
                     }
                 }
             };
-            connection::serve(core, transport, peer, slot, &admission).await;
+            serve(core, transport, peer, slot, admission).await;
         });
     }
 }
 
 impl Server {
+    /// Opens an AMQP 0.9.1 listener (`crate::amqp`) on `address`, with TLS if `tls` is given:
+    /// the same core, admission and shutdown as the MQTT listeners. Returns its bound address.
+    pub async fn listen_amqp(
+        &self,
+        address: &str,
+        tls: Option<TlsAcceptor>,
+    ) -> io::Result<SocketAddr> {
+        let listener = bind(address).await?;
+        let bound = listener.local_addr()?;
+        let Some(done) = self.done_tx.clone() else {
+            return Err(io::Error::other("the server is shutting down"));
+        };
+        tokio::spawn(accept_loop(
+            self.core.clone(),
+            listener,
+            tls,
+            self.admission.clone(),
+            done,
+            crate::amqp::connection::serve,
+        ));
+        Ok(bound)
+    }
+
     /// The upgrade endpoint the HTTP router mounts at `/mqtt`
     /// (`crate::mqtt::websocket::route`): its connections are admitted, served and shut down
     /// with this server's.
