@@ -4,6 +4,7 @@
 //!
 //! # Layout
 //! - this file: the binary ([`thingsgate_bin`]) and running one-shot commands.
+//! - [`amqp`]: lapin clients against the broker's AMQP listener, bounded waits.
 //! - [`broker`]: a running `thingsgate serve` per test (temp data dir, config, port 0, logs).
 //! - [`issuer`]: a local JWT issuer: keys, JWKS file, config block, good and bad tokens.
 //! - [`raw`]: a raw MQTT client on the broker's codec, for AUTH packets and exact reason codes.
@@ -18,6 +19,7 @@
     clippy::indexing_slicing
 )]
 
+pub mod amqp;
 pub mod broker;
 pub mod clients;
 pub mod http;
