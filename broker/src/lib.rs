@@ -10,6 +10,9 @@
 //!   `topics`, `message`.
 //! - `mqtt`: the MQTT 3.1.1/5.0 adapter — `server` → `transport` → `codec` → `handshake` →
 //!   `connection` → `outbound`; `reason` (codes as types), `will`.
+//! - `amqp`: the AMQP 0.9.1 adapter — `codec` (frames) → `handshake` → `connection` (channels,
+//!   queues as core sessions, consumers, confirms); `mapping` (routing keys ⇄ MQTT topics,
+//!   properties), `reply` (reply codes). Listeners come from `mqtt::server`.
 //! - `auth`: credential checks — solution secrets and API tokens (`secret`, `solution`), JWTs
 //!   of configured issuers (`jwt`), failed attempts per address (`limiter`).
 //! - `cli` (the command line: a contract, DESIGN.md §7; extend it, never rename) and its

@@ -910,7 +910,7 @@ impl Conn {
                 SessionRequest {
                     clean_start: !durable,
                     expiry_seconds: if durable { u32::MAX } else { 0 },
-                    protocol: Protocol::Amqp,
+                    protocol: Protocol::AmqpQueue,
                 },
             )
             .map_err(|_| {
@@ -920,7 +920,12 @@ impl Conn {
                 )
             })?;
         let client = attached.client;
-        let bindings = client.session.lock().subscriptions.len();
+        let bindings = {
+            let mut state = client.session.lock();
+            // What a previous connection of this (durable) queue left unacknowledged goes first.
+            state.requeue_inflight();
+            state.subscriptions.len()
+        };
         self.queues.push(Queue {
             name: name.clone(),
             client,
@@ -1151,8 +1156,6 @@ impl Conn {
             .and_then(|i| self.queues.get(i))
             .ok_or_else(|| Self::no_queue(queue_name))?;
         let queue_name = queue.name.clone();
-        // Deliveries a previous connection left unacknowledged go first.
-        queue.client.session.lock().requeue_inflight();
         let Some(channel) = self.channels.get_mut(index) else {
             return Ok(());
         };

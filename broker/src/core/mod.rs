@@ -1,4 +1,4 @@
-//! The protocol-neutral core (DESIGN.md §4). Every way in — MQTT now; AMQP, HTTP/SSE and
+//! The protocol-neutral core (DESIGN.md §4). Every way in — MQTT, AMQP and HTTP/SSE now,
 //! bridges next — is an adapter that turns its wire into these calls and its answers back into
 //! its wire; an adapter never authorizes, applies or routes on its own.
 //!

@@ -63,8 +63,10 @@ pub enum Protocol {
     MqttWebSocket,
     /// A request or stream of the HTTP API.
     Http,
-    /// An AMQP 0.9.1 connection (and each of its queues).
+    /// An AMQP 0.9.1 connection.
     Amqp,
+    /// A queue an AMQP connection declared (a session of its own).
+    AmqpQueue,
 }
 
 impl Protocol {
@@ -74,6 +76,7 @@ impl Protocol {
             Protocol::MqttWebSocket => "mqtt-ws",
             Protocol::Http => "http",
             Protocol::Amqp => "amqp",
+            Protocol::AmqpQueue => "amqp-queue",
         }
     }
 }
