@@ -111,7 +111,9 @@ pub fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>, Frame
     frame.truncate(size as usize);
     match kind {
         FRAME_METHOD => match parse_class(&frame[..]) {
-            Ok((rest, class)) if rest.is_empty() => Ok(Some(Frame::Method(channel, Box::new(class)))),
+            Ok((rest, class)) if rest.is_empty() => {
+                Ok(Some(Frame::Method(channel, Box::new(class))))
+            }
             _ => Err(FrameError::BadMethod),
         },
         FRAME_HEADER => parse_header(&frame).map(|h| Some(Frame::Header(channel, Box::new(h)))),
@@ -166,7 +168,10 @@ pub enum DeliveryMethod<'a> {
 
 /// A message for a consumer: the method, the content header and the body in frames of at most
 /// `frame_max`. `exchange`, `routing_key` and `consumer_tag` must be at most 255 bytes.
-#[expect(clippy::too_many_arguments, reason = "the fields of the frames, in wire order")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the fields of the frames, in wire order"
+)]
 pub fn write_delivery(
     out: &mut Vec<u8>,
     channel: u16,
@@ -272,7 +277,9 @@ mod tests {
         )));
         let mut buf = BytesMut::from(&bytes[..]);
         let frame = decode(&mut buf, 4096).unwrap().unwrap();
-        assert!(matches!(frame, Frame::Method(3, c) if matches!(*c, AMQPClass::Channel(channel::AMQPMethod::Open(_)))));
+        assert!(
+            matches!(frame, Frame::Method(3, c) if matches!(*c, AMQPClass::Channel(channel::AMQPMethod::Open(_))))
+        );
         assert!(buf.is_empty());
     }
 
@@ -306,7 +313,11 @@ mod tests {
             FrameError::BadEnd(0)
         );
         assert_eq!(
-            decode(&mut BytesMut::from(&[9u8, 0, 0, 0, 0, 0, 0, 0xCE][..]), 4096).unwrap_err(),
+            decode(
+                &mut BytesMut::from(&[9u8, 0, 0, 0, 0, 0, 0, 0xCE][..]),
+                4096
+            )
+            .unwrap_err(),
             FrameError::UnknownType(9)
         );
         let garbled = [FRAME_METHOD, 0, 1, 0, 0, 0, 4, 0, 99, 0, 99, FRAME_END];
@@ -369,7 +380,10 @@ mod tests {
         assert_eq!(received, body);
         // Our own decoder reads the header back too.
         let mut buf = BytesMut::from(&out[..]);
-        assert!(matches!(decode(&mut buf, 4096).unwrap(), Some(Frame::Method(..))));
+        assert!(matches!(
+            decode(&mut buf, 4096).unwrap(),
+            Some(Frame::Method(..))
+        ));
         match decode(&mut buf, 4096).unwrap() {
             Some(Frame::Header(5, h)) => assert_eq!(h.properties, properties),
             other => panic!("{other:?}"),

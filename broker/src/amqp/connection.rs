@@ -43,7 +43,9 @@ use crate::amqp::reply::{self, *};
 use crate::core::identity::ReauthRefusal;
 use crate::core::message::Origin;
 use crate::core::session::Protocol;
-use crate::core::{Client, Core, Outcome, Pending, REPLY_PREFIX, ReplyTo, SessionRequest, Told, Verdict};
+use crate::core::{
+    Client, Core, Outcome, Pending, REPLY_PREFIX, ReplyTo, SessionRequest, Told, Verdict,
+};
 use crate::limits::amqp as limits;
 use crate::mqtt::admission::{Admission, ConnectionSlot, HandshakeSlot};
 use crate::mqtt::codec::{QoS, SubscriptionOptions, TopicName};
@@ -62,8 +64,10 @@ pub async fn serve(
     admission: Arc<Admission>,
 ) {
     core.metrics.connections_active.inc();
-    if let Some(mut conn) =
-        Box::pin(crate::amqp::handshake::open(&core, io, peer, slot, &admission)).await
+    if let Some(mut conn) = Box::pin(crate::amqp::handshake::open(
+        &core, io, peer, slot, &admission,
+    ))
+    .await
     {
         let ending = conn.run().await;
         Box::pin(conn.finish(ending)).await;
@@ -337,7 +341,8 @@ impl Conn {
                     }
                 }
             }
-            if self.rbuf.is_empty() && self.rbuf.capacity() > 0 && self.rbuf.capacity() < 64 * 1024 {
+            if self.rbuf.is_empty() && self.rbuf.capacity() > 0 && self.rbuf.capacity() < 64 * 1024
+            {
                 // Idle connections hold no read buffer.
                 if self.rbuf.capacity() <= SMALL_READ * 16 {
                     self.rbuf = BytesMut::new();
@@ -411,7 +416,12 @@ impl Conn {
             return;
         }
         let queue = self.queues.swap_remove(i);
-        if queue.client.link.revoked.load(std::sync::atomic::Ordering::Acquire) {
+        if queue
+            .client
+            .link
+            .revoked
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
             // Revoked credentials: the whole connection goes (its own link is kicked too).
             self.client.link.kick.notify_one();
         }
@@ -558,7 +568,10 @@ impl Conn {
                         self.wait = Some(Box::new(Wait::Reauthenticate(token)));
                         Ok(())
                     }
-                    Err(_) => Err(Ending::close(ACCESS_REFUSED, "ACCESS_REFUSED - the new secret is not a token")),
+                    Err(_) => Err(Ending::close(
+                        ACCESS_REFUSED,
+                        "ACCESS_REFUSED - the new secret is not a token",
+                    )),
                 }
             }
             AMQPClass::Connection(
@@ -584,7 +597,10 @@ impl Conn {
             if id > self.channel_max {
                 return Err(Failure::Connection(Ending::for_method(
                     CHANNEL_ERROR,
-                    format!("CHANNEL_ERROR - channel {id} is above channel_max {}", self.channel_max),
+                    format!(
+                        "CHANNEL_ERROR - channel {id} is above channel_max {}",
+                        self.channel_max
+                    ),
                     class,
                 )));
             }
@@ -629,7 +645,11 @@ impl Conn {
             _ if closing => return Ok(()),
             _ => {}
         }
-        if self.channels.get(index).is_some_and(|c| c.content.is_some()) {
+        if self
+            .channels
+            .get(index)
+            .is_some_and(|c| c.content.is_some())
+        {
             return Err(Failure::Connection(Ending::for_method(
                 UNEXPECTED_FRAME,
                 "UNEXPECTED_FRAME - a method frame in the middle of a message's content",
@@ -720,7 +740,9 @@ impl Conn {
                     reply::method(
                         &mut self.wbuf,
                         id,
-                        AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(exchange::DeclareOk {})),
+                        AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(
+                            exchange::DeclareOk {},
+                        )),
                     );
                 }
                 Ok(())
@@ -752,8 +774,10 @@ impl Conn {
                 let index = self
                     .queue_index(unbind.queue.as_str())
                     .ok_or_else(|| Self::no_queue(unbind.queue.as_str()))?;
-                let filter = mapping::binding_to_filter(unbind.routing_key.as_str())
-                    .map_err(|e| channel_error(PRECONDITION_FAILED, format!("PRECONDITION_FAILED - {e}")))?;
+                let filter =
+                    mapping::binding_to_filter(unbind.routing_key.as_str()).map_err(|e| {
+                        channel_error(PRECONDITION_FAILED, format!("PRECONDITION_FAILED - {e}"))
+                    })?;
                 if let Some(queue) = self.queues.get_mut(index) {
                     if self.core.unsubscribe(&queue.client, &filter, false) {
                         queue.bindings = queue.bindings.saturating_sub(1);
@@ -894,7 +918,10 @@ impl Conn {
         }
         let name: Arc<str> = if requested.is_empty() {
             let Some(id) = crate::core::assign_client_id() else {
-                return Err(channel_error(INTERNAL_ERROR, "INTERNAL_ERROR - no queue name could be generated"));
+                return Err(channel_error(
+                    INTERNAL_ERROR,
+                    "INTERNAL_ERROR - no queue name could be generated",
+                ));
             };
             Arc::from(format!("amq.gen-{}", id.trim_start_matches("tg-")))
         } else {
@@ -987,8 +1014,9 @@ impl Conn {
             .queue_index(bind.queue.as_str())
             .ok_or_else(|| Self::no_queue(bind.queue.as_str()))?;
         let key = bind.routing_key.as_str();
-        let filter = mapping::binding_to_filter(key)
-            .map_err(|e| channel_error(PRECONDITION_FAILED, format!("PRECONDITION_FAILED - {e}")))?;
+        let filter = mapping::binding_to_filter(key).map_err(|e| {
+            channel_error(PRECONDITION_FAILED, format!("PRECONDITION_FAILED - {e}"))
+        })?;
         if crate::mqtt::codec::TopicFilter::new(Bytes::from(filter.clone())).is_err() {
             return Err(channel_error(
                 PRECONDITION_FAILED,
@@ -1010,7 +1038,12 @@ impl Conn {
                 ),
             ));
         }
-        let existed = queue.client.session.lock().subscriptions.contains_key(filter.as_str());
+        let existed = queue
+            .client
+            .session
+            .lock()
+            .subscriptions
+            .contains_key(filter.as_str());
         let options = SubscriptionOptions::qos(QoS::AtLeastOnce);
         if self
             .core
@@ -1048,7 +1081,10 @@ impl Conn {
                 if !exchange.is_empty() && exchange != "amq.topic" {
                     return Err(channel_error(
                         NOT_FOUND,
-                        format!("NOT_FOUND - no exchange {} in vhost '/'", printable(exchange)),
+                        format!(
+                            "NOT_FOUND - no exchange {} in vhost '/'",
+                            printable(exchange)
+                        ),
                     ));
                 }
                 if publish.immediate {
@@ -1059,7 +1095,6 @@ impl Conn {
                 }
                 if let Some(channel) = self.channels.get_mut(index) {
                     channel.content = Some(Box::new(Content {
-
                         routing_key: publish.routing_key.as_str().into(),
                         header: None,
                         body: BytesMut::new(),
@@ -1222,7 +1257,8 @@ impl Conn {
             frame_max,
             ..
         } = self;
-        let (Some(channel), Some(queue)) = (channels.get_mut(index), queues.get(queue_index)) else {
+        let (Some(channel), Some(queue)) = (channels.get_mut(index), queues.get(queue_index))
+        else {
             return Ok(());
         };
         let now = Instant::now();
@@ -1282,7 +1318,12 @@ impl Conn {
     /// The unacknowledged deliveries an `ack`/`nack`/`reject` names (`multiple`: every one up
     /// to the tag; tag 0 with `multiple`: all). An unknown tag is a channel error (406), as in
     /// RabbitMQ.
-    fn take_unacked(&mut self, index: usize, tag: u64, multiple: bool) -> Result<Vec<Unacked>, Failure> {
+    fn take_unacked(
+        &mut self,
+        index: usize,
+        tag: u64,
+        multiple: bool,
+    ) -> Result<Vec<Unacked>, Failure> {
         let Some(channel) = self.channels.get_mut(index) else {
             return Ok(Vec::new());
         };
@@ -1325,7 +1366,11 @@ impl Conn {
             done.packet_id,
             self.queues.iter().find(|q| q.name == done.queue),
         ) {
-            queue.client.session.lock().complete(packet_id, QoS::AtLeastOnce);
+            queue
+                .client
+                .session
+                .lock()
+                .complete(packet_id, QoS::AtLeastOnce);
             queue.client.session.wake.notify_one();
         }
     }
@@ -1463,7 +1508,10 @@ impl Conn {
             }
         };
         let incoming = mapping::incoming(&properties);
-        let reply_topic = incoming.reply_to.as_deref().and_then(|r| self.reply_topic(r));
+        let reply_topic = incoming
+            .reply_to
+            .as_deref()
+            .and_then(|r| self.reply_topic(r));
         let mut forwarded = incoming.forwarded;
         forwarded.response_topic = reply_topic.clone();
         let reply = ReplyTo {
@@ -1482,7 +1530,10 @@ impl Conn {
             expiry_seconds: incoming.expiry_seconds,
             publisher: self.client.session.id,
         };
-        match self.core.publish(&self.client, &topic, &body, origin, reply) {
+        match self
+            .core
+            .publish(&self.client, &topic, &body, origin, reply)
+        {
             Outcome::Now(told) => self.settle_publish(id, tag, &told),
             Outcome::Pending(pending) => self.confirming.push(Confirming {
                 channel: id,
@@ -1585,8 +1636,10 @@ impl Conn {
                 if budget == 0 {
                     continue;
                 }
-                let Some((queue_index, queue)) =
-                    queues.iter().enumerate().find(|(_, q)| q.name == consumer.queue)
+                let Some((queue_index, queue)) = queues
+                    .iter()
+                    .enumerate()
+                    .find(|(_, q)| q.name == consumer.queue)
                 else {
                     continue;
                 };
@@ -1595,42 +1648,43 @@ impl Conn {
                     continue;
                 }
                 let mut settled = Vec::new();
-                let sent = state.drain_at_most(usize::MAX, budget, &core.metrics, |delivery, qos| {
-                    let Some((exchange, key)) = address(queue, &delivery.message.topic) else {
-                        core.metrics.dropped("too_large");
-                        return false;
-                    };
-                    let tag = *next_tag;
-                    *next_tag += 1;
-                    codec::write_delivery(
-                        wbuf,
-                        *id,
-                        DeliveryMethod::Deliver {
-                            consumer_tag: &consumer.tag,
-                        },
-                        tag,
-                        false,
-                        exchange,
-                        &key,
-                        &mapping::outgoing(delivery, now),
-                        &delivery.message.payload,
-                        *frame_max,
-                    );
-                    if consumer.no_ack {
-                        if let Some(packet_id) = qos.packet_id() {
-                            settled.push(packet_id);
-                        }
-                    } else {
-                        consumer.unacked += 1;
-                        unacked.push_back(Unacked {
+                let sent =
+                    state.drain_at_most(usize::MAX, budget, &core.metrics, |delivery, qos| {
+                        let Some((exchange, key)) = address(queue, &delivery.message.topic) else {
+                            core.metrics.dropped("too_large");
+                            return false;
+                        };
+                        let tag = *next_tag;
+                        *next_tag += 1;
+                        codec::write_delivery(
+                            wbuf,
+                            *id,
+                            DeliveryMethod::Deliver {
+                                consumer_tag: &consumer.tag,
+                            },
                             tag,
-                            queue: queue.name.clone(),
-                            consumer: Some(consumer.tag.clone()),
-                            packet_id: qos.packet_id(),
-                        });
-                    }
-                    true
-                });
+                            false,
+                            exchange,
+                            &key,
+                            &mapping::outgoing(delivery, now),
+                            &delivery.message.payload,
+                            *frame_max,
+                        );
+                        if consumer.no_ack {
+                            if let Some(packet_id) = qos.packet_id() {
+                                settled.push(packet_id);
+                            }
+                        } else {
+                            consumer.unacked += 1;
+                            unacked.push_back(Unacked {
+                                tag,
+                                queue: queue.name.clone(),
+                                consumer: Some(consumer.tag.clone()),
+                                packet_id: qos.packet_id(),
+                            });
+                        }
+                        true
+                    });
                 for packet_id in settled {
                     state.complete(packet_id, QoS::AtLeastOnce);
                 }
@@ -1677,9 +1731,10 @@ impl Conn {
                 reply,
             } => {
                 let (core, client) = (&self.core, &self.client);
-                let told =
-                    std::future::poll_fn(|cx| pending.poll_done(cx, core, &client.space, &client.session))
-                        .await;
+                let told = std::future::poll_fn(|cx| {
+                    pending.poll_done(cx, core, &client.space, &client.session)
+                })
+                .await;
                 if told.verdict == Verdict::Accepted {
                     self.wbuf.extend_from_slice(&reply);
                 } else {
@@ -1709,10 +1764,12 @@ impl Conn {
                         );
                         Ok(())
                     }
-                    Err(ReauthRefusal::Invalid(_) | ReauthRefusal::OtherIdentity) => Err(Ending::close(
-                        ACCESS_REFUSED,
-                        "ACCESS_REFUSED - the new secret was refused",
-                    )),
+                    Err(ReauthRefusal::Invalid(_) | ReauthRefusal::OtherIdentity) => {
+                        Err(Ending::close(
+                            ACCESS_REFUSED,
+                            "ACCESS_REFUSED - the new secret was refused",
+                        ))
+                    }
                 }
             }
         }
@@ -1782,7 +1839,8 @@ impl Conn {
                         if matches!(
                             *class,
                             AMQPClass::Connection(
-                                connection::AMQPMethod::CloseOk(_) | connection::AMQPMethod::Close(_)
+                                connection::AMQPMethod::CloseOk(_)
+                                    | connection::AMQPMethod::Close(_)
                             )
                         ) =>
                     {
@@ -1813,7 +1871,10 @@ fn window(prefetch: u16) -> usize {
 /// queue's reply address as RabbitMQ's default exchange delivers (`""`, the queue's name);
 /// anything else from `amq.topic` with the topic's routing key. `None`: the topic is too
 /// long for a routing key.
-fn address<'a>(queue: &'a Queue, topic: &TopicName) -> Option<(&'static str, std::borrow::Cow<'a, str>)> {
+fn address<'a>(
+    queue: &'a Queue,
+    topic: &TopicName,
+) -> Option<(&'static str, std::borrow::Cow<'a, str>)> {
     if topic.as_str().starts_with(REPLY_PREFIX) {
         return Some(("", std::borrow::Cow::Borrowed(&*queue.name)));
     }
@@ -1871,7 +1932,11 @@ fn confirmed<'a>(
 ) -> impl Future<Output = (usize, Told)> + 'a {
     std::future::poll_fn(move |cx| {
         for (i, entry) in confirming.iter_mut().enumerate() {
-            if let Poll::Ready(told) = entry.pending.poll_done(cx, core, &client.space, &client.session) {
+            if let Poll::Ready(told) =
+                entry
+                    .pending
+                    .poll_done(cx, core, &client.space, &client.session)
+            {
                 return Poll::Ready((i, told));
             }
         }

@@ -47,7 +47,13 @@ pub(crate) async fn open(
     match result {
         Ok(Ok(negotiated)) => {
             drop(slot);
-            Some(Box::new(Conn::new(core.clone(), io, rbuf, peer, negotiated)))
+            Some(Box::new(Conn::new(
+                core.clone(),
+                io,
+                rbuf,
+                peer,
+                negotiated,
+            )))
         }
         Ok(Err(Failure::Closed)) => None,
         Ok(Err(Failure::Refuse(code, text, class, method))) => {
@@ -379,10 +385,19 @@ mod tests {
     #[test]
     fn plain_and_amqplain_give_user_and_password() {
         let plain = start_ok("PLAIN", b"\0acme\0s3cret".to_vec());
-        assert_eq!(login(&plain).unwrap(), ("acme".to_owned(), b"s3cret".to_vec()));
+        assert_eq!(
+            login(&plain).unwrap(),
+            ("acme".to_owned(), b"s3cret".to_vec())
+        );
         let mut table = FieldTable::default();
-        table.insert("LOGIN".into(), AMQPValue::LongString(b"acme".to_vec().into()));
-        table.insert("PASSWORD".into(), AMQPValue::LongString(b"pw".to_vec().into()));
+        table.insert(
+            "LOGIN".into(),
+            AMQPValue::LongString(b"acme".to_vec().into()),
+        );
+        table.insert(
+            "PASSWORD".into(),
+            AMQPValue::LongString(b"pw".to_vec().into()),
+        );
         let mut encoded = Vec::new();
         let ctx = amq_protocol::types::generation::gen_field_table(&table)(
             amq_protocol::frame::WriteContext::from(&mut encoded),
@@ -391,7 +406,10 @@ mod tests {
         let _ = ctx;
         // Without the 4-byte length, as AMQPLAIN sends it.
         let amqplain = start_ok("AMQPLAIN", encoded[4..].to_vec());
-        assert_eq!(login(&amqplain).unwrap(), ("acme".to_owned(), b"pw".to_vec()));
+        assert_eq!(
+            login(&amqplain).unwrap(),
+            ("acme".to_owned(), b"pw".to_vec())
+        );
         assert!(login(&start_ok("EXTERNAL", Vec::new())).is_none());
         assert!(login(&start_ok("PLAIN", b"no-separators".to_vec())).is_none());
     }

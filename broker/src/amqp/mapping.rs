@@ -228,9 +228,18 @@ mod tests {
 
     #[test]
     fn binding_keys_mqtt_cannot_say_are_refused() {
-        assert_eq!(binding_to_filter("a.#.b"), Err(BindingKeyError::HashNotLast));
-        assert_eq!(binding_to_filter("a.b*"), Err(BindingKeyError::PartialWildcard));
-        assert_eq!(binding_to_filter("org/acme.*.things.#").unwrap(), "org.acme/+/things/#");
+        assert_eq!(
+            binding_to_filter("a.#.b"),
+            Err(BindingKeyError::HashNotLast)
+        );
+        assert_eq!(
+            binding_to_filter("a.b*"),
+            Err(BindingKeyError::PartialWildcard)
+        );
+        assert_eq!(
+            binding_to_filter("org/acme.*.things.#").unwrap(),
+            "org.acme/+/things/#"
+        );
     }
 
     proptest! {

@@ -33,7 +33,13 @@ pub fn text(s: &str) -> ShortString {
 }
 
 /// `connection.close`: the connection ends (a hard error, a refusal or shutdown).
-pub fn connection_close(out: &mut Vec<u8>, code: u16, reply_text: &str, class: u16, method_id: u16) {
+pub fn connection_close(
+    out: &mut Vec<u8>,
+    code: u16,
+    reply_text: &str,
+    class: u16,
+    method_id: u16,
+) {
     method(
         out,
         0,
@@ -47,7 +53,14 @@ pub fn connection_close(out: &mut Vec<u8>, code: u16, reply_text: &str, class: u
 }
 
 /// `channel.close`: the channel ends (a soft error), the connection stays.
-pub fn channel_close(out: &mut Vec<u8>, id: u16, code: u16, reply_text: &str, class: u16, method_id: u16) {
+pub fn channel_close(
+    out: &mut Vec<u8>,
+    id: u16,
+    code: u16,
+    reply_text: &str,
+    class: u16,
+    method_id: u16,
+) {
     method(
         out,
         id,
