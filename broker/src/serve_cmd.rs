@@ -208,7 +208,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 writeln!(out, "http listening on {address}")?;
             }
             if let (Some(dev), Some(address)) = (&dev, server.mqtt_addrs.first()) {
-                crate::dev::print_instructions(&mut out, dev, *address, http, amqp_addrs.first().copied())?;
+                crate::dev::print_instructions(
+                    &mut out,
+                    dev,
+                    *address,
+                    http,
+                    amqp_addrs.first().copied(),
+                )?;
             }
             writeln!(out, "ready")?;
             out.flush()?;

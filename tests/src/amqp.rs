@@ -59,7 +59,10 @@ pub fn secret_uri(addr: SocketAddr, solution: &Solution) -> String {
 
 /// Connects within [`AMQP_TIMEOUT`] with `properties` (e.g. a `client_id` or
 /// `x-cr-api-token` client property).
-pub async fn connect_with(uri: &str, properties: ConnectionProperties) -> lapin::Result<Connection> {
+pub async fn connect_with(
+    uri: &str,
+    properties: ConnectionProperties,
+) -> lapin::Result<Connection> {
     tokio::time::timeout(AMQP_TIMEOUT, Connection::connect(uri, properties))
         .await
         .unwrap_or_else(|_| panic!("no AMQP connection within {AMQP_TIMEOUT:?}"))
@@ -125,7 +128,10 @@ pub async fn consume(channel: &Channel, keys: &[&str], no_ack: bool) -> (String,
 }
 
 /// The next delivery within `limit`; `None` if none came.
-pub async fn next_within(consumer: &mut Consumer, limit: Duration) -> Option<lapin::message::Delivery> {
+pub async fn next_within(
+    consumer: &mut Consumer,
+    limit: Duration,
+) -> Option<lapin::message::Delivery> {
     match tokio::time::timeout(limit, consumer.next()).await {
         Ok(Some(Ok(delivery))) => Some(delivery),
         Ok(Some(Err(e))) => panic!("consumer failed: {e}"),

@@ -1,6 +1,11 @@
 //! The AMQP listener end to end with lapin: a secret's connection publishes a plain message
 //! that its own consumer receives, with publisher confirms.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::time::Duration;
 

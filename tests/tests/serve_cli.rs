@@ -279,18 +279,24 @@ fn serve_dev_prints_commands_that_show_a_policy_at_work_as_printed() {
     let [amqp_switch_off] = printed(&lines, "amqp-publish ")[..] else {
         panic!("one amqp-publish line: {lines:?}")
     };
-    let (setup_owned, events) = (setup.to_owned(), amqp_events.replacen(" cat", " -c 1 cat", 1));
+    let (setup_owned, events) = (
+        setup.to_owned(),
+        amqp_events.replacen(" cat", " -c 1 cat", 1),
+    );
     let subscriber = std::thread::spawn(move || run_printed(&setup_owned, &events, ""));
     let (event, published) = publish_until_received(setup, subscriber, amqp_switch_off);
     assert!(published.status.success(), "{}", both(&published));
     assert!(event.status.success(), "{}", both(&event));
-    let envelope: serde_json::Value = serde_json::from_slice(&event.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", both(&event)));
+    let envelope: serde_json::Value =
+        serde_json::from_slice(&event.stdout).unwrap_or_else(|e| panic!("{e}: {}", both(&event)));
     assert_eq!(
         envelope["topic"], "org.example.demo/lamp/things/twin/events/modified",
         "{envelope}"
     );
-    assert_eq!(envelope["path"], "/features/power/properties/on", "{envelope}");
+    assert_eq!(
+        envelope["path"], "/features/power/properties/on",
+        "{envelope}"
+    );
     assert_eq!(envelope["value"], false, "{envelope}");
 }
 

@@ -11,7 +11,8 @@
 //! |---|---|---|
 //! | `mosquitto_pub`, `mosquitto_sub` | on `PATH` | `apt-get install mosquitto-clients` |
 //! | `curl`, `stdbuf`, `python3` | on `PATH` | `apt-get install curl coreutils python3` |
-//! | Python's `paho-mqtt` 2.x and `PyYAML` | `python3 -c 'import …'` | `pip install --target <target dir>/xtask/python`, put on `PYTHONPATH` for the tests |
+//! | `amqp-publish`, `amqp-consume`, `amqp-declare-queue`, `amqp-get` | on `PATH` | `apt-get install amqp-tools` |
+//! | Python's `paho-mqtt` 2.x, `pika` 1.x and `PyYAML` | `python3 -c 'import …'` | `pip install --target <target dir>/xtask/python`, put on `PYTHONPATH` for the tests |
 //!
 //! Python packages go into a directory of the build's own, not into the system's or the user's
 //! Python (Debian's is "externally managed" and refuses `pip install`); the system's copy is used
@@ -23,11 +24,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
 /// The pip requirement of each Python module the tests import (`tests/tests/mqtt_clients.rs`
-/// runs paho-mqtt 2; `tests/tests/docker_files.rs` reads the compose file with PyYAML).
-const PYTHON_MODULES: [PythonModule; 2] = [
+/// runs paho-mqtt 2; `tests/tests/amqp_clients.rs` runs pika 1; `tests/tests/docker_files.rs`
+/// reads the compose file with PyYAML).
+const PYTHON_MODULES: [PythonModule; 3] = [
     PythonModule {
         check: "import paho.mqtt, sys; sys.exit(paho.mqtt.__version__.split('.')[0] != '2')",
         requirement: "paho-mqtt>=2,<3",
+    },
+    PythonModule {
+        check: "import pika, sys; sys.exit(pika.__version__.split('.')[0] != '1')",
+        requirement: "pika>=1.3,<2",
     },
     PythonModule {
         check: "import yaml",
@@ -35,10 +41,15 @@ const PYTHON_MODULES: [PythonModule; 2] = [
     },
 ];
 
-/// Programs the tests run, with the Debian package that has each.
-const PROGRAMS: [(&str, &str); 5] = [
+/// Programs the tests run, with the Debian package that has each (`amqp-tools`: librabbitmq's
+/// command-line clients, `tests/tests/amqp_clients.rs`).
+const PROGRAMS: [(&str, &str); 9] = [
     ("mosquitto_pub", "mosquitto-clients"),
     ("mosquitto_sub", "mosquitto-clients"),
+    ("amqp-publish", "amqp-tools"),
+    ("amqp-consume", "amqp-tools"),
+    ("amqp-declare-queue", "amqp-tools"),
+    ("amqp-get", "amqp-tools"),
     ("curl", "curl"),
     ("stdbuf", "coreutils"),
     ("python3", "python3"),
@@ -62,8 +73,8 @@ impl<E: std::fmt::Display> From<E> for Failure {
 }
 
 const USAGE: &str = "usage: cargo xtask test [CARGO TEST ARGS…]
-  Installs what the end-to-end tests need when it is missing (mosquitto clients, curl,
-  Python's paho-mqtt and PyYAML), then runs `cargo test --workspace [ARGS…]`.
+  Installs what the end-to-end tests need when it is missing (mosquitto clients, amqp-tools,
+  curl, Python's paho-mqtt, pika and PyYAML), then runs `cargo test --workspace [ARGS…]`.
   XTASK_NO_INSTALL=1: check only, install nothing.";
 
 fn main() -> ExitCode {

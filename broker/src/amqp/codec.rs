@@ -111,7 +111,7 @@ pub fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>, Frame
     frame.truncate(size as usize);
     match kind {
         FRAME_METHOD => match parse_class(&frame[..]) {
-            Ok((rest, class)) if rest.is_empty() => {
+            Ok(([], class)) => {
                 Ok(Some(Frame::Method(channel, Box::new(class))))
             }
             _ => Err(FrameError::BadMethod),
@@ -135,7 +135,7 @@ fn parse_header(payload: &[u8]) -> Result<ContentHeader, FrameError> {
     let mut size = [0u8; 8];
     size.copy_from_slice(fixed.get(4..12).ok_or(FrameError::BadHeader)?);
     match amq_protocol::protocol::basic::parse_properties(properties) {
-        Ok((rest, properties)) if rest.is_empty() => Ok(ContentHeader {
+        Ok(([], properties)) => Ok(ContentHeader {
             class_id,
             body_size: u64::from_be_bytes(size),
             properties,

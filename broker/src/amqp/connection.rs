@@ -41,7 +41,7 @@ use crate::amqp::handshake::{Negotiated, printable};
 use crate::amqp::mapping;
 use crate::amqp::reply::{self, *};
 use crate::core::identity::ReauthRefusal;
-use crate::core::message::Origin;
+use crate::core::message::{Delivery, Origin};
 use crate::core::session::Protocol;
 use crate::core::{
     Client, Core, Outcome, Pending, REPLY_PREFIX, ReplyTo, SessionRequest, Told, Verdict,
@@ -140,7 +140,15 @@ struct Unacked {
     consumer: Option<Arc<str>>,
     /// Its identifier in the queue's session (QoS 1); a QoS 0 delivery is gone once sent.
     packet_id: Option<NonZeroU16>,
+    /// A QoS 0 (transient) delivery that awaits an acknowledgement: the session forgot it
+    /// once sent, so a requeue (`nack`/`reject`, or its channel ending) puts this copy back
+    /// at the end of the queue — RabbitMQ requeues transient messages too.
+    transient: Option<Box<Delivery>>,
 }
+
+/// `queue.declare` of a name this connection cannot take (405, as RabbitMQ answers for an
+/// exclusive queue of another connection).
+const RESOURCE_LOCKED: u16 = 405;
 
 #[derive(Debug)]
 struct Consumer {
@@ -538,12 +546,15 @@ impl Conn {
     }
 
     fn requeue(&self, delivery: &Unacked) {
-        if let (Some(packet_id), Some(queue)) = (
-            delivery.packet_id,
-            self.queues.iter().find(|q| q.name == delivery.queue),
-        ) {
+        let Some(queue) = self.queues.iter().find(|q| q.name == delivery.queue) else {
+            return;
+        };
+        if let Some(packet_id) = delivery.packet_id {
             queue.client.session.lock().requeue(packet_id);
             queue.client.session.wake.notify_one();
+        } else if let Some(transient) = &delivery.transient {
+            let session = &queue.client.session;
+            let _ = session.enqueue(session.lock(), (**transient).clone(), &self.core.metrics);
         }
     }
 
@@ -778,10 +789,10 @@ impl Conn {
                     mapping::binding_to_filter(unbind.routing_key.as_str()).map_err(|e| {
                         channel_error(PRECONDITION_FAILED, format!("PRECONDITION_FAILED - {e}"))
                     })?;
-                if let Some(queue) = self.queues.get_mut(index) {
-                    if self.core.unsubscribe(&queue.client, &filter, false) {
-                        queue.bindings = queue.bindings.saturating_sub(1);
-                    }
+                if let Some(queue) = self.queues.get_mut(index)
+                    && self.core.unsubscribe(&queue.client, &filter, false)
+                {
+                    queue.bindings = queue.bindings.saturating_sub(1);
                 }
                 let mut out = Vec::new();
                 reply::method(
@@ -907,6 +918,17 @@ impl Conn {
                 ),
             ));
         }
+        if requested == &*self.client.session.client_id {
+            // A queue is a session named by its queue name: this one would take over the
+            // connection's own session and end the connection.
+            return Err(channel_error(
+                RESOURCE_LOCKED,
+                format!(
+                    "RESOURCE_LOCKED - queue name {} is this connection's client ID",
+                    printable(requested)
+                ),
+            ));
+        }
         if self.queues.len() >= limits::MAX_QUEUES {
             return Err(channel_error(
                 PRECONDITION_FAILED,
@@ -928,6 +950,20 @@ impl Conn {
             Arc::from(requested)
         };
         let durable = declare.durable && !declare.exclusive && !declare.auto_delete;
+        self.adopt(name, durable)?;
+        let index = self.queues.len() - 1;
+        let reply = self.declare_ok(index);
+        if !declare.nowait {
+            let mut out = Vec::new();
+            reply::method(&mut out, id, reply);
+            self.reply_when_saved(index, id, out);
+        }
+        Ok(())
+    }
+
+    /// Attaches this connection to the session of queue `name` (a clean one unless
+    /// `durable`; a durable one resumed with its bindings and queued messages).
+    fn adopt(&mut self, name: Arc<str>, durable: bool) -> Result<usize, Failure> {
         let mut identity = self.client.identity.clone();
         identity.client_id = name.clone();
         let attached = self
@@ -954,20 +990,53 @@ impl Conn {
             state.subscriptions.len()
         };
         self.queues.push(Queue {
-            name: name.clone(),
+            name,
             client,
             durable,
             reply: None,
             bindings,
         });
-        let index = self.queues.len() - 1;
-        let reply = self.declare_ok(index);
-        if !declare.nowait {
-            let mut out = Vec::new();
-            reply::method(&mut out, id, reply);
-            self.reply_when_saved(index, id, out);
+        Ok(self.queues.len() - 1)
+    }
+
+    /// The queue `name` for `basic.get`, `basic.consume` or `queue.bind`: one this connection
+    /// declared, or a durable queue no connection holds now (adopted, as RabbitMQ's durable
+    /// queues exist apart from their connections). A durable queue another connection holds is
+    /// 405 RESOURCE_LOCKED (taking it over is what `queue.declare` does); anything else 404.
+    fn queue_for(&mut self, name: &str) -> Result<usize, Failure> {
+        if let Some(index) = self.queue_index(name) {
+            return Ok(index);
         }
-        Ok(())
+        let session = self.client.space.sessions().get(name).cloned();
+        let Some(session) = session else {
+            return Err(Self::no_queue(name));
+        };
+        let (held, durable) = {
+            let state = session.lock();
+            (state.link.is_some(), state.expiry_interval > 0)
+        };
+        if !durable {
+            return Err(Self::no_queue(name));
+        }
+        if held {
+            return Err(channel_error(
+                RESOURCE_LOCKED,
+                format!(
+                    "RESOURCE_LOCKED - queue {} in vhost '/' is in use by another connection",
+                    printable(name)
+                ),
+            ));
+        }
+        if self.queues.len() >= limits::MAX_QUEUES {
+            return Err(channel_error(
+                PRECONDITION_FAILED,
+                format!(
+                    "PRECONDITION_FAILED - a connection may use at most {} queues",
+                    limits::MAX_QUEUES
+                ),
+            ));
+        }
+        self.adopt(Arc::from(name), true)
     }
 
     fn declare_ok(&self, index: usize) -> AMQPClass {
@@ -1010,9 +1079,6 @@ impl Conn {
 
     fn queue_bind(&mut self, id: u16, bind: &queue::Bind) -> Handled {
         check_topic_exchange(bind.exchange.as_str())?;
-        let index = self
-            .queue_index(bind.queue.as_str())
-            .ok_or_else(|| Self::no_queue(bind.queue.as_str()))?;
         let key = bind.routing_key.as_str();
         let filter = mapping::binding_to_filter(key).map_err(|e| {
             channel_error(PRECONDITION_FAILED, format!("PRECONDITION_FAILED - {e}"))
@@ -1026,10 +1092,18 @@ impl Conn {
                 ),
             ));
         }
+        let index = self.queue_for(bind.queue.as_str())?;
         let Some(queue) = self.queues.get_mut(index) else {
             return Err(Self::no_queue(bind.queue.as_str()));
         };
-        if queue.bindings >= limits::MAX_BINDINGS {
+        let existed = queue
+            .client
+            .session
+            .lock()
+            .subscriptions
+            .contains_key(filter.as_str());
+        // Binding a key the queue has is no new binding (idempotent, as in RabbitMQ).
+        if !existed && queue.bindings >= limits::MAX_BINDINGS {
             return Err(channel_error(
                 PRECONDITION_FAILED,
                 format!(
@@ -1038,12 +1112,6 @@ impl Conn {
                 ),
             ));
         }
-        let existed = queue
-            .client
-            .session
-            .lock()
-            .subscriptions
-            .contains_key(filter.as_str());
         let options = SubscriptionOptions::qos(QoS::AtLeastOnce);
         if self
             .core
@@ -1186,9 +1254,10 @@ impl Conn {
 
     fn consume(&mut self, index: usize, consume: &basic::Consume) -> Handled {
         let queue_name = consume.queue.as_str();
+        let index_of_queue = self.queue_for(queue_name)?;
         let queue = self
-            .queue_index(queue_name)
-            .and_then(|i| self.queues.get(i))
+            .queues
+            .get(index_of_queue)
             .ok_or_else(|| Self::no_queue(queue_name))?;
         let queue_name = queue.name.clone();
         let Some(channel) = self.channels.get_mut(index) else {
@@ -1246,9 +1315,7 @@ impl Conn {
     }
 
     fn get(&mut self, index: usize, get: &basic::Get) -> Handled {
-        let queue_index = self
-            .queue_index(get.queue.as_str())
-            .ok_or_else(|| Self::no_queue(get.queue.as_str()))?;
+        let queue_index = self.queue_for(get.queue.as_str())?;
         let Conn {
             channels,
             queues,
@@ -1286,10 +1353,12 @@ impl Conn {
                 &delivery.message.payload,
                 *frame_max,
             );
-            sent = Some((tag, qos.packet_id()));
+            let transient =
+                (!get.no_ack && qos.packet_id().is_none()).then(|| Box::new(delivery.clone()));
+            sent = Some((tag, qos.packet_id(), transient));
             true
         });
-        if let Some((tag, packet_id)) = sent {
+        if let Some((tag, packet_id, transient)) = sent {
             core.metrics.messages_delivered.inc();
             if get.no_ack {
                 if let Some(packet_id) = packet_id {
@@ -1301,6 +1370,7 @@ impl Conn {
                     queue: queue.name.clone(),
                     consumer: None,
                     packet_id,
+                    transient,
                 });
             }
         } else {
@@ -1338,10 +1408,10 @@ impl Conn {
                     taken.push(u);
                 }
             }
-        } else if let Some(i) = channel.unacked.iter().position(|u| u.tag == tag) {
-            if let Some(u) = channel.unacked.remove(i) {
-                taken.push(u);
-            }
+        } else if let Some(i) = channel.unacked.iter().position(|u| u.tag == tag)
+            && let Some(u) = channel.unacked.remove(i)
+        {
+            taken.push(u);
         }
         if taken.is_empty() && !(multiple && tag == 0) {
             return Err(channel_error(
@@ -1681,6 +1751,10 @@ impl Conn {
                                 queue: queue.name.clone(),
                                 consumer: Some(consumer.tag.clone()),
                                 packet_id: qos.packet_id(),
+                                transient: qos
+                                    .packet_id()
+                                    .is_none()
+                                    .then(|| Box::new(delivery.clone())),
                             });
                         }
                         true

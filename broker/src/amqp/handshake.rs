@@ -398,12 +398,10 @@ mod tests {
             "PASSWORD".into(),
             AMQPValue::LongString(b"pw".to_vec().into()),
         );
-        let mut encoded = Vec::new();
-        let ctx = amq_protocol::types::generation::gen_field_table(&table)(
-            amq_protocol::frame::WriteContext::from(&mut encoded),
-        )
-        .unwrap();
-        let _ = ctx;
+        let (encoded, _) =
+            amq_protocol::types::generation::gen_field_table(&table)(Vec::new().into())
+                .unwrap()
+                .into_inner();
         // Without the 4-byte length, as AMQPLAIN sends it.
         let amqplain = start_ok("AMQPLAIN", encoded[4..].to_vec());
         assert_eq!(

@@ -302,7 +302,13 @@ impl Core {
             Err(error) => {
                 let reply = default_reply(client, reply, &parsed, None);
                 let answer = Envelope::error(parsed.ditto_topic().as_ref(), &error, None);
-                answer_requester(&client.space, &client.session, &reply, &answer, &self.metrics);
+                answer_requester(
+                    &client.space,
+                    &client.session,
+                    &reply,
+                    &answer,
+                    &self.metrics,
+                );
                 return Outcome::Now(Told::new(Verdict::BadPayload, error.message));
             }
         };
@@ -474,7 +480,13 @@ impl Core {
                                 &error,
                                 message.headers.correlation_id.as_deref(),
                             );
-                            answer_requester(&client.space, &client.session, &reply, &answer, &self.metrics);
+                            answer_requester(
+                                &client.space,
+                                &client.session,
+                                &reply,
+                                &answer,
+                                &self.metrics,
+                            );
                         }
                         client.space.denied(&self.metrics, "message");
                         tracing::debug!(
@@ -548,7 +560,13 @@ impl Core {
                         "command denied"
                     );
                 }
-                answer_requester(&client.space, &client.session, &reply, &answer, &self.metrics);
+                answer_requester(
+                    &client.space,
+                    &client.session,
+                    &reply,
+                    &answer,
+                    &self.metrics,
+                );
                 let verdict = match (denied, status) {
                     (true, _) => Verdict::NotAuthorized,
                     (false, s) if s >= 400 => Verdict::Failed,
