@@ -111,9 +111,7 @@ pub fn decode(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>, Frame
     frame.truncate(size as usize);
     match kind {
         FRAME_METHOD => match parse_class(&frame[..]) {
-            Ok(([], class)) => {
-                Ok(Some(Frame::Method(channel, Box::new(class))))
-            }
+            Ok(([], class)) => Ok(Some(Frame::Method(channel, Box::new(class)))),
             _ => Err(FrameError::BadMethod),
         },
         FRAME_HEADER => parse_header(&frame).map(|h| Some(Frame::Header(channel, Box::new(h)))),

@@ -554,7 +554,8 @@ impl Conn {
             queue.client.session.wake.notify_one();
         } else if let Some(transient) = &delivery.transient {
             let session = &queue.client.session;
-            let _ = session.enqueue(session.lock(), (**transient).clone(), &self.core.metrics);
+            session.lock().requeue_delivery((**transient).clone());
+            session.wake.notify_one();
         }
     }
 
@@ -914,6 +915,25 @@ impl Conn {
                 ACCESS_REFUSED,
                 format!(
                     "ACCESS_REFUSED - queue name {} contains reserved prefix 'amq.*'",
+                    printable(requested)
+                ),
+            ));
+        }
+        let held = self
+            .client
+            .space
+            .sessions()
+            .get(requested)
+            .cloned()
+            .is_some_and(|session| session.lock().link.is_some());
+        if held && !requested.is_empty() {
+            // Held by another connection (or by an MQTT client with this client ID): RabbitMQ
+            // answers a second exclusive declaration so; taking the queue over would cancel
+            // the other side's consumers.
+            return Err(channel_error(
+                RESOURCE_LOCKED,
+                format!(
+                    "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue {} in vhost '/'",
                     printable(requested)
                 ),
             ));
@@ -1346,7 +1366,7 @@ impl Conn {
                     message_count: remaining,
                 },
                 tag,
-                false,
+                delivery.redelivered,
                 exchange,
                 &key,
                 &mapping::outgoing(delivery, now),
@@ -1733,7 +1753,7 @@ impl Conn {
                                 consumer_tag: &consumer.tag,
                             },
                             tag,
-                            false,
+                            delivery.redelivered,
                             exchange,
                             &key,
                             &mapping::outgoing(delivery, now),

@@ -30,7 +30,16 @@ use crate::mqtt::admission::{Admission, HandshakeSlot};
 use crate::mqtt::transport::Transport;
 
 /// What a refused login is told (RabbitMQ's words: nothing about why).
-const REFUSED: &str = "ACCESS_REFUSED - Login was refused using authentication mechanism PLAIN. For details see the broker logfile.";
+fn refused(mechanism: &str) -> String {
+    let mechanism = if mechanism == "AMQPLAIN" {
+        "AMQPLAIN"
+    } else {
+        "PLAIN"
+    };
+    format!(
+        "ACCESS_REFUSED - Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."
+    )
+}
 
 /// Runs the handshake within the connect timeout: the connection, ready for its main loop, or
 /// `None` (refused, closed or timed out; the client was told where the protocol allows).
@@ -125,7 +134,12 @@ async fn negotiate(
     };
     let Some((username, password)) = login(&start_ok) else {
         core.metrics.refused("bad_sasl_response");
-        return Err(Failure::Refuse(403, REFUSED.to_owned(), 10, 11));
+        return Err(Failure::Refuse(
+            403,
+            refused(start_ok.mechanism.as_str()),
+            10,
+            11,
+        ));
     };
     let api_token = property_text(&start_ok.client_properties, API_TOKEN_PROPERTY);
     let client_id = match property_text(&start_ok.client_properties, "client_id") {
@@ -147,7 +161,14 @@ async fn negotiate(
     };
     let identity = match core.authenticate(&credentials, peer.ip()).await {
         Ok(identity) => identity,
-        Err(_) => return Err(Failure::Refuse(403, REFUSED.to_owned(), 10, 11)),
+        Err(_) => {
+            return Err(Failure::Refuse(
+                403,
+                refused(start_ok.mechanism.as_str()),
+                10,
+                11,
+            ));
+        }
     };
     let Some(slot) = admission.connection() else {
         core.metrics.refused("server_busy");
@@ -211,7 +232,12 @@ async fn negotiate(
     if let Some(at) = identity.expires_at
         && at <= std::time::SystemTime::now()
     {
-        return Err(Failure::Refuse(403, REFUSED.to_owned(), 10, 40));
+        return Err(Failure::Refuse(
+            403,
+            refused(start_ok.mechanism.as_str()),
+            10,
+            40,
+        ));
     }
     let attached = core
         .attach(

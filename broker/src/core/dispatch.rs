@@ -129,6 +129,7 @@ impl Judged<'_> {
                     retain,
                     subscription_ids: target.subscription_ids,
                     stored: None,
+                    redelivered: false,
                 });
             }
             Judged::Event {
@@ -189,6 +190,7 @@ impl Judged<'_> {
             retain: false,
             subscription_ids: target.subscription_ids,
             stored: None,
+            redelivered: false,
         })
     }
 }

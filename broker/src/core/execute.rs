@@ -530,6 +530,7 @@ impl Core {
             retain: false,
             subscription_ids: Vec::new(),
             stored: None,
+            redelivered: false,
         };
         waiting.enqueue(waiting.lock(), delivery, &self.metrics);
         Outcome::Now(Told::accepted())
@@ -721,6 +722,7 @@ fn answer_requester(
         subscription_ids: Vec::new(),
         message,
         stored: None,
+        redelivered: false,
     };
     metrics.core_out.answer.inc();
     session.enqueue(session.lock(), delivery, metrics);

@@ -107,6 +107,8 @@ pub struct Delivery {
     /// The sequence number of its journal record, for a QoS 1/2 delivery queued for a
     /// persistent session (`crate::core::sessions`).
     pub stored: Option<u64>,
+    /// It was sent before and came back unacknowledged (AMQP `redelivered`).
+    pub redelivered: bool,
 }
 
 /// What happened to a delivery offered to a session.

@@ -503,7 +503,8 @@ impl SessionState {
             return false;
         };
         match self.inflight.remove(i) {
-            Some(entry) => {
+            Some(mut entry) => {
+                entry.delivery.redelivered = true;
                 self.queue.push_front(entry.delivery);
                 true
             }
@@ -514,9 +515,17 @@ impl SessionState {
     /// Everything in flight goes back to the front of the queue, in order (the consumer that
     /// had it went away without acknowledging: AMQP requeues unacknowledged deliveries).
     pub fn requeue_inflight(&mut self) {
-        while let Some(entry) = self.inflight.pop_back() {
+        while let Some(mut entry) = self.inflight.pop_back() {
+            entry.delivery.redelivered = true;
             self.queue.push_front(entry.delivery);
         }
+    }
+
+    /// A delivery the session no longer held (sent at QoS 0) comes back unacknowledged: to the
+    /// front of the queue, marked redelivered (AMQP requeues transient messages too).
+    pub fn requeue_delivery(&mut self, mut delivery: Delivery) {
+        delivery.redelivered = true;
+        self.queue.push_front(delivery);
     }
 
     /// How many messages wait in the queue (not in flight).

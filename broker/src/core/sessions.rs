@@ -160,6 +160,7 @@ fn queued_delivery(doc: &Value, seq: u64) -> Option<Delivery> {
             })
             .unwrap_or_default(),
         stored: Some(seq),
+        redelivered: false,
     })
 }
 
@@ -469,6 +470,7 @@ mod tests {
             retain: false,
             subscription_ids: Vec::new(),
             stored: None,
+            redelivered: false,
         };
         // Client IDs may hold `/`: `a/b` is not a part of `a`.
         let (a, ab) = (session("a"), session("a/b"));
