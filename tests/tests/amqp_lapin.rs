@@ -2200,3 +2200,28 @@ async fn a_queue_another_connection_holds_is_locked_and_a_durable_one_is_resumed
     let delivery = next(&mut consumer, "a message through the resumed binding").await;
     assert_eq!(delivery.data, b"two");
 }
+
+/// SIGTERM: every AMQP connection is told `connection.close` 320 CONNECTION_FORCED (a
+/// consumer sees it as its stream's error), and the server exits 0 within its grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_amqp_connections_with_320() {
+    let mut broker = new_broker();
+    let solution = broker.create_solution(NS);
+    let (addr, _api) = launch(&mut broker);
+    let connection = with_secret(addr, &solution, "until-shutdown").await;
+    let channel = connection.create_channel().await.unwrap();
+    let (_, mut consumer) = consume(&channel, &["anything.#"], true).await;
+    let stopping = std::thread::spawn(move || broker.stop());
+    let ended = tokio::time::timeout(STEP, consumer.next())
+        .await
+        .expect("the consumer did not end within the shutdown");
+    let error = match ended {
+        Some(Err(e)) => e,
+        other => panic!("expected the connection's close as an error, got {other:?}"),
+    };
+    let (code, text) = amqp_error(&error);
+    assert_eq!(code, 320, "CONNECTION_FORCED: {text}");
+    assert!(text.contains("shutdown"), "{text}");
+    let status = stopping.join().unwrap();
+    assert!(status.success(), "{status:?}");
+}
