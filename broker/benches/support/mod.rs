@@ -6,6 +6,7 @@ use std::process::{Child, Command};
 use broker::mqtt::codec::Utf8Str;
 use bytes::Bytes;
 
+#[allow(dead_code, reason = "not every benchmark speaks MQTT")]
 pub fn utf8(text: &str) -> Utf8Str {
     Utf8Str::new(Bytes::copy_from_slice(text.as_bytes())).unwrap()
 }
