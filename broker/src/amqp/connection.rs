@@ -55,24 +55,32 @@ use crate::mqtt::transport::Transport;
 const SMALL_READ: usize = 512;
 
 /// Serves one accepted socket until it closes. The handshake and the ending run boxed, so
-/// an idle connection's task holds only the connection and its main loop's small future.
-pub async fn serve(
+/// an idle connection's task holds only the connection and its main loop's small future; not
+/// an `async fn`, whose arguments would stay in the task for the connection's whole life
+/// (they go into the boxed handshake).
+pub fn serve(
     core: Arc<Core>,
     io: Transport,
     peer: SocketAddr,
     slot: HandshakeSlot,
     admission: Arc<Admission>,
-) {
-    core.metrics.connections_active.inc();
-    if let Some(mut conn) = Box::pin(crate::amqp::handshake::open(
-        &core, io, peer, slot, &admission,
-    ))
-    .await
-    {
-        let ending = conn.run().await;
-        Box::pin(conn.finish(ending)).await;
+    done: tokio::sync::mpsc::Sender<()>,
+) -> impl Future<Output = ()> + Send {
+    let metrics = core.metrics.clone();
+    metrics.connections_active.inc();
+    let handshake =
+        Box::pin(
+            async move { crate::amqp::handshake::open(&core, io, peer, slot, &admission).await },
+        );
+    async move {
+        // Held until the connection is over: the server's shutdown waits for every sender.
+        let _done = done;
+        if let Some(mut conn) = handshake.await {
+            let ending = conn.run().await;
+            Box::pin(conn.finish(ending)).await;
+        }
+        metrics.connections_active.dec();
     }
-    core.metrics.connections_active.dec();
 }
 
 /// Why the main loop ended.
@@ -237,19 +245,22 @@ pub(crate) struct Conn {
     io: Transport,
     rbuf: BytesMut,
     wbuf: Vec<u8>,
-    peer: SocketAddr,
     /// The connection's own session: it publishes, and answers that name no queue land here
     /// (and are dropped, counted).
     client: Client,
     frame_max: u32,
     channel_max: u16,
-    heartbeat: Option<Duration>,
-    last_read: Instant,
-    last_write: Instant,
+    /// The negotiated heartbeat interval in seconds (0: none).
+    heartbeat: u16,
+    /// When bytes last came in and went out ([`clock_ms`]; wrapping).
+    last_read: u32,
+    last_write: u32,
     channels: Vec<Channel>,
     queues: Vec<Queue>,
     confirming: Vec<Confirming>,
     wait: Option<Box<Wait>>,
+    /// Heartbeats and token expiry (`arm_timer`).
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
     _slot: ConnectionSlot,
 }
 
@@ -265,16 +276,14 @@ impl Conn {
         core: Arc<Core>,
         io: Transport,
         rbuf: BytesMut,
-        peer: SocketAddr,
         negotiated: Negotiated,
     ) -> Self {
-        let now = Instant::now();
+        let now = clock_ms();
         Conn {
             core,
             io,
             rbuf,
             wbuf: Vec::new(),
-            peer,
             client: negotiated.client,
             frame_max: negotiated.frame_max,
             channel_max: negotiated.channel_max,
@@ -285,13 +294,13 @@ impl Conn {
             queues: Vec::new(),
             confirming: Vec::new(),
             wait: None,
+            timer: None,
             _slot: negotiated.slot,
         }
     }
 
     /// The main loop; returns why it ended.
     async fn run(&mut self) -> Ending {
-        let mut shutdown = self.core.shutdown.clone();
         loop {
             if let Some(wait) = self.wait.take()
                 && let Err(ending) = Box::pin(self.settle(*wait)).await
@@ -306,7 +315,7 @@ impl Conn {
                 if self.io.write_all(&self.wbuf).await.is_err() {
                     return Ending::Gone;
                 }
-                self.last_write = Instant::now();
+                self.last_write = clock_ms();
                 self.wbuf.clear();
                 if self.wbuf.capacity() > 64 * 1024 {
                     self.wbuf = Vec::new();
@@ -315,7 +324,7 @@ impl Conn {
             if self.wait.is_some() {
                 continue;
             }
-            let deadline = self.deadline();
+            self.arm_timer();
             let reading = self.confirming.len() < usize::from(self.core.settings.receive_maximum);
             let Conn {
                 io,
@@ -324,26 +333,30 @@ impl Conn {
                 queues,
                 confirming,
                 core,
+                timer,
                 ..
             } = self;
             tokio::select! {
-                read = io.read_into(rbuf), if reading => match read {
+                read = std::future::poll_fn(|cx| poll_read(io, cx, rbuf)), if reading => match read {
                     Ok(0) | Err(_) => return Ending::Gone,
-                    Ok(n) => {
-                        self.last_read = Instant::now();
-                        let _ = n;
-                    }
+                    Ok(_) => self.last_read = clock_ms(),
                 },
                 woken = woken(client, queues) => match woken {
                     Woken::Queued => {}
+                    Woken::Kicked(_) if *self.core.shutdown.borrow() => {
+                        return Ending::close(CONNECTION_FORCED, "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'");
+                    }
                     Woken::Kicked(None) => return self.kicked(),
                     Woken::Kicked(Some(i)) => self.queue_taken_over(i),
                 },
-                (i, told) = confirmed(confirming, core, client) => self.confirm(i, &told),
-                _ = shutdown.changed() => {
-                    return Ending::close(CONNECTION_FORCED, "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'");
+                (i, told) = confirmed(confirming, core, client), if !confirming.is_empty() => {
+                    self.confirm(i, &told);
                 }
-                () = sleep_until(deadline.into()) => {
+                () = std::future::poll_fn(|cx| match timer {
+                    Some(sleep) => sleep.as_mut().poll(cx),
+                    None => Poll::Pending,
+                }) => {
+                    self.timer = None;
                     if let Some(ending) = self.on_timer() {
                         return ending;
                     }
@@ -359,26 +372,48 @@ impl Conn {
         }
     }
 
-    /// The earliest of: a heartbeat to send, a heartbeat missed, the token's expiry.
-    fn deadline(&self) -> Instant {
-        let far = Instant::now() + Duration::from_secs(3600);
-        let mut deadline = far;
-        if let Some(beat) = self.heartbeat {
-            deadline = deadline
-                .min(self.last_write + beat / 2)
-                .min(self.last_read + beat * 2);
-        }
-        if let Some(at) = self.client.identity.expires_at {
+    fn heartbeat(&self) -> Option<Duration> {
+        (self.heartbeat > 0).then(|| Duration::from_secs(u64::from(self.heartbeat)))
+    }
+
+    /// The earliest of: a heartbeat to send, a heartbeat missed, the token's expiry; `None`
+    /// without heartbeats and token.
+    fn deadline(&self) -> Option<Instant> {
+        let beat = self.heartbeat().map(|beat| {
+            let now = Instant::now();
+            let send = (beat / 2).saturating_sub(since(self.last_write));
+            let missed = (beat * 2).saturating_sub(since(self.last_read));
+            now + send.min(missed)
+        });
+        let expiry = self.client.identity.expires_at.map(|at| {
             let left = at
                 .duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO);
-            deadline = deadline.min(Instant::now() + left);
+            Instant::now() + left
+        });
+        match (beat, expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
-        deadline
+    }
+
+    /// Sets the timer to the next deadline. A timer already set to fire earlier is kept (it
+    /// fires, finds nothing due, and is set again): no timer change per pass of the loop.
+    /// Only a connection with heartbeats or a token has one (an idle connection without them
+    /// holds none).
+    fn arm_timer(&mut self) {
+        let Some(at) = self.deadline() else {
+            self.timer = None;
+            return;
+        };
+        match &mut self.timer {
+            Some(sleep) if sleep.deadline() <= at.into() => {}
+            Some(sleep) => sleep.as_mut().reset(at.into()),
+            None => self.timer = Some(Box::pin(sleep_until(at.into()))),
+        }
     }
 
     fn on_timer(&mut self) -> Option<Ending> {
-        let now = Instant::now();
         if let Some(at) = self.client.identity.expires_at
             && at <= SystemTime::now()
         {
@@ -387,13 +422,13 @@ impl Conn {
                 "CONNECTION_FORCED - token expired",
             ));
         }
-        if let Some(beat) = self.heartbeat {
-            if now >= self.last_read + beat * 2 {
-                tracing::debug!(peer = %self.peer, "AMQP heartbeat missed");
+        if let Some(beat) = self.heartbeat() {
+            if since(self.last_read) >= beat * 2 {
+                tracing::debug!("AMQP heartbeat missed");
                 self.core.metrics.protocol_error("amqp_heartbeat_missed");
                 return Some(Ending::Gone);
             }
-            if now >= self.last_write + beat / 2 {
+            if since(self.last_write) >= beat / 2 {
                 codec::write_heartbeat(&mut self.wbuf);
             }
         }
@@ -467,7 +502,7 @@ impl Conn {
                 Ok(None) => return Ok(()),
                 Err(e) => {
                     self.core.metrics.protocol_error("amqp_bad_frame");
-                    tracing::debug!(peer = %self.peer, error = %e, "malformed AMQP frame");
+                    tracing::debug!(error = %e, "malformed AMQP frame");
                     let name = if e.reply_code() == FRAME_ERROR {
                         "FRAME_ERROR"
                     } else {
@@ -516,7 +551,7 @@ impl Conn {
                     .map(|c| (c.get_amqp_class_id(), c.get_amqp_method_id()))
                     .unwrap_or((60, 40));
                 reply::channel_close(&mut self.wbuf, id, code, &text, class_id, method_id);
-                tracing::debug!(peer = %self.peer, channel = id, code, text, "AMQP channel closed");
+                tracing::debug!(channel = id, code, text, "AMQP channel closed");
                 self.end_channel(id, true);
                 Ok(())
             }
@@ -563,7 +598,6 @@ impl Conn {
         match class {
             AMQPClass::Connection(connection::AMQPMethod::Close(close)) => {
                 tracing::debug!(
-                    peer = %self.peer,
                     code = close.reply_code,
                     "AMQP connection closed by the client"
                 );
@@ -1585,7 +1619,7 @@ impl Conn {
         let topic = match mapping::key_to_topic(&routing_key).parse::<TopicName>() {
             Ok(topic) => topic,
             Err(_) => {
-                tracing::debug!(peer = %self.peer, "AMQP publish with a routing key that is no MQTT topic");
+                tracing::debug!("AMQP publish with a routing key that is no MQTT topic");
                 self.settle_publish(
                     id,
                     tag,
@@ -1651,7 +1685,7 @@ impl Conn {
     /// confirms): `basic.ack` when accepted, `basic.nack` otherwise.
     fn settle_publish(&mut self, id: u16, tag: Option<u64>, told: &Told) {
         if told.verdict != Verdict::Accepted {
-            tracing::debug!(peer = %self.peer, verdict = ?told.verdict, reason = told.reason.as_deref().unwrap_or(""), "AMQP publish not accepted");
+            tracing::debug!(verdict = ?told.verdict, reason = told.reason.as_deref().unwrap_or(""), "AMQP publish not accepted");
         }
         let Some(tag) = tag else {
             return;
@@ -1890,7 +1924,7 @@ impl Conn {
     async fn finish(mut self: Box<Self>, ending: Ending) {
         match &ending {
             Ending::Close(code, text, class, method) => {
-                tracing::debug!(peer = %self.peer, code, text, "closing the AMQP connection");
+                tracing::debug!(code, text, "closing the AMQP connection");
                 reply::connection_close(&mut self.wbuf, *code, text, *class, *method);
             }
             Ending::ClientClosed | Ending::Gone => {}
@@ -1953,6 +1987,19 @@ impl Conn {
     }
 }
 
+/// Milliseconds on a process-wide clock, wrapping after 49 days: 4 bytes per timestamp of an
+/// idle connection instead of an `Instant`'s 16 (only differences under two heartbeat
+/// intervals are taken).
+fn clock_ms() -> u32 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u32
+}
+
+/// How long ago `ms` ([`clock_ms`]) was.
+fn since(ms: u32) -> Duration {
+    Duration::from_millis(u64::from(clock_ms().wrapping_sub(ms)))
+}
+
 /// A prefetch count as a window (0: none, capped by [`limits::MAX_UNACKED`]).
 fn window(prefetch: u16) -> usize {
     match prefetch {
@@ -1993,16 +2040,20 @@ fn check_topic_exchange(name: &str) -> Result<(), Failure> {
 
 /// Completes when something was queued in one of the connection's sessions, or one of their
 /// links was kicked (takeover, revocation).
+///
+/// The connection's own session is not waited on: nothing consumes there (`deliver` drops
+/// what arrived on its next pass). A connection without queues waits on its link alone, with
+/// no allocation.
 async fn woken(client: &Client, queues: &[Queue]) -> Woken {
+    if queues.is_empty() {
+        client.link.kick.notified().await;
+        return Woken::Kicked(None);
+    }
     let mut waits: Vec<Pin<Box<dyn Future<Output = Woken> + Send + '_>>> =
-        Vec::with_capacity(2 + queues.len() * 2);
+        Vec::with_capacity(1 + queues.len() * 2);
     waits.push(Box::pin(async move {
         client.link.kick.notified().await;
         Woken::Kicked(None)
-    }));
-    waits.push(Box::pin(async move {
-        client.session.wake.notified().await;
-        Woken::Queued
     }));
     for (i, queue) in queues.iter().enumerate() {
         waits.push(Box::pin(async move {
@@ -2015,6 +2066,48 @@ async fn woken(client: &Client, queues: &[Queue]) -> Woken {
         }));
     }
     select_all(waits).await.0
+}
+
+/// Reads what is available into `buf` without a future of its own (TCP: readiness, then a
+/// non-blocking read that reserves buffer space only once there is something to read; TLS:
+/// `AsyncRead` through a stack buffer), so an idle connection's wait holds no read state.
+fn poll_read(
+    io: &mut Transport,
+    cx: &mut std::task::Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<std::io::Result<usize>> {
+    match io {
+        Transport::Tcp(stream) => loop {
+            std::task::ready!(stream.poll_read_ready(cx))?;
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(4096);
+            }
+            match stream.try_read_buf(buf) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    // Readiness was stale: give the space back before waiting again.
+                    if buf.is_empty() {
+                        *buf = BytesMut::new();
+                    }
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        },
+        Transport::Tls(stream) => {
+            let mut chunk = [0u8; 4096];
+            let mut read = tokio::io::ReadBuf::new(&mut chunk);
+            std::task::ready!(tokio::io::AsyncRead::poll_read(
+                Pin::new(&mut **stream),
+                cx,
+                &mut read
+            ))?;
+            buf.extend_from_slice(read.filled());
+            Poll::Ready(Ok(read.filled().len()))
+        }
+        Transport::WebSocket(_) => Poll::Ready(Err(std::io::Error::other(
+            "AMQP is not served over WebSockets",
+        ))),
+    }
 }
 
 /// Completes with the first publish whose write is done (its events announced), and what its

@@ -56,13 +56,7 @@ pub(crate) async fn open(
     match result {
         Ok(Ok(negotiated)) => {
             drop(slot);
-            Some(Box::new(Conn::new(
-                core.clone(),
-                io,
-                rbuf,
-                peer,
-                negotiated,
-            )))
+            Some(Box::new(Conn::new(core.clone(), io, rbuf, negotiated)))
         }
         Ok(Err(Failure::Closed)) => None,
         Ok(Err(Failure::Refuse(code, text, class, method))) => {
@@ -87,7 +81,8 @@ pub(crate) struct Negotiated {
     pub client: crate::core::Client,
     pub frame_max: u32,
     pub channel_max: u16,
-    pub heartbeat: Option<Duration>,
+    /// Seconds (0: none).
+    pub heartbeat: u16,
     pub slot: crate::mqtt::admission::ConnectionSlot,
 }
 
@@ -207,8 +202,7 @@ async fn negotiate(
         0 => limits::CHANNEL_MAX,
         n => n.min(limits::CHANNEL_MAX),
     };
-    let heartbeat =
-        (tune_ok.heartbeat > 0).then(|| Duration::from_secs(u64::from(tune_ok.heartbeat)));
+    let heartbeat = tune_ok.heartbeat;
 
     // connection.open (vhost `/`).
     let open = match read_frame(io, rbuf).await? {

@@ -247,6 +247,10 @@ impl Core {
         };
         sessions.insert(client_id, session.clone());
         drop(sessions);
+        if *self.shutdown.borrow() {
+            // Attached after `kick_all` went through this solution's sessions: told at once.
+            link.kick.notify_one();
+        }
         let saved = if expiry > 0 {
             sessions::save(&self.twins.store, &space, &session, None)
         } else {
@@ -265,6 +269,23 @@ impl Core {
             capped_expiry: (expiry != request.expiry_seconds).then_some(expiry),
             saved,
         })
+    }
+
+    /// Server shutdown (the `shutdown` flag is set): every attached client's link is kicked,
+    /// and its connection, seeing the flag, closes as a shutdown. One wake-up per connection
+    /// instead of a shutdown future in every connection's wait (~120 bytes per idle
+    /// connection); a client attaching after this is kicked by `attach`.
+    pub fn kick_all(&self) {
+        for space in self.spaces.all() {
+            let links: Vec<Arc<Link>> = space
+                .sessions()
+                .values()
+                .filter_map(|session| session.lock().link.clone())
+                .collect();
+            for link in links {
+                link.kick.notify_one();
+            }
+        }
     }
 
     /// A client for one request or stream (HTTP, SSE): `identity` with a session of its own

@@ -219,10 +219,16 @@ impl Session {
 /// A session's views of thing and policy policies, one per policy ID: rebuilt when the policy's
 /// revision (its compiled `Enforcer`) changes, a matched subject expires, or the namespace
 /// asked about differs. Bounded: cleared when it reaches [`PolicyViews::MAX`] entries.
+///
+/// The map is allocated at first use: most sessions (plain topics, an idle connection) never
+/// meet a thing policy, and an empty `HashMap` inline is 48 bytes of every session.
 #[derive(Debug, Default)]
 pub struct PolicyViews {
-    map: HashMap<PolicyId, (Box<str>, SubjectView)>,
+    map: Option<Box<ViewsByPolicy>>,
 }
+
+/// Per policy ID: the namespace a view was built for, and the view.
+type ViewsByPolicy = HashMap<PolicyId, (Box<str>, SubjectView)>;
 
 impl PolicyViews {
     pub const MAX: usize = 4096;
@@ -236,8 +242,9 @@ impl PolicyViews {
         subjects: &[String],
         now: Timestamp,
     ) -> &SubjectView {
-        if self.map.len() >= Self::MAX && !self.map.contains_key(policy_id) {
-            self.map.clear();
+        let map = self.map.get_or_insert_with(Box::default);
+        if map.len() >= Self::MAX && !map.contains_key(policy_id) {
+            map.clear();
         }
         let build = || {
             (
@@ -245,7 +252,7 @@ impl PolicyViews {
                 enforcer.for_subjects(subjects, Some(namespace), now),
             )
         };
-        let slot = self.map.entry(policy_id.clone()).or_insert_with(build);
+        let slot = map.entry(policy_id.clone()).or_insert_with(build);
         let fresh = Arc::ptr_eq(slot.1.enforcer(), enforcer)
             && &*slot.0 == namespace
             && slot.1.is_valid_at(now);

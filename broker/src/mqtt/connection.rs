@@ -44,20 +44,30 @@ const SMALL_READ: usize = 512;
 ///
 /// The handshake and the ending run as boxed futures: their large locals (the CONNECT, its
 /// CONNACK) then live on the heap only while they run, and the task of an idle connection
-/// holds just the connection and its small main-loop future.
-pub async fn serve(
+/// holds just the connection and its small main-loop future. Not an `async fn`: its
+/// arguments would stay in the task for the connection's whole life (~130 bytes per idle
+/// connection); they go into the boxed handshake instead.
+pub fn serve(
     core: Arc<Core>,
     io: Transport,
     peer: SocketAddr,
     slot: HandshakeSlot,
-    admission: &Admission,
-) {
-    core.metrics.connections_active.inc();
-    if let Some(mut conn) = Box::pin(handshake::open(&core, io, peer, slot, admission)).await {
-        let close = conn.run().await;
-        Box::pin((*conn).finish(close)).await;
+    admission: Arc<Admission>,
+    done: tokio::sync::mpsc::Sender<()>,
+) -> impl Future<Output = ()> + Send {
+    let metrics = core.metrics.clone();
+    metrics.connections_active.inc();
+    let handshake =
+        Box::pin(async move { handshake::open(&core, io, peer, slot, &admission).await });
+    async move {
+        // Held until the connection is over: the server's shutdown waits for every sender.
+        let _done = done;
+        if let Some(mut conn) = handshake.await {
+            let close = conn.run().await;
+            Box::pin((*conn).finish(close)).await;
+        }
+        metrics.connections_active.dec();
     }
-    core.metrics.connections_active.dec();
 }
 
 /// The span of one connection: its peer, and its client ID and solution once the handshake
@@ -190,7 +200,6 @@ impl Conn {
 
     /// The connection's main loop; returns why it ended.
     async fn run(&mut self) -> Close {
-        let mut shutdown = self.core.shutdown.clone();
         let mut keep_alive_deadline = self.keep_alive_deadline();
         loop {
             self.drain();
@@ -211,14 +220,16 @@ impl Conn {
             let may_read = self.in_order.len() < usize::from(self.core.settings.receive_maximum);
             tokio::select! {
                 biased;
+                // Takeover, revocation and server shutdown (`Core::kick_all`) all kick.
                 _ = link.kick.notified() => {
-                    return if link.revoked.load(std::sync::atomic::Ordering::Acquire) {
+                    return if *self.core.shutdown.borrow() {
+                        Close::ShuttingDown
+                    } else if link.revoked.load(std::sync::atomic::Ordering::Acquire) {
                         Close::CredentialsRevoked
                     } else {
                         Close::TakenOver
                     };
                 }
-                _ = shutdown.changed() => return Close::ShuttingDown,
                 read = self.io.read_into(&mut self.rbuf), if may_read => {
                     match read {
                         Ok(0) => return Close::ClosedByClient,

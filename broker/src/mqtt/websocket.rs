@@ -142,18 +142,17 @@ pub async fn upgrade(
         .max_frame_size(max_message)
         .on_failed_upgrade(move |error| tracing::debug!(%peer, %error, "WebSocket upgrade failed"))
         .on_upgrade(move |socket| async move {
-            let _done = done;
             let transport =
                 Transport::WebSocket(Box::new(WsStream::new(socket, core.metrics.clone())));
             if tracing::enabled!(tracing::Level::DEBUG) {
-                let serve = connection::serve(core, transport, peer, slot, &admission);
+                let serve = connection::serve(core, transport, peer, slot, admission, done);
                 Box::pin(tracing::Instrument::instrument(
                     serve,
                     connection::span(peer),
                 ))
                 .await;
             } else {
-                connection::serve(core, transport, peer, slot, &admission).await;
+                connection::serve(core, transport, peer, slot, admission, done).await;
             }
         }))
 }
