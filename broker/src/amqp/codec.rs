@@ -157,6 +157,18 @@ pub fn write_heartbeat(out: &mut Vec<u8>) {
     out.extend_from_slice(&[FRAME_HEARTBEAT, 0, 0, 0, 0, 0, 0, FRAME_END]);
 }
 
+/// A publisher confirm (`basic.ack`, or `basic.nack` without requeue) of publish `tag`,
+/// written directly: one per confirmed publish, so it is on the hot path.
+pub fn write_confirm(out: &mut Vec<u8>, channel: u16, tag: u64, ack: bool) {
+    let start = begin_frame(out, FRAME_METHOD, channel);
+    out.extend_from_slice(&CLASS_BASIC.to_be_bytes());
+    out.extend_from_slice(&(if ack { 80u16 } else { 120u16 }).to_be_bytes());
+    out.extend_from_slice(&tag.to_be_bytes());
+    // `multiple` (and for a nack `requeue`): off.
+    out.push(0);
+    end_frame(out, start);
+}
+
 /// Where a message delivered to a consumer came from: `basic.deliver` or `basic.get-ok`.
 #[derive(Debug, Clone, Copy)]
 pub enum DeliveryMethod<'a> {
@@ -323,6 +335,37 @@ mod tests {
             decode(&mut BytesMut::from(&garbled[..]), 4096).unwrap_err(),
             FrameError::BadMethod
         );
+    }
+
+    #[test]
+    fn a_confirm_is_what_amq_protocol_reads() {
+        let mut out = Vec::new();
+        write_confirm(&mut out, 7, 123_456_789, true);
+        write_confirm(&mut out, 7, 42, false);
+        let (rest, ack) = parse_frame(&out[..]).unwrap();
+        assert_eq!(
+            ack,
+            AMQPFrame::Method(
+                7,
+                AMQPClass::Basic(basic::AMQPMethod::Ack(basic::Ack {
+                    delivery_tag: 123_456_789,
+                    multiple: false
+                }))
+            )
+        );
+        let (rest, nack) = parse_frame(rest).unwrap();
+        assert_eq!(
+            nack,
+            AMQPFrame::Method(
+                7,
+                AMQPClass::Basic(basic::AMQPMethod::Nack(basic::Nack {
+                    delivery_tag: 42,
+                    multiple: false,
+                    requeue: false
+                }))
+            )
+        );
+        assert!(rest.is_empty());
     }
 
     #[test]

@@ -1693,19 +1693,7 @@ impl Conn {
         if self.channels.iter().all(|c| c.id != id || c.closing) {
             return;
         }
-        let method = if told.verdict == Verdict::Accepted {
-            basic::AMQPMethod::Ack(basic::Ack {
-                delivery_tag: tag,
-                multiple: false,
-            })
-        } else {
-            basic::AMQPMethod::Nack(basic::Nack {
-                delivery_tag: tag,
-                multiple: false,
-                requeue: false,
-            })
-        };
-        reply::method(&mut self.wbuf, id, AMQPClass::Basic(method));
+        codec::write_confirm(&mut self.wbuf, id, tag, told.verdict == Verdict::Accepted);
     }
 
     fn confirm(&mut self, i: usize, told: &Told) {

@@ -108,6 +108,8 @@ pub struct SessionState {
     queue: VecDeque<Delivery>,
     inflight: VecDeque<Inflight>,
     next_packet_id: u16,
+    /// The identifiers in `inflight` increase from front to back (`allocate_packet_id`).
+    inflight_ordered: bool,
     /// QoS 2 packet identifiers received and acknowledged with PUBREC, awaiting PUBREL.
     pub incoming_qos2: Vec<NonZeroU16>,
     /// Seconds the session outlives its connection (0: it ends with it; `u32::MAX`: never).
@@ -153,6 +155,7 @@ impl Session {
                 queue: VecDeque::new(),
                 inflight: VecDeque::new(),
                 next_packet_id: 1,
+                inflight_ordered: true,
                 incoming_qos2: Vec::new(),
                 expiry_interval,
                 journal: None,
@@ -349,6 +352,15 @@ impl SessionState {
         }
         match packet_id {
             Some(packet_id) if !self.inflight.iter().any(|e| e.packet_id == packet_id) => {
+                // Restored in journal order, which need not be the order the identifiers were
+                // allocated in (a requeued delivery is sent again later under a new one).
+                if let Some(back) = self.inflight.back() {
+                    let step = packet_id.get().wrapping_sub(back.packet_id.get());
+                    if step == 0 || step >= 0x8000 {
+                        self.inflight_ordered = false;
+                    }
+                }
+                self.next_packet_id = packet_id.get().checked_add(1).unwrap_or(1);
                 self.inflight.push_back(Inflight {
                     packet_id,
                     delivery,
@@ -474,16 +486,37 @@ impl SessionState {
         }
     }
 
+    /// The next free packet identifier, counting up from the last one (wrapping, skipping 0).
+    ///
+    /// Identifiers allocated here enter `inflight` at the back in the order they were
+    /// allocated, so from front to back they increase (wrapping) and lie within the span from
+    /// the front's to the back's: a candidate outside that span is free without looking at
+    /// the entries — the usual case (a window of 2,048 AMQP deliveries made a linear scan per
+    /// delivery 15% of a consumer's CPU). Inside the span, or when a restart restored entries
+    /// out of that order (`inflight_ordered`), the entries are scanned.
     fn allocate_packet_id(&mut self) -> NonZeroU16 {
+        if self.inflight.is_empty() {
+            self.inflight_ordered = true;
+        }
         loop {
             let id = self.next_packet_id;
             self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
             if let Some(id) = NonZeroU16::new(id)
-                && !self.inflight.iter().any(|e| e.packet_id == id)
+                && !self.in_flight(id)
             {
                 return id;
             }
         }
+    }
+
+    /// Whether `id` is the identifier of a message in flight.
+    fn in_flight(&self, id: NonZeroU16) -> bool {
+        let (Some(front), Some(back)) = (self.inflight.front(), self.inflight.back()) else {
+            return false;
+        };
+        let start = front.packet_id.get();
+        let within = id.get().wrapping_sub(start) <= back.packet_id.get().wrapping_sub(start);
+        (within || !self.inflight_ordered) && self.inflight.iter().any(|e| e.packet_id == id)
     }
 
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2) from the client.
@@ -591,6 +624,100 @@ mod tests {
             }}}))
             .unwrap();
         Arc::new(Enforcer::compile(&policy))
+    }
+
+    /// The identifier allocation's shortcut agrees with a plain scan: random sends, random
+    /// acknowledgements (any order), requeues and a restart's restored entries out of order.
+    #[test]
+    fn allocated_packet_identifiers_are_never_in_flight() {
+        use std::collections::HashSet;
+
+        use super::{Delivery, QoS, Session};
+        use crate::core::message::{Message, Origin};
+        use crate::metrics::Metrics;
+
+        let metrics = Metrics::default();
+        let enforcer = enforcer("s:a");
+        let view = enforcer.for_subjects(&["s:a".to_owned()], None, Timestamp::from_unix_millis(0));
+        let session = Session::new(
+            "c".into(),
+            Arc::from(vec!["s:a".to_owned()]),
+            view,
+            0,
+            100_000,
+        );
+        let delivery = Delivery {
+            message: Message::new("t".parse().unwrap(), bytes::Bytes::new(), Origin::default()),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            subscription_ids: Vec::new(),
+            stored: None,
+            redelivered: false,
+        };
+        let mut state = session.lock();
+        state.link = Some(Arc::new(super::Link::new(super::Protocol::Mqtt, None)));
+        // A restart restored three entries out of allocation order (300 lies outside the
+        // span from the front's 100 to the back's 200).
+        for id in [100u16, 300, 200] {
+            state.restore_queued(delivery.clone(), std::num::NonZeroU16::new(id));
+        }
+        let mut seed = 7u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut in_flight: HashSet<u16> = [100u16, 300, 200].into();
+        // Past 300 before anything is acknowledged.
+        for _ in 0..150 {
+            state.queue.push_back(delivery.clone());
+            state.drain(usize::MAX, &metrics, |_, qos| {
+                let id = qos.packet_id().unwrap().get();
+                assert!(in_flight.insert(id), "{id} is in flight already");
+                true
+            });
+        }
+        for round in 0..100_000u32 {
+            match next() % 4 {
+                0 | 1 => {
+                    state.queue.push_back(delivery.clone());
+                    state.drain(usize::MAX, &metrics, |_, qos| {
+                        let id = qos.packet_id().unwrap().get();
+                        assert!(
+                            in_flight.insert(id),
+                            "round {round}: {id} is in flight already"
+                        );
+                        true
+                    });
+                }
+                2 if !in_flight.is_empty() => {
+                    let pick = *in_flight
+                        .iter()
+                        .nth((next() % in_flight.len() as u64) as usize)
+                        .unwrap();
+                    in_flight.remove(&pick);
+                    let id = std::num::NonZeroU16::new(pick).unwrap();
+                    assert_eq!(
+                        state.complete(id, QoS::AtLeastOnce),
+                        super::AckOutcome::Done
+                    );
+                }
+                3 if !in_flight.is_empty() && next() % 8 == 0 => {
+                    let pick = *in_flight.iter().next().unwrap();
+                    in_flight.remove(&pick);
+                    assert!(state.requeue(std::num::NonZeroU16::new(pick).unwrap()));
+                    state.queue.clear();
+                }
+                _ => {}
+            }
+            // Keep the window large but below the identifier space.
+            while in_flight.len() > 3_000 {
+                let pick = *in_flight.iter().next().unwrap();
+                in_flight.remove(&pick);
+                state.complete(std::num::NonZeroU16::new(pick).unwrap(), QoS::AtLeastOnce);
+            }
+        }
     }
 
     #[test]
