@@ -5,7 +5,9 @@
 //! MQTT `/` ⇄ AMQP `.`, `+` ⇄ `*`, `#` ⇄ `#`; a `.` inside an MQTT level is written `/` on the
 //! AMQP side (RabbitMQ would split the level there, breaking every namespace):
 //! `org.acme/lamp-1/things/twin/commands/modify` ⇄ `org/acme.lamp-1.things.twin.commands.modify`.
-//! Both directions swap the same two characters per level, so the mapping is a bijection.
+//! Both directions swap the same two characters per level, so the mapping is a bijection —
+//! but for one case: an MQTT topic level that is a literal `*` becomes the routing-key word `*`,
+//! which reads back as the wildcard `+` (a publish with it is refused as no topic name).
 
 use std::time::Instant;
 
