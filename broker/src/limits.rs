@@ -266,6 +266,8 @@ mod tests {
 /// | consumers per channel | 64 | one more `basic.consume`: `channel.close` 406 PRECONDITION_FAILED |
 /// | unacknowledged deliveries per channel | 2,048, also when `basic.qos` asks for more or for 0 (unlimited) | deliveries wait in the queue until acknowledgements make room |
 /// | message body | `max_packet_size` (1 MiB) | a larger `body-size` in a content header: `channel.close` 406 PRECONDITION_FAILED, nothing published |
+/// | unfinished messages per connection | 2 × `max_packet_size` announced by content headers and not yet complete, all channels together (bodies may interleave across channels) | the content header that would pass it: `channel.close` 406 PRECONDITION_FAILED on its channel, nothing of it buffered; the others go on |
+/// | deliveries written per pass | 256 KiB into the write buffer, then it is flushed before more (a queue of large messages never sits in one buffer) | — |
 /// | queued messages per queue | `max_queued_messages` (1,000) | the newest message is dropped, counted (`reason="queue_full"`) |
 pub mod amqp {
     pub const FRAME_MAX: u32 = 131_072;

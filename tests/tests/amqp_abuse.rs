@@ -1684,3 +1684,86 @@ async fn lapin_sees_a_channel_error_as_an_error_and_keeps_its_connection() {
         .expect("confirm");
     assert!(next_within(&mut consumer, STEP).await.is_some());
 }
+
+/// Bodies may interleave across channels, but what is announced and unfinished is bounded per
+/// connection (2 × max_packet_size): two channels each starting a message of max_packet_size
+/// are fine, a third closes its channel with 406 before anything of it is buffered — and the
+/// two others still complete and are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_messages_on_many_channels_are_bounded_per_connection() {
+    let (_broker, solution, addr) = started(&[]);
+    let mut watcher = Raw::open(addr, &solution).await;
+    watcher.open_channel(1).await;
+    let name = watcher.declare_queue(1).await;
+    watcher.bind(1, &name, "sensors.interleaved").await;
+    watcher.consume(1, &name, "w", true).await;
+
+    let mut raw = Raw::open(addr, &solution).await;
+    for id in 1..=3 {
+        raw.open_channel(id).await;
+        raw.confirm_select(id).await;
+    }
+    let size = MAX_BODY as u64;
+    let mut out = Vec::new();
+    for id in 1..=3 {
+        out.extend(basic_publish_method(id, "sensors.interleaved"));
+        out.extend(content_header(id, size));
+    }
+    raw.must_send(&out).await;
+    let text = raw
+        .expect_channel_close(3, 406, "a third unfinished message of max_packet_size")
+        .await;
+    assert!(text.contains("unfinished messages"), "{text}");
+    // The first two complete, their bodies interleaved frame by frame.
+    let chunk = (FRAME_MAX - 8) as usize;
+    let body = vec![b'i'; MAX_BODY];
+    let mut out = Vec::new();
+    for part in body.chunks(chunk) {
+        for id in 1..=2 {
+            out.extend(raw_frame(3, id, part, 0xCE));
+        }
+    }
+    raw.must_send(&out).await;
+    for id in 1..=2 {
+        assert!(
+            confirm_of(&mut raw, id, 1).await,
+            "the message on channel {id}"
+        );
+    }
+    for _ in 0..2 {
+        let (_, received) = watcher.delivery("an interleaved message").await;
+        assert_eq!(received.len(), MAX_BODY);
+    }
+}
+
+/// A queue of large messages reaches a consumer without a window (prefetch 0, no ack) whole
+/// and in order, written in batches (the write buffer does not take the whole queue at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_of_large_messages_reaches_its_consumer_whole_and_in_order() {
+    let (_broker, solution, addr) = started(&[]);
+    let mut consumer = Raw::open(addr, &solution).await;
+    consumer.open_channel(1).await;
+    let name = consumer.declare_queue(1).await;
+    consumer.bind(1, &name, "sensors.large").await;
+
+    let mut raw = Raw::open(addr, &solution).await;
+    raw.open_channel(1).await;
+    raw.confirm_select(1).await;
+    let size = 300 * 1024;
+    for i in 0..24u8 {
+        let mut body = vec![i; size];
+        body[0] = i;
+        raw.must_send(&publish(1, "sensors.large", &body, FRAME_MAX))
+            .await;
+        assert!(confirm_of(&mut raw, 1, u64::from(i) + 1).await);
+    }
+    consumer.consume(1, &name, "c", true).await;
+    for i in 0..24u8 {
+        let (_, body) = consumer.delivery("a large message").await;
+        assert_eq!(body.len(), size);
+        assert!(
+            body.iter().all(|&b| b == i),
+            "message {i} whole and in order"
+        );
+    }
+}

@@ -54,6 +54,9 @@ use crate::mqtt::transport::Transport;
 /// A read returning fewer bytes than this, leaving the buffer empty, releases the buffer.
 const SMALL_READ: usize = 512;
 
+/// Deliveries stop being written into the write buffer for this pass once it holds this much.
+const WRITE_BATCH: usize = 256 * 1024;
+
 /// Serves one accepted socket until it closes. The handshake and the ending run boxed, so
 /// an idle connection's task holds only the connection and its main loop's small future; not
 /// an `async fn`, whose arguments would stay in the task for the connection's whole life
@@ -310,7 +313,7 @@ impl Conn {
             if let Err(ending) = self.read_frames() {
                 return ending;
             }
-            self.deliver();
+            let more = self.deliver();
             if !self.wbuf.is_empty() {
                 if self.io.write_all(&self.wbuf).await.is_err() {
                     return Ending::Gone;
@@ -321,7 +324,8 @@ impl Conn {
                     self.wbuf = Vec::new();
                 }
             }
-            if self.wait.is_some() {
+            if self.wait.is_some() || more {
+                // More to deliver than one pass writes: on once the socket took this much.
                 continue;
             }
             self.arm_timer();
@@ -1546,6 +1550,25 @@ impl Conn {
         }
         let size = header.body_size;
         content.header = Some(header);
+        // Messages may interleave across channels: what is announced and not yet complete
+        // is bounded per connection (2,047 channels × 1 MiB would be 2 GiB of buffers).
+        let unfinished: u64 = self
+            .channels
+            .iter()
+            .filter_map(|c| c.content.as_ref()?.header.as_ref().map(|h| h.body_size))
+            .sum();
+        let bound = 2 * u64::from(max);
+        if unfinished > bound {
+            if let Some(channel) = self.channels.get_mut(index) {
+                channel.content = None;
+            }
+            return Err(channel_error(
+                PRECONDITION_FAILED,
+                format!(
+                    "PRECONDITION_FAILED - unfinished messages on this connection would exceed {bound} bytes"
+                ),
+            ));
+        }
         if size == 0 {
             return self.publish(index);
         }
@@ -1707,7 +1730,9 @@ impl Conn {
     /// Fills the write buffer with deliveries: every consumer's queue drained within its
     /// channel's and its own window; answers that reached the connection's own session are
     /// dropped (counted): nobody consumes there.
-    fn deliver(&mut self) {
+    /// Returns whether a pass stopped at `WRITE_BATCH` with more to send.
+    fn deliver(&mut self) -> bool {
+        let mut more = false;
         {
             let metrics = &self.core.metrics;
             let mut state = self.client.session.lock();
@@ -1760,47 +1785,65 @@ impl Conn {
                     continue;
                 }
                 let mut settled = Vec::new();
-                let sent =
-                    state.drain_at_most(usize::MAX, budget, &core.metrics, |delivery, qos| {
-                        let Some((exchange, key)) = address(queue, &delivery.message.topic) else {
-                            core.metrics.dropped("too_large");
-                            return false;
-                        };
-                        let tag = *next_tag;
-                        *next_tag += 1;
-                        codec::write_delivery(
-                            wbuf,
-                            *id,
-                            DeliveryMethod::Deliver {
-                                consumer_tag: &consumer.tag,
-                            },
-                            tag,
-                            delivery.redelivered,
-                            exchange,
-                            &key,
-                            &mapping::outgoing(delivery, now),
-                            &delivery.message.payload,
-                            *frame_max,
-                        );
-                        if consumer.no_ack {
-                            if let Some(packet_id) = qos.packet_id() {
-                                settled.push(packet_id);
-                            }
-                        } else {
-                            consumer.unacked += 1;
-                            unacked.push_back(Unacked {
-                                tag,
-                                queue: queue.name.clone(),
-                                consumer: Some(consumer.tag.clone()),
-                                packet_id: qos.packet_id(),
-                                transient: qos
-                                    .packet_id()
-                                    .is_none()
-                                    .then(|| Box::new(delivery.clone())),
-                            });
+                // The write buffer grows by what one pass writes: drained in small steps
+                // while it holds less than `WRITE_BATCH` (2,048 deliveries of 1 MiB would
+                // otherwise be 2 GiB in one buffer).
+                let written = std::cell::Cell::new(wbuf.len());
+                let mut send = |delivery: &crate::core::message::Delivery,
+                                qos: crate::mqtt::codec::QosPid| {
+                    let Some((exchange, key)) = address(queue, &delivery.message.topic) else {
+                        core.metrics.dropped("too_large");
+                        return false;
+                    };
+                    let tag = *next_tag;
+                    *next_tag += 1;
+                    codec::write_delivery(
+                        wbuf,
+                        *id,
+                        DeliveryMethod::Deliver {
+                            consumer_tag: &consumer.tag,
+                        },
+                        tag,
+                        delivery.redelivered,
+                        exchange,
+                        &key,
+                        &mapping::outgoing(delivery, now),
+                        &delivery.message.payload,
+                        *frame_max,
+                    );
+                    if consumer.no_ack {
+                        if let Some(packet_id) = qos.packet_id() {
+                            settled.push(packet_id);
                         }
-                        true
-                    });
+                    } else {
+                        consumer.unacked += 1;
+                        unacked.push_back(Unacked {
+                            tag,
+                            queue: queue.name.clone(),
+                            consumer: Some(consumer.tag.clone()),
+                            packet_id: qos.packet_id(),
+                            transient: qos
+                                .packet_id()
+                                .is_none()
+                                .then(|| Box::new(delivery.clone())),
+                        });
+                    }
+                    written.set(wbuf.len());
+                    true
+                };
+                let mut sent = 0;
+                while sent < budget {
+                    if written.get() >= WRITE_BATCH {
+                        more |= state.has_queued();
+                        break;
+                    }
+                    let step = (budget - sent).min(8);
+                    let n = state.drain_at_most(usize::MAX, step, &core.metrics, &mut send);
+                    if n == 0 {
+                        break;
+                    }
+                    sent += n;
+                }
                 for packet_id in settled {
                     state.complete(packet_id, QoS::AtLeastOnce);
                 }
@@ -1812,6 +1855,7 @@ impl Conn {
         for index in touched {
             self.journal_bookkeeping(index);
         }
+        more
     }
 
     /// A persistent queue's journal records: deleted for deliveries that left it, packet
