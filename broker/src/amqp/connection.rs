@@ -33,7 +33,6 @@ use amq_protocol::protocol::{
 };
 use amq_protocol::types::ShortString;
 use bytes::{Bytes, BytesMut};
-use futures_util::future::select_all;
 use tokio::time::sleep_until;
 
 use crate::amqp::codec::{self, ContentHeader, DeliveryMethod, Frame};
@@ -219,6 +218,36 @@ struct Queue {
     /// Its reply address, once a publish named it as `reply-to`.
     reply: Option<TopicName>,
     bindings: usize,
+    /// Waits for its session's wake-up or its link's kick; kept across passes of the loop
+    /// (made anew only once it fired), so a busy consumer allocates no waits per pass.
+    waiter: Option<Waiter>,
+}
+
+/// What a queue's waiter saw.
+#[derive(Debug, Clone, Copy)]
+enum QueueEvent {
+    Queued,
+    Kicked,
+}
+
+struct Waiter(Pin<Box<dyn Future<Output = QueueEvent> + Send>>);
+
+impl std::fmt::Debug for Waiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Waiter")
+    }
+}
+
+/// A queue's waiter (`Queue::waiter`).
+fn queue_waiter(client: &Client) -> Waiter {
+    let (session, link) = (client.session.clone(), client.link.clone());
+    Waiter(Box::pin(async move {
+        tokio::select! {
+            biased;
+            () = link.kick.notified() => QueueEvent::Kicked,
+            () = session.wake.notified() => QueueEvent::Queued,
+        }
+    }))
 }
 
 /// A publish whose outcome waits for the journal: confirmed (if the channel asked) once done.
@@ -1053,6 +1082,7 @@ impl Conn {
             durable,
             reply: None,
             bindings,
+            waiter: None,
         });
         Ok(self.queues.len() - 1)
     }
@@ -2070,34 +2100,32 @@ fn check_topic_exchange(name: &str) -> Result<(), Failure> {
     }
 }
 
-/// Completes when something was queued in one of the connection's sessions, or one of their
-/// links was kicked (takeover, revocation).
-///
-/// The connection's own session is not waited on: nothing consumes there (`deliver` drops
-/// what arrived on its next pass). A connection without queues waits on its link alone, with
-/// no allocation.
-async fn woken(client: &Client, queues: &[Queue]) -> Woken {
-    if queues.is_empty() {
-        client.link.kick.notified().await;
-        return Woken::Kicked(None);
-    }
-    let mut waits: Vec<Pin<Box<dyn Future<Output = Woken> + Send + '_>>> =
-        Vec::with_capacity(1 + queues.len() * 2);
-    waits.push(Box::pin(async move {
-        client.link.kick.notified().await;
-        Woken::Kicked(None)
-    }));
-    for (i, queue) in queues.iter().enumerate() {
-        waits.push(Box::pin(async move {
-            queue.client.session.wake.notified().await;
-            Woken::Queued
-        }));
-        waits.push(Box::pin(async move {
-            queue.client.link.kick.notified().await;
-            Woken::Kicked(Some(i))
-        }));
-    }
-    select_all(waits).await.0
+/// Completes when something was queued in one of the connection's queues, or the link of
+/// the connection or of a queue was kicked (takeover, revocation, shutdown). The connection's
+/// own session is not waited on: nothing consumes there (`deliver` drops what arrived on its
+/// next pass). Each queue's waiter persists in the queue until it fires.
+async fn woken(client: &Client, queues: &mut [Queue]) -> Woken {
+    let kick = client.link.kick.notified();
+    tokio::pin!(kick);
+    std::future::poll_fn(|cx| {
+        if kick.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Woken::Kicked(None));
+        }
+        for (i, queue) in queues.iter_mut().enumerate() {
+            let waiter = queue
+                .waiter
+                .get_or_insert_with(|| queue_waiter(&queue.client));
+            if let Poll::Ready(event) = waiter.0.as_mut().poll(cx) {
+                queue.waiter = None;
+                return Poll::Ready(match event {
+                    QueueEvent::Queued => Woken::Queued,
+                    QueueEvent::Kicked => Woken::Kicked(Some(i)),
+                });
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Reads what is available into `buf` without a future of its own (TCP: readiness, then a
