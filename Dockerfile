@@ -33,9 +33,9 @@ USER thingsgate
 VOLUME ["/data"]
 WORKDIR /data
 # 1883 MQTT (`--mqtt`), 8883 MQTT over TLS (`--mqtts`, needs `tls_cert_file`/`tls_key_file` in
-# the config), 8080 HTTP (`--http`: the API under /api/2, /metrics, /health, /ready). AMQP
-# (5672) is not exposed: there is no AMQP listener yet.
-EXPOSE 1883 8883 8080
+# the config), 5672 AMQP 0.9.1 (`--amqp`; `--amqps` takes the same TLS files), 8080 HTTP
+# (`--http`: the API under /api/2, /metrics, /health, /ready).
+EXPOSE 1883 8883 5672 8080
 # SIGTERM (docker stop) shuts down gracefully: connections closed, journal flushed last.
 ENTRYPOINT ["thingsgate"]
-CMD ["serve", "--data", "/data", "--mqtt", "0.0.0.0:1883", "--http", "0.0.0.0:8080"]
+CMD ["serve", "--data", "/data", "--mqtt", "0.0.0.0:1883", "--amqp", "0.0.0.0:5672", "--http", "0.0.0.0:8080"]

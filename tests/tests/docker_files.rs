@@ -81,7 +81,10 @@ fn listened_ports(command: &[String]) -> Vec<u16> {
             flags.contains(word),
             "`{word}` is no flag of `serve`: {flags:?}"
         );
-        if matches!(word.as_str(), "--mqtt" | "--mqtts" | "--http") {
+        if matches!(
+            word.as_str(),
+            "--mqtt" | "--mqtts" | "--amqp" | "--amqps" | "--http"
+        ) {
             let address = words.next().unwrap();
             let (host, port) = address.rsplit_once(':').unwrap();
             assert_eq!(host, "0.0.0.0", "a container listens on every interface");
