@@ -50,9 +50,6 @@ use crate::mqtt::admission::{Admission, ConnectionSlot, HandshakeSlot};
 use crate::mqtt::codec::{QoS, SubscriptionOptions, TopicName};
 use crate::mqtt::transport::Transport;
 
-/// A read returning fewer bytes than this, leaving the buffer empty, releases the buffer.
-const SMALL_READ: usize = 512;
-
 /// Deliveries stop being written into the write buffer for this pass once it holds this much.
 const WRITE_BATCH: usize = 256 * 1024;
 
@@ -395,12 +392,9 @@ impl Conn {
                     }
                 }
             }
-            if self.rbuf.is_empty() && self.rbuf.capacity() > 0 && self.rbuf.capacity() < 64 * 1024
-            {
-                // Idle connections hold no read buffer.
-                if self.rbuf.capacity() <= SMALL_READ * 16 {
-                    self.rbuf = BytesMut::new();
-                }
+            if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
+                // Idle connections hold no read buffer (nor keep one a large message grew).
+                self.rbuf = BytesMut::new();
             }
         }
     }
