@@ -786,7 +786,11 @@ impl Conn {
         // it sees the close finds the session offline (or gone), never still attached.
         let (still_ours, expiry) = self.core.detach(&self.client);
         if let (true, Some(will)) = (close.publishes_will(), self.will.take()) {
-            let taken_over = close == Close::TakenOver;
+            // A new connection may have taken the session between this one's end (the
+            // socket closed) and `detach`: the client is back, as with a takeover
+            // (MQTT-3.1.3-9) — registering the delayed will now would publish it after the
+            // new connection already cancelled pending wills.
+            let taken_over = close == Close::TakenOver || !still_ours;
             will::publish_on_close(
                 &self.core,
                 &self.client,
