@@ -2225,3 +2225,34 @@ async fn shutdown_closes_amqp_connections_with_320() {
     let status = stopping.join().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// `connection.update-secret` with a token of another subject, or with no token at all, is
+/// refused: the connection is closed with 403, and it is not served as the other identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_secret_with_another_identity_or_garbage_closes_the_connection_with_403() {
+    let mut broker = new_broker();
+    let solution = broker.create_solution(NS);
+    let (addr, _api) = launch(&mut broker);
+    for (what, secret) in [
+        (
+            "another subject's token",
+            token("someone-else", Some(&solution), HOUR),
+        ),
+        ("no token at all", "not-a-token".to_owned()),
+    ] {
+        let connection =
+            with_token(addr, &token("updater", Some(&solution), HOUR), "updater").await;
+        let error = tokio::time::timeout(
+            STEP,
+            connection.update_secret(secret.as_str().into(), "refresh".into()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer to update-secret"))
+        .expect_err(what);
+        let (code, text) = amqp_error(&error);
+        assert_eq!(code, 403, "{what}: {text}");
+        assert!(text.starts_with("ACCESS_REFUSED"), "{what}: {text}");
+        assert!(!connection.status().connected(), "{what}");
+    }
+    broker.assert_logs_never_contain(&["not-a-token"]);
+}

@@ -999,26 +999,6 @@ impl Conn {
                 ),
             ));
         }
-        if requested == &*self.client.session.client_id {
-            // A queue is a session named by its queue name: this one would take over the
-            // connection's own session and end the connection.
-            return Err(channel_error(
-                RESOURCE_LOCKED,
-                format!(
-                    "RESOURCE_LOCKED - queue name {} is this connection's client ID",
-                    printable(requested)
-                ),
-            ));
-        }
-        if self.queues.len() >= limits::MAX_QUEUES {
-            return Err(channel_error(
-                PRECONDITION_FAILED,
-                format!(
-                    "PRECONDITION_FAILED - a connection may declare at most {} queues",
-                    limits::MAX_QUEUES
-                ),
-            ));
-        }
         let name: Arc<str> = if requested.is_empty() {
             let Some(id) = crate::core::assign_client_id() else {
                 return Err(channel_error(
@@ -1045,6 +1025,15 @@ impl Conn {
     /// Attaches this connection to the session of queue `name` (a clean one unless
     /// `durable`; a durable one resumed with its bindings and queued messages).
     fn adopt(&mut self, name: Arc<str>, durable: bool) -> Result<usize, Failure> {
+        if self.queues.len() >= limits::MAX_QUEUES {
+            return Err(channel_error(
+                PRECONDITION_FAILED,
+                format!(
+                    "PRECONDITION_FAILED - a connection may use at most {} queues",
+                    limits::MAX_QUEUES
+                ),
+            ));
+        }
         let mut identity = self.client.identity.clone();
         identity.client_id = name.clone();
         let attached = self
@@ -1106,15 +1095,6 @@ impl Conn {
                 format!(
                     "RESOURCE_LOCKED - queue {} in vhost '/' is in use by another connection",
                     printable(name)
-                ),
-            ));
-        }
-        if self.queues.len() >= limits::MAX_QUEUES {
-            return Err(channel_error(
-                PRECONDITION_FAILED,
-                format!(
-                    "PRECONDITION_FAILED - a connection may use at most {} queues",
-                    limits::MAX_QUEUES
                 ),
             ));
         }
