@@ -6,6 +6,7 @@
 //! - this file: the binary ([`thingsgate_bin`]) and running one-shot commands.
 //! - [`amqp`]: lapin clients against the broker's AMQP listener, bounded waits.
 //! - [`broker`]: a running `thingsgate serve` per test (temp data dir, config, port 0, logs).
+//! - [`process`]: third-party client processes, bounded, or streaming their stdout.
 //! - [`issuer`]: a local JWT issuer: keys, JWKS file, config block, good and bad tokens.
 //! - [`raw`]: a raw MQTT client on the broker's codec, for AUTH packets and exact reason codes.
 //! - [`clients`]: rumqttc 3.1.1 and 5 clients with their event loop in a task, bounded waits.
@@ -24,6 +25,7 @@ pub mod broker;
 pub mod clients;
 pub mod http;
 pub mod issuer;
+pub mod process;
 pub mod protocol_support;
 pub mod raw;
 pub mod twin_random_support;

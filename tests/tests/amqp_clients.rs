@@ -10,15 +10,14 @@
 )]
 
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use e2e::amqp::{confirm_channel, connect, consume, next_within, secret_uri, start_with_amqp};
 use e2e::broker::{Broker, Solution};
+use e2e::process::{PROCESS_LIMIT, Streaming, run_bounded, text};
 use e2e::workspace_root;
 use lapin::BasicProperties;
 use lapin::options::{BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
@@ -26,8 +25,6 @@ use lapin::types::FieldTable;
 use serde_json::{Value, json};
 
 const NS: &str = "org.acme";
-/// Longest any one client process may run.
-const PROCESS_LIMIT: Duration = Duration::from_secs(30);
 /// How long one lapin step may take.
 const STEP: Duration = Duration::from_secs(10);
 
@@ -44,35 +41,6 @@ fn started() -> (Broker, Solution, SocketAddr) {
     broker.set_policy(&solution.id, &policy);
     let addr = start_with_amqp(&mut broker);
     (broker, solution, addr)
-}
-
-/// Runs `command` to completion, killing it and failing after [`PROCESS_LIMIT`].
-fn run_bounded(mut command: Command) -> Output {
-    let described = format!("{command:?}");
-    let child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{described}: {e}"));
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(PROCESS_LIMIT) {
-        Ok(out) => out.unwrap_or_else(|e| panic!("{described}: {e}")),
-        Err(_) => {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            panic!("{described} did not finish within {PROCESS_LIMIT:?}");
-        }
-    }
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 // --- pika ---------------------------------------------------------------------------------------
@@ -272,77 +240,6 @@ fn amqp_publish(url: &str, key: &str, body: &str, args: &[&str]) {
     assert_ok(&out, &format!("amqp-publish to {key}"));
 }
 
-/// A client process whose stdout lines arrive on a channel; killed on drop.
-struct Streaming {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Streaming {
-    fn spawn(mut command: Command) -> Self {
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{command:?}: {e}"));
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Streaming {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// The next stdout line within `within`.
-    fn line_within(&mut self, within: Duration) -> Option<String> {
-        let line = self.lines.recv_timeout(within).ok()?;
-        self.seen.push(line.clone());
-        Some(line)
-    }
-
-    /// Waits for the process to exit (bounded): its exit status and stderr.
-    fn finish(mut self) -> (std::process::ExitStatus, Vec<String>, String) {
-        let deadline = Instant::now() + PROCESS_LIMIT;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "client still running after {PROCESS_LIMIT:?}; stdout:\n{}",
-                self.seen.join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(2)) {
-            self.seen.push(line);
-        }
-        let mut stderr = String::new();
-        if let Some(mut pipe) = self.child.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
-        }
-        (status, std::mem::take(&mut self.seen), stderr)
-    }
-}
-
-impl Drop for Streaming {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Publishes `warmup` messages to `key` until `consumer` prints one (it has bound its queue:
 /// amqp-consume says nothing when it is ready), at most one every 3 s, so that only one
 /// reaches it. Bounded by [`PROCESS_LIMIT`].
@@ -378,12 +275,12 @@ async fn amqp_consume_receives_what_amqp_publish_sends_and_amqp_publish_commands
     );
     // A `.` inside an MQTT level is `/` in the routing key (MQTT topic `e2e/tools/v1.2`).
     amqp_publish(&url, "e2e.tools.v1/2", "version 1.2\n", &["-H", "unit: C"]);
-    let (status, lines, stderr) = consumer.finish();
-    assert!(
-        status.success(),
-        "amqp-consume -c 3 exited with {status}\nstdout: {lines:?}\nstderr: {stderr}\nserver log (tail):\n{}",
-        tail(&broker.logs(), 40)
-    );
+    let lines = consumer.finish().unwrap_or_else(|e| {
+        panic!(
+            "amqp-consume -c 3: {e}\nserver log (tail):\n{}",
+            tail(&broker.logs(), 40)
+        )
+    });
     assert_eq!(
         lines,
         ["warmup", "21.5", "version 1.2"],
