@@ -55,11 +55,9 @@
 
 mod support;
 
-use support::{Server, cpu_seconds, rss_kib, thingsgate};
+use support::{Server, cpu_seconds, create_solution, rss_kib, serve};
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -599,51 +597,21 @@ fn rabbitmq_pid() -> Option<String> {
     found.pop().map(|(_, pid)| pid)
 }
 
-/// Solution `bench` in a fresh data dir; the running server (`--amqp`, plus `extra` args),
-/// its AMQP address and the solution's secret.
+/// Solution `bench` in a fresh data dir; the running server (`--amqp`), its AMQP address and
+/// the solution's secret.
 fn start_thingsgate(dir: &std::path::Path) -> (Server, SocketAddr, String) {
     let data = dir.join("data");
-    let data_str = data.to_str().unwrap();
-    let created: serde_json::Value = serde_json::from_str(&thingsgate(&[
-        "solution",
-        "create",
+    let data = data.to_str().unwrap();
+    let secret = create_solution(data, "org.acme");
+    let (server, addresses) = serve(&[
         "--data",
-        data_str,
-        "--namespace",
-        "org.acme",
-        "--id",
-        "bench",
-        "--json",
-    ]))
-    .unwrap();
-    let secret = created["secret"].as_str().unwrap().to_owned();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_thingsgate"))
-        .args([
-            "serve",
-            "--data",
-            data_str,
-            "--mqtt",
-            "127.0.0.1:0",
-            "--amqp",
-            "127.0.0.1:0",
-        ])
-        .env("THINGSGATE_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let server = Server(child);
-    let mut amqp = None;
-    for line in BufReader::new(stdout).lines() {
-        let line = line.unwrap();
-        if let Some(a) = line.strip_prefix("amqp listening on ") {
-            amqp = Some(a.parse::<SocketAddr>().unwrap());
-        }
-        if line == "ready" {
-            break;
-        }
-    }
-    let amqp = amqp.expect("the server printed `amqp listening on ADDR`");
+        data,
+        "--mqtt",
+        "127.0.0.1:0",
+        "--amqp",
+        "127.0.0.1:0",
+    ]);
+    let amqp = addresses["amqp"];
     (server, amqp, secret)
 }
 

@@ -17,11 +17,9 @@
 
 mod support;
 
-use support::{Server, cpu_seconds, rss_kib, thingsgate, utf8};
+use support::{cpu_seconds, create_solution, rss_kib, serve, thingsgate, utf8};
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -123,19 +121,7 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let data_str = data.to_str().unwrap();
-    let created: serde_json::Value = serde_json::from_str(&thingsgate(&[
-        "solution",
-        "create",
-        "--data",
-        data_str,
-        "--namespace",
-        "org.bench",
-        "--id",
-        "bench",
-        "--json",
-    ]))
-    .unwrap();
-    let secret = created["secret"].as_str().unwrap().to_owned();
+    let secret = create_solution(data_str, "org.bench");
     let key = broker::token_cmd::generate_dev_key().unwrap();
     let key_file = dir.path().join("key.pem");
     std::fs::write(&key_file, &key).unwrap();
@@ -166,34 +152,16 @@ fn main() {
     .trim()
     .to_owned();
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_thingsgate"))
-        .args([
-            "serve",
-            "--data",
-            data_str,
-            "--config",
-            config.to_str().unwrap(),
-            "--mqtt",
-            "127.0.0.1:0",
-        ])
-        .env("THINGSGATE_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let pid = child.id();
-    let server = Server(child);
-    let mut addr = None;
-    for line in BufReader::new(stdout).lines() {
-        let line = line.unwrap();
-        if let Some(a) = line.strip_prefix("mqtt listening on ") {
-            addr = Some(a.parse::<SocketAddr>().unwrap());
-        }
-        if line == "ready" {
-            break;
-        }
-    }
-    let addr = addr.expect("the server printed its address");
+    let (server, addresses) = serve(&[
+        "--data",
+        data_str,
+        "--config",
+        config.to_str().unwrap(),
+        "--mqtt",
+        "127.0.0.1:0",
+    ]);
+    let pid = server.0.id();
+    let addr = addresses["mqtt"];
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

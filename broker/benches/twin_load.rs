@@ -58,12 +58,11 @@
 
 mod support;
 
-use support::{Server, cpu_seconds, thingsgate, utf8};
+use support::{cpu_seconds, create_solution, serve, utf8};
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::num::NonZeroU16;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -755,53 +754,20 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let data_str = data.to_str().unwrap();
-    let created: serde_json::Value = serde_json::from_str(&thingsgate(&[
-        "solution",
-        "create",
+    let secret = create_solution(data_str, "org.acme");
+    let (server, addresses) = serve(&[
         "--data",
         data_str,
-        "--namespace",
-        "org.acme",
-        "--id",
-        "bench",
-        "--json",
-    ]))
-    .unwrap();
-    let secret = created["secret"].as_str().unwrap().to_owned();
-
-    let mut child = Command::new(env!("CARGO_BIN_EXE_thingsgate"))
-        .args([
-            "serve",
-            "--data",
-            data_str,
-            "--mqtt",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-        ])
-        .env("THINGSGATE_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let pid = child.id().to_string();
-    let server = Server(child);
-    let (mut mqtt, mut http) = (None, None);
-    for line in BufReader::new(stdout).lines() {
-        let line = line.unwrap();
-        if let Some(a) = line.strip_prefix("mqtt listening on ") {
-            mqtt = Some(a.parse::<SocketAddr>().unwrap());
-        }
-        if let Some(a) = line.strip_prefix("http listening on ") {
-            http = Some(a.parse::<SocketAddr>().unwrap());
-        }
-        if line == "ready" {
-            break;
-        }
-    }
+        "--mqtt",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+    ]);
+    let pid = server.0.id().to_string();
+    let (mqtt, http) = (addresses.get("mqtt"), addresses.get("http"));
     let broker = Broker {
-        mqtt: mqtt.expect("the server printed its MQTT address"),
-        http: http.expect("the server printed its HTTP address"),
+        mqtt: *mqtt.expect("the server printed its MQTT address"),
+        http: *http.expect("the server printed its HTTP address"),
         pid,
         secret,
     };

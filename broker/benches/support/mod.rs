@@ -1,7 +1,10 @@
 //! What the benchmarks that run the real binary share: running `thingsgate`, owning the server
 //! process, reading a process's CPU time and memory from `/proc`.
 
-use std::process::{Child, Command};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
 
 use broker::mqtt::codec::Utf8Str;
 use bytes::Bytes;
@@ -23,6 +26,48 @@ pub fn thingsgate(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// Creates solution `bench` owning `namespace` in the data dir `data`; returns its secret.
+pub fn create_solution(data: &str, namespace: &str) -> String {
+    let created: serde_json::Value = serde_json::from_str(&thingsgate(&[
+        "solution",
+        "create",
+        "--data",
+        data,
+        "--namespace",
+        namespace,
+        "--id",
+        "bench",
+        "--json",
+    ]))
+    .unwrap();
+    created["secret"].as_str().unwrap().to_owned()
+}
+
+/// Starts `thingsgate serve ARGS` (logging at `warn`) and waits for `ready`: the server and the
+/// addresses it printed, by listener (`mqtt`, `amqp`, `http`, …).
+pub fn serve(args: &[&str]) -> (Server, HashMap<String, SocketAddr>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_thingsgate"))
+        .arg("serve")
+        .args(args)
+        .env("THINGSGATE_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let server = Server(child);
+    let mut addresses = HashMap::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if line == "ready" {
+            break;
+        }
+        if let Some((name, address)) = line.split_once(" listening on ") {
+            addresses.insert(name.to_owned(), address.parse().unwrap());
+        }
+    }
+    (server, addresses)
 }
 
 /// The broker process, killed when dropped (also while unwinding from a panic).
