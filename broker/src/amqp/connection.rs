@@ -950,14 +950,10 @@ impl Conn {
         }
         if declare.passive {
             // A queue of another connection (or a persistent session left without one).
-            let session = self.client.space.sessions().get(requested).cloned();
-            let Some(session) = session else {
+            let Some(status) = self.core.session_status(&self.client, requested) else {
                 return Err(Self::no_queue(requested));
             };
-            let (messages, consumers) = {
-                let state = session.lock();
-                (state.queued_len(), u32::from(state.link.is_some()))
-            };
+            let (messages, consumers) = (status.queued, u32::from(status.held));
             if !declare.nowait {
                 reply::method(
                     &mut self.wbuf,
@@ -981,12 +977,9 @@ impl Conn {
             ));
         }
         let held = self
-            .client
-            .space
-            .sessions()
-            .get(requested)
-            .cloned()
-            .is_some_and(|session| session.lock().link.is_some());
+            .core
+            .session_status(&self.client, requested)
+            .is_some_and(|status| status.held);
         if held && !requested.is_empty() {
             // Held by another connection (or by an MQTT client with this client ID): RabbitMQ
             // answers a second exclusive declaration so; taking the queue over would cancel
@@ -1078,18 +1071,14 @@ impl Conn {
         if let Some(index) = self.queue_index(name) {
             return Ok(index);
         }
-        let session = self.client.space.sessions().get(name).cloned();
-        let Some(session) = session else {
+        let Some(status) = self
+            .core
+            .session_status(&self.client, name)
+            .filter(|status| status.persistent)
+        else {
             return Err(Self::no_queue(name));
         };
-        let (held, durable) = {
-            let state = session.lock();
-            (state.link.is_some(), state.expiry_interval > 0)
-        };
-        if !durable {
-            return Err(Self::no_queue(name));
-        }
-        if held {
+        if status.held {
             return Err(channel_error(
                 RESOURCE_LOCKED,
                 format!(

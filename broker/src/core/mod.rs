@@ -158,6 +158,17 @@ pub struct Attached {
     pub saved: Option<Durable>,
 }
 
+/// A session seen from outside ([`Core::session_status`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionStatus {
+    /// A client is attached to it now.
+    pub held: bool,
+    /// It outlives its connection.
+    pub persistent: bool,
+    /// Messages waiting in its queue.
+    pub queued: usize,
+}
+
 /// Why a subscription was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SubscribeDenied;
@@ -286,6 +297,18 @@ impl Core {
                 link.kick.notify_one();
             }
         }
+    }
+
+    /// The session named `client_id` in `client`'s solution, as another client sees it
+    /// (whether it may resume it, how much waits in it); `None` if there is none.
+    pub fn session_status(&self, client: &Client, client_id: &str) -> Option<SessionStatus> {
+        let session = client.space.sessions().get(client_id).cloned()?;
+        let state = session.lock();
+        Some(SessionStatus {
+            held: state.link.is_some(),
+            persistent: state.expiry_interval > 0,
+            queued: state.queued_len(),
+        })
     }
 
     /// A client for one request or stream (HTTP, SSE): `identity` with a session of its own
