@@ -31,6 +31,7 @@
 
 pub(crate) mod amqp;
 pub mod auth;
+pub(crate) mod bridge;
 pub mod cli;
 pub mod config;
 pub(crate) mod core;

@@ -219,10 +219,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             writeln!(out, "ready")?;
             out.flush()?;
         }
+        // Bridges: every stored connection of every solution starts now, later ones when stored.
+        let bridges = crate::bridge::manager::spawn(server.core.clone());
         tracing::info!(data = %data.display(), "thingsgate is serving");
         wait_for_signal().await;
         tracing::info!("shutting down");
         server.shutdown(Duration::from_secs(10)).await;
+        if tokio::time::timeout(Duration::from_secs(10), bridges)
+            .await
+            .is_err()
+        {
+            tracing::warn!("bridge connections did not stop in time");
+        }
         refresher.abort();
         anyhow::Ok(())
     });

@@ -88,6 +88,7 @@ impl Harness {
             twins: Twins::new(store),
             metrics: Arc::new(Metrics::default()),
             shutdown,
+            bridges: crate::bridge::Bridges::default(),
         });
         Ok(Harness {
             core,

@@ -139,7 +139,7 @@ pub fn incoming(properties: &AMQPProperties) -> Incoming {
 
 /// A header value as the text of an MQTT 5 user property (strings, numbers, booleans; tables,
 /// arrays and byte arrays are not carried).
-fn header_text(value: &AMQPValue) -> Option<String> {
+pub(crate) fn header_text(value: &AMQPValue) -> Option<String> {
     Some(match value {
         AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).ok()?,
         AMQPValue::ShortString(s) => s.as_str().to_owned(),

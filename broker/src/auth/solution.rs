@@ -58,6 +58,7 @@ use twin::{Entity, EntityKey, EntityKind, Event, EventAction};
 
 use super::Subjects;
 use super::secret::{Digest, RandomError, Secret, hex, random_bytes, verify_digest};
+use crate::bridge::config::ConnectionDoc;
 
 /// The issuer part of the subjects of clients that authenticated with a solution secret.
 pub const SECRET_SUBJECT_ISSUER: &str = "iot-things";
@@ -161,6 +162,14 @@ pub enum SolutionError {
         "the solution policy would lock everyone out: no permanent subject (one without `expiry`) keeps unrestricted WRITE on `solution:/`"
     )]
     Lockout,
+    #[error("invalid connection: {0}")]
+    Connection(#[from] crate::bridge::config::ConfigError),
+    #[error("solution `{solution}` has no connection `{id}`")]
+    NoSuchConnection { solution: SolutionId, id: String },
+    #[error("solution `{solution}` already has a connection `{id}`")]
+    ConnectionExists { solution: SolutionId, id: String },
+    #[error("solution `{0}` has as many connections as allowed ({max})", max = crate::bridge::config::MAX_CONNECTIONS)]
+    TooManyConnections(SolutionId),
     #[error("stored solution `{id}` is malformed: {reason}")]
     Corrupt { id: String, reason: String },
     #[error(transparent)]
@@ -223,6 +232,8 @@ pub struct Solution {
     pub namespaces: Vec<String>,
     /// The solution policy (without `policyId`, see the module docs).
     pub policy: Policy,
+    /// Its connections to external brokers (bridges, DESIGN.md §5), by ID.
+    pub connections: Vec<ConnectionDoc>,
 }
 
 /// The stored document, field for field.
@@ -234,6 +245,8 @@ struct StoredSolution {
     secrets: Vec<SecretRecord>,
     namespaces: Vec<String>,
     policy: Value,
+    #[serde(default)]
+    connections: Vec<ConnectionDoc>,
 }
 
 impl Solution {
@@ -257,6 +270,7 @@ impl Solution {
             secrets: stored.secrets,
             namespaces: stored.namespaces,
             policy,
+            connections: stored.connections,
         })
     }
 
@@ -268,6 +282,7 @@ impl Solution {
             secrets: self.secrets.clone(),
             namespaces: self.namespaces.clone(),
             policy: policy::policy_to_value(&self.policy),
+            connections: self.connections.clone(),
         };
         serde_json::to_value(stored).map_err(|e| self.corrupt(e))
     }
@@ -643,6 +658,7 @@ impl Solutions {
             }],
             namespaces: owned,
             policy: default_policy(&id)?,
+            connections: Vec::new(),
         };
         let doc = solution.to_doc()?;
         let key = key_of(&id);
@@ -790,6 +806,71 @@ impl Solutions {
             Ok(Some(changed))
         })?;
         Ok(removed)
+    }
+
+    /// Creates or replaces connection `doc.id` of a solution (`create_only`: an existing one is
+    /// a conflict), after checking it ([`ConnectionDoc::compile`]); a document showing the
+    /// password as `***` keeps the stored one. `true` if it was created.
+    pub fn put_connection(
+        &self,
+        store: &dyn TwinStore,
+        id: &SolutionId,
+        mut doc: ConnectionDoc,
+        create_only: bool,
+        now: Timestamp,
+    ) -> Result<bool, SolutionError> {
+        let mut created = false;
+        self.change(store, id, "connections", now, |_, current| {
+            let mut changed = current.clone();
+            match changed.connections.iter_mut().find(|c| c.id == doc.id) {
+                Some(_) if create_only => {
+                    return Err(SolutionError::ConnectionExists {
+                        solution: id.clone(),
+                        id: doc.id.clone(),
+                    });
+                }
+                Some(stored) => {
+                    doc.keep_password_of(stored);
+                    doc.compile()?;
+                    if *stored == doc {
+                        return Ok(None);
+                    }
+                    *stored = doc.clone();
+                }
+                None => {
+                    doc.compile()?;
+                    if changed.connections.len() >= crate::bridge::config::MAX_CONNECTIONS {
+                        return Err(SolutionError::TooManyConnections(id.clone()));
+                    }
+                    changed.connections.push(doc.clone());
+                    created = true;
+                }
+            }
+            Ok(Some(changed))
+        })?;
+        Ok(created)
+    }
+
+    /// Deletes connection `connection` of a solution.
+    pub fn delete_connection(
+        &self,
+        store: &dyn TwinStore,
+        id: &SolutionId,
+        connection: &str,
+        now: Timestamp,
+    ) -> Result<(), SolutionError> {
+        self.change(store, id, "connections", now, |_, current| {
+            if !current.connections.iter().any(|c| c.id == connection) {
+                return Err(SolutionError::NoSuchConnection {
+                    solution: id.clone(),
+                    id: connection.to_owned(),
+                });
+            }
+            let mut changed = current.clone();
+            changed.connections.retain(|c| c.id != connection);
+            Ok(Some(changed))
+        })?;
+        Ok(())
     }
 
     /// Replaces a solution's policy, after [`check_solution_policy`]. Revision and `_` metadata

@@ -16,6 +16,7 @@
 //! A solution that is not the client's own is not found (404), whatever its policy says; a
 //! read without READ is not found either, a change without WRITE is 403.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -24,6 +25,7 @@ use serde_json::{Value, json};
 use twin::DittoError;
 
 use crate::auth::solution::{Solution, SolutionError, parse_solution_policy};
+use crate::bridge::config::ConnectionDoc;
 use crate::core::{Client, Core, now};
 
 /// What a client asks of its solution.
@@ -40,6 +42,15 @@ pub enum Admin {
     SetPolicy(String),
     Clients,
     Usage,
+    /// The solution's connections (passwords hidden).
+    Connections,
+    Connection(String),
+    /// Create or replace a connection (its ID in the document); `true`: create only (an
+    /// existing ID is a conflict).
+    PutConnection(Box<ConnectionDoc>, bool),
+    DeleteConnection(String),
+    /// A connection's state and counters.
+    ConnectionStatus(String),
 }
 
 /// The answer to an [`Admin`] request.
@@ -55,8 +66,14 @@ pub enum AdminAnswer {
 
 impl Admin {
     /// The resource and permission it needs.
-    fn needs(&self) -> (&'static str, Permission) {
-        match self {
+    fn needs(&self) -> (Cow<'static, str>, Permission) {
+        let connection = |id: &str, suffix: &str| Cow::Owned(format!("/connections/{id}{suffix}"));
+        let (path, permission) = match self {
+            Admin::Connections => ("/connections", Permission::Read),
+            Admin::Connection(id) => return (connection(id, ""), Permission::Read),
+            Admin::PutConnection(doc, _) => return (connection(&doc.id, ""), Permission::Write),
+            Admin::DeleteConnection(id) => return (connection(id, ""), Permission::Write),
+            Admin::ConnectionStatus(id) => return (connection(id, "/status"), Permission::Read),
             Admin::Show => ("/", Permission::Read),
             Admin::Namespaces => ("/namespaces", Permission::Read),
             Admin::AddNamespace(_) | Admin::RemoveNamespace(_) => {
@@ -68,8 +85,19 @@ impl Admin {
             Admin::SetPolicy(_) => ("/policy", Permission::Write),
             Admin::Clients => ("/clients", Permission::Read),
             Admin::Usage => ("/usage", Permission::Read),
-        }
+        };
+        (Cow::Borrowed(path), permission)
     }
+}
+
+fn connection_not_found(solution_id: &str, id: &str) -> DittoError {
+    DittoError::new(
+        404,
+        "connectivity:connection.notfound",
+        format!(
+            "the connection `{id}` of solution `{solution_id}` could not be found or the requester may not read it"
+        ),
+    )
 }
 
 fn not_found(solution_id: &str) -> DittoError {
@@ -85,6 +113,10 @@ fn solution_error(e: &SolutionError) -> DittoError {
     let (status, code) = match e {
         SolutionError::NotFound(_) => (404, "solutions:solution.notfound"),
         SolutionError::NoSuchSecret { .. } => (404, "solutions:secret.notfound"),
+        SolutionError::NoSuchConnection { .. } => (404, "connectivity:connection.notfound"),
+        SolutionError::Connection(_) => (400, "connectivity:connection.configuration.invalid"),
+        SolutionError::TooManyConnections(_) => (409, "connectivity:connections.limit"),
+        SolutionError::ConnectionExists { .. } => (409, "connectivity:connection.conflict"),
         SolutionError::NamespaceTaken { .. } => (409, "solutions:namespace.conflict"),
         SolutionError::BadNamespace(_) => (400, "solutions:namespace.invalid"),
         SolutionError::Store(_) | SolutionError::Random(_) | SolutionError::Corrupt { .. } => {
@@ -153,6 +185,7 @@ impl Core {
             return Err(not_found(solution_id));
         }
         let (path, permission) = request.needs();
+        let path = &*path;
         if !client.solution_allows(
             ResourceType::Solution,
             path,
@@ -214,6 +247,32 @@ impl Core {
                     "denied": load(&usage.denied),
                 })))
             }
+            Admin::Connections => Ok(AdminAnswer::Value(Value::Array(
+                solution
+                    .connections
+                    .iter()
+                    .filter_map(|c| serde_json::to_value(c.redacted()).ok())
+                    .collect(),
+            ))),
+            Admin::Connection(id) => solution
+                .connections
+                .iter()
+                .find(|c| c.id == id)
+                .and_then(|c| serde_json::to_value(c.redacted()).ok())
+                .map(AdminAnswer::Value)
+                .ok_or_else(|| connection_not_found(solution_id, &id)),
+            Admin::ConnectionStatus(id) => {
+                if !solution.connections.iter().any(|c| c.id == id) {
+                    return Err(connection_not_found(solution_id, &id));
+                }
+                // Stored a moment ago and not started yet: it is about to connect.
+                Ok(AdminAnswer::Value(
+                    match self.bridges.status(solution_id, &id) {
+                        Some(status) => status.to_json(&id),
+                        None => json!({"id": id, "status": "connecting"}),
+                    },
+                ))
+            }
             change => self.change_solution(client, change).await,
         }
     }
@@ -256,6 +315,18 @@ impl Core {
                     solutions.revoke_secret(store, &id, &secret_id, now)?;
                     AdminAnswer::Done
                 }
+                Admin::PutConnection(doc, create_only) => {
+                    let connection = doc.id.clone();
+                    if solutions.put_connection(store, &id, *doc, create_only, now)? {
+                        AdminAnswer::Created(json!({ "id": connection }))
+                    } else {
+                        AdminAnswer::Done
+                    }
+                }
+                Admin::DeleteConnection(connection) => {
+                    solutions.delete_connection(store, &id, &connection, now)?;
+                    AdminAnswer::Done
+                }
                 Admin::SetPolicy(text) => {
                     let policy = parse_solution_policy(&id, &text)?;
                     solutions.set_policy(store, &id, policy, now)?;
@@ -294,6 +365,7 @@ impl Core {
         }
         tracing::info!(solution = %solution.id, "solution changed");
         space.replace_solution(solution);
+        self.bridges.changed.notify_one();
     }
 }
 

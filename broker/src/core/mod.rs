@@ -66,6 +66,8 @@ pub struct Core {
     pub metrics: Arc<Metrics>,
     /// Becomes `true` when the server shuts down.
     pub shutdown: watch::Receiver<bool>,
+    /// The solutions' bridge connections: their statuses, and the signal that they changed.
+    pub bridges: crate::bridge::Bridges,
 }
 
 /// The prefix of reply addresses ([`Core::reply_address`]).

@@ -456,6 +456,7 @@ mod tests {
             secrets: Vec::new(),
             namespaces: Vec::new(),
             policy: default_policy(&id).unwrap(),
+            connections: Vec::new(),
         }));
         let session = |client: &str| {
             let subjects: Arc<[String]> = vec!["iot-things:acme".to_owned()].into();

@@ -165,6 +165,55 @@ impl Core {
             "Bytes written to the journal",
         );
         let _ = writeln!(out, "thingsgate_journal_bytes_total {}", journal.bytes);
+        self.bridge_metrics(&mut out);
         self.metrics.encode(&out)
+    }
+
+    /// Bridge connections: state (1 for the current one) and message counters.
+    fn bridge_metrics(&self, out: &mut String) {
+        let bridges = self.bridges.all();
+        header(
+            out,
+            "connection_state",
+            "gauge",
+            "Bridge connections by state (1: the connection is in this state)",
+        );
+        for (solution, id, status) in &bridges {
+            let state = status.state().0;
+            for name in ["connecting", "connected", "failed", "closed"] {
+                let _ = writeln!(
+                    out,
+                    "thingsgate_connection_state{{solution=\"{}\",connection=\"{}\",state=\"{name}\"}} {}",
+                    label(solution),
+                    label(id),
+                    u8::from(state.label() == name)
+                );
+            }
+        }
+        header(
+            out,
+            "connection_messages",
+            "counter",
+            "Bridge connection messages: in (commands applied), out (published to targets), denied, failed, dropped, replies",
+        );
+        for (solution, id, status) in &bridges {
+            let counters = [
+                ("in", &status.consumed),
+                ("out", &status.published),
+                ("denied", &status.denied),
+                ("failed", &status.failed),
+                ("dropped", &status.dropped),
+                ("replies", &status.replies),
+            ];
+            for (kind, counter) in counters {
+                let _ = writeln!(
+                    out,
+                    "thingsgate_connection_messages_total{{solution=\"{}\",connection=\"{}\",kind=\"{kind}\"}} {}",
+                    label(solution),
+                    label(id),
+                    counter.load(Ordering::Relaxed)
+                );
+            }
+        }
     }
 }

@@ -13,6 +13,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 
+use crate::bridge::config::ConnectionDoc;
 use crate::core::Core;
 use crate::core::admin::{Admin, AdminAnswer};
 use crate::http::auth;
@@ -42,6 +43,20 @@ pub fn routes() -> Router<Arc<Core>> {
         )
         .route("/api/2/solutions/{solution_id}/clients", get(clients))
         .route("/api/2/solutions/{solution_id}/usage", get(usage))
+        .route(
+            "/api/2/solutions/{solution_id}/connections",
+            get(connections).post(create_connection),
+        )
+        .route(
+            "/api/2/solutions/{solution_id}/connections/{connection_id}",
+            get(connection)
+                .put(put_connection)
+                .delete(delete_connection),
+        )
+        .route(
+            "/api/2/solutions/{solution_id}/connections/{connection_id}/status",
+            get(connection_status),
+        )
 }
 
 /// Who asks: the core, the peer and the request's headers (for authentication).
@@ -190,4 +205,98 @@ async fn clients(Path(id): Path<String>, caller: Caller) -> Response {
 
 async fn usage(Path(id): Path<String>, caller: Caller) -> Response {
     caller.administer(&id, Admin::Usage).await
+}
+
+async fn connections(Path(id): Path<String>, caller: Caller) -> Response {
+    caller.administer(&id, Admin::Connections).await
+}
+
+async fn connection(Path((id, connection)): Path<(String, String)>, caller: Caller) -> Response {
+    caller.administer(&id, Admin::Connection(connection)).await
+}
+
+async fn connection_status(
+    Path((id, connection)): Path<(String, String)>,
+    caller: Caller,
+) -> Response {
+    caller
+        .administer(&id, Admin::ConnectionStatus(connection))
+        .await
+}
+
+async fn delete_connection(
+    Path((id, connection)): Path<(String, String)>,
+    caller: Caller,
+) -> Response {
+    caller
+        .administer(&id, Admin::DeleteConnection(connection))
+        .await
+}
+
+/// A connection document from a request body; `id`: the ID it must have (PUT), or the one it
+/// gets if it names none (POST).
+fn connection_body(
+    body: &[u8],
+    id: &str,
+    must_match: bool,
+) -> Result<ConnectionDoc, Box<Response>> {
+    let invalid = |message: String| {
+        Box::new(ditto_error(
+            &twin::DittoError::new(
+                400,
+                "connectivity:connection.configuration.invalid",
+                message,
+            )
+            .with_description("See the connection format in docs/bridges.md."),
+        ))
+    };
+    let mut value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| invalid(format!("the body is not JSON: {e}")))?;
+    let Some(object) = value.as_object_mut() else {
+        return Err(invalid("the body is not a JSON object".into()));
+    };
+    match object.get("id").and_then(serde_json::Value::as_str) {
+        Some(given) if must_match && given != id => {
+            return Err(invalid(format!(
+                "the document's `id` `{given}` is not the `{id}` of the URL"
+            )));
+        }
+        Some(_) => {}
+        None => {
+            object.insert("id".into(), serde_json::Value::String(id.to_owned()));
+        }
+    }
+    serde_json::from_value(value).map_err(|e| invalid(format!("not a connection: {e}")))
+}
+
+/// `POST …/connections`: a new connection, with a generated ID if it names none.
+async fn create_connection(Path(id): Path<String>, caller: Caller, body: Bytes) -> Response {
+    let generated = match crate::auth::secret::random_bytes::<4>() {
+        Ok(bytes) => format!("c-{}", crate::auth::secret::hex(&bytes)),
+        Err(_) => String::from("c-0"),
+    };
+    match connection_body(&body, &generated, false) {
+        Ok(doc) => {
+            caller
+                .administer(&id, Admin::PutConnection(Box::new(doc), true))
+                .await
+        }
+        Err(response) => *response,
+    }
+}
+
+/// `PUT …/connections/{connectionId}`: creates or replaces it.
+async fn put_connection(
+    Path((id, connection)): Path<(String, String)>,
+    caller: Caller,
+    body: Bytes,
+) -> Response {
+    match connection_body(&body, &connection, true) {
+        Ok(doc) => {
+            caller
+                .administer(&id, Admin::PutConnection(Box::new(doc), false))
+                .await
+        }
+        Err(response) => *response,
+    }
 }

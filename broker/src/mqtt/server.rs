@@ -106,6 +106,7 @@ pub async fn start(
         twins,
         metrics: Arc::new(Metrics::default()),
         shutdown,
+        bridges: crate::bridge::Bridges::default(),
     });
     let restored =
         crate::core::retained::restore(&core.twins.store, &core.auth.solutions, &core.spaces);
