@@ -5,6 +5,7 @@
 //! # Layout
 //! - this file: the binary ([`thingsgate_bin`]) and running one-shot commands.
 //! - [`amqp`]: lapin clients against the broker's AMQP listener, bounded waits.
+//! - [`bridge`]: bridge tests' broker, things, connections and the external brokers.
 //! - [`broker`]: a running `thingsgate serve` per test (temp data dir, config, port 0, logs).
 //! - [`process`]: third-party client processes, bounded, or streaming their stdout.
 //! - [`issuer`]: a local JWT issuer: keys, JWKS file, config block, good and bad tokens.
@@ -21,6 +22,7 @@
 )]
 
 pub mod amqp;
+pub mod bridge;
 pub mod broker;
 pub mod clients;
 pub mod http;
