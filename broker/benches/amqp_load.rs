@@ -55,7 +55,7 @@
 
 mod support;
 
-use support::{Server, cpu_seconds, create_solution, rss_kib, serve};
+use support::{Server, cpu_seconds, create_solution, rabbitmq_pid, rss_kib, serve};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -574,27 +574,6 @@ async fn run(
         );
     }
     figures
-}
-
-/// The PID of RabbitMQ's Erlang VM (`beam.smp`, preferring one whose command line names
-/// RabbitMQ).
-fn rabbitmq_pid() -> Option<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-        if comm.trim() != "beam.smp" {
-            continue;
-        }
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let rabbit = String::from_utf8_lossy(&cmdline).contains("rabbit");
-        found.push((rabbit, name));
-    }
-    found.sort();
-    found.pop().map(|(_, pid)| pid)
 }
 
 /// Solution `bench` in a fresh data dir; the running server (`--amqp`), its AMQP address and

@@ -104,3 +104,25 @@ pub fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
 }
+
+/// The PID of RabbitMQ's Erlang VM (`beam.smp`, preferring one whose command line names
+/// RabbitMQ).
+#[allow(dead_code, reason = "not every benchmark drives RabbitMQ")]
+pub fn rabbitmq_pid() -> Option<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if comm.trim() != "beam.smp" {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let rabbit = String::from_utf8_lossy(&cmdline).contains("rabbit");
+        found.push((rabbit, name));
+    }
+    found.sort();
+    found.pop().map(|(_, pid)| pid)
+}
