@@ -22,6 +22,19 @@
 //! allows either); a message whose v5 expiry passes while queued is dropped
 //! (`reason="expired"`); a message bigger than the client's maximum packet size is not sent to it
 //! (`reason="too_large"`). Keep-alive: a client silent for 1.5× its interval is disconnected.
+//!
+//! Bridges (`crate::bridge`, fixed; docs/bridges.md says what happens at each):
+//!
+//! | limit | value | when reached |
+//! |---|---|---|
+//! | connections per solution | 100 (`bridge::config::MAX_CONNECTIONS`) | one more is refused: 409 `connectivity:connections.limit` |
+//! | sources, targets per connection | 16 each | the document is refused (400) |
+//! | addresses, subjects, header mappings | 64 each | the document is refused (400) |
+//! | prefetch of an AMQP source | 100 unless given (1 to 65,535) | the broker delivers no more until messages are settled |
+//! | a command waiting for the store | 30 s (`bridge::inbound::COMMAND_TIMEOUT`) | the message is requeued (AMQP nack) or left unacknowledged (MQTT) |
+//! | a network call to the external broker | 10 s (`bridge::NETWORK_TIMEOUT`) | the attempt fails; connect again after a backoff (0.2 s doubling to 30 s, ±25 % jitter) |
+//! | a target's buffer | 10,000 messages (`bridge::TARGET_BUFFER`) | the oldest is dropped, counted (`reason="bridge_buffer_full"`, status `dropped`) |
+//! | subject sets with a memoized client per source | 1,024 | all are released and built again as messages come |
 
 use std::time::Duration;
 

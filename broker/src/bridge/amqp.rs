@@ -181,7 +181,7 @@ impl Attempt<'_> {
         // Consumers first: a missing queue fails the attempt before anything is started.
         let mut consumers: SelectAll<Pin<Box<dyn Stream<Item = Consumed> + Send>>> =
             SelectAll::new();
-        let mut consumer_channels = Vec::new();
+        let mut consumer_tags: Vec<(Channel, String)> = Vec::new();
         for (index, source) in self.sources.iter().enumerate() {
             let channel = bounded("open a channel", connection.create_channel()).await;
             let channel = match channel {
@@ -197,12 +197,13 @@ impl Attempt<'_> {
             {
                 return Ok((targets, Err(e)));
             }
-            for queue in &source.source().addresses {
+            for (n, queue) in source.source().addresses.iter().enumerate() {
+                let tag = format!("thingsgate-{}-{index}-{n}", self.id);
                 let consumer = bounded(
                     &format!("consume from queue `{queue}`"),
                     channel.basic_consume(
                         queue.as_str().into(),
-                        format!("thingsgate-{}-{index}", self.id).as_str().into(),
+                        tag.as_str().into(),
                         BasicConsumeOptions::default(),
                         FieldTable::default(),
                     ),
@@ -212,8 +213,8 @@ impl Attempt<'_> {
                     Ok(consumer) => consumers.push(Box::pin(consumer.map(move |d| (index, d)))),
                     Err(e) => return Ok((targets, Err(e))),
                 }
+                consumer_tags.push((channel.clone(), tag));
             }
-            consumer_channels.push(channel);
         }
         let replies = match bounded("open a channel", connection.create_channel()).await {
             Ok(c) => c,
@@ -254,9 +255,14 @@ impl Attempt<'_> {
             tokio::select! {
                 () = crate::bridge::until_set(stop), if !stopping => {
                     stopping = true;
-                    // Stop consuming; settle what is under way, then close.
-                    for channel in &consumer_channels {
-                        let _ = tokio::time::timeout(Duration::from_secs(2), channel.basic_recover(lapin::options::BasicRecoverOptions { requeue: true })).await;
+                    // Stop consuming (nothing new is delivered), settle what is under way,
+                    // then close: whatever was delivered and not settled comes again.
+                    for (channel, tag) in &consumer_tags {
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(2),
+                            channel.basic_cancel(tag.as_str().into(), lapin::options::BasicCancelOptions::default()),
+                        )
+                        .await;
                     }
                     consumers = SelectAll::new();
                 }
@@ -487,6 +493,7 @@ async fn pump(
                 Ok(confirmation) if confirmation.is_nack() => {
                     // The broker could not take it; counted, not retried forever.
                     tracing::warn!("a target's broker refused a message (basic.nack)");
+                    target.refused();
                     settled += 1;
                 }
                 Ok(_) => settled += 1,

@@ -472,7 +472,7 @@ impl SourceRuntime {
             jwt_method: false,
             secret: None,
         };
-        let client = Arc::new(self.core.transient(identity));
+        let client = Arc::new(self.core.transient_as(identity, crate::core::session::Protocol::Bridge));
         clients.insert(subjects, client.clone());
         Some(client)
     }

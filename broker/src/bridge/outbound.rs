@@ -96,7 +96,7 @@ impl TargetRuntime {
             jwt_method: false,
             secret: None,
         };
-        let client = core.transient(identity);
+        let client = core.transient_as(identity, crate::core::session::Protocol::Bridge);
         for filter in &target.filters {
             if core
                 .subscribe(
@@ -184,6 +184,12 @@ impl TargetRuntime {
 
     pub fn is_empty(&self) -> bool {
         self.buffer.is_empty()
+    }
+
+    /// The broker refused one of the messages being confirmed (counted as failed; it still
+    /// leaves the buffer with the others of its batch).
+    pub fn refused(&self) {
+        self.status.count_failed();
     }
 
     /// The oldest `n` messages were confirmed by the broker.

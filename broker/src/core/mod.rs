@@ -313,10 +313,16 @@ impl Core {
         })
     }
 
-    /// A client for one request or stream (HTTP, SSE): `identity` with a session of its own
-    /// that no client ID names and nothing journals — answers and deliveries go into it and
-    /// its adapter takes them out. Subscriptions it makes end with [`Core::release`].
+    /// A client for one request or stream (HTTP, SSE) or a bridge's subject set: `identity`
+    /// with a session of its own that no client ID names and nothing journals — answers and
+    /// deliveries go into it and its adapter takes them out. Subscriptions it makes end with
+    /// [`Core::release`].
     pub fn transient(&self, identity: Identity) -> Client {
+        self.transient_as(identity, session::Protocol::Http)
+    }
+
+    /// [`Core::transient`] for an adapter other than HTTP (`protocol` for metrics).
+    pub fn transient_as(&self, identity: Identity, protocol: session::Protocol) -> Client {
         let space = self.spaces.get_or_create(&identity.solution);
         let view = space.policy().for_subjects(&identity.subjects, None, now());
         let session = Arc::new(Session::new(
@@ -326,7 +332,7 @@ impl Core {
             0,
             self.settings.max_queued_messages,
         ));
-        let link = Arc::new(Link::new(session::Protocol::Http, None));
+        let link = Arc::new(Link::new(protocol, None));
         session.lock().link = Some(link.clone());
         Client {
             identity,

@@ -67,6 +67,8 @@ pub enum Protocol {
     Amqp,
     /// A queue an AMQP connection declared (a session of its own).
     AmqpQueue,
+    /// A bridge connection's source or target (`crate::bridge`).
+    Bridge,
 }
 
 impl Protocol {
@@ -77,6 +79,7 @@ impl Protocol {
             Protocol::Http => "http",
             Protocol::Amqp => "amqp",
             Protocol::AmqpQueue => "amqp-queue",
+            Protocol::Bridge => "bridge",
         }
     }
 }
