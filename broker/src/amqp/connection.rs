@@ -1639,10 +1639,7 @@ impl Conn {
                 self.settle_publish(
                     id,
                     tag,
-                    &Told {
-                        verdict: Verdict::BadTopic,
-                        reason: Some("the routing key is no topic name".to_owned()),
-                    },
+                    &Told::new(Verdict::BadTopic, "the routing key is no topic name"),
                 );
                 return Ok(());
             }

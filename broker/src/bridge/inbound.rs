@@ -217,10 +217,12 @@ fn finish(
     reply: Option<(String, Option<Bytes>)>,
 ) -> Handled {
     let answer_status = || {
-        answer
-            .as_deref()
-            .and_then(|a| Envelope::parse(a).ok())
-            .and_then(|e| e.status)
+        told.status.or_else(|| {
+            answer
+                .as_deref()
+                .and_then(|a| Envelope::parse(a).ok())
+                .and_then(|e| e.status)
+        })
     };
     let (settle, code) = match told.verdict {
         Verdict::Accepted => {
@@ -472,7 +474,10 @@ impl SourceRuntime {
             jwt_method: false,
             secret: None,
         };
-        let client = Arc::new(self.core.transient_as(identity, crate::core::session::Protocol::Bridge));
+        let client = Arc::new(
+            self.core
+                .transient_as(identity, crate::core::session::Protocol::Bridge),
+        );
         clients.insert(subjects, client.clone());
         Some(client)
     }

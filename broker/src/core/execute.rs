@@ -63,6 +63,9 @@ pub struct Told {
     pub verdict: Verdict,
     /// Why, for a refusal or failure (a Ditto error's message); never a secret.
     pub reason: Option<String>,
+    /// The status of the Ditto answer to a command, when it had one (404, 412, 500, …): tells
+    /// an error the command caused from a failure worth retrying (a bridge requeues 5xx).
+    pub status: Option<u16>,
 }
 
 /// The kinds of result an adapter maps to its wire (MQTT reason code, AMQP ack/nack, HTTP
@@ -84,12 +87,14 @@ impl Told {
     const ACCEPTED: Told = Told {
         verdict: Verdict::Accepted,
         reason: None,
+        status: None,
     };
 
-    fn new(verdict: Verdict, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(verdict: Verdict, reason: impl Into<String>) -> Self {
         Told {
             verdict,
             reason: Some(reason.into()),
+            status: None,
         }
     }
 
@@ -242,7 +247,10 @@ impl Pending {
                     let failed = Envelope::error(topic.as_ref(), &error, None);
                     answer_requester(space, session, &reply, &failed, &core.metrics);
                 }
-                Told::new(Verdict::Failed, NOT_STORED)
+                Told {
+                    status: Some(500),
+                    ..Told::new(Verdict::Failed, NOT_STORED)
+                }
             }
         }
     }
@@ -573,7 +581,11 @@ impl Core {
                     (false, s) if s >= 400 => Verdict::Failed,
                     _ => Verdict::Accepted,
                 };
-                Outcome::Now(Told { verdict, reason })
+                Outcome::Now(Told {
+                    verdict,
+                    reason,
+                    status: Some(status),
+                })
             }
             Executed::Written {
                 durable,
