@@ -311,6 +311,10 @@ async fn bridged(
     run
 }
 
+/// One prefetch's figures over the rounds: bridge commands/s, baseline acks/s, Thingsgate CPU
+/// µs per command.
+type Series = (u16, Vec<f64>, Vec<f64>, Vec<f64>);
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -382,7 +386,7 @@ fn main() {
         let connection = Connection::connect(RABBITMQ_URI, ConnectionProperties::default())
             .await
             .expect("RabbitMQ at 127.0.0.1:5672 (guest/guest)");
-        let mut results: Vec<(u16, Vec<f64>, Vec<f64>, Vec<f64>)> =
+        let mut results: Vec<Series> =
             prefetches.iter().map(|p| (*p, Vec::new(), Vec::new(), Vec::new())).collect();
         for round in 0..rounds {
             for (prefetch, bridge_rates, base_rates, tg_cpu_per_k) in &mut results {

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::{policy_cmd, solution_cmd};
+use crate::{connection_cmd, policy_cmd, solution_cmd};
 
 /// Thingsgate: a device-connection broker for digital twins, authorizing every message against
 /// Ditto-style policies.
@@ -26,6 +26,15 @@ pub enum Command {
     /// Exits 0 on success, 2 on bad input or any error (the message is on stderr).
     #[command(subcommand)]
     Solution(SolutionCommand),
+    /// Manage a solution's connections to external brokers (bridges): offline in a stopped
+    /// data dir (`--data DIR`), or online through a running server (`--http URL`, with a secret
+    /// of the solution in the environment variable THINGSGATE_SECRET — never on the command
+    /// line, where `ps` would show it).
+    ///
+    /// Passwords in connection URIs are never printed (shown as `***`). Exits 0 on success, 2
+    /// on bad input or any error (the message is on stderr).
+    #[command(subcommand)]
+    Connection(ConnectionCommand),
     /// Mint a JWT signed with a PKCS#8 PEM private key (RSA → RS256, P-256 → ES256,
     /// Ed25519 → EdDSA); prints the token. For development and tests.
     Token(crate::token_cmd::TokenArgs),
@@ -115,6 +124,49 @@ pub enum SolutionCommand {
     /// Show or replace a solution's policy.
     #[command(subcommand)]
     Policy(SolutionPolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConnectionCommand {
+    /// Create a connection from its JSON document (Ditto-style: `id`, `connectionType`, `uri`,
+    /// `sources`, `targets`, …); refused if the solution has a connection with that `id`.
+    Create {
+        #[command(flatten)]
+        at: connection_cmd::Where,
+        /// Print only `{"solutionId","id"}` on stdout.
+        #[arg(long)]
+        json: bool,
+        /// The connection document (JSON), or `-` for stdin.
+        file: PathBuf,
+    },
+    /// List the connections: ID, type, open/closed, sources, targets, URI (password hidden).
+    List {
+        #[command(flatten)]
+        at: connection_cmd::Where,
+        /// The documents as a JSON array (passwords hidden).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a connection (a running server stops it at once).
+    Delete {
+        #[command(flatten)]
+        at: connection_cmd::Where,
+        /// The connection's ID.
+        #[arg(long)]
+        id: String,
+    },
+    /// The state of connections in a running server (`--http` only): one line per connection
+    /// (state, since when, the last error, messages in/out/denied/failed).
+    Status {
+        #[command(flatten)]
+        at: connection_cmd::Where,
+        /// One connection (default: every connection of the solution).
+        #[arg(long)]
+        id: Option<String>,
+        /// The status documents as JSON (one object with `--id`, else an array).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -211,6 +263,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             permission: &permission,
         }),
         Command::Solution(command) => run_solution(command),
+        Command::Connection(command) => run_connection(command),
         Command::Serve(args) => crate::serve_cmd::run(args),
         Command::Config(ConfigCommand::Check { file }) => check_config(&file),
         Command::Token(args) => {
@@ -229,6 +282,17 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     }
     println!("ok");
     Ok(ExitCode::SUCCESS)
+}
+
+fn run_connection(command: ConnectionCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        ConnectionCommand::Create { at, json, file } => connection_cmd::create(&at, &file, json),
+        ConnectionCommand::List { at, json } => connection_cmd::list(&at, json),
+        ConnectionCommand::Delete { at, id } => connection_cmd::delete(&at, &id),
+        ConnectionCommand::Status { at, id, json } => {
+            connection_cmd::status(&at, id.as_deref(), json)
+        }
+    }
 }
 
 fn run_solution(command: SolutionCommand) -> anyhow::Result<ExitCode> {

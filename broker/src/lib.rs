@@ -17,9 +17,13 @@
 //!   of configured issuers (`jwt`), failed attempts per address (`limiter`).
 //! - `cli` (the command line: a contract, DESIGN.md §7; extend it, never rename) and its
 //!   commands: `serve_cmd` and `dev` (`thingsgate serve [--dev]`), `policy_cmd`,
-//!   `solution_cmd`, `token_cmd`; `config` (TOML, `THINGSGATE_…` overrides, issuers);
+//!   `solution_cmd`, `connection_cmd`, `token_cmd`; `config` (TOML, `THINGSGATE_…` overrides, issuers);
 //!   `limits` (every limit and what happens at it); `logging` (text or JSON, every value a
 //!   client chose escaped); `metrics`.
+//! - `bridge`: bridges — a solution's AMQP 0.9.1 and MQTT connections to external brokers,
+//!   one more adapter: `inbound` (consumed commands → `Core::publish`), `outbound` (targets:
+//!   a core subscription and a confirmed buffer), `amqp`/`mqtt` (the client tasks), `manager`
+//!   (tasks follow the stored documents), `config`, `placeholder`.
 //! - `http`: the HTTP adapter — the Ditto-compatible API under `/api/2` (`twin`, `messages`,
 //!   `sse`, `solutions`, authenticated by `auth`), `/metrics`, `/health`, `/ready`, the
 //!   OpenAPI document, and the mount point of MQTT over WebSockets (`mqtt::websocket`).
@@ -34,6 +38,7 @@ pub mod auth;
 pub(crate) mod bridge;
 pub mod cli;
 pub mod config;
+pub(crate) mod connection_cmd;
 pub(crate) mod core;
 pub(crate) mod dev;
 pub(crate) mod http;

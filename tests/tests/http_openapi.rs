@@ -32,6 +32,7 @@ fn sample(name: &str, solution: &str) -> String {
         "solutionId" => solution.into(),
         "namespace" => "org.acme.extra".into(),
         "secretId" => "s9".into(),
+        "connectionId" => "c9".into(),
         other => panic!("no sample for path parameter `{other}`"),
     }
 }

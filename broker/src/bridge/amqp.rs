@@ -142,9 +142,7 @@ impl Attempt<'_> {
             Ok(c) => c,
             Err(e) => return (targets, Err(e)),
         };
-        let (halt_tx, halt) = watch::channel(false);
-        let result = self.serve(&connection, targets, halt, stop, backoff).await;
-        let _ = halt_tx.send(true);
+        let result = self.serve(&connection, targets, stop, backoff).await;
         let (targets, result) = match result {
             Ok((targets, r)) => (targets, r),
             Err(e) => return (Vec::new(), Err(e)),
@@ -174,7 +172,6 @@ impl Attempt<'_> {
         &self,
         connection: &Connection,
         mut targets: Vec<TargetRuntime>,
-        halt: watch::Receiver<bool>,
         stop: &mut watch::Receiver<bool>,
         backoff: &mut Backoff,
     ) -> Result<(Vec<TargetRuntime>, Result<(), Failure>), Failure> {
@@ -221,6 +218,7 @@ impl Attempt<'_> {
             Err(e) => return Ok((targets, Err(e))),
         };
         // Target pumps: each on a channel of its own with confirms, given back when halted.
+        let (halt_tx, halt) = watch::channel(false);
         let mut channels = Vec::with_capacity(targets.len());
         for _ in &targets {
             let channel = match bounded("open a channel", connection.create_channel()).await {
@@ -306,8 +304,8 @@ impl Attempt<'_> {
             }
         }
         // Halt the pumps and take their targets back (their unconfirmed messages stay).
-        drop(halt);
-        let halted = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = halt_tx.send(true);
+        let halted = tokio::time::timeout(NETWORK_TIMEOUT + Duration::from_secs(5), async {
             while let Some(ended) = pumps.next().await {
                 if let Ok((target, _)) = ended {
                     targets.push(target);

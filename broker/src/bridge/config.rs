@@ -245,6 +245,16 @@ pub fn parse_uri(uri: &str, kind: ConnectionType) -> Result<Endpoint, ConfigErro
         }
         _ => return Err(bad("the scheme of an mqtt connection is `mqtt` or `tcp`")),
     };
+    // User information may not hold an unencoded `/` (nor `@`): the host would be misread.
+    if let Some(at) = rest.rfind('@')
+        && rest
+            .get(..at)
+            .is_some_and(|info| info.contains('/') || info.contains('@'))
+    {
+        return Err(bad(
+            "the user name or password holds `/` or `@`: percent-encode them (`%2F`, `%40`)",
+        ));
+    }
     let (authority, path) = match rest.find('/') {
         Some(i) => (
             rest.get(..i).unwrap_or_default(),
@@ -310,24 +320,28 @@ pub fn parse_uri(uri: &str, kind: ConnectionType) -> Result<Endpoint, ConfigErro
     })
 }
 
-/// `uri` with the password replaced by `***` (for answers and logs).
+/// `uri` with the password replaced by `***` (for answers, errors and logs). Everything
+/// between `scheme://` and the last `@` counts as user information, so a password with an
+/// unencoded `/` or `@` is hidden too (such a URI is refused by [`parse_uri`]).
 pub fn redact_uri(uri: &str) -> String {
     let Some((scheme, rest)) = uri.split_once("://") else {
         return uri.to_owned();
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let authority = rest.get(..authority_end).unwrap_or_default();
-    let Some(at) = authority.rfind('@') else {
+    let Some(at) = rest.rfind('@') else {
         return uri.to_owned();
     };
-    let userinfo = authority.get(..at).unwrap_or_default();
-    let Some((user, _)) = userinfo.split_once(':') else {
-        return uri.to_owned();
+    let userinfo = rest.get(..at).unwrap_or_default();
+    let user = match userinfo.split_once(':') {
+        Some((user, _)) => user,
+        None if userinfo.contains('/') => HIDDEN,
+        None => userinfo,
     };
-    format!(
-        "{scheme}://{user}:{HIDDEN}{}",
-        rest.get(at..).unwrap_or_default()
-    )
+    let hidden = if userinfo.contains(':') {
+        format!("{user}:{HIDDEN}")
+    } else {
+        user.to_owned()
+    };
+    format!("{scheme}://{hidden}{}", rest.get(at..).unwrap_or_default())
 }
 
 /// A source, checked.
@@ -727,6 +741,29 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("sourcez"), "{e}");
+        for uri in [
+            "amqp://u:pa/ss@h",
+            "amqp://admin:1/x@rabbit:5672/%2f",
+            "amqp://u:a@b@h",
+        ] {
+            let e = doc(
+                serde_json::json!({"id": "a", "connectionType": "amqp-091", "uri": uri,
+                "sources": [{"addresses": ["q"], "authorizationContext": ["integration:x"]}]}),
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains("percent-encode"), "{e}");
+            assert!(
+                !e.to_string().contains("ss@")
+                    && !e.to_string().contains("1/x")
+                    && !e.to_string().contains("a@b"),
+                "{e}"
+            );
+            assert!(
+                !redact_uri(uri).contains("ss") && !redact_uri(uri).contains("1/x"),
+                "{}",
+                redact_uri(uri)
+            );
+        }
         let e = base(serde_json::json!({"uri": "amqps://h"})).unwrap_err();
         assert!(
             e.to_string().contains("scheme") || e.to_string().contains("TLS"),

@@ -103,7 +103,10 @@ impl Status {
     /// Sets the state; `since` changes only when the state does.
     pub fn set(&self, state: State) {
         let mut current = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if current.0 != state {
+        if current.0.label() == state.label() {
+            // The same state with another error: `since` stays.
+            current.0 = state;
+        } else {
             if state == State::Connected {
                 self.connects.fetch_add(1, Ordering::Relaxed);
             }

@@ -12,6 +12,9 @@
 //! | secrets: add, revoke | WRITE `solution:/secrets` |
 //! | policy: get / replace | READ / WRITE `solution:/policy` |
 //! | clients, usage | READ `solution:/clients`, `solution:/usage` |
+//! | connections: list | READ somewhere below `solution:/connections`; lists those the requester may READ |
+//! | a connection: show / create, replace, delete | READ / WRITE `solution:/connections/<id>` |
+//! | a connection's status | READ `solution:/connections/<id>/status` |
 //!
 //! A solution that is not the client's own is not found (404), whatever its policy says; a
 //! read without READ is not found either, a change without WRITE is 403.
@@ -186,16 +189,28 @@ impl Core {
         }
         let (path, permission) = request.needs();
         let path = &*path;
-        if !client.solution_allows(
-            ResourceType::Solution,
-            path,
-            permission,
-            Mode::Unrestricted,
-            now(),
-        ) {
+        // The list needs READ somewhere below `solution:/connections` and shows the connections
+        // the requester may read; everything else needs its resource unrestricted.
+        let mode = if matches!(request, Admin::Connections) {
+            Mode::Partial
+        } else {
+            Mode::Unrestricted
+        };
+        if !client.solution_allows(ResourceType::Solution, path, permission, mode, now()) {
             client.space.denied(&self.metrics, "administration");
-            return Err(match permission {
-                Permission::Read => not_found(solution_id),
+            return Err(match (permission, &request) {
+                (Permission::Read, Admin::Connection(id) | Admin::ConnectionStatus(id))
+                    if client.solution_allows(
+                        ResourceType::Solution,
+                        "/connections",
+                        Permission::Read,
+                        Mode::Partial,
+                        now(),
+                    ) =>
+                {
+                    connection_not_found(solution_id, id)
+                }
+                (Permission::Read, _) => not_found(solution_id),
                 _ => DittoError::new(
                     403,
                     "solutions:solution.notmodifiable",
@@ -247,13 +262,25 @@ impl Core {
                     "denied": load(&usage.denied),
                 })))
             }
-            Admin::Connections => Ok(AdminAnswer::Value(Value::Array(
-                solution
-                    .connections
-                    .iter()
-                    .filter_map(|c| serde_json::to_value(c.redacted()).ok())
-                    .collect(),
-            ))),
+            Admin::Connections => {
+                let now = now();
+                Ok(AdminAnswer::Value(Value::Array(
+                    solution
+                        .connections
+                        .iter()
+                        .filter(|c| {
+                            client.solution_allows(
+                                ResourceType::Solution,
+                                &format!("/connections/{}", c.id),
+                                Permission::Read,
+                                Mode::Unrestricted,
+                                now,
+                            )
+                        })
+                        .filter_map(|c| serde_json::to_value(c.redacted()).ok())
+                        .collect(),
+                )))
+            }
             Admin::Connection(id) => solution
                 .connections
                 .iter()

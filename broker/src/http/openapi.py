@@ -110,6 +110,71 @@ paths["/api/2/solutions/{solutionId}/policy"] = {"get": sol(get="The solution po
     "put": {"tags": ["Solutions"], "summary": "Replace the solution policy (WRITE `solution:/policy`); applies to live connections at once", "parameters": S, "requestBody": body, "responses": resp([204, 400, 401, 403, 404, 429])}}
 paths["/api/2/solutions/{solutionId}/clients"] = sol(get="The sessions of the solution's clients (READ `solution:/clients`)")
 paths["/api/2/solutions/{solutionId}/usage"] = sol(get="Usage counters (READ `solution:/usage`)")
+CONN = p("connectionId", "the connection's ID (1 to 64 letters, digits, `-`, `_`, `.`)")
+CREF = {"$ref": "#/components/schemas/Connection"}
+cbody = lambda desc: {"required": True, "description": desc, "content": {"application/json": {"schema": CREF}}}
+CREATED = {"type": "object", "required": ["id"], "properties": {"id": {"type": "string", "description": "the connection's ID"}}}
+paths["/api/2/solutions/{solutionId}/connections"] = {
+    "get": {"tags": ["Connections"], "summary": "The solution's connections to external brokers, passwords shown as `***` (READ `solution:/connections`)", "parameters": S,
+            "responses": resp([200, 401, 404, 429], {"type": "array", "items": CREF})},
+    "post": {"tags": ["Connections"], "summary": "Create a connection; without `id` it gets a generated one (`c-<8 hex>`); an existing `id` is 409 (WRITE `solution:/connections/<id>`). Started at once if `open`", "parameters": S,
+             "requestBody": cbody("the connection (`id` optional)"), "responses": resp([201, 400, 401, 403, 404, 409, 413, 429], CREATED)}}
+paths["/api/2/solutions/{solutionId}/connections/{connectionId}"] = {
+    "get": {"tags": ["Connections"], "summary": "A connection, its password shown as `***` (READ `solution:/connections/<id>`)", "parameters": S + [CONN], "responses": resp([200, 401, 404, 429], CREF)},
+    "put": {"tags": ["Connections"], "summary": "Create or replace a connection (WRITE `solution:/connections/<id>`); the body's `id`, if any, must be the URL's; a URI whose password is `***` (as shown) keeps the stored password. A changed connection is restarted at once", "parameters": S + [CONN],
+            "requestBody": cbody("the connection"), "responses": resp([201, 204, 400, 401, 403, 404, 409, 413, 429], CREATED)},
+    "delete": {"tags": ["Connections"], "summary": "Delete a connection: it stops at once (WRITE `solution:/connections/<id>`)", "parameters": S + [CONN], "responses": resp([204, 401, 403, 404, 429])}}
+paths["/api/2/solutions/{solutionId}/connections/{connectionId}/status"] = {
+    "get": {"tags": ["Connections"], "summary": "A connection's state and counters in this server (READ `solution:/connections/<id>/status`)", "parameters": S + [CONN],
+            "responses": resp([200, 401, 404, 429], {"$ref": "#/components/schemas/ConnectionStatus"})}}
+for op in (paths["/api/2/solutions/{solutionId}/connections"]["post"], paths["/api/2/solutions/{solutionId}/connections/{connectionId}"]["put"]):
+    op["responses"]["201"]["description"] = "Created: the connection's ID (no `Location`)"
+TEMPLATE = lambda desc: {"type": "string", "description": desc}
+SUBJECTS = lambda desc: {"type": "array", "items": {"type": "string"}, "minItems": 1, "description": desc}
+HEADERS = lambda desc: {"type": "object", "additionalProperties": {"type": "string"}, "description": desc}
+CONNECTION_SCHEMAS = {
+    "Connection": {"type": "object", "additionalProperties": False, "required": ["id", "connectionType", "uri"],
+        "description": "A connection to an external broker (Ditto's connection shape where it fits). Unknown fields are refused (400 `connectivity:connection.configuration.invalid`, the message naming the field).",
+        "example": {"id": "hub", "connectionType": "amqp-091", "connectionStatus": "open", "uri": "amqp://hub:***@hub.example:5672/%2f",
+                    "sources": [{"addresses": ["telemetry"], "authorizationContext": ["integration:{{ header:device_id }}"], "enforcement": {"input": "{{ header:device_id }}", "filters": ["{{ thing:id }}"]}}],
+                    "targets": [{"address": "amq.topic/{{ thing:namespace }}.{{ thing:name }}.{{ topic:action }}", "topics": ["_/_/things/twin/events"], "authorizationContext": ["integration:acme:hub"]}]},
+        "properties": {
+            "id": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"},
+            "name": {"type": "string"},
+            "connectionType": {"type": "string", "enum": ["amqp-091", "mqtt", "mqtt-5"]},
+            "connectionStatus": {"type": "string", "enum": ["open", "closed"], "default": "open", "description": "`closed`: kept, not connected"},
+            "uri": {"type": "string", "description": "`amqp://user:password@host:5672/vhost` or `mqtt://user:password@host:1883` (plain TCP: TLS is not supported yet); the password is shown as `***`"},
+            "sources": {"type": "array", "maxItems": 16, "items": {"$ref": "#/components/schemas/ConnectionSource"}},
+            "targets": {"type": "array", "maxItems": 16, "items": {"$ref": "#/components/schemas/ConnectionTarget"}},
+            "specificConfig": {"type": "object", "additionalProperties": {"type": "string"}, "description": "`clientId` (MQTT; default `thingsgate-<solution>-<id>`)"}}},
+    "ConnectionSource": {"type": "object", "additionalProperties": False, "required": ["addresses", "authorizationContext"], "description": "Where Ditto envelopes (commands) are consumed from",
+        "properties": {
+            "addresses": {"type": "array", "items": {"type": "string"}, "minItems": 1, "description": "AMQP queue names, or MQTT topic filters"},
+            "authorizationContext": SUBJECTS("the subjects a consumed command is authorized as; `{{ header:<name> }}` placeholders"),
+            "enforcement": {"type": "object", "additionalProperties": False, "required": ["input", "filters"], "description": "the consumed message's `input` must equal one of `filters` resolved for the addressed thing (else `connection.id.enforcement.failed`)",
+                "properties": {"input": TEMPLATE("e.g. `{{ header:device_id }}`"), "filters": {"type": "array", "items": TEMPLATE("e.g. `{{ thing:id }}`"), "minItems": 1}}},
+            "qos": {"type": "integer", "minimum": 0, "maximum": 2, "description": "MQTT only (default 1)"},
+            "prefetch": {"type": "integer", "minimum": 1, "maximum": 65535, "description": "AMQP only (default 100)"},
+            "headerMapping": HEADERS("extra headers computed from the consumed message's (`{{ header:… }}`)")}},
+    "ConnectionTarget": {"type": "object", "additionalProperties": False, "required": ["address", "topics", "authorizationContext"], "description": "Where events and live messages are published",
+        "properties": {
+            "address": TEMPLATE("AMQP: `exchange/routing-key` (or `exchange`); MQTT: a topic. `{{ thing:… }}` and `{{ topic:… }}` placeholders"),
+            "topics": {"type": "array", "minItems": 1, "items": {"type": "string", "enum": ["_/_/things/twin/events", "_/_/things/live/messages"]}, "description": "optionally with `?namespaces=a,b`"},
+            "authorizationContext": SUBJECTS("the subjects whose view of each event or message is published"),
+            "qos": {"type": "integer", "minimum": 0, "maximum": 2, "description": "MQTT only (default 1)"},
+            "headerMapping": HEADERS("headers (AMQP) or user properties (MQTT 5) set on each published message")}},
+    "ConnectionStatus": {"type": "object", "required": ["id", "status"], "description": "A connection's state in this server; only `id` and `status` (`connecting`) right after it was stored",
+        "properties": {
+            "id": {"type": "string"},
+            "connectionType": {"type": "string", "enum": ["amqp-091", "mqtt", "mqtt-5"]},
+            "address": {"type": "string", "description": "`host:port` of the external broker (never its credentials)"},
+            "status": {"type": "string", "enum": ["connecting", "connected", "failed", "closed"]},
+            "since": {"type": "string", "format": "date-time", "description": "when it entered this state"},
+            "lastError": {"type": "string", "description": "why the last attempt failed (`failed` only); it is retried after a backoff"},
+            "connects": {"type": "integer", "description": "connects that succeeded"},
+            "counters": {"type": "object", "description": "messages since the connection (re)started",
+                "properties": {k: {"type": "integer", "description": d} for k, d in [("in", "commands consumed and applied, or answered with an error"), ("out", "events and messages published to targets (confirmed)"), ("denied", "refused: not authorized, or by the enforcement"), ("failed", "malformed, unresolvable, store failures, timeouts"), ("dropped", "dropped at a full target buffer"), ("replies", "answers sent to reply addresses")]}}}},
+}
 paths["/api/2/openapi.json"] = {"get": {"tags": ["Operations"], "summary": "This document", "security": [], "responses": {"200": {"description": "OpenAPI 3.0"}}}}
 paths["/metrics"] = {"get": {"tags": ["Operations"], "summary": "Prometheus metrics (OpenMetrics text)", "security": [], "responses": {"200": {"description": "metrics"}}}}
 paths["/health"] = {"get": {"tags": ["Operations"], "summary": "The process serves", "security": [], "responses": {"200": {"description": "ok"}}}}
@@ -118,7 +183,7 @@ paths["/mqtt"] = {"get": {"tags": ["Operations"], "summary": "MQTT over WebSocke
 
 doc = {
   "openapi": "3.0.3",
-  "info": {"title": "Thingsgate HTTP API", "version": "2", "description": "Ditto-compatible twin API, live messages, Server-Sent Events, solution administration. Every `/api/2` request is authenticated: `Authorization: Basic <solutionId:secret>`, or `Authorization: Bearer <JWT>` with `x-cr-api-token` unless the token names its solution. The API token alone grants nothing."},
+  "info": {"title": "Thingsgate HTTP API", "version": "2", "description": "Ditto-compatible twin API, live messages, Server-Sent Events, solution administration (including connections to external brokers). Every `/api/2` request is authenticated: `Authorization: Basic <solutionId:secret>`, or `Authorization: Bearer <JWT>` with `x-cr-api-token` unless the token names its solution. The API token alone grants nothing."},
   "security": AUTH,
   "paths": paths,
   "components": {
@@ -127,7 +192,7 @@ doc = {
       "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
       "apiToken": {"type": "apiKey", "in": "header", "name": "x-cr-api-token", "description": "identifies the solution of a token without solution claim; grants nothing alone"}
     },
-    "schemas": {"Error": {"type": "object", "required": ["status", "error", "message"], "properties": {"status": {"type": "integer"}, "error": {"type": "string", "example": "things:thing.notfound"}, "message": {"type": "string"}, "description": {"type": "string"}}}},
+    "schemas": dict({"Error": {"type": "object", "required": ["status", "error", "message"], "properties": {"status": {"type": "integer"}, "error": {"type": "string", "example": "things:thing.notfound"}, "message": {"type": "string"}, "description": {"type": "string"}}}}, **CONNECTION_SCHEMAS),
     "responses": SHARED
   }
 }

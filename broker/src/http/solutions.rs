@@ -84,6 +84,16 @@ impl FromRequestParts<Arc<Core>> for Caller {
 impl Caller {
     /// Authenticates the request and carries out `request` on `solution_id`.
     async fn administer(self, solution_id: &str, request: Admin) -> Response {
+        self.administer_with(solution_id, || Ok(request)).await
+    }
+
+    /// Authenticates the request, then builds the request from its body (an unauthenticated
+    /// request is 401 whatever its body) and carries it out on `solution_id`.
+    async fn administer_with(
+        self,
+        solution_id: &str,
+        request: impl FnOnce() -> Result<Admin, Box<Response>>,
+    ) -> Response {
         let Caller {
             core,
             peer,
@@ -92,6 +102,10 @@ impl Caller {
         let identity = match auth::authenticate(&core, &headers, peer.ip()).await {
             Ok(identity) => identity,
             Err(u) => return u.into_response(),
+        };
+        let request = match request() {
+            Ok(request) => request,
+            Err(response) => return *response,
         };
         let client = core.transient(identity);
         let answer = core.administer(&client, solution_id, request).await;
@@ -275,14 +289,24 @@ async fn create_connection(Path(id): Path<String>, caller: Caller, body: Bytes) 
         Ok(bytes) => format!("c-{}", crate::auth::secret::hex(&bytes)),
         Err(_) => String::from("c-0"),
     };
-    match connection_body(&body, &generated, false) {
-        Ok(doc) => {
-            caller
-                .administer(&id, Admin::PutConnection(Box::new(doc), true))
-                .await
-        }
-        Err(response) => *response,
+    let mut created = None;
+    let mut response = caller
+        .administer_with(&id, || {
+            let doc = connection_body(&body, &generated, false)?;
+            created = Some(doc.id.clone());
+            Ok(Admin::PutConnection(Box::new(doc), true))
+        })
+        .await;
+    if response.status() == StatusCode::CREATED
+        && let Some(location) = created
+            .map(|c| format!("/api/2/solutions/{id}/connections/{c}"))
+            .and_then(|l| axum::http::HeaderValue::from_str(&l).ok())
+    {
+        response
+            .headers_mut()
+            .insert(axum::http::header::LOCATION, location);
     }
+    response
 }
 
 /// `PUT …/connections/{connectionId}`: creates or replaces it.
@@ -291,12 +315,10 @@ async fn put_connection(
     caller: Caller,
     body: Bytes,
 ) -> Response {
-    match connection_body(&body, &connection, true) {
-        Ok(doc) => {
-            caller
-                .administer(&id, Admin::PutConnection(Box::new(doc), false))
-                .await
-        }
-        Err(response) => *response,
-    }
+    caller
+        .administer_with(&id, || {
+            let doc = connection_body(&body, &connection, true)?;
+            Ok(Admin::PutConnection(Box::new(doc), false))
+        })
+        .await
 }
