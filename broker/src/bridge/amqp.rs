@@ -102,12 +102,19 @@ pub async fn run(
             sources: &sources,
             status: &status,
         };
-        let (returned, result) = attempt.run(targets, &mut stop, &mut backoff).await;
+        let (returned, result) = attempt.run(targets, &mut stop).await;
         targets = returned;
         match result {
             Ok(()) => return,
             Err(failure) => {
                 tracing::warn!(solution = %solution, connection = %id, error = %failure, "bridge connection failed; connecting again after a backoff");
+                // A connection that held for a while starts over at the shortest wait; one that
+                // fails soon after connecting (a broken target, a poison message) backs off.
+                if let (State::Connected, since) = status.state()
+                    && since.elapsed().unwrap_or_default() >= crate::bridge::STABLE_AFTER
+                {
+                    backoff.reset();
+                }
                 status.set(State::Failed(failure));
                 let wait = backoff.next_wait();
                 tokio::select! {
@@ -136,13 +143,12 @@ impl Attempt<'_> {
         &self,
         targets: Vec<TargetRuntime>,
         stop: &mut watch::Receiver<bool>,
-        backoff: &mut Backoff,
     ) -> (Vec<TargetRuntime>, Result<(), Failure>) {
         let connection = match self.connect().await {
             Ok(c) => c,
             Err(e) => return (targets, Err(e)),
         };
-        let result = self.serve(&connection, targets, stop, backoff).await;
+        let result = self.serve(&connection, targets, stop).await;
         let (targets, result) = match result {
             Ok((targets, r)) => (targets, r),
             Err(e) => return (Vec::new(), Err(e)),
@@ -173,7 +179,6 @@ impl Attempt<'_> {
         connection: &Connection,
         mut targets: Vec<TargetRuntime>,
         stop: &mut watch::Receiver<bool>,
-        backoff: &mut Backoff,
     ) -> Result<(Vec<TargetRuntime>, Result<(), Failure>), Failure> {
         // Consumers first: a missing queue fails the attempt before anything is started.
         let mut consumers: SelectAll<Pin<Box<dyn Stream<Item = Consumed> + Send>>> =
@@ -217,6 +222,37 @@ impl Attempt<'_> {
             Ok(c) => c,
             Err(e) => return Ok((targets, Err(e))),
         };
+        // Targets' exchanges must exist before anything is consumed: a missing one fails the
+        // attempt now (and the backoff grows) instead of after commands were taken.
+        for target in &targets {
+            let exchange = &target.target().exchange;
+            if exchange.is_empty() {
+                continue;
+            }
+            let check = match bounded("open a channel", connection.create_channel()).await {
+                Ok(c) => c,
+                Err(e) => return Ok((targets, Err(e))),
+            };
+            let declared = bounded(
+                &format!("target exchange `{exchange}`"),
+                check.exchange_declare(
+                    exchange.as_str().into(),
+                    lapin::ExchangeKind::Topic,
+                    lapin::options::ExchangeDeclareOptions {
+                        passive: true,
+                        ..lapin::options::ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                ),
+            )
+            .await;
+            if let Err(e) = declared {
+                return Ok((targets, Err(e)));
+            }
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), check.close(200, "checked".into()))
+                    .await;
+        }
         // Target pumps: each on a channel of its own with confirms, given back when halted.
         let (halt_tx, halt) = watch::channel(false);
         let mut channels = Vec::with_capacity(targets.len());
@@ -241,7 +277,6 @@ impl Attempt<'_> {
         }
         let mut pumps = pumps;
         self.status.set(State::Connected);
-        backoff.reset();
         tracing::info!(solution = %self.solution, connection = %self.id, address = %self.compiled.endpoint.address(), "bridge connected");
 
         let mut waiting: FuturesUnordered<BoxFuture<(Handled, Acker)>> = FuturesUnordered::new();

@@ -35,6 +35,9 @@ pub const NETWORK_TIMEOUT: Duration = Duration::from_secs(10);
 /// The first wait before connecting again; doubled per failure up to [`MAX_BACKOFF`].
 pub const MIN_BACKOFF: Duration = Duration::from_millis(200);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A connection that failed after being connected this long starts over at [`MIN_BACKOFF`];
+/// one that fails sooner keeps backing off (a broken target, a message that breaks it).
+pub const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// Events and messages waiting for a target while its broker is unreachable; beyond it the
 /// oldest are dropped and counted.
 pub const TARGET_BUFFER: usize = 10_000;
@@ -74,7 +77,9 @@ pub struct Status {
     pub published: AtomicU64,
     /// Messages refused: not authorized, or by the enforcement.
     pub denied: AtomicU64,
-    /// Messages that failed: malformed, unresolvable, store failures, timeouts.
+    /// Messages that failed: malformed, unresolvable, answered with an error the command caused
+    /// (404, 409, 412 …: settled), store failures and timeouts (requeued); a target message the
+    /// broker refused.
     pub failed: AtomicU64,
     /// Events and messages dropped at a full target buffer.
     pub dropped: AtomicU64,

@@ -167,7 +167,7 @@ pub async fn run(
             return;
         }
         status.set(State::Connecting);
-        let (failure, least) = match attempt.run(&mut targets, &mut stop, &mut backoff).await {
+        let (failure, least) = match attempt.run(&mut targets, &mut stop).await {
             Ended::Stopped => return,
             Ended::Failed(failure) => (failure, Duration::ZERO),
             Ended::Requeued => (
@@ -176,6 +176,13 @@ pub async fn run(
             ),
         };
         tracing::warn!(solution = %solution, connection = %id, error = %failure, "bridge connection ended; connecting again after a backoff");
+        // A connection that held for a while starts over at the shortest wait; one that fails
+        // soon after connecting keeps backing off.
+        if let (State::Connected, since) = status.state()
+            && since.elapsed().unwrap_or_default() >= crate::bridge::STABLE_AFTER
+        {
+            backoff.reset();
+        }
         status.set(State::Failed(failure));
         let wait = backoff.next_wait().max(least);
         tokio::select! {
@@ -198,12 +205,7 @@ struct Attempt<'a> {
 
 impl Attempt<'_> {
     /// One connection: connect, subscribe, serve until stopped, failed or requeued.
-    async fn run(
-        &self,
-        targets: &mut [TargetRuntime],
-        stop: &mut watch::Receiver<bool>,
-        backoff: &mut Backoff,
-    ) -> Ended {
+    async fn run(&self, targets: &mut [TargetRuntime], stop: &mut watch::Receiver<bool>) -> Ended {
         let link = tokio::select! {
             link = self.connect() => link,
             () = crate::bridge::until_set(stop) => return Ended::Stopped,
@@ -214,7 +216,7 @@ impl Attempt<'_> {
         };
         tracing::debug!(solution = %self.solution, connection = %self.id, session_present = link.session_present, "bridge CONNACK");
         let mut flow = Flow::new(self, link, targets.len());
-        flow.serve(targets, stop, backoff).await
+        flow.serve(targets, stop).await
     }
 
     /// Connects and waits for the CONNACK; the event loop then runs in a task of its own.
@@ -760,7 +762,6 @@ impl<'a> Flow<'a> {
         &mut self,
         targets: &mut [TargetRuntime],
         stop: &mut watch::Receiver<bool>,
-        backoff: &mut Backoff,
     ) -> Ended {
         for (index, source) in self.attempt.sources.iter().enumerate() {
             // QoS 2 is taken as QoS 1 (see the module documentation).
@@ -771,7 +772,7 @@ impl<'a> Flow<'a> {
             self.subscribing.push_back(index);
         }
         if self.attempt.sources.is_empty() {
-            self.connected(backoff);
+            self.connected();
         }
         let mut waiting: FuturesUnordered<BoxFuture<(Handled, Ack)>> = FuturesUnordered::new();
         let mut check = tokio::time::interval(CHECK_EVERY);
@@ -801,7 +802,7 @@ impl<'a> Flow<'a> {
                             }
                         }
                         other => {
-                            if let Err(failure) = self.on_event(other, targets, backoff) {
+                            if let Err(failure) = self.on_event(other, targets) {
                                 break Err(failure);
                             }
                         }
@@ -830,10 +831,9 @@ impl<'a> Flow<'a> {
         }
     }
 
-    fn connected(&mut self, backoff: &mut Backoff) {
+    fn connected(&mut self) {
         self.connected = true;
         self.attempt.status.set(State::Connected);
-        backoff.reset();
         tracing::info!(solution = %self.attempt.solution, connection = %self.attempt.id, address = %self.attempt.compiled.endpoint.address(), "bridge connected");
     }
 
@@ -1010,12 +1010,7 @@ impl<'a> Flow<'a> {
     }
 
     /// Takes an event of the event loop other than a received message.
-    fn on_event(
-        &mut self,
-        event: Event,
-        targets: &mut [TargetRuntime],
-        backoff: &mut Backoff,
-    ) -> Result<(), Failure> {
+    fn on_event(&mut self, event: Event, targets: &mut [TargetRuntime]) -> Result<(), Failure> {
         match event {
             Event::Message(_) => {}
             Event::Failed(e) => return Err(e),
@@ -1039,7 +1034,7 @@ impl<'a> Flow<'a> {
                     return Err(format!("the broker refused the subscription to `{filter}`"));
                 }
                 if !self.connected && self.subscribing.is_empty() && self.subscribed.is_empty() {
-                    self.connected(backoff);
+                    self.connected();
                 }
             }
             Event::Sent(pkid) => {
@@ -1118,8 +1113,7 @@ impl<'a> Flow<'a> {
             match event {
                 Event::Failed(_) => return,
                 acked @ (Event::Sent(_) | Event::Acked { .. }) => {
-                    let mut unused = Backoff::default();
-                    let _ = self.on_event(acked, targets, &mut unused);
+                    let _ = self.on_event(acked, targets);
                 }
                 _ => {}
             }
