@@ -1548,3 +1548,95 @@ async fn a_connection_follows_its_queue_and_its_stored_document() {
     assert_eq!(gone.status, 404, "{:?}", gone.body);
     rabbit.clean_up().await;
 }
+
+// --- live messages to a target -------------------------------------------------------------------
+
+/// A live message sent to a thing over HTTP reaches a target that takes
+/// `_/_/things/live/messages`, with the message's subject as `{{ topic:action }}`, only when the
+/// target's subjects may READ it (`message:/`): a thing whose policy does not let them read its
+/// messages publishes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_messages_reach_a_target_whose_subjects_may_read_them() {
+    let rabbit = Rabbit::connect().await;
+    let (_broker, solution, api) = started();
+    let auth = Auth::basic(&solution);
+    let all = json!({"grant": ["READ", "WRITE"], "revoke": []});
+    let mut things = Vec::new();
+    for (label, readable) in [("live-yes", true), ("live-no", false)] {
+        let thing = format!("org.acme:{}", unique(label));
+        let reader_resources = if readable {
+            json!({"message:/": {"grant": ["READ"], "revoke": []}})
+        } else {
+            json!({"thing:/": {"grant": ["READ"], "revoke": []}})
+        };
+        let policy = json!({"entries": {
+            "owner": {
+                "subjects": {format!("iot-things:{}", solution.id): {"type": "solution"}},
+                "resources": {"thing:/": all, "policy:/": all, "message:/": all}
+            },
+            "reader": {
+                "subjects": {TARGET_SUBJECT: {"type": "bridge target"}},
+                "resources": reader_resources
+            }
+        }});
+        let created = api
+            .put(&format!("/api/2/policies/{thing}"), &auth, &policy)
+            .await;
+        assert_eq!(created.status, 201, "{:?}", created.body);
+        let created = api
+            .put(
+                &format!("/api/2/things/{thing}"),
+                &auth,
+                &json!({"policyId": thing}),
+            )
+            .await;
+        assert_eq!(created.status, 201, "{:?}", created.body);
+        things.push(thing);
+    }
+    let mut messages = rabbit.topic_queue("live.#").await;
+    let target = json!({
+        "address": "amq.topic/live.{{ thing:name }}.{{ topic:action }}",
+        "topics": ["_/_/things/live/messages"],
+        "authorizationContext": [TARGET_SUBJECT]
+    });
+    put_connection(&api, &solution, "hub", &connection(&[], &[target])).await;
+    wait_status(&api, &solution, "hub", "connected", |_| true).await;
+
+    for thing in &things {
+        let sent = api
+            .send(
+                api.request(
+                    reqwest::Method::POST,
+                    &format!("/api/2/things/{thing}/inbox/messages/blink?timeout=0"),
+                    &auth,
+                )
+                .header("content-type", "application/json")
+                .body(r#"{"times":2}"#),
+            )
+            .await;
+        assert_eq!(sent.status, 202, "{sent:?}");
+    }
+    let delivery = next_within(&mut messages, STEP)
+        .await
+        .unwrap_or_else(|| panic!("no live message on amq.topic `live.#` within {STEP:?}"));
+    let readable = things.first().map(|t| name_of(t)).unwrap_or_default();
+    assert_eq!(
+        delivery.routing_key.as_str(),
+        format!("live.{readable}.blink")
+    );
+    let body: Value = serde_json::from_slice(&delivery.data).unwrap();
+    assert_eq!(body, json!({"times": 2}));
+    if let Some(extra) = next_within(&mut messages, QUIET).await {
+        panic!(
+            "the target may not read the second thing's messages, got: {} {}",
+            extra.routing_key,
+            text(&extra.data)
+        );
+    }
+    let status = wait_status(&api, &solution, "hub", "connected", |s| {
+        counter(s, "out") >= 1
+    })
+    .await;
+    assert_eq!(counter(&status, "out"), 1, "{status}");
+    rabbit.clean_up().await;
+}
