@@ -105,7 +105,8 @@ pub struct Reply {
     pub to: String,
     pub correlation: Option<Bytes>,
     pub payload: Bytes,
-    /// The answer's status (for the transport's own headers, e.g. AMQP `status`).
+    /// The answer's status (for the transport's own headers: AMQP `status`, MQTT 5 user
+    /// property `status`).
     pub status: Option<u16>,
 }
 
@@ -217,12 +218,8 @@ fn finish(
     reply: Option<(String, Option<Bytes>)>,
 ) -> Handled {
     let answer_status = || {
-        told.status.or_else(|| {
-            answer
-                .as_deref()
-                .and_then(|a| Envelope::parse(a).ok())
-                .and_then(|e| e.status)
-        })
+        told.status
+            .or_else(|| answer.as_deref().and_then(status_of))
     };
     let (settle, code) = match told.verdict {
         Verdict::Accepted => {
@@ -254,12 +251,21 @@ fn finish(
             (Some((to, correlation)), Some(payload)) => Some(Reply {
                 to,
                 correlation,
+                status: code.or_else(|| status_of(&payload)),
                 payload,
-                status: code,
             }),
             _ => None,
         },
     }
+}
+
+/// The `status` of an answer envelope, read without building the envelope.
+fn status_of(answer: &[u8]) -> Option<u16> {
+    #[derive(Deserialize)]
+    struct Status {
+        status: Option<u16>,
+    }
+    serde_json::from_slice::<Status>(answer).ok()?.status
 }
 
 impl SourceRuntime {
@@ -311,6 +317,29 @@ impl SourceRuntime {
             .clone()
             .filter(|to| !to.is_empty())
             .map(|to| (to, inbound.correlation.clone()));
+        let limit = self.core.settings.max_packet_size as usize;
+        if inbound.payload.len() > limit {
+            // Not even parsed: the same bound as a device's message.
+            self.status.count_failed();
+            let error = DittoError::new(
+                413,
+                "things:message.toolarge",
+                format!(
+                    "the message has {} bytes, more than the {limit} a command may have",
+                    inbound.payload.len()
+                ),
+            )
+            .with_description("Send smaller commands (the server's `max_packet_size`).");
+            return Step::Done(Handled {
+                settle: Settle::Reject,
+                reply: reply.map(|(to, correlation)| Reply {
+                    to,
+                    correlation,
+                    payload: Bytes::from(Envelope::error(None, &error, None).to_bytes()),
+                    status: Some(413),
+                }),
+            });
+        }
         let mut subjects = Vec::with_capacity(self.source.authorization_context.len());
         for template in &self.source.authorization_context {
             match template.resolve(inbound) {

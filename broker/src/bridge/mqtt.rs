@@ -893,7 +893,6 @@ impl<'a> Flow<'a> {
             if is_topic_name(&reply.to) {
                 let properties = reply
                     .status
-                    .or_else(|| answer_status(&reply.payload))
                     .map(|code| vec![("status".to_owned(), code.to_string())])
                     .unwrap_or_default();
                 self.outbox.push_back(Request::Reply {
@@ -1131,15 +1130,6 @@ fn publication(message: &OutMessage, qos: u8) -> Publication<'_> {
         correlation: None,
         user_properties: &message.headers,
     }
-}
-
-/// The `status` of an answer envelope (`inbound` gives it for errors only).
-fn answer_status(payload: &[u8]) -> Option<u16> {
-    #[derive(serde::Deserialize)]
-    struct Answer {
-        status: Option<u16>,
-    }
-    serde_json::from_slice::<Answer>(payload).ok()?.status
 }
 
 /// Whether a source address (a filter, maybe `$share/<group>/<filter>`) matches `topic`.
