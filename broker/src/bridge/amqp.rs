@@ -18,14 +18,13 @@ use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, SelectAll};
 use futures_util::{Stream, StreamExt};
-use lapin::Acker;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     BasicRejectOptions, ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::bridge::config::Compiled;
 use crate::bridge::inbound::{Handled, Inbound, Settle, SourceRuntime, Step};
@@ -184,6 +183,9 @@ impl Attempt<'_> {
         let mut consumers: SelectAll<Pin<Box<dyn Stream<Item = Consumed> + Send>>> =
             SelectAll::new();
         let mut consumer_tags: Vec<(Channel, String)> = Vec::new();
+        // One settler per source channel: acknowledgements in order, batched (see `settler`).
+        let mut settlers: Vec<mpsc::UnboundedSender<Settlement>> = Vec::new();
+        let mut settler_tasks = FuturesUnordered::new();
         for (index, source) in self.sources.iter().enumerate() {
             let channel = bounded("open a channel", connection.create_channel()).await;
             let channel = match channel {
@@ -217,6 +219,13 @@ impl Attempt<'_> {
                 }
                 consumer_tags.push((channel.clone(), tag));
             }
+            let (to_settler, settled) = mpsc::unbounded_channel();
+            settlers.push(to_settler);
+            settler_tasks.push(tokio::spawn(settler(
+                channel.clone(),
+                settled,
+                usize::from(prefetch),
+            )));
         }
         let replies = match bounded("open a channel", connection.create_channel()).await {
             Ok(c) => c,
@@ -279,8 +288,10 @@ impl Attempt<'_> {
         self.status.set(State::Connected);
         tracing::info!(solution = %self.solution, connection = %self.id, address = %self.compiled.endpoint.address(), "bridge connected");
 
-        let mut waiting: FuturesUnordered<BoxFuture<(Handled, Acker)>> = FuturesUnordered::new();
-        let mut settling: FuturesUnordered<BoxFuture<Result<(), Failure>>> =
+        let mut waiting: FuturesUnordered<BoxFuture<(Handled, usize, u64)>> =
+            FuturesUnordered::new();
+        // Answers being published, and requeues waiting out their delay, before they settle.
+        let mut settling: FuturesUnordered<BoxFuture<Result<(usize, Settlement), Failure>>> =
             FuturesUnordered::new();
         let mut failure: Option<Failure> = None;
         let mut stopping = false;
@@ -303,22 +314,44 @@ impl Attempt<'_> {
                     match consumed {
                         Some((index, Ok(delivery))) => {
                             let Some(source) = self.sources.get(index) else { continue };
-                            let lapin::message::Delivery { data, properties, acker, .. } = delivery;
+                            let lapin::message::Delivery { data, properties, delivery_tag, .. } = delivery;
                             let inbound = inbound(source, &data, &properties);
                             match source.handle(&inbound) {
-                                Step::Done(handled) => settling.push(Box::pin(settle(replies.clone(), acker, handled, self.status.clone()))),
-                                Step::Wait(wait) => waiting.push(Box::pin(async move { (wait.await, acker) })),
+                                Step::Done(handled) => {
+                                    if let Some(later) = settle(&settlers, &replies, index, delivery_tag, handled, self.status) {
+                                        settling.push(later);
+                                    }
+                                }
+                                Step::Wait(wait) => waiting.push(Box::pin(async move { (wait.await, index, delivery_tag) })),
                             }
                         }
                         Some((_, Err(e))) => { failure = Some(format!("consumer: {e}")); break; }
                         None => { failure = Some("the broker ended the consumers".into()); break; }
                     }
                 }
-                Some((handled, acker)) = waiting.next(), if !waiting.is_empty() => {
-                    settling.push(Box::pin(settle(replies.clone(), acker, handled, self.status.clone())));
+                Some((handled, index, tag)) = waiting.next(), if !waiting.is_empty() => {
+                    if let Some(later) = settle(&settlers, &replies, index, tag, handled, self.status) {
+                        settling.push(later);
+                    }
                 }
                 Some(settled) = settling.next(), if !settling.is_empty() => {
-                    if let Err(e) = settled { failure = Some(e); break; }
+                    match settled {
+                        Ok((index, settlement)) => {
+                            if let Some(settler) = settlers.get(index) {
+                                let _ = settler.send(settlement);
+                            }
+                        }
+                        Err(e) => { failure = Some(e); break; }
+                    }
+                }
+                Some(ended) = settler_tasks.next(), if !settler_tasks.is_empty() => {
+                    let why = match ended {
+                        Ok(Err(e)) => e,
+                        Ok(Ok(())) => "a settler ended".to_owned(),
+                        Err(e) => format!("a settler task ended: {e}"),
+                    };
+                    failure = Some(why);
+                    break;
                 }
                 Some(ended) = pumps.next(), if !pumps.is_empty() => {
                     match ended {
@@ -337,6 +370,15 @@ impl Attempt<'_> {
             if stopping && waiting.is_empty() && settling.is_empty() {
                 break;
             }
+        }
+        // The settlers send what they were given (the last acknowledgements) and end.
+        drop(settlers);
+        let flushed = tokio::time::timeout(NETWORK_TIMEOUT, async {
+            while settler_tasks.next().await.is_some() {}
+        })
+        .await;
+        if flushed.is_err() {
+            tracing::warn!(connection = %self.id, "acknowledgements not sent in time; the broker delivers those messages again");
         }
         // Halt the pumps and take their targets back (their unconfirmed messages stay).
         let _ = halt_tx.send(true);
@@ -407,14 +449,51 @@ fn inbound<'a>(
     }
 }
 
-/// Sends the answer (if any) to `reply-to` through the default exchange, then settles.
-async fn settle(
-    replies: Channel,
-    acker: Acker,
+/// How a delivery of a source's channel is settled, by its delivery tag.
+#[derive(Debug, Clone, Copy)]
+enum Settlement {
+    Ack(u64),
+    Reject(u64),
+    Requeue(u64),
+}
+
+impl Settlement {
+    fn of(settle: Settle, tag: u64) -> Self {
+        match settle {
+            Settle::Ack => Settlement::Ack(tag),
+            Settle::Reject => Settlement::Reject(tag),
+            Settle::Requeue => Settlement::Requeue(tag),
+        }
+    }
+}
+
+/// Settles a handled delivery: at once through its channel's settler, or — when an answer must
+/// go to `reply-to` first, or a requeue waits out [`REQUEUE_DELAY`] — the future that does that
+/// and then yields the settlement for the settler.
+fn settle(
+    settlers: &[mpsc::UnboundedSender<Settlement>],
+    replies: &Channel,
+    index: usize,
+    tag: u64,
     handled: Handled,
-    status: Arc<Status>,
-) -> Result<(), Failure> {
-    if let Some(reply) = handled.reply {
+    status: &Arc<Status>,
+) -> Option<BoxFuture<Result<(usize, Settlement), Failure>>> {
+    let settlement = Settlement::of(handled.settle, tag);
+    let Some(reply) = handled.reply else {
+        if handled.settle == Settle::Requeue {
+            return Some(Box::pin(async move {
+                tokio::time::sleep(REQUEUE_DELAY).await;
+                Ok((index, settlement))
+            }));
+        }
+        if let Some(settler) = settlers.get(index) {
+            let _ = settler.send(settlement);
+        }
+        return None;
+    };
+    let replies = replies.clone();
+    let status = status.clone();
+    Some(Box::pin(async move {
         let mut properties = BasicProperties::default()
             .with_content_type("application/vnd.eclipse.ditto+json".into());
         if let Some(correlation) = reply
@@ -444,28 +523,86 @@ async fn settle(
         )
         .await?;
         status.replies.fetch_add(1, Ordering::Relaxed);
-    }
-    match handled.settle {
-        Settle::Ack => bounded("basic.ack", acker.ack(BasicAckOptions::default())).await?,
-        Settle::Requeue => {
+        if handled.settle == Settle::Requeue {
             tokio::time::sleep(REQUEUE_DELAY).await;
-            bounded(
-                "basic.nack",
-                acker.nack(BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                }),
-            )
-            .await?
         }
-        Settle::Reject => {
-            bounded(
-                "basic.reject",
-                acker.reject(BasicRejectOptions { requeue: false }),
-            )
-            .await?
+        Ok((index, settlement))
+    }))
+}
+
+/// Settles one source channel's deliveries in the order they are given: rejects and requeues
+/// at once, acknowledgements batched — one `basic.ack` with `multiple` up to the end of the
+/// settled prefix of delivery tags (a channel's tags count from 1 without gaps), which spares
+/// a frame and a wake-up of lapin's I/O thread per message. A delivery still under way holds
+/// the prefix; when the acknowledgements waiting behind it reach half the prefetch window they
+/// are sent one by one, so a slow command never stalls the channel. Ends when every sender is
+/// gone, after sending what it was given.
+async fn settler(
+    channel: Channel,
+    mut given: mpsc::UnboundedReceiver<Settlement>,
+    window: usize,
+) -> Result<(), Failure> {
+    // Settled tags above the prefix: whether their frame was sent already.
+    let mut settled: std::collections::BTreeMap<u64, bool> = std::collections::BTreeMap::new();
+    let mut next: u64 = 1;
+    let mut batch = Vec::new();
+    while given.recv_many(&mut batch, 1024).await > 0 {
+        for settlement in batch.drain(..) {
+            match settlement {
+                Settlement::Ack(tag) => {
+                    settled.insert(tag, false);
+                }
+                Settlement::Reject(tag) => {
+                    bounded(
+                        "basic.reject",
+                        channel.basic_reject(tag, BasicRejectOptions { requeue: false }),
+                    )
+                    .await?;
+                    settled.insert(tag, true);
+                }
+                Settlement::Requeue(tag) => {
+                    bounded(
+                        "basic.nack",
+                        channel.basic_nack(
+                            tag,
+                            BasicNackOptions {
+                                multiple: false,
+                                requeue: true,
+                            },
+                        ),
+                    )
+                    .await?;
+                    settled.insert(tag, true);
+                }
+            }
         }
-    };
+        let mut last_unsent = None;
+        while let Some(sent) = settled.remove(&next) {
+            if !sent {
+                last_unsent = Some(next);
+            }
+            next += 1;
+        }
+        if let Some(tag) = last_unsent {
+            bounded(
+                "basic.ack",
+                channel.basic_ack(tag, BasicAckOptions { multiple: true }),
+            )
+            .await?;
+        }
+        if settled.len() >= (window / 2).max(1) {
+            for (tag, sent) in settled.iter_mut() {
+                if !*sent {
+                    bounded(
+                        "basic.ack",
+                        channel.basic_ack(*tag, BasicAckOptions { multiple: false }),
+                    )
+                    .await?;
+                    *sent = true;
+                }
+            }
+        }
+    }
     Ok(())
 }
 
