@@ -42,6 +42,9 @@ pub enum Command {
     ///
     /// Prints `mqtt listening on ADDR` per listener, then `ready`, on stdout.
     Serve(crate::serve_cmd::ServeArgs),
+    /// Simulated devices: provision a solution for a load test, run one, report.
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCommand),
     /// Check a config file without starting the server.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -265,6 +268,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Solution(command) => run_solution(command),
         Command::Connection(command) => run_connection(command),
         Command::Serve(args) => crate::serve_cmd::run(args),
+        Command::Bench(command) => crate::bench::main(command),
         Command::Config(ConfigCommand::Check { file }) => check_config(&file),
         Command::Token(args) => {
             println!("{}", crate::token_cmd::run(&args)?);

@@ -14,35 +14,21 @@
 //! (documents are shown with [`ConnectionDoc::redacted`], whatever the server sent), and the
 //! secret is never part of a message. Every error exits 2 with its message on stderr.
 
-use std::fmt;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use policy::Timestamp;
 use serde_json::{Value, json};
 
 use crate::auth::solution::SolutionId;
 use crate::bridge::config::{ConnectionDoc, HIDDEN, redact_uri};
+use crate::http_client::{
+    self, Api, BaseUrl, REQUEST_TIMEOUT, Refused, SECRET_ENV, secret_from_env, segment,
+};
 use crate::solution_cmd::DataDir;
 
-/// The environment variable holding the secret of `--http` commands.
-pub const SECRET_ENV: &str = "THINGSGATE_SECRET";
-/// How long connecting to the server may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long one request may take, connecting included.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
-/// The largest answer read (a solution has at most 100 connections).
-const MAX_ANSWER_BYTES: usize = 4 << 20;
 /// The largest connection document read from a file.
 const MAX_DOCUMENT_BYTES: u64 = 1 << 20;
 
@@ -81,17 +67,6 @@ impl Where {
             ),
         };
         Ok((solution, place))
-    }
-}
-
-fn secret_from_env(solution: &SolutionId) -> anyhow::Result<String> {
-    match std::env::var(SECRET_ENV) {
-        Ok(secret) if !secret.is_empty() => Ok(secret),
-        Ok(_) | Err(std::env::VarError::NotPresent) => bail!(
-            "`--http` needs a secret of solution `{solution}` in the environment variable \
-             {SECRET_ENV} (it is not taken from the command line, where `ps` would show it)"
-        ),
-        Err(std::env::VarError::NotUnicode(_)) => bail!("{SECRET_ENV} is not UTF-8"),
     }
 }
 
@@ -294,7 +269,7 @@ pub fn status(at: &Where, id: Option<&str>, json: bool) -> anyhow::Result<ExitCo
         return Ok(ExitCode::SUCCESS);
     }
     if statuses.is_empty() {
-        writeln!(out, "solution {} has no connections", server.solution)?;
+        writeln!(out, "solution {} has no connections", server.api.solution())?;
         return Ok(ExitCode::SUCCESS);
     }
     writeln!(
@@ -394,65 +369,11 @@ fn redacted_value(mut doc: Value) -> Value {
 
 // --- the HTTP client ---------------------------------------------------------------------------
 
-/// A running server's connection API for one solution.
-struct Server {
-    /// `http://host:port[/prefix]`, without a final `/`.
-    base: String,
-    solution: SolutionId,
-    /// `Basic …`: holds the secret, so this type's `Debug` leaves it out.
-    authorization: String,
-}
-
-impl fmt::Debug for Server {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Server")
-            .field("base", &self.base)
-            .field("solution", &self.solution)
-            .finish_non_exhaustive()
-    }
-}
-
-/// The server answered with an error status.
+/// A running server's connection API for one solution ([`Api`] under
+/// `/api/2/solutions/{id}/connections`).
 #[derive(Debug)]
-struct Refused {
-    status: u16,
-    message: String,
-}
-
-impl fmt::Display for Refused {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for Refused {}
-
-/// Percent-encodes one path segment.
-fn segment(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                char::from(b).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// An error with its causes, `: `-separated (hyper's own message is only "client error
-/// (Connect)").
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
-    message
+struct Server {
+    api: Api,
 }
 
 impl Server {
@@ -461,42 +382,9 @@ impl Server {
         solution: &SolutionId,
         secret: impl FnOnce(&SolutionId) -> anyhow::Result<String>,
     ) -> anyhow::Result<Self> {
-        let url = url.trim().trim_end_matches('/');
-        let full = if url.contains("://") {
-            url.to_owned()
-        } else {
-            format!("http://{url}")
-        };
-        let parsed: hyper::Uri = full
-            .parse()
-            .map_err(|e| anyhow!("`--http {url}` is not a URL: {e}"))?;
-        match parsed.scheme_str() {
-            Some("http") => {}
-            Some("https") => bail!(
-                "`--http`: https is not supported by `thingsgate connection` yet; use the \
-                 server's plain HTTP address (e.g. on the same host, or through an SSH tunnel)"
-            ),
-            _ => bail!("`--http`: the URL must start with `http://`"),
-        }
-        let Some(authority) = parsed.authority() else {
-            bail!("`--http`: the URL names no host, e.g. `http://127.0.0.1:8080`");
-        };
-        if authority.as_str().contains('@') {
-            // Not echoed: it may hold a password.
-            bail!("`--http`: put no credentials in the URL; the secret comes from {SECRET_ENV}");
-        }
-        if parsed.query().is_some() {
-            bail!("`--http`: the URL takes no query, e.g. `http://127.0.0.1:8080`");
-        }
-        let secret = secret(solution)?;
-        let authorization = format!(
-            "Basic {}",
-            STANDARD.encode(format!("{}:{secret}", solution.as_str()))
-        );
+        let base = BaseUrl::parse(url, "thingsgate connection")?;
         Ok(Server {
-            base: full,
-            solution: solution.clone(),
-            authorization,
+            api: Api::new(base, solution, secret)?,
         })
     }
 
@@ -504,8 +392,8 @@ impl Server {
     fn url(&self, segments: &[&str]) -> String {
         let mut url = format!(
             "{}/api/2/solutions/{}/connections",
-            self.base,
-            segment(self.solution.as_str())
+            self.api.base(),
+            segment(self.api.solution().as_str())
         );
         for s in segments {
             url.push('/');
@@ -528,14 +416,18 @@ impl Server {
             .build()
             .context("cannot start the HTTP client")?;
         let (status, bytes) = runtime.block_on(async {
-            tokio::time::timeout(REQUEST_TIMEOUT, self.send(method.clone(), &url, body))
-                .await
-                .map_err(|_| {
-                    anyhow!(
-                        "no answer from {} within {REQUEST_TIMEOUT:?} ({method} {url})",
-                        self.base
-                    )
-                })?
+            let client = http_client::client(0);
+            tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                self.api.send(&client, method.clone(), &url, body),
+            )
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "no answer from {} within {REQUEST_TIMEOUT:?} ({method} {url})",
+                    self.api.base()
+                )
+            })?
         })?;
         if status.is_success() {
             if bytes.is_empty() {
@@ -544,98 +436,7 @@ impl Server {
             return serde_json::from_slice(&bytes)
                 .map_err(|e| anyhow!("{method} {url}: the server's answer is not JSON: {e}"));
         }
-        Err(anyhow::Error::new(self.refusal(status, &bytes)))
-    }
-
-    async fn send(
-        &self,
-        method: hyper::Method,
-        url: &str,
-        body: Option<Vec<u8>>,
-    ) -> anyhow::Result<(hyper::StatusCode, Bytes)> {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(0)
-            .build(connector);
-        let mut request = hyper::Request::builder()
-            .method(method)
-            .uri(url)
-            .header(hyper::header::AUTHORIZATION, &self.authorization)
-            .header(hyper::header::ACCEPT, "application/json")
-            .header(
-                hyper::header::USER_AGENT,
-                concat!("thingsgate/", env!("CARGO_PKG_VERSION")),
-            );
-        if body.is_some() {
-            request = request.header(hyper::header::CONTENT_TYPE, "application/json");
-        }
-        let request = request
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| anyhow!("cannot build the request to {url}: {e}"))?;
-        let response = client.request(request).await.map_err(|e| {
-            anyhow!(
-                "cannot reach the server at {}: {}",
-                self.base,
-                error_chain(&e)
-            )
-        })?;
-        let status = response.status();
-        let bytes = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
-            .collect()
-            .await
-            .map_err(|e| anyhow!("cannot read the answer of {url}: {e}"))?
-            .to_bytes();
-        Ok((status, bytes))
-    }
-
-    /// An error answer as a message: the Ditto error's code, message and description.
-    fn refusal(&self, status: hyper::StatusCode, body: &[u8]) -> Refused {
-        let error: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-        let field = |k: &str| error.get(k).and_then(Value::as_str);
-        let message = match status.as_u16() {
-            401 => format!(
-                "the server at {} did not accept the credentials: is `{}` the solution, and \
-                 {SECRET_ENV} one of its active secrets?",
-                self.base, self.solution
-            ),
-            429 => format!(
-                "the server at {} is slowing down this address after failed \
-                 authentications; wait a moment (and check {SECRET_ENV})",
-                self.base
-            ),
-            code => {
-                let mut message = format!("the server refused ({code}");
-                if let Some(error) = field("error") {
-                    message.push(' ');
-                    message.push_str(error);
-                }
-                message.push(')');
-                match field("message") {
-                    Some(text) => {
-                        message.push_str(": ");
-                        message.push_str(text);
-                    }
-                    None => {
-                        let text = String::from_utf8_lossy(body);
-                        let text = text.trim();
-                        if !text.is_empty() {
-                            message.push_str(": ");
-                            message.extend(text.chars().take(300));
-                        }
-                    }
-                }
-                if let Some(description) = field("description") {
-                    message.push_str(" — ");
-                    message.push_str(description);
-                }
-                message
-            }
-        };
-        Refused {
-            status: status.as_u16(),
-            message,
-        }
+        Err(anyhow::Error::new(self.api.refusal(status, &bytes)))
     }
 }
 
@@ -651,35 +452,13 @@ mod tests {
     }
 
     #[test]
-    fn server_urls_are_plain_http_without_credentials() {
+    fn connection_urls_are_under_the_solution() {
         let s = server("127.0.0.1:8080/").unwrap();
-        assert_eq!(s.base, "http://127.0.0.1:8080");
         assert_eq!(
             s.url(&["a b", "status"]),
             "http://127.0.0.1:8080/api/2/solutions/acme/connections/a%20b/status"
         );
         assert!(!format!("{s:?}").contains("Basic"));
-        let e = server("https://h").unwrap_err().to_string();
-        assert!(e.contains("https"), "{e}");
-        let e = server("http://u:pw@h").unwrap_err().to_string();
-        assert!(!e.contains("pw"), "{e}");
-        assert!(server("ftp://h").is_err());
-    }
-
-    #[test]
-    fn refusals_carry_the_ditto_error() {
-        let s = server("http://h").unwrap();
-        let body = br#"{"status":400,"error":"connectivity:connection.configuration.invalid","message":"`uri`: bad"}"#;
-        let r = s.refusal(hyper::StatusCode::BAD_REQUEST, body);
-        assert_eq!(r.status, 400);
-        assert!(
-            r.message
-                .contains("400 connectivity:connection.configuration.invalid): `uri`: bad"),
-            "{}",
-            r.message
-        );
-        let r = s.refusal(hyper::StatusCode::UNAUTHORIZED, b"{}");
-        assert!(r.message.contains(SECRET_ENV), "{}", r.message);
     }
 
     #[test]

@@ -24,6 +24,10 @@
 //!   one more adapter: `inbound` (consumed commands → `Core::publish`), `outbound` (targets:
 //!   a core subscription and a confirmed buffer), `amqp`/`mqtt` (the client tasks), `manager`
 //!   (tasks follow the stored documents), `config`, `placeholder`.
+//! - `bench`: `thingsgate bench` — `provision` (things and policies for a load test, through
+//!   the HTTP API) and `run` (the load generator: simulated MQTT devices and subscribers, a
+//!   report with HDR latency percentiles); `http_client` is the small HTTP client of the
+//!   commands that talk to a running server (`connection --http`, `bench provision`).
 //! - `http`: the HTTP adapter — the Ditto-compatible API under `/api/2` (`twin`, `messages`,
 //!   `sse`, `solutions`, authenticated by `auth`), `/metrics`, `/health`, `/ready`, the
 //!   OpenAPI document, and the mount point of MQTT over WebSockets (`mqtt::websocket`).
@@ -35,6 +39,7 @@
 
 pub(crate) mod amqp;
 pub mod auth;
+pub(crate) mod bench;
 pub(crate) mod bridge;
 pub mod cli;
 pub mod config;
@@ -42,6 +47,7 @@ pub(crate) mod connection_cmd;
 pub(crate) mod core;
 pub(crate) mod dev;
 pub(crate) mod http;
+pub(crate) mod http_client;
 pub(crate) mod limits;
 pub(crate) mod logging;
 pub(crate) mod metrics;

@@ -1,0 +1,32 @@
+//! `thingsgate bench`: simulated devices at scale (DESIGN.md §10, the load-generator issue) —
+//! a load generator users can run against any MQTT broker (and Thingsgate's twins), so that
+//! figures come from a tool and not only from `cargo bench` harnesses.
+//!
+//! - `provision`: what a run needs in a Thingsgate solution (things with policies for the
+//!   simulated devices, subscriber subjects), made through the HTTP API first, so that a run
+//!   measures steady state, not setup.
+//! - `run`: N devices (each its own connection) publishing at a rate or as fast as a closed
+//!   loop allows, M subscribers, bounded in time and count; a live progress line and a
+//!   report (sent, received, lost, throughput, end-to-end latency percentiles from an HDR
+//!   histogram, connect rate, errors by kind) as text or JSON.
+
+pub mod provision;
+pub mod run;
+
+/// Subcommands of `thingsgate bench`.
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Create the things, policies and subscriber subjects a run needs, through the HTTP API
+    /// of a running Thingsgate.
+    Provision(provision::ProvisionArgs),
+    /// Simulate devices and subscribers against an MQTT broker; prints a report.
+    Run(Box<run::RunArgs>),
+}
+
+/// Runs a `bench` subcommand.
+pub fn main(command: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
+    match command {
+        BenchCommand::Provision(args) => provision::main(args),
+        BenchCommand::Run(args) => run::main(*args),
+    }
+}
