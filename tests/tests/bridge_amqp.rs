@@ -1652,3 +1652,50 @@ async fn live_messages_reach_a_target_whose_subjects_may_read_them() {
     assert_eq!(counter(&status, "out"), 1, "{status}");
     rabbit.clean_up().await;
 }
+
+// --- event order ---------------------------------------------------------------------------------
+
+/// Many commands for one thing under way at once (prefetch 500): the target gets the thing's
+/// events in revision order, every one once. Writes that one journal batch makes durable
+/// together must be announced in the order they were made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_things_events_reach_the_target_in_revision_order() {
+    const N: u64 = 1000;
+    let rabbit = Rabbit::connect().await;
+    let (_broker, solution, api) = started();
+    let thing = new_thing(&api, &solution, "order").await;
+    let queue = unique("order-in");
+    rabbit.queue(&queue, None).await;
+    let key = format!("org.acme.{}.modified", name_of(&thing));
+    let mut events = rabbit.topic_queue(&key).await;
+    publish_commands(&rabbit, &queue, &thing, None, N, |_| None).await;
+    put_connection(
+        &api,
+        &solution,
+        "hub",
+        &connection(&[hub_source(&queue, 500)], &[events_target()]),
+    )
+    .await;
+    let mut revisions = Vec::new();
+    while revisions.len() < usize::try_from(N).unwrap() {
+        let delivery = next_within(&mut events, STEP)
+            .await
+            .unwrap_or_else(|| panic!("{} of {N} events within {STEP:?} each", revisions.len()));
+        let event: Value = serde_json::from_slice(&delivery.data).unwrap();
+        revisions.push(event["revision"].as_u64().unwrap());
+    }
+    let expected: Vec<u64> = (2..N + 2).collect();
+    assert!(
+        revisions == expected,
+        "events out of revision order: first difference at {:?}",
+        revisions
+            .iter()
+            .zip(&expected)
+            .position(|(a, b)| a != b)
+            .map(|i| (
+                &revisions[i.saturating_sub(2)..(i + 3).min(revisions.len())],
+                i
+            ))
+    );
+    rabbit.clean_up().await;
+}

@@ -1711,8 +1711,10 @@ impl Conn {
 
     fn confirm(&mut self, i: usize, told: &Told) {
         if i < self.confirming.len() {
-            let done = self.confirming.swap_remove(i);
-            // Keep confirms of one channel in completion order (swap_remove moved the last).
+            // `remove`, not `swap_remove`: the list stays in publish order, so `confirmed` polls
+            // (and announces) writes that one journal batch made durable in the order they
+            // were made — a thing's events keep their revision order.
+            let done = self.confirming.remove(i);
             self.settle_publish(done.channel, done.tag, told);
         }
     }
@@ -1951,13 +1953,23 @@ impl Conn {
             }
             Ending::ClientClosed | Ending::Gone => {}
         }
-        // Publishes still waiting for the journal are announced once durable (no confirm).
-        for waiting in std::mem::take(&mut self.confirming) {
-            tokio::spawn(waiting.pending.settle(
+        // Publishes still waiting for the journal are announced once durable (no confirm), in
+        // the order they were made (one task: a thing's events keep their revision order).
+        let waiting = std::mem::take(&mut self.confirming);
+        if !waiting.is_empty() {
+            let (core, space, session) = (
                 self.core.clone(),
                 self.client.space.clone(),
                 self.client.session.clone(),
-            ));
+            );
+            tokio::spawn(async move {
+                for waiting in waiting {
+                    waiting
+                        .pending
+                        .settle(core.clone(), space.clone(), session.clone())
+                        .await;
+                }
+            });
         }
         if !matches!(ending, Ending::Gone) && !self.wbuf.is_empty() {
             let write = tokio::time::timeout(Duration::from_secs(1), self.io.write_all(&self.wbuf));

@@ -27,7 +27,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::{mpsc, watch};
 
 use crate::bridge::config::Compiled;
-use crate::bridge::inbound::{Handled, Inbound, Settle, SourceRuntime, Step};
+use crate::bridge::inbound::{Handled, InOrder, Inbound, Settle, SourceRuntime, Step};
 use crate::bridge::outbound::TargetRuntime;
 use crate::bridge::{Backoff, NETWORK_TIMEOUT, State, Status};
 use crate::core::Core;
@@ -288,8 +288,7 @@ impl Attempt<'_> {
         self.status.set(State::Connected);
         tracing::info!(solution = %self.solution, connection = %self.id, address = %self.compiled.endpoint.address(), "bridge connected");
 
-        let mut waiting: FuturesUnordered<BoxFuture<(Handled, usize, u64)>> =
-            FuturesUnordered::new();
+        let mut waiting: InOrder<(usize, u64)> = InOrder::default();
         // Answers being published, and requeues waiting out their delay, before they settle.
         let mut settling: FuturesUnordered<BoxFuture<Result<(usize, Settlement), Failure>>> =
             FuturesUnordered::new();
@@ -322,16 +321,18 @@ impl Attempt<'_> {
                                         settling.push(later);
                                     }
                                 }
-                                Step::Wait(wait) => waiting.push(Box::pin(async move { (wait.await, index, delivery_tag) })),
+                                Step::Wait(wait) => waiting.push(wait, (index, delivery_tag)),
                             }
                         }
                         Some((_, Err(e))) => { failure = Some(format!("consumer: {e}")); break; }
                         None => { failure = Some("the broker ended the consumers".into()); break; }
                     }
                 }
-                Some((handled, index, tag)) = waiting.next(), if !waiting.is_empty() => {
-                    if let Some(later) = settle(&settlers, &replies, index, tag, handled, self.status) {
-                        settling.push(later);
+                settled = waiting.settled(), if !waiting.is_empty() => {
+                    for (handled, (index, tag)) in settled {
+                        if let Some(later) = settle(&settlers, &replies, index, tag, handled, self.status) {
+                            settling.push(later);
+                        }
                     }
                 }
                 Some(settled) = settling.next(), if !settling.is_empty() => {
@@ -395,9 +396,7 @@ impl Attempt<'_> {
         }
         // Writes still waiting complete in the background: their events go out; their
         // messages were not settled and come again.
-        if !waiting.is_empty() {
-            tokio::spawn(async move { while waiting.next().await.is_some() {} });
-        }
+        waiting.finish_in_background();
         Ok((targets, failure.map_or(Ok(()), Err)))
     }
 }

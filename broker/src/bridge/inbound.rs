@@ -199,6 +199,73 @@ impl Future for Waiting {
     }
 }
 
+/// Messages the core is still working on, polled front to back — in the order they were
+/// consumed — so that when several writes become durable in one journal batch their events go
+/// out in the order the writes were made (a set that polls in wake-up order could announce a
+/// thing's revision 11 before its revision 10). `T` is what the transport needs to settle
+/// each (a delivery tag, a packet to acknowledge).
+#[derive(Debug)]
+pub struct InOrder<T> {
+    queue: std::collections::VecDeque<(Waiting, T)>,
+}
+
+impl<T> Default for InOrder<T> {
+    fn default() -> Self {
+        InOrder {
+            queue: std::collections::VecDeque::new(),
+        }
+    }
+}
+
+impl<T: Send + 'static> InOrder<T> {
+    pub fn push(&mut self, waiting: Waiting, tag: T) {
+        self.queue.push_back((waiting, tag));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Every message settled by now, once at least one is.
+    pub fn poll_settled(&mut self, cx: &mut Context<'_>) -> Poll<Vec<(Handled, T)>> {
+        let mut settled = Vec::new();
+        let mut i = 0;
+        while let Some((waiting, _)) = self.queue.get_mut(i) {
+            match Pin::new(waiting).poll(cx) {
+                Poll::Ready(handled) => {
+                    if let Some((_, tag)) = self.queue.remove(i) {
+                        settled.push((handled, tag));
+                    }
+                }
+                Poll::Pending => i += 1,
+            }
+        }
+        if settled.is_empty() {
+            Poll::Pending
+        } else {
+            Poll::Ready(settled)
+        }
+    }
+
+    /// Waits until at least one message is settled; every one settled by then.
+    pub async fn settled(&mut self) -> Vec<(Handled, T)> {
+        std::future::poll_fn(|cx| self.poll_settled(cx)).await
+    }
+
+    /// The transport is gone: the writes still complete in the background (their events go
+    /// out, in order); their messages were not settled and come again.
+    pub fn finish_in_background(mut self) {
+        if self.queue.is_empty() {
+            return;
+        }
+        tokio::spawn(async move {
+            while !self.queue.is_empty() {
+                let _ = self.settled().await;
+            }
+        });
+    }
+}
+
 /// The answer the core put into the client's session, if any.
 fn take_answer(core: &Core, client: &Client) -> Option<Bytes> {
     let mut state = client.session.lock();

@@ -58,20 +58,16 @@
 //! connection each time it was tried again.
 
 use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::bridge::config::{Compiled, ConnectionType};
-use crate::bridge::inbound::{Handled, Inbound, Settle, SourceRuntime, Step};
+use crate::bridge::inbound::{Handled, InOrder, Inbound, Settle, SourceRuntime, Step, Waiting};
 use crate::bridge::outbound::{OutMessage, TargetRuntime};
 use crate::bridge::{Backoff, NETWORK_TIMEOUT, State, Status};
 use crate::core::Core;
@@ -101,8 +97,6 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The content type of answers (MQTT 5).
 const DITTO_JSON: &str = "application/vnd.eclipse.ditto+json";
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// Why an attempt ended.
 type Failure = String;
@@ -702,7 +696,7 @@ impl Window {
 enum Woke {
     Stop,
     Event(Option<Event>),
-    Settled(Handled, Ack),
+    Settled(Vec<(Handled, Ack)>),
     Targets,
     Tick,
 }
@@ -774,7 +768,7 @@ impl<'a> Flow<'a> {
         if self.attempt.sources.is_empty() {
             self.connected();
         }
-        let mut waiting: FuturesUnordered<BoxFuture<(Handled, Ack)>> = FuturesUnordered::new();
+        let mut waiting: InOrder<Ack> = InOrder::default();
         let mut check = tokio::time::interval(CHECK_EVERY);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
@@ -786,7 +780,7 @@ impl<'a> Flow<'a> {
             let woke = tokio::select! {
                 () = crate::bridge::until_set(stop), if !matches!(self.draining, Some(Ended::Stopped)) => Woke::Stop,
                 event = self.events.recv() => Woke::Event(event),
-                Some((handled, ack)) = waiting.next(), if !waiting.is_empty() => Woke::Settled(handled, ack),
+                settled = waiting.settled(), if !waiting.is_empty() => Woke::Settled(settled),
                 () = any_target(targets) => Woke::Targets,
                 _ = check.tick() => Woke::Tick,
             };
@@ -797,8 +791,8 @@ impl<'a> Flow<'a> {
                     self.last_event = Instant::now();
                     match event {
                         Event::Message(message) => {
-                            if let Some(wait) = self.take(message) {
-                                waiting.push(wait);
+                            if let Some((wait, ack)) = self.take(message) {
+                                waiting.push(wait, ack);
                             }
                         }
                         other => {
@@ -808,7 +802,11 @@ impl<'a> Flow<'a> {
                         }
                     }
                 }
-                Woke::Settled(handled, ack) => self.settle(ack, handled),
+                Woke::Settled(settled) => {
+                    for (handled, ack) in settled {
+                        self.settle(ack, handled);
+                    }
+                }
                 Woke::Targets => {}
                 Woke::Tick => {
                     if let Err(failure) = self.check() {
@@ -819,9 +817,7 @@ impl<'a> Flow<'a> {
         };
         // Writes still waiting complete in the background: their events go out; their
         // messages were not acknowledged and come again.
-        if !waiting.is_empty() {
-            tokio::spawn(async move { while waiting.next().await.is_some() {} });
-        }
+        waiting.finish_in_background();
         match result {
             Err(failure) => Ended::Failed(failure),
             Ok(()) => {
@@ -838,7 +834,7 @@ impl<'a> Flow<'a> {
     }
 
     /// Hands a received PUBLISH to its source: settled now, or a future settling it later.
-    fn take(&mut self, message: Message) -> Option<BoxFuture<(Handled, Ack)>> {
+    fn take(&mut self, message: Message) -> Option<(Waiting, Ack)> {
         if self.draining.is_some() {
             // Not acknowledged: the broker delivers it again on the next connection.
             return None;
@@ -882,7 +878,7 @@ impl<'a> Flow<'a> {
                 self.settle(ack, handled);
                 None
             }
-            Step::Wait(wait) => Some(Box::pin(async move { (wait.await, ack) })),
+            Step::Wait(wait) => Some((wait, ack)),
         }
     }
 
