@@ -111,7 +111,12 @@ fn pika_publishes_with_confirms_consumes_is_nacked_when_denied_and_commands_a_tw
     let (broker, solution, addr) = started();
     let (out, lines) = pika(
         addr,
-        &["--username", &solution.id, "--password", &solution.secret],
+        // `--password=…`: a secret may begin with `-`, which argparse would take for an option.
+        &[
+            "--username",
+            &solution.id,
+            &format!("--password={}", solution.secret),
+        ],
     );
     assert!(
         out.status.success(),
@@ -166,8 +171,7 @@ fn pika_with_a_wrong_password_is_refused() {
         &[
             "--username",
             &solution.id,
-            "--password",
-            "not-the-secret",
+            "--password=not-the-secret",
             "--expect-refused",
         ],
     );
