@@ -96,7 +96,13 @@ impl TargetRuntime {
             jwt_method: false,
             secret: None,
         };
-        let client = core.transient_as(identity, crate::core::session::Protocol::Bridge);
+        // The session's queue as large as the target's buffer: the fan-out does not drop
+        // while the target waits for confirms of its last batch (a burst of events).
+        let client = core.transient_queue(
+            identity,
+            crate::core::session::Protocol::Bridge,
+            TARGET_BUFFER,
+        );
         for filter in &target.filters {
             if core
                 .subscribe(

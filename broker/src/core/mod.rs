@@ -323,6 +323,17 @@ impl Core {
 
     /// [`Core::transient`] for an adapter other than HTTP (`protocol` for metrics).
     pub fn transient_as(&self, identity: Identity, protocol: session::Protocol) -> Client {
+        self.transient_queue(identity, protocol, self.settings.max_queued_messages)
+    }
+
+    /// [`Core::transient_as`] with a queue of `max_queued` messages instead of the sessions'
+    /// `max_queued_messages` (a bridge target, drained into a buffer of its own).
+    pub fn transient_queue(
+        &self,
+        identity: Identity,
+        protocol: session::Protocol,
+        max_queued: usize,
+    ) -> Client {
         let space = self.spaces.get_or_create(&identity.solution);
         let view = space.policy().for_subjects(&identity.subjects, None, now());
         let session = Arc::new(Session::new(
@@ -330,7 +341,7 @@ impl Core {
             identity.subjects.clone(),
             view,
             0,
-            self.settings.max_queued_messages,
+            max_queued,
         ));
         let link = Arc::new(Link::new(protocol, None));
         session.lock().link = Some(link.clone());
