@@ -2158,6 +2158,10 @@ fn confirmed<'a>(
             {
                 return Poll::Ready((i, told));
             }
+            // No write announces its events before every write ahead of it has.
+            if !entry.pending.announced() {
+                break;
+            }
         }
         Poll::Pending
     })

@@ -231,12 +231,14 @@ impl<T: Send + 'static> InOrder<T> {
         let mut settled = Vec::new();
         let mut i = 0;
         while let Some((waiting, _)) = self.queue.get_mut(i) {
-            match Pin::new(waiting).poll(cx) {
+            match Pin::new(&mut *waiting).poll(cx) {
                 Poll::Ready(handled) => {
                     if let Some((_, tag)) = self.queue.remove(i) {
                         settled.push((handled, tag));
                     }
                 }
+                // No write announces its events before every write ahead of it has.
+                Poll::Pending if !waiting.pending.announced() => break,
                 Poll::Pending => i += 1,
             }
         }

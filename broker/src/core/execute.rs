@@ -187,6 +187,14 @@ impl Pending {
         std::future::poll_fn(|cx| self.poll_done(cx, &core, &space, &session)).await;
     }
 
+    /// Whether its events are out already (it waits only for the record of a delivery queued
+    /// for a persistent session). A write behind it may then announce its own events; one
+    /// behind a write that has not announced must wait, or a thing's events could go out of
+    /// revision order.
+    pub fn announced(&self) -> bool {
+        self.told.is_some()
+    }
+
     /// Whether completing it announces anything.
     pub fn has_events(&self) -> bool {
         !self.events.is_empty()

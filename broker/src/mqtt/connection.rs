@@ -133,13 +133,19 @@ fn front_done<'a>(
     client: &'a Client,
 ) -> impl Future<Output = Told> + 'a {
     std::future::poll_fn(move |cx| {
+        // Front to back, and no write announces its events before every write ahead of it
+        // has announced its own (a thing's events in revision order, whatever order the
+        // writes' completions are seen in).
         for entry in queue.iter_mut() {
-            if let Some(pending) = &mut entry.pending
-                && let Poll::Ready(told) =
+            if let Some(pending) = &mut entry.pending {
+                if let Poll::Ready(told) =
                     pending.poll_done(cx, core, &client.space, &client.session)
-            {
-                entry.pending = None;
-                entry.told = told;
+                {
+                    entry.pending = None;
+                    entry.told = told;
+                } else if !pending.announced() {
+                    break;
+                }
             }
         }
         match queue.front_mut() {
