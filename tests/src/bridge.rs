@@ -185,3 +185,40 @@ pub fn modify_temp(thing: &str, value: Value, correlation: &str) -> Value {
         "headers": {"correlation-id": correlation}
     })
 }
+
+/// A RabbitMQ queue for one test (`x-expires`: gone after 10 idle minutes even if the test
+/// fails before deleting it) and the connection that declared it.
+pub async fn declare_queue(label: &str) -> (lapin::Connection, String) {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+    require_rabbitmq();
+    let name = unique(label);
+    let connection = tokio::time::timeout(
+        Duration::from_secs(20),
+        lapin::Connection::connect(RABBITMQ_URI, lapin::ConnectionProperties::default()),
+    )
+    .await
+    .expect("RabbitMQ answers")
+    .expect("RabbitMQ accepts guest/guest");
+    let channel = connection.create_channel().await.unwrap();
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-expires".into(), AMQPValue::LongInt(600_000));
+    channel
+        .queue_declare(
+            name.as_str().into(),
+            QueueDeclareOptions::default(),
+            arguments,
+        )
+        .await
+        .unwrap();
+    (connection, name)
+}
+
+/// Deletes a queue [`declare_queue`] made.
+pub async fn delete_queue(connection: &lapin::Connection, name: &str) {
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .queue_delete(name.into(), lapin::options::QueueDeleteOptions::default())
+        .await
+        .unwrap();
+}

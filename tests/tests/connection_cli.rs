@@ -14,13 +14,10 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use e2e::bridge::{BRIDGE_TIMEOUT, RABBITMQ_URI, require_rabbitmq, unique};
+use e2e::bridge::{BRIDGE_TIMEOUT, declare_queue, delete_queue, unique};
 use e2e::broker::{Broker, Solution};
 use e2e::http::http_addr;
 use e2e::{stderr, stdout, thingsgate_bin};
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Connection, ConnectionProperties};
 use serde_json::{Value, json};
 
 /// How long one command may take (the CLI's own request timeout is shorter).
@@ -134,40 +131,6 @@ fn args<'a>(subcommand: &'a str, place: &'a [String], rest: &[&'a str]) -> Vec<&
     all.extend(place.iter().map(String::as_str));
     all.extend_from_slice(rest);
     all
-}
-
-/// A RabbitMQ queue for one test (`x-expires`: gone after 10 idle minutes even if the test
-/// fails before deleting it).
-async fn declare_queue(label: &str) -> (Connection, String) {
-    require_rabbitmq();
-    let name = unique(label);
-    let connection = tokio::time::timeout(
-        Duration::from_secs(20),
-        Connection::connect(RABBITMQ_URI, ConnectionProperties::default()),
-    )
-    .await
-    .expect("RabbitMQ answers")
-    .expect("RabbitMQ accepts guest/guest");
-    let channel = connection.create_channel().await.unwrap();
-    let mut arguments = FieldTable::default();
-    arguments.insert("x-expires".into(), AMQPValue::LongInt(600_000));
-    channel
-        .queue_declare(
-            name.as_str().into(),
-            QueueDeclareOptions::default(),
-            arguments,
-        )
-        .await
-        .unwrap();
-    (connection, name)
-}
-
-async fn delete_queue(connection: &Connection, name: &str) {
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .queue_delete(name.into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
 }
 
 /// Polls `connection status --http … --id ID --json` until its state is `want`.

@@ -15,14 +15,14 @@
 use std::time::Duration;
 
 use e2e::bridge::{
-    RABBITMQ_URI, create_thing, modify_temp, put_connection, require_rabbitmq, unique, wait_status,
+    create_thing, declare_queue, delete_queue, modify_temp, put_connection, unique, wait_status,
 };
 use e2e::broker::{Broker, Solution};
 use e2e::http::{Api, Auth, http_addr};
 use e2e::issuer::{SOLUTION_CLAIM, dev_issuer};
-use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::BasicProperties;
+use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -46,40 +46,6 @@ fn amqp_connection(queue: &str, password: &str) -> Value {
 fn with_id(mut doc: Value, id: &str) -> Value {
     doc["id"] = json!(id);
     doc
-}
-
-/// A RabbitMQ queue for one test (`x-expires`: gone after 10 idle minutes even if the test
-/// fails before deleting it) and the connection that declared it.
-async fn declare_queue(label: &str) -> (Connection, String) {
-    require_rabbitmq();
-    let name = unique(label);
-    let connection = tokio::time::timeout(
-        Duration::from_secs(20),
-        Connection::connect(RABBITMQ_URI, ConnectionProperties::default()),
-    )
-    .await
-    .expect("RabbitMQ answers")
-    .expect("RabbitMQ accepts guest/guest");
-    let channel = connection.create_channel().await.unwrap();
-    let mut arguments = FieldTable::default();
-    arguments.insert("x-expires".into(), AMQPValue::LongInt(600_000));
-    channel
-        .queue_declare(
-            name.as_str().into(),
-            QueueDeclareOptions::default(),
-            arguments,
-        )
-        .await
-        .unwrap();
-    (connection, name)
-}
-
-async fn delete_queue(connection: &Connection, name: &str) {
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .queue_delete(name.into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
 }
 
 /// A bearer token of the dev issuer for `sub` (subject `dev:<sub>`) in `solution`.

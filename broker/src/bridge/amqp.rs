@@ -107,18 +107,16 @@ pub async fn run(
             Ok(()) => return,
             Err(failure) => {
                 tracing::warn!(solution = %solution, connection = %id, error = %failure, "bridge connection failed; connecting again after a backoff");
-                // A connection that held for a while starts over at the shortest wait; one that
-                // fails soon after connecting (a broken target, a poison message) backs off.
-                if let (State::Connected, since) = status.state()
-                    && since.elapsed().unwrap_or_default() >= crate::bridge::STABLE_AFTER
+                if !crate::bridge::back_off(
+                    &status,
+                    &mut backoff,
+                    failure,
+                    Duration::ZERO,
+                    &mut stop,
+                )
+                .await
                 {
-                    backoff.reset();
-                }
-                status.set(State::Failed(failure));
-                let wait = backoff.next_wait();
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    () = crate::bridge::until_set(&mut stop) => return,
+                    return;
                 }
             }
         }

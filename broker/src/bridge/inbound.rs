@@ -126,6 +126,9 @@ pub struct SourceRuntime {
     source: Source,
     status: Arc<Status>,
     clients: Mutex<HashMap<Arc<[String]>, Arc<Client>>>,
+    /// [`COMMANDS_TOPIC`] and [`ANSWER_TOPIC`], parsed once (not per message).
+    commands_topic: Option<TopicName>,
+    answer_topic: Option<TopicName>,
 }
 
 /// The part of an envelope the bridge reads before the core: the topic (the addressed thing)
@@ -352,6 +355,8 @@ impl SourceRuntime {
             source,
             status,
             clients: Mutex::new(HashMap::new()),
+            commands_topic: COMMANDS_TOPIC.parse().ok(),
+            answer_topic: ANSWER_TOPIC.parse().ok(),
         }
     }
 
@@ -446,7 +451,7 @@ impl SourceRuntime {
                 reply: None,
             });
         };
-        let Ok(topic) = COMMANDS_TOPIC.parse::<TopicName>() else {
+        let Some(topic) = &self.commands_topic else {
             return Step::Done(Handled {
                 settle: Settle::Requeue,
                 reply: None,
@@ -454,7 +459,7 @@ impl SourceRuntime {
         };
         let to_core = ReplyTo {
             wanted: reply.is_some(),
-            topic: ANSWER_TOPIC.parse().ok(),
+            topic: self.answer_topic.clone(),
             correlation: None,
         };
         let origin = Origin {
@@ -464,7 +469,7 @@ impl SourceRuntime {
         };
         match self
             .core
-            .publish(&client, &topic, inbound.payload, origin, to_core)
+            .publish(&client, topic, inbound.payload, origin, to_core)
         {
             Outcome::Now(told) => {
                 let answer = take_answer(&self.core, &client);
@@ -488,11 +493,11 @@ impl SourceRuntime {
         enforcement: &crate::bridge::config::Enforcement,
         inbound: &Inbound<'_>,
     ) -> Result<(), DittoError> {
-        let failed = |why: &str| {
+        let failed = |namespace: &str, name: &str| {
             DittoError::new(
                 400,
                 "connectivity:connection.id.enforcement.failed",
-                format!("The configured filters could not be matched against the given target with ID '{why}'."),
+                format!("The configured filters could not be matched against the given target with ID '{namespace}:{name}'."),
             )
             .with_description("Either modify the configured filters or ensure that the message is sent via the correct ID.")
         };
@@ -505,9 +510,8 @@ impl SourceRuntime {
             // Not an envelope addressing a thing: the core refuses it as malformed.
             return Ok(());
         };
-        let id = format!("{namespace}:{name}");
         let Ok(input) = enforcement.input.resolve(inbound) else {
-            return Err(failed(&id));
+            return Err(failed(namespace, name));
         };
         let thing = Addressed(namespace, name);
         let matched = enforcement
@@ -515,7 +519,11 @@ impl SourceRuntime {
             .iter()
             .filter_map(|f| f.resolve(&thing).ok())
             .any(|filter| filter == input);
-        if matched { Ok(()) } else { Err(failed(&id)) }
+        if matched {
+            Ok(())
+        } else {
+            Err(failed(namespace, name))
+        }
     }
 
     /// A message the bridge itself refuses: rejected, with a Ditto error answer if it asked.
@@ -553,11 +561,12 @@ impl SourceRuntime {
     /// The core client of `subjects` (one per distinct subject set, so its policy views are
     /// memoized across messages).
     fn client(&self, subjects: Vec<String>) -> Option<Arc<Client>> {
-        let subjects: Arc<[String]> = subjects.into();
         let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(client) = clients.get(&subjects) {
+        // Looked up by slice: the shared list is built only for a subject set not met before.
+        if let Some(client) = clients.get(subjects.as_slice()) {
             return Some(client.clone());
         }
+        let subjects: Arc<[String]> = subjects.into();
         let solution = self.core.auth.solutions.get(&self.solution)?;
         if clients.len() >= MAX_CLIENTS {
             for (_, client) in clients.drain() {

@@ -220,6 +220,30 @@ pub async fn until_set(flag: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = flag.wait_for(|set| *set).await;
 }
 
+/// After a failed attempt: records `failure` in `status`, waits out the backoff (at least
+/// `least`) — starting over at the shortest wait if the connection had held for
+/// [`STABLE_AFTER`], so one that fails soon after connecting (a broken target, a poison
+/// message) keeps backing off. `false` if `stop` was set meanwhile.
+pub async fn back_off(
+    status: &Status,
+    backoff: &mut Backoff,
+    failure: String,
+    least: Duration,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    if let (State::Connected, since) = status.state()
+        && since.elapsed().unwrap_or_default() >= STABLE_AFTER
+    {
+        backoff.reset();
+    }
+    status.set(State::Failed(failure));
+    let wait = backoff.next_wait().max(least);
+    tokio::select! {
+        () = tokio::time::sleep(wait) => true,
+        () = until_set(stop) => false,
+    }
+}
+
 /// Exponential backoff with jitter between connection attempts.
 #[derive(Debug)]
 pub struct Backoff {

@@ -170,18 +170,8 @@ pub async fn run(
             ),
         };
         tracing::warn!(solution = %solution, connection = %id, error = %failure, "bridge connection ended; connecting again after a backoff");
-        // A connection that held for a while starts over at the shortest wait; one that fails
-        // soon after connecting keeps backing off.
-        if let (State::Connected, since) = status.state()
-            && since.elapsed().unwrap_or_default() >= crate::bridge::STABLE_AFTER
-        {
-            backoff.reset();
-        }
-        status.set(State::Failed(failure));
-        let wait = backoff.next_wait().max(least);
-        tokio::select! {
-            () = tokio::time::sleep(wait) => {}
-            () = crate::bridge::until_set(&mut stop) => return,
+        if !crate::bridge::back_off(&status, &mut backoff, failure, least, &mut stop).await {
+            return;
         }
     }
 }
