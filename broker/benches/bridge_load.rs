@@ -154,6 +154,28 @@ async fn fill(channel: &Channel, queue: &str, messages: usize, things: usize) {
     }
 }
 
+/// Durable queue `queue`, emptied, then filled with `messages` commands; the channel (with
+/// confirms) that did it.
+async fn filled_queue(
+    connection: &Connection,
+    queue: &str,
+    messages: usize,
+    things: usize,
+) -> Channel {
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    declare(&channel, queue).await;
+    channel
+        .queue_purge(queue.into(), Default::default())
+        .await
+        .unwrap();
+    fill(&channel, queue, messages, things).await;
+    channel
+}
+
 struct Run {
     per_second: f64,
     thingsgate_cpu: f64,
@@ -167,18 +189,8 @@ async fn baseline(
     things: usize,
     rabbit: &str,
 ) -> Run {
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
     let queue = format!("tg-bridge-load-baseline-{}", std::process::id());
-    declare(&channel, &queue).await;
-    channel
-        .queue_purge(queue.as_str().into(), Default::default())
-        .await
-        .unwrap();
-    fill(&channel, &queue, messages, things).await;
+    let channel = filled_queue(connection, &queue, messages, things).await;
     let consumer_channel = connection.create_channel().await.unwrap();
     consumer_channel
         .basic_qos(prefetch, BasicQosOptions::default())
@@ -244,18 +256,8 @@ async fn bridged(
     rabbit: &str,
     round: usize,
 ) -> Run {
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
     let queue = format!("tg-bridge-load-{}-{round}-{prefetch}", std::process::id());
-    declare(&channel, &queue).await;
-    channel
-        .queue_purge(queue.as_str().into(), Default::default())
-        .await
-        .unwrap();
-    fill(&channel, &queue, messages, things).await;
+    let channel = filled_queue(connection, &queue, messages, things).await;
     let id = format!("load-{round}-{prefetch}");
     let doc = json!({
         "connectionType": "amqp-091",

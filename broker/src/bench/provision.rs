@@ -499,29 +499,24 @@ impl Plan {
         started: Instant,
     ) -> anyhow::Result<Summary> {
         let mut counts = [0u32; 4];
-        let mut done = 0u32;
-        let mut count = |p: Provisioned, done: &mut u32| {
-            let [tc, tr, pc, pr] = &mut counts;
-            match p.thing {
-                Put::Created => *tc += 1,
-                Put::Replaced => *tr += 1,
-            }
-            match p.policy {
-                Put::Created => *pc += 1,
-                Put::Replaced => *pr += 1,
-            }
-            *done += 1;
-            report_progress(progress, "provisioned", *done, things, started);
-        };
-        let first = self.provision_one(0).await?;
-        count(first, &mut done);
-        let mut rest = futures_util::stream::iter(1..things)
-            .map(|i| self.provision_one(i))
-            .buffer_unordered(concurrency);
-        while let Some(result) = rest.next().await {
-            let provisioned = result.map_err(|e| stopped(e, done, things))?;
-            count(provisioned, &mut done);
-        }
+        self.each_device(
+            things,
+            concurrency,
+            |i| self.provision_one(i),
+            |p: Provisioned, done| {
+                let [tc, tr, pc, pr] = &mut counts;
+                match p.thing {
+                    Put::Created => *tc += 1,
+                    Put::Replaced => *tr += 1,
+                }
+                match p.policy {
+                    Put::Created => *pc += 1,
+                    Put::Replaced => *pr += 1,
+                }
+                report_progress(progress, "provisioned", done, things, started);
+            },
+        )
+        .await?;
         let [
             things_created,
             things_replaced,
@@ -536,6 +531,37 @@ impl Plan {
         })
     }
 
+    /// `one` for devices `0..things`: the first alone (a wrong secret gives one clean 401,
+    /// not a burst the server's limiter slows), then `concurrency` at a time; `count` gets
+    /// each result and how many are done. Stops at the first failure.
+    async fn each_device<T, Fut>(
+        &self,
+        things: u32,
+        concurrency: usize,
+        one: impl Fn(u32) -> Fut,
+        mut count: impl FnMut(T, u32),
+    ) -> anyhow::Result<()>
+    where
+        Fut: std::future::Future<Output = anyhow::Result<T>>,
+    {
+        let mut done = 0u32;
+        if things == 0 {
+            return Ok(());
+        }
+        let first = one(0).await?;
+        done += 1;
+        count(first, done);
+        let mut rest = futures_util::stream::iter(1..things)
+            .map(&one)
+            .buffer_unordered(concurrency);
+        while let Some(result) = rest.next().await {
+            let value = result.map_err(|e| stopped(e, done, things))?;
+            done += 1;
+            count(value, done);
+        }
+        Ok(())
+    }
+
     /// Removes devices `0..things`, like [`Plan::provision_all`].
     async fn delete_all(
         &self,
@@ -545,27 +571,22 @@ impl Plan {
         started: Instant,
     ) -> anyhow::Result<Summary> {
         let (mut deleted, mut absent, mut policies) = (0u32, 0u32, 0u32);
-        let mut done = 0u32;
-        let mut count = |d: Deprovisioned, done: &mut u32| {
-            match d.thing {
-                Removed::Deleted => deleted += 1,
-                Removed::Absent => absent += 1,
-            }
-            if d.policy == Removed::Deleted {
-                policies += 1;
-            }
-            *done += 1;
-            report_progress(progress, "deleted", *done, things, started);
-        };
-        let first = self.delete_one(0).await?;
-        count(first, &mut done);
-        let mut rest = futures_util::stream::iter(1..things)
-            .map(|i| self.delete_one(i))
-            .buffer_unordered(concurrency);
-        while let Some(result) = rest.next().await {
-            let removed = result.map_err(|e| stopped(e, done, things))?;
-            count(removed, &mut done);
-        }
+        self.each_device(
+            things,
+            concurrency,
+            |i| self.delete_one(i),
+            |d: Deprovisioned, done| {
+                match d.thing {
+                    Removed::Deleted => deleted += 1,
+                    Removed::Absent => absent += 1,
+                }
+                if d.policy == Removed::Deleted {
+                    policies += 1;
+                }
+                report_progress(progress, "deleted", done, things, started);
+            },
+        )
+        .await?;
         Ok(Summary::Deleted {
             things_deleted: deleted,
             things_absent: absent,
