@@ -372,3 +372,345 @@ fn a_scenario_file_sets_the_run_and_flags_override_it() {
     assert_eq!(report["scenario"]["rate"], "50");
     assert_eq!(report["scenario"]["protocol"], "3.1.1");
 }
+
+/// Whether `svg` is one well-formed `<svg>` element: every tag closed in order, nothing
+/// outside the root (what an SVG viewer needs to open it).
+fn well_formed_svg(svg: &str) -> Result<(), String> {
+    let svg = svg.trim();
+    let body = svg
+        .strip_prefix("<?xml")
+        .and_then(|rest| rest.split_once("?>"))
+        .map_or(svg, |(_, rest)| rest.trim_start());
+    if !body.starts_with("<svg") || !body.ends_with("</svg>") {
+        return Err("not one <svg> element".to_owned());
+    }
+    let mut open: Vec<&str> = Vec::new();
+    let mut rest = body;
+    while let Some(start) = rest.find('<') {
+        if open.is_empty() && start > 0 && !rest[..start].trim().is_empty() {
+            return Err(format!("text outside the root: {:?}", &rest[..start]));
+        }
+        let end = rest[start..]
+            .find('>')
+            .ok_or_else(|| "an unclosed tag".to_owned())?
+            + start;
+        let tag = &rest[start + 1..end];
+        if let Some(name) = tag.strip_prefix('/') {
+            match open.pop() {
+                Some(opened) if opened == name.trim() => {}
+                other => return Err(format!("</{name}> closes {other:?}")),
+            }
+        } else if !tag.ends_with('/') && !tag.starts_with('!') {
+            let name = tag.split_whitespace().next().unwrap_or_default();
+            open.push(name);
+        }
+        if open.is_empty() && !rest[end + 1..].trim().is_empty() {
+            return Err("something after the root".to_owned());
+        }
+        rest = &rest[end + 1..];
+    }
+    if open.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("unclosed: {open:?}"))
+    }
+}
+
+/// The contents of an SVG's `<text>` elements.
+fn svg_texts(svg: &str) -> Vec<String> {
+    svg.split("<text")
+        .skip(1)
+        .filter_map(|t| t.split_once('>'))
+        .filter_map(|(_, rest)| rest.split_once("</text>"))
+        .map(|(text, _)| text.trim().to_owned())
+        .collect()
+}
+
+#[test]
+fn a_plot_of_a_small_run_is_an_svg_of_throughput_and_latency_over_time_and_the_json_has_its_timeline()
+ {
+    let (_broker, solution, url) = thingsgate();
+    let dir = tempfile::tempdir().unwrap();
+    let plot = dir.path().join("run.svg");
+    let report = bench_json(
+        &[
+            "--url",
+            &url,
+            "--solution",
+            &solution.id,
+            "--devices",
+            "3",
+            "--qos",
+            "1",
+            "--duration",
+            "2",
+            "--plot",
+            plot.to_str().unwrap(),
+        ],
+        &[("THINGSGATE_SECRET", &solution.secret)],
+    );
+    assert_complete(&report);
+
+    let svg = std::fs::read_to_string(&plot).expect("the plot was written");
+    well_formed_svg(&svg).unwrap_or_else(|e| panic!("{e}:\n{svg}"));
+    let texts = svg_texts(&svg);
+    for expected in [
+        "3 devices \u{2192} 1 subscriber, QoS 1, closed loop (inflight 10)",
+        "messages per second",
+        "latency, ms (log scale)",
+        "seconds since the run started",
+        "sent/s",
+        "received/s",
+        "p50",
+        "p99",
+        "max",
+        "publish",
+    ] {
+        assert!(
+            texts.iter().any(|t| t.contains(expected)),
+            "`{expected}` is not a text of the plot: {texts:?}"
+        );
+    }
+    assert!(
+        texts.iter().any(|t| t.contains(&url)),
+        "the broker is named: {texts:?}"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers, ["run.svg"], "no temporary file is left");
+
+    // The JSON timeline: intervals in order, their counts adding up to the report's, sane
+    // rates and percentiles, in phases that follow each other.
+    let timeline = report["timeline"].as_array().expect("a timeline array");
+    assert!(timeline.len() >= 4, "2 s in 0.25 s steps: {report:#}");
+    let phases = &report["phases"];
+    let publish = phases["publish_s"].as_array().unwrap();
+    let (publish_start, publish_end) = (publish[0].as_f64().unwrap(), publish[1].as_f64().unwrap());
+    assert!(
+        (publish_end - publish_start - 2.0).abs() < 0.5,
+        "about 2 s of publishing: {phases}"
+    );
+    assert_eq!(phases["step_s"], 0.25);
+    let (mut sent, mut received, mut last_t) = (0, 0, 0.0);
+    for point in timeline {
+        let f = |k: &str| point[k].as_f64();
+        let t = f("t").unwrap();
+        assert!(t > last_t, "in order: {point}");
+        last_t = t;
+        sent += point["sent"].as_u64().unwrap();
+        received += point["received"].as_u64().unwrap();
+        let interval = f("interval_s").unwrap();
+        assert!(interval > 0.0 && interval <= 0.25 * 1.25 + 0.01, "{point}");
+        assert!(f("sent_per_s").unwrap() >= 0.0 && f("received_per_s").unwrap() >= 0.0);
+        match (f("p50_ms"), f("p99_ms"), f("max_ms")) {
+            (Some(p50), Some(p99), Some(max)) => {
+                assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{point}");
+                assert!(point["received"].as_u64() > Some(0), "{point}");
+            }
+            (None, None, None) => assert_eq!(point["received"], 0, "{point}"),
+            _ => panic!("p50, p99 and max come together: {point}"),
+        }
+        assert!(
+            ["ramp", "publish", "drain"].contains(&point["phase"].as_str().unwrap()),
+            "{point}"
+        );
+    }
+    assert_eq!(
+        sent,
+        report["messages"]["sent"].as_u64().unwrap(),
+        "{report:#}"
+    );
+    assert_eq!(received, report["messages"]["received"].as_u64().unwrap());
+    let publishing: Vec<&Value> = timeline
+        .iter()
+        .filter(|p| p["phase"] == "publish")
+        .collect();
+    assert!(publishing.len() >= 6, "{report:#}");
+    assert!(
+        publishing
+            .iter()
+            .all(|p| p["sent_per_s"].as_f64() > Some(0.0)),
+        "every publishing interval sent something: {report:#}"
+    );
+    assert_eq!(
+        timeline[0]["phase"], "ramp",
+        "the ramp comes first: {report:#}"
+    );
+    assert_eq!(
+        timeline[0]["sent"], 0,
+        "nothing is sent during the ramp: {report:#}"
+    );
+}
+
+#[test]
+fn a_plot_in_a_directory_that_does_not_exist_is_refused_before_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-dir").join("run.svg");
+    // No broker listens: the refusal must come before any connection is tried.
+    let out = bench(
+        &[
+            "--url",
+            "mqtt://127.0.0.1:9",
+            "--plot",
+            missing.to_str().unwrap(),
+        ],
+        &[],
+        false,
+    );
+    assert_eq!(out.status.code(), Some(2), "stderr: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--plot") && stderr(&out).contains("no-such-dir"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stdout(&out).is_empty(),
+        "no run, no report: {}",
+        stdout(&out)
+    );
+    let out = bench(&["--plot", dir.path().to_str().unwrap()], &[], false);
+    assert_eq!(out.status.code(), Some(2), "a directory: {}", stderr(&out));
+}
+
+#[test]
+fn policy_churn_without_its_http_api_or_twin_mode_is_refused() {
+    let refused = |args: &[&str], needle: &str| {
+        let out = bench(args, &[("THINGSGATE_SECRET", "s")], false);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
+    };
+    let twin = ["--solution", "acme", "--twin", "org.acme"];
+    refused(&[&twin[..], &["--policy-churn", "1"]].concat(), "--http");
+    refused(
+        &[
+            "--solution",
+            "acme",
+            "--policy-churn",
+            "1",
+            "--http",
+            "127.0.0.1:8080",
+        ],
+        "--twin",
+    );
+    refused(
+        &[
+            &twin[..],
+            &["--policy-churn", "0", "--http", "127.0.0.1:8080"],
+        ]
+        .concat(),
+        "--policy-churn",
+    );
+    refused(
+        &[
+            &twin[..],
+            &["--policy-churn", "1", "--http", "http://192.0.2.1:8080"],
+        ]
+        .concat(),
+        "--allow-remote",
+    );
+    refused(&["--http", "127.0.0.1:8080"], "--policy-churn");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_churn_during_a_twin_run_changes_policies_and_loses_no_message() {
+    let (broker, solution, api) = e2e::bridge::started();
+    let http = format!("http://{}", e2e::http::http_addr(&broker));
+    let url = format!("mqtt://{}", broker.mqtt_addr());
+    let (id, secret) = (solution.id.clone(), solution.secret.clone());
+    let report = tokio::task::spawn_blocking(move || {
+        let mut provision = Command::new(thingsgate_bin());
+        provision.args([
+            "bench",
+            "provision",
+            "--http",
+            &http,
+            "--solution",
+            &id,
+            "--namespace",
+            "org.acme",
+            "--things",
+            "4",
+            "--subscribers",
+            "1",
+        ]);
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("THINGSGATE_") {
+                provision.env_remove(name);
+            }
+        }
+        provision.env("THINGSGATE_SECRET", &secret);
+        let out = run_bounded(provision);
+        assert_eq!(out.status.code(), Some(0), "provision: {}", stderr(&out));
+        bench_json(
+            &[
+                "--url",
+                &url,
+                "--solution",
+                &id,
+                "--twin",
+                "org.acme",
+                "--devices",
+                "4",
+                "--qos",
+                "1",
+                "--duration",
+                "2",
+                "--policy-churn",
+                "0.1",
+                "--http",
+                &http,
+            ],
+            &[("THINGSGATE_SECRET", &secret)],
+        )
+    })
+    .await
+    .unwrap();
+    // Nothing lost, nothing refused: the churn never touches what the run may do.
+    assert_complete(&report);
+    let churn = &report["policy_churn"];
+    let changes = churn["changes"].as_u64().unwrap();
+    assert!(changes >= 5, "about 20 changes in 2 s: {churn}");
+    assert_eq!(churn["failed"], 0, "{churn}");
+    assert_eq!(churn["policies"], 4, "{churn}");
+    assert_eq!(churn["first_error"], Value::Null, "{churn}");
+    let p50 = churn["http_ms"]["p50"].as_f64().unwrap();
+    assert!(
+        0.0 < p50 && p50 <= churn["http_ms"]["max"].as_f64().unwrap(),
+        "{churn}"
+    );
+
+    // The policies were really changed: each has the churn's entry, and the first (changed
+    // most often, round-robin) its last content.
+    let auth = e2e::http::Auth::basic(&solution);
+    for device in 0..4 {
+        let entry = api
+            .get(
+                &format!("/api/2/policies/org.acme:dev-{device}/entries/bench-churn"),
+                &auth,
+            )
+            .await;
+        assert_eq!(entry.status, 200, "dev-{device}: {:?}", entry.body);
+        assert!(
+            entry.body["subjects"]["bench-churn:nobody"].is_object(),
+            "{:?}",
+            entry.body
+        );
+    }
+    // Changes 0, 4, 8, … went to dev-0, alternating READ and READ + WRITE.
+    let rounds_of_dev_0 = changes.div_ceil(4);
+    let entry = api
+        .get("/api/2/policies/org.acme:dev-0/entries/bench-churn", &auth)
+        .await;
+    let expected = if rounds_of_dev_0 % 2 == 1 {
+        serde_json::json!(["READ"])
+    } else {
+        serde_json::json!(["READ", "WRITE"])
+    };
+    assert_eq!(
+        entry.body["resources"]["thing:/attributes/bench-churn"]["grant"], expected,
+        "{changes} changes: {:?}",
+        entry.body
+    );
+}

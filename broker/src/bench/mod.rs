@@ -9,7 +9,10 @@
 //!   loop allows, M subscribers, bounded in time and count; a live progress line and a
 //!   report (sent, received, lost, throughput, end-to-end latency percentiles from an HDR
 //!   histogram, connect rate, errors by kind) as text or JSON.
+//! - `compare`: Thingsgate side by side with Mosquitto, rumqttd and RabbitMQ in one run, each
+//!   broker started fresh and driven by `run`; a table of medians and ratios.
 
+pub mod compare;
 pub mod provision;
 pub mod run;
 
@@ -21,6 +24,9 @@ pub enum BenchCommand {
     Provision(provision::ProvisionArgs),
     /// Simulate devices and subscribers against an MQTT broker; prints a report.
     Run(Box<run::RunArgs>),
+    /// Thingsgate side by side with Mosquitto (rumqttd, RabbitMQ) in one run: each broker
+    /// started fresh, driven by `bench run`, its CPU and memory from /proc; a table of ratios.
+    Compare(Box<compare::CompareArgs>),
 }
 
 /// Runs a `bench` subcommand.
@@ -28,5 +34,6 @@ pub fn main(command: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
     match command {
         BenchCommand::Provision(args) => provision::main(args),
         BenchCommand::Run(args) => run::main(*args),
+        BenchCommand::Compare(args) => compare::main(*args),
     }
 }

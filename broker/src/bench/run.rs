@@ -14,17 +14,27 @@
 //!   the payload stamp, failures by kind.
 //! - `load`: the run — subscribers, the connect ramp, devices publishing (paced, or a closed
 //!   loop), the drain, the live progress line.
+//! - `amqp` (a child of `load`, sharing its state): AMQP 0.9.1 devices and subscribers on lapin
+//!   for `--url amqp://…` — topics mapped to routing keys, confirms, acknowledgements, failures
+//!   by kind.
 //! - `report`: the figures and their text and JSON forms; the generator's own CPU.
+//! - `timeline`: per interval, sent and received per second and latency percentiles, sampled
+//!   without a lock of its own (the JSON `timeline`, the plot's series).
+//! - `plot`: `--plot FILE.svg`, the timeline drawn (throughput above, latency below).
+//! - `churn`: `--policy-churn`, one device policy changed through the HTTP API every period.
 //!
 //! The generator shares the machine with the broker, so it is cheap: one runtime thread by
 //! default, PUBLISH packets encoded once per device and patched in place (packet identifier,
 //! timestamp, sequence number), bursts written with one `write` each, deliveries decoded as
 //! slices of the read buffer, latencies recorded under one lock per read batch.
 
+mod churn;
 mod client;
 mod load;
+mod plot;
 mod report;
 mod settings;
+mod timeline;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,8 +54,9 @@ pub struct RunArgs {
     /// `protocol = "3.1.1"`, `jwt_claim = ["k=v"]`); flags given as well override it.
     #[arg(long, value_name = "FILE.toml")]
     pub scenario: Option<PathBuf>,
-    /// The broker: `mqtt://HOST:PORT` [default: mqtt://127.0.0.1:1883]. A host that is not on
-    /// loopback is refused unless `--allow-remote`.
+    /// The broker: `mqtt://HOST:PORT`, or `amqp://HOST:PORT` for AMQP 0.9.1 devices and
+    /// subscribers [default: mqtt://127.0.0.1:1883]. A host that is not on loopback is refused
+    /// unless `--allow-remote`.
     #[arg(long, value_name = "URL")]
     pub url: Option<String>,
     /// Allow a broker that is not on this machine's loopback.
@@ -60,7 +71,8 @@ pub struct RunArgs {
     /// Subscribers, each its own connection, each subscribed to `--filter` [default: 1].
     #[arg(long, value_name = "M")]
     pub subscribers: Option<usize>,
-    /// QoS of the devices' PUBLISHes and of the subscriptions: 0, 1 or 2 [default: 0].
+    /// QoS of the devices' PUBLISHes and of the subscriptions: 0, 1 or 2 (AMQP: 0 or 1,
+    /// publisher confirms and acknowledgements) [default: 0].
     #[arg(long, value_name = "0|1|2", value_parser = settings::parse_qos)]
     pub qos: Option<QoS>,
     /// Messages per second per device, or `max`: a closed loop, each device keeping at most
@@ -157,6 +169,26 @@ pub struct RunArgs {
     /// Seconds between progress lines (on stderr) [default: 1].
     #[arg(long, value_name = "SECONDS")]
     pub report_every: Option<f64>,
+    /// Print `phase publishing`, `phase draining` and `phase done` lines on stderr as the run
+    /// moves on (for `bench compare`, which samples the broker's CPU and memory at those
+    /// instants).
+    #[arg(long, hide = true)]
+    pub phase_marks: bool,
+    /// Write the run's timeline as an SVG: messages sent and received per second above,
+    /// latency p50/p99/max per interval below (log scale), the ramp and the drain shaded. The
+    /// directory must exist. The same series is the JSON report's `timeline`.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+    /// Twin mode with `--solution`: while devices publish, every SECONDS write an entry
+    /// `bench-churn` (a subject no client holds) into one device's policy `NS:<device>`,
+    /// round-robin, through `--http`: the broker recompiles the policy, the run's rights stay
+    /// the same. The report counts the changes, the failures and their HTTP round trip.
+    #[arg(long, value_name = "SECONDS")]
+    pub policy_churn: Option<f64>,
+    /// Thingsgate's HTTP API for `--policy-churn`, e.g. `http://127.0.0.1:8080` (plain HTTP;
+    /// this machine only unless `--allow-remote`); the secret is THINGSGATE_SECRET.
+    #[arg(long, value_name = "URL")]
+    pub http: Option<String>,
 }
 
 const AFTER_HELP: &str = "\
@@ -167,6 +199,12 @@ Examples:
   THINGSGATE_SECRET=<secret> thingsgate bench run --solution <id> --twin org.acme --devices 10
   # Against Mosquitto on this machine, MQTT 3.1.1, QoS 1, 20 msg/s per device:
   thingsgate bench run --protocol 3.1.1 --qos 1 --rate 20 --devices 1000
+  # AMQP 0.9.1 devices against RabbitMQ (guest/guest), publisher confirms:
+  PASSWORD=guest thingsgate bench run --url amqp://127.0.0.1:5672 --username guest \
+    --password-env PASSWORD --devices 100 --qos 1
+  # A plot of the run (throughput and latency over time) and policy changes every 0.5 s:
+  THINGSGATE_SECRET=<secret> thingsgate bench run --solution <id> --twin org.acme \
+    --plot run.svg --policy-churn 0.5 --http http://127.0.0.1:8080
 
 Messages lost = expected (sent x matching subscribers) - received once the drain is over.
 Exit status: 0 the run completed (losses are reported, not failures), 1 nothing could connect,
@@ -175,6 +213,9 @@ Exit status: 0 the run completed (losses are reported, not failures), 1 nothing 
 /// Runs `bench run`: the report on stdout (text or JSON), progress on stderr.
 pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     let settings = settings::Settings::from_args(args)?;
+    // Every device and subscriber is a socket: raise the soft limit of open files to the hard
+    // one (what it cannot raise shows up as `tcp connect` failures in the report).
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
     let runtime = match settings.threads {
         1 => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -192,6 +233,13 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         println!("{text}");
     } else {
         print!("{}", report.to_text());
+    }
+    if let Some(path) = &settings.plot {
+        // After the report: a plot that cannot be written still leaves the figures.
+        plot::write(path, &plot::render(&settings, &outcome.timeline)?)?;
+        if !settings.quiet {
+            eprintln!("plot written to {}", path.display());
+        }
     }
     Ok(if report.nothing_connected() {
         ExitCode::from(1)

@@ -237,7 +237,11 @@ pub(super) async fn connect(
     Ok(conn)
 }
 
-async fn open_tcp(target: SocketAddr, source: Option<IpAddr>) -> Result<TcpStream, Failure> {
+/// A TCP connection to `target` from `source` (if given; the kernel picks the port).
+pub(super) async fn open_tcp(
+    target: SocketAddr,
+    source: Option<IpAddr>,
+) -> Result<TcpStream, Failure> {
     let Some(source) = source else {
         return TcpStream::connect(target)
             .await
@@ -379,11 +383,7 @@ impl Template {
         protocol: Protocol,
     ) -> Result<Self, Failure> {
         let topic: TopicName = topic.parse().map_err(|e| Failure::from_codec(&e))?;
-        let filler = match stamp {
-            Stamp::Binary => b'x',
-            Stamp::JsonNumber => b' ',
-        };
-        let payload = Bytes::from(vec![filler; payload_size]);
+        let payload = Bytes::from(stamp.blank(payload_size));
         let encode = |id: u16| -> Result<BytesMut, Failure> {
             let qos = match (qos, NonZeroU16::new(id)) {
                 (QoS::AtMostOnce, _) | (_, None) => QosPid::AtMostOnce,
@@ -441,10 +441,25 @@ impl Template {
         {
             slot.copy_from_slice(&packet_id.to_be_bytes());
         }
-        let Some(payload) = message.get_mut(self.payload_at..) else {
-            return;
+        if let Some(payload) = message.get_mut(self.payload_at..) {
+            self.stamp.write(payload, now_ns, device, seq);
+        }
+    }
+}
+
+impl Stamp {
+    /// A payload of `size` bytes of filler, for [`Stamp::write`] to stamp.
+    pub(super) fn blank(self, size: usize) -> Vec<u8> {
+        let filler = match self {
+            Stamp::Binary => b'x',
+            Stamp::JsonNumber => b' ',
         };
-        match self.stamp {
+        vec![filler; size]
+    }
+
+    /// Stamps `payload` (from [`Stamp::blank`]): sent at `now_ns`, the `seq`th of `device`.
+    pub(super) fn write(self, payload: &mut [u8], now_ns: u64, device: u32, seq: u32) {
+        match self {
             Stamp::Binary => {
                 let mut head = [0u8; 16];
                 let (ns, rest) = head.split_at_mut(8);

@@ -26,10 +26,16 @@ use tokio::time::Instant;
 use super::client::{
     self, CONNECT_TIMEOUT, Conn, Failure, Stamp, Template, json_number_after, read_binary_stamp,
 };
-use super::settings::{Login, Rate, Settings};
+use super::settings::{Login, Rate, Settings, Transport};
+use super::timeline::{self, Latencies, Timeline};
 use crate::mqtt::codec::{
     Packet, Properties, QoS, QosPid, Subscribe, Subscription, SubscriptionOptions,
 };
+
+// AMQP 0.9.1 devices and subscribers (`--url amqp://…`): a child of this module, so that it
+// shares the run's state (`Shared`, `Plan`, `Loop`) without widening its visibility.
+#[path = "amqp.rs"]
+mod amqp;
 
 /// How long a closed-loop device waits for a delivery before writing its window off.
 const STALL: Duration = Duration::from_secs(2);
@@ -63,7 +69,8 @@ struct Shared {
     errors: AtomicU64,
     phase: AtomicU8,
     failures: Mutex<BTreeMap<String, u64>>,
-    latency: Mutex<Histogram<u64>>,
+    /// The run's latencies and the timeline's current interval, under one lock.
+    latency: Mutex<Latencies>,
     /// Per device: what each subscriber received from it, and how to wake it.
     feedback: Vec<Feedback>,
 }
@@ -122,6 +129,10 @@ pub(super) struct Outcome {
     pub(super) interrupted: bool,
     /// User and system CPU seconds of this process over the run, and the run's wall time.
     pub(super) cpu: super::report::CpuUse,
+    /// Per interval: sent, received, latency percentiles (`--plot`, the JSON `timeline`).
+    pub(super) timeline: Timeline,
+    /// What `--policy-churn` did.
+    pub(super) policy_churn: Option<super::churn::Summary>,
 }
 
 /// When devices publish: the start and the deadline, sent to every device at once.
@@ -171,7 +182,7 @@ pub(super) async fn run(s: &Settings) -> anyhow::Result<Outcome> {
         errors: AtomicU64::new(0),
         phase: AtomicU8::new(Phase::Connecting as u8),
         failures: Mutex::new(BTreeMap::new()),
-        latency: Mutex::new(latency),
+        latency: Mutex::new(Latencies::new(latency)?),
         feedback: (0..s.devices)
             .map(|_| Feedback {
                 per_subscriber: (0..s.subscribers).map(|_| AtomicU64::new(0)).collect(),
@@ -195,6 +206,17 @@ pub(super) async fn run(s: &Settings) -> anyhow::Result<Outcome> {
 
     // Subscribers first, so that they see every message.
     let ramp_start = Instant::now();
+    let step = timeline::step(s);
+    let sampler = Arc::new(Mutex::new(timeline::Sampler::new(
+        step,
+        LATENCY_MAX_NS,
+        ramp_start,
+    )?));
+    let sample = {
+        let (shared, sampler) = (shared.clone(), sampler.clone());
+        move || sample_timeline(&shared, &sampler)
+    };
+    let mut ticker = timeline::every_step(step, ramp_start, sample.clone());
     let mut pacer = Pacer {
         next: Instant::now(),
         period: Duration::from_secs_f64(1.0 / s.connect_rate),
@@ -206,13 +228,13 @@ pub(super) async fn run(s: &Settings) -> anyhow::Result<Outcome> {
         pacer.tick().await;
         let (ready_tx, ready_rx) = oneshot::channel();
         ready.push(ready_rx);
-        subscriber_tasks.push(tokio::spawn(subscriber(
-            shared.clone(),
-            plan.clone(),
-            index,
-            ready_tx,
-            end_rx.clone(),
-        )));
+        let (shared, plan, end_rx) = (shared.clone(), plan.clone(), end_rx.clone());
+        subscriber_tasks.push(match plan.transport {
+            Transport::Mqtt => tokio::spawn(subscriber(shared, plan, index, ready_tx, end_rx)),
+            Transport::Amqp => {
+                tokio::spawn(amqp::subscriber(shared, plan, index, ready_tx, end_rx))
+            }
+        });
     }
     let mut subscribed = Vec::new();
     for (index, ready_rx) in ready.into_iter().enumerate() {
@@ -246,16 +268,17 @@ pub(super) async fn run(s: &Settings) -> anyhow::Result<Outcome> {
         } else {
             0
         };
-        device_tasks.push(tokio::spawn(device(
-            shared.clone(),
-            plan.clone(),
-            the_loop.clone(),
-            index,
-            matching as u64,
-            connected_tx.clone(),
-            go_rx.clone(),
-            stop_rx.clone(),
-        )));
+        let (shared, plan, the_loop) = (shared.clone(), plan.clone(), the_loop.clone());
+        let (connected, go, stop) = (connected_tx.clone(), go_rx.clone(), stop_rx.clone());
+        let matching = matching as u64;
+        device_tasks.push(match plan.transport {
+            Transport::Mqtt => tokio::spawn(device(
+                shared, plan, the_loop, index, matching, connected, go, stop,
+            )),
+            Transport::Amqp => tokio::spawn(amqp::device(
+                shared, plan, the_loop, index, matching, connected, go, stop,
+            )),
+        });
     }
     drop(connected_tx);
     let spawned = device_tasks.len();
@@ -275,11 +298,23 @@ pub(super) async fn run(s: &Settings) -> anyhow::Result<Outcome> {
     shared
         .phase
         .store(Phase::Publishing as u8, Ordering::Relaxed);
+    mark(s, "publishing");
+    // The ramp's last interval ends before any device may publish.
+    ticker.abort();
+    sample();
+    ticker = timeline::every_step(step, start, sample.clone());
     let _ = go_tx.send(Some(Go {
         start,
         deadline,
         drain_deadline,
     }));
+    let (publishing_over, publishing_over_rx) = watch::channel(false);
+    let churn = match (&s.policy_churn, &s.twin) {
+        (Some(churn), Some(namespace)) => Some(tokio::spawn(
+            super::churn::Churn::new(churn, namespace, &plan.device_names).run(publishing_over_rx),
+        )),
+        _ => None,
+    };
     let mut sent = 0;
     let mut expected = 0;
     let mut last_stop = start;
@@ -292,9 +327,11 @@ pub(super) async fn run(s: &Settings) -> anyhow::Result<Outcome> {
         }
     }
     let publish_seconds = last_stop.duration_since(start).as_secs_f64();
+    let _ = publishing_over.send(true);
 
     // The drain: until everything expected arrived, or the grace period is over.
     shared.phase.store(Phase::Draining as u8, Ordering::Relaxed);
+    mark(s, "draining");
     let drain_until = Instant::now().max(last_stop) + s.drain;
     while Instant::now() < drain_until && shared.received.load(Ordering::Relaxed) < expected {
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -313,6 +350,24 @@ pub(super) async fn run(s: &Settings) -> anyhow::Result<Outcome> {
         }
     }
     shared.phase.store(Phase::Done as u8, Ordering::Relaxed);
+    mark(s, "done");
+    ticker.abort();
+    sample();
+    let timeline = {
+        let mut sampler = sampler.lock().unwrap_or_else(|e| e.into_inner());
+        sampler.finish(start, last_stop, Instant::now())
+    };
+    // A change still in flight had the drain to finish; it has its own timeout.
+    let policy_churn = match churn {
+        Some(task) => {
+            let limit = crate::http_client::REQUEST_TIMEOUT + Duration::from_secs(1);
+            match tokio::time::timeout(limit, task).await {
+                Ok(Ok(summary)) => Some(summary),
+                _ => None,
+            }
+        }
+        None => None,
+    };
     if let Some(progress) = progress {
         progress.abort();
         if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -332,6 +387,7 @@ pub(super) async fn run(s: &Settings) -> anyhow::Result<Outcome> {
         .latency
         .lock()
         .unwrap_or_else(|e| e.into_inner())
+        .total
         .clone();
     let failures = shared
         .failures
@@ -355,12 +411,33 @@ pub(super) async fn run(s: &Settings) -> anyhow::Result<Outcome> {
         failures,
         interrupted: *stop_rx.borrow(),
         cpu: super::report::CpuUse::now().since(&cpu_start, wall_start.elapsed()),
+        timeline,
+        policy_churn,
     })
+}
+
+/// Ends the timeline's current interval now (see `timeline`).
+fn sample_timeline(shared: &Shared, sampler: &Mutex<timeline::Sampler>) {
+    let sent = shared.sent.load(Ordering::Relaxed);
+    let received = shared.received.load(Ordering::Relaxed);
+    sampler
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .sample_now(sent, received, &shared.latency);
+}
+
+/// A `phase NAME` line on stderr for `bench compare` (`--phase-marks`), which samples the
+/// broker's CPU and memory when it reads one.
+fn mark(s: &Settings, phase: &str) {
+    if s.phase_marks {
+        eprintln!("phase {phase}");
+    }
 }
 
 /// What devices and subscribers read from the settings, shared.
 #[derive(Debug)]
 struct Plan {
+    transport: Transport,
     target: std::net::SocketAddr,
     protocol: crate::mqtt::codec::Protocol,
     qos: QoS,
@@ -425,6 +502,7 @@ impl Plan {
             }
         };
         Plan {
+            transport: s.transport,
             target: s.target,
             protocol: s.protocol,
             qos: s.qos,
@@ -479,7 +557,12 @@ impl Plan {
                     (Some(api), crate::mqtt::codec::Protocol::V311) => {
                         (Some(api.clone()), Vec::new())
                     }
-                    (None, _) => (None, Vec::new()),
+                    // MQTT 3.1.1 allows no password without a user name (MQTT-3.1.2-22):
+                    // the client ID stands in (the solution comes from the token's claim).
+                    (None, crate::mqtt::codec::Protocol::V311) => {
+                        (Some(client_id.clone()), Vec::new())
+                    }
+                    (None, crate::mqtt::codec::Protocol::V5) => (None, Vec::new()),
                 };
                 (username, Some(bytes::Bytes::from(token)), properties)
             }
@@ -583,6 +666,16 @@ async fn device(
             return nothing(Instant::now());
         }
     };
+    if plan.rate == Rate::Idle {
+        // Hold the connection (keep-alive only) until the deadline or a stop.
+        let held = hold(&mut conn, go.deadline, stop).await;
+        let stopped_at = Instant::now();
+        match held {
+            Ok(()) => conn.close().await,
+            Err(failure) => shared.fail(&failure, 1),
+        }
+        return nothing(stopped_at);
+    }
     let template = match Template::new(
         plan.device_topics.get(index).map_or("", String::as_str),
         plan.qos,
@@ -648,6 +741,29 @@ fn idle_packets(conn: &mut Conn) -> Result<(), Failure> {
     while let Some(packet) = conn.try_decode()? {
         if let Packet::Disconnect(d) = packet {
             return Err(Failure::Disconnect(d.reason));
+        }
+    }
+    Ok(())
+}
+
+/// Keeps an idle connection alive until `until` or a stop: reads what comes, pings when the
+/// keep-alive says so.
+async fn hold(
+    conn: &mut Conn,
+    until: Instant,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), Failure> {
+    while Instant::now() < until && !*stop.borrow() {
+        let ping_at = conn.ping_at();
+        tokio::select! {
+            () = tokio::time::sleep_until(until) => {}
+            changed = stop.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+            }
+            read = conn.read_more() => read.and_then(|()| idle_packets(conn))?,
+            () = tokio::time::sleep_until(ping_at) => ping(conn).await?,
         }
     }
     Ok(())
@@ -724,7 +840,7 @@ impl Publisher<'_> {
         let closed_loop = rate == Rate::Max;
         let period = match rate {
             Rate::PerSecond(r) => Some(Duration::from_secs_f64(1.0 / r)),
-            Rate::Max => None,
+            Rate::Max | Rate::Idle => None,
         };
         // Paced devices start spread over one period, not in step.
         let mut next_due = match period {
@@ -1056,7 +1172,7 @@ async fn subscriber(
             shared.received.fetch_add(fresh, Ordering::Relaxed);
             let mut histogram = shared.latency.lock().unwrap_or_else(|e| e.into_inner());
             for latency in latencies.drain(..) {
-                histogram.saturating_record(latency);
+                histogram.record(latency);
             }
         }
         for device in touched.drain(..) {

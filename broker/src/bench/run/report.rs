@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::load::Outcome;
-use super::settings::{Login, Settings};
+use super::settings::{Login, Settings, Transport};
 use crate::mqtt::codec::QoS;
 
 /// This process's CPU time (user and system) at one moment, or over a span.
@@ -92,6 +92,9 @@ pub(super) struct Report {
     failures: Vec<(String, u64)>,
     cpu: CpuUse,
     interrupted: bool,
+    /// The JSON `timeline` (points) and `phases`.
+    timeline: (Value, Value),
+    policy_churn: Option<super::churn::Summary>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -141,6 +144,8 @@ fn qos_number(qos: QoS) -> u8 {
 impl Report {
     pub(super) fn new(s: &Settings, outcome: &Outcome) -> Self {
         let login = match &s.login {
+            // AMQP has no anonymous login: `run/amqp.rs` logs in as every client's default.
+            Login::Anonymous if s.transport == Transport::Amqp => "guest (AMQP default)",
             Login::Anonymous => "anonymous",
             Login::Plain { .. } => "user name and password",
             Login::Secret { .. } => "solution secret",
@@ -148,6 +153,7 @@ impl Report {
         };
         let scenario = json!({
             "url": s.url,
+            "transport": s.transport.name(),
             "protocol": s.protocol_name(),
             "devices": s.devices,
             "subscribers": s.subscribers,
@@ -165,17 +171,17 @@ impl Report {
             "source_addresses": s.source_addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
         });
         let summary = format!(
-            "{} devices -> {} subscribers, MQTT {}, QoS {}, rate {}{}, payload {} B, {}topic `{}`, \
+            "{} devices -> {} subscribers, {}, QoS {}, rate {}{}, payload {} B, {}topic `{}`, \
              filter `{}`, {} s{}, {} ({login})",
             s.devices,
             s.subscribers,
-            s.protocol_name(),
+            s.protocol_label(),
             qos_number(s.qos),
             s.rate,
-            if s.rate == super::Rate::Max {
-                format!(" (closed loop, inflight {})", s.inflight)
-            } else {
-                format!(" msg/s per device (inflight {})", s.inflight)
+            match s.rate {
+                super::Rate::Max => format!(" (closed loop, inflight {})", s.inflight),
+                super::Rate::Idle => " (connections held, no messages)".to_owned(),
+                super::Rate::PerSecond(_) => format!(" msg/s per device (inflight {})", s.inflight),
             },
             s.payload_size,
             if s.twin.is_some() {
@@ -232,6 +238,11 @@ impl Report {
             failures,
             cpu: outcome.cpu,
             interrupted: outcome.interrupted,
+            timeline: (
+                outcome.timeline.points_json(),
+                outcome.timeline.phases_json(),
+            ),
+            policy_churn: outcome.policy_churn.clone(),
         }
     }
 
@@ -298,6 +309,9 @@ impl Report {
                 "wall_seconds": round(self.cpu.wall_seconds),
                 "percent_of_one_core": round(self.cpu.percent()),
             },
+            "policy_churn": self.policy_churn.as_ref().map(super::churn::Summary::to_json),
+            "timeline": self.timeline.0,
+            "phases": self.timeline.1,
         })
     }
 
@@ -361,6 +375,9 @@ impl Report {
                 .map(|(kind, n)| format!("{kind}: {n}"))
                 .collect();
             line(format!("errors       {}", listed.join("; ")));
+        }
+        if let Some(churn) = &self.policy_churn {
+            line(format!("policy churn {}", churn.to_text()));
         }
         line(format!(
             "generator    CPU {:.2} s (user {:.2} s, system {:.2} s) = {:.0}% of one core over \

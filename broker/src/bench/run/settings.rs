@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 
 use super::RunArgs;
+use crate::amqp::mapping::topic_to_key;
 use crate::mqtt::codec::{Protocol, QoS, TopicFilter, TopicName};
 use crate::token_cmd::{SigningKey, TokenArgs, token_claims};
 
@@ -26,6 +27,25 @@ const PORTS_PER_ADDRESS: usize = 25_000;
 /// Environment variable of a Thingsgate solution secret (the same as `thingsgate connection`).
 const SECRET_ENV: &str = "THINGSGATE_SECRET";
 
+/// What the devices and subscribers speak, from the URL's scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Transport {
+    /// `mqtt://` or `tcp://`: MQTT 3.1.1 or 5 (`--protocol`).
+    Mqtt,
+    /// `amqp://`: AMQP 0.9.1 (`run/amqp.rs`).
+    Amqp,
+}
+
+impl Transport {
+    /// As the report names it.
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Transport::Mqtt => "mqtt",
+            Transport::Amqp => "amqp",
+        }
+    }
+}
+
 /// How fast each device publishes.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Rate {
@@ -33,6 +53,9 @@ pub enum Rate {
     PerSecond(f64),
     /// A closed loop: at most `inflight` messages in flight per device.
     Max,
+    /// No messages: devices connect and hold their connections (keep-alive only) for the
+    /// duration — idle fleets, memory per connection, connect storms.
+    Idle,
 }
 
 impl std::fmt::Display for Rate {
@@ -40,6 +63,7 @@ impl std::fmt::Display for Rate {
         match self {
             Rate::PerSecond(r) => write!(f, "{r}"),
             Rate::Max => f.write_str("max"),
+            Rate::Idle => f.write_str("idle"),
         }
     }
 }
@@ -68,10 +92,13 @@ pub(super) fn parse_rate(text: &str) -> Result<Rate, String> {
     if text.eq_ignore_ascii_case("max") {
         return Ok(Rate::Max);
     }
+    if text.eq_ignore_ascii_case("idle") {
+        return Ok(Rate::Idle);
+    }
     match text.parse::<f64>() {
         Ok(r) if r.is_finite() && r > 0.0 => Ok(Rate::PerSecond(r)),
         _ => Err(format!(
-            "rate `{text}` must be a positive number of messages per second or `max`"
+            "rate `{text}` must be a positive number of messages per second, `max` or `idle`"
         )),
     }
 }
@@ -132,6 +159,9 @@ struct ScenarioFile {
     json: Option<bool>,
     quiet: Option<bool>,
     report_every: Option<f64>,
+    plot: Option<PathBuf>,
+    policy_churn: Option<f64>,
+    http: Option<String>,
 }
 
 /// How connections authenticate.
@@ -188,6 +218,7 @@ impl JwtMinter {
 pub(super) struct Settings {
     /// As given (for the report).
     pub(super) url: String,
+    pub(super) transport: Transport,
     pub(super) target: SocketAddr,
     pub(super) protocol: Protocol,
     pub(super) devices: usize,
@@ -212,6 +243,12 @@ pub(super) struct Settings {
     pub(super) json: bool,
     pub(super) quiet: bool,
     pub(super) report_every: Duration,
+    /// Phase lines on stderr (`RunArgs::phase_marks`).
+    pub(super) phase_marks: bool,
+    /// `--plot`: where the timeline's SVG goes (checked writable before the run).
+    pub(super) plot: Option<PathBuf>,
+    /// `--policy-churn` with its `--http` API.
+    pub(super) policy_churn: Option<super::churn::ChurnSettings>,
 }
 
 /// `Some(flag)`, else the file's value.
@@ -245,6 +282,7 @@ impl Settings {
             }
             None => ScenarioFile::default(),
         };
+        let protocol_given = args.protocol.is_some() || file.protocol.is_some();
         let protocol = match args.protocol {
             Some(p) => p,
             None => from_file(file.protocol, parse_protocol)?.unwrap_or(Protocol::V5),
@@ -260,7 +298,7 @@ impl Settings {
 
         let allow_remote = args.allow_remote || file.allow_remote.unwrap_or(false);
         let url = pick(args.url, file.url).unwrap_or_else(|| "mqtt://127.0.0.1:1883".to_owned());
-        let target = resolve(&url, allow_remote)?;
+        let (transport, target) = resolve(&url, allow_remote)?;
 
         let devices = pick(args.devices, file.devices).unwrap_or(10);
         let subscribers = pick(args.subscribers, file.subscribers).unwrap_or(1);
@@ -402,8 +440,25 @@ impl Settings {
             );
         }
 
-        Ok(Settings {
+        let plot = pick(args.plot, file.plot);
+        if let Some(path) = &plot {
+            super::plot::check_path(path)?;
+        }
+        let policy_churn = super::churn::settings(super::churn::ChurnInput {
+            every: pick(args.policy_churn, file.policy_churn),
+            http: pick(args.http, file.http),
+            solution: match &login {
+                Login::Secret { solution, .. } => Some(solution.as_str()),
+                _ => None,
+            },
+            twin: twin.as_deref(),
+            devices,
+            allow_remote,
+        })?;
+
+        let settings = Settings {
             url,
+            transport,
             target,
             protocol,
             devices,
@@ -426,7 +481,44 @@ impl Settings {
             json: args.json || file.json.unwrap_or(false),
             quiet: args.quiet || file.quiet.unwrap_or(false),
             report_every,
-        })
+            phase_marks: args.phase_marks,
+            plot,
+            policy_churn,
+        };
+        if settings.transport == Transport::Amqp {
+            settings.check_amqp(protocol_given)?;
+        }
+        Ok(settings)
+    }
+
+    /// Refuses what AMQP 0.9.1 cannot say of the run (`--url amqp://…`).
+    fn check_amqp(&self, protocol_given: bool) -> anyhow::Result<()> {
+        if protocol_given {
+            bail!("--protocol is MQTT's version; an amqp:// broker speaks AMQP 0.9.1");
+        }
+        if self.qos == QoS::ExactlyOnce {
+            bail!(
+                "--qos 2: AMQP 0.9.1 has no exactly-once delivery (--qos 1 is publisher \
+                 confirms and acknowledgements)"
+            );
+        }
+        let filter = self.filter.as_str();
+        if filter.starts_with("$share/") {
+            bail!(
+                "--filter `{filter}`: a shared subscription has no AMQP form here (each \
+                 subscriber has its own queue)"
+            );
+        }
+        if topic_to_key(filter).is_none() {
+            bail!("--filter `{filter}`: its binding key would be longer than 255 bytes");
+        }
+        for index in [0, self.devices.saturating_sub(1)] {
+            let topic = self.device_topic(index);
+            if topic_to_key(&topic).is_none() {
+                bail!("--topic `{topic}`: its routing key would be longer than 255 bytes");
+            }
+        }
+        Ok(())
     }
 
     /// Device `index`'s name (its client ID and `{device}`).
@@ -458,10 +550,20 @@ impl Settings {
 
     /// The protocol as users write it.
     pub(super) fn protocol_name(&self) -> &'static str {
-        match self.protocol {
-            Protocol::V311 => "3.1.1",
-            Protocol::V5 => "5",
+        match (self.transport, self.protocol) {
+            (Transport::Amqp, _) => "0.9.1",
+            (Transport::Mqtt, Protocol::V311) => "3.1.1",
+            (Transport::Mqtt, Protocol::V5) => "5",
         }
+    }
+
+    /// The transport and its protocol as a report's header says them: `MQTT 5`, `AMQP 0.9.1`.
+    pub(super) fn protocol_label(&self) -> String {
+        let transport = match self.transport {
+            Transport::Mqtt => "MQTT",
+            Transport::Amqp => "AMQP",
+        };
+        format!("{transport} {}", self.protocol_name())
     }
 }
 
@@ -485,17 +587,34 @@ fn instantiate(template: &str, name: &str, index: usize) -> String {
         .replace("{index}", &index.to_string())
 }
 
-/// `mqtt://HOST[:PORT]` → the broker's address; refuses a host off loopback unless allowed.
-fn resolve(url: &str, allow_remote: bool) -> anyhow::Result<SocketAddr> {
-    let Some(rest) = url
+/// `mqtt://HOST[:PORT]` or `amqp://HOST[:PORT][/%2f]` → the transport and the broker's
+/// address; refuses a host off loopback unless allowed.
+fn resolve(url: &str, allow_remote: bool) -> anyhow::Result<(Transport, SocketAddr)> {
+    let (transport, rest, default_port) = if let Some(rest) = url.strip_prefix("amqp://") {
+        // AMQP's default vhost `/`, the only one Thingsgate has; credentials never go in the URL.
+        let rest = rest
+            .strip_suffix("/%2f")
+            .or_else(|| rest.strip_suffix("/%2F"))
+            .unwrap_or(rest);
+        (Transport::Amqp, rest, "5672")
+    } else if let Some(rest) = url
         .strip_prefix("mqtt://")
         .or_else(|| url.strip_prefix("tcp://"))
-    else {
-        bail!("--url `{url}`: expected mqtt://HOST:PORT (TLS is not supported yet)");
+    {
+        (Transport::Mqtt, rest, "1883")
+    } else {
+        bail!(
+            "--url `{url}`: expected mqtt://HOST:PORT or amqp://HOST:PORT (TLS is not supported \
+             yet)"
+        );
     };
     let authority = rest.trim_end_matches('/');
     if authority.is_empty() || authority.contains(['/', '@', '?']) {
-        bail!("--url `{url}`: expected mqtt://HOST:PORT");
+        bail!(
+            "--url `{url}`: expected {}://HOST:PORT (credentials come from flags and the \
+             environment, an AMQP vhost can only be the default `/`)",
+            transport.name()
+        );
     }
     // `[::1]:1883`, `[::1]`, `host:1883`, `host`.
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
@@ -504,14 +623,14 @@ fn resolve(url: &str, allow_remote: bool) -> anyhow::Result<SocketAddr> {
         };
         let port = match after.strip_prefix(':') {
             Some(p) => p,
-            None if after.is_empty() => "1883",
+            None if after.is_empty() => default_port,
             None => bail!("--url `{url}`: expected mqtt://[IPv6]:PORT"),
         };
         (host, port)
     } else {
         match authority.rsplit_once(':') {
             Some((host, port)) => (host, port),
-            None => (authority, "1883"),
+            None => (authority, default_port),
         }
     };
     let port: u16 = port
@@ -530,7 +649,7 @@ fn resolve(url: &str, allow_remote: bool) -> anyhow::Result<SocketAddr> {
              --allow-remote (and that machine's owner's consent)"
         );
     }
-    Ok(*first)
+    Ok((transport, *first))
 }
 
 /// Local addresses for `connections` towards `target`: none (the kernel chooses) unless one
@@ -635,6 +754,27 @@ mod tests {
     }
 
     #[test]
+    fn an_amqp_url_picks_amqp_with_its_default_port_and_vhost() {
+        let local: SocketAddr = "127.0.0.1:5672".parse().unwrap();
+        assert_eq!(
+            resolve("amqp://127.0.0.1", false).unwrap(),
+            (Transport::Amqp, local)
+        );
+        assert_eq!(
+            resolve("amqp://127.0.0.1:5672/%2f", false).unwrap(),
+            (Transport::Amqp, local)
+        );
+        assert_eq!(
+            resolve("mqtt://127.0.0.1", false).unwrap().0,
+            Transport::Mqtt
+        );
+        assert!(resolve("amqp://guest:guest@127.0.0.1:5672", false).is_err());
+        assert!(resolve("amqp://127.0.0.1:5672/other", false).is_err());
+        assert!(resolve("amqps://127.0.0.1:5671", false).is_err());
+        assert!(resolve("amqp://10.1.2.3", false).is_err());
+    }
+
+    #[test]
     fn many_connections_to_loopback_spread_over_addresses() {
         let target: SocketAddr = "127.0.0.1:1883".parse().unwrap();
         assert!(default_sources(target, 100).is_empty());
@@ -646,6 +786,7 @@ mod tests {
     #[test]
     fn rates_protocols_and_qos_parse() {
         assert_eq!(parse_rate("max"), Ok(Rate::Max));
+        assert_eq!(parse_rate("IDLE"), Ok(Rate::Idle));
         assert_eq!(parse_rate("20"), Ok(Rate::PerSecond(20.0)));
         assert!(parse_rate("0").is_err());
         assert_eq!(parse_protocol("3.1.1"), Ok(Protocol::V311));
