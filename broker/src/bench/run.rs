@@ -77,9 +77,10 @@ pub struct RunArgs {
     pub qos: Option<QoS>,
     /// Messages per second per device, or `max`: a closed loop, each device keeping at most
     /// `--inflight` messages that the subscribers have not received yet (or, with no
-    /// subscriber on its topic, that the broker has not acknowledged yet at QoS 1/2)
+    /// subscriber on its topic, that the broker has not acknowledged yet at QoS 1/2); or
+    /// `idle`: devices hold their connections for the duration, keep-alive only
     /// [default: max].
-    #[arg(long, value_name = "R|max", value_parser = settings::parse_rate)]
+    #[arg(long, value_name = "R|max|idle", value_parser = settings::parse_rate)]
     pub rate: Option<Rate>,
     /// The window of the closed loop (see `--rate`), and at QoS 1/2 also the most
     /// unacknowledged PUBLISHes a device keeps at any rate (capped by the broker's Receive

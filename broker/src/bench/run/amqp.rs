@@ -52,8 +52,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::{
-    BURST, DeviceResult, Feedback, Go, LoginPlan, Loop, Plan, STALL, Seen, SeenWindow, Shared,
-    SubscriberResult, read_event,
+    BURST, DeviceResult, Feedback, Go, LoginPlan, Loop, Plan, STALL, Schedule, Seen, SeenWindow,
+    Shared, SubscriberResult, read_event,
 };
 use crate::amqp::mapping::{key_to_topic, topic_to_key};
 use crate::bench::run::client::{self, CONNECT_TIMEOUT, Failure, Stamp, read_binary_stamp};
@@ -536,16 +536,7 @@ struct Publisher<'a> {
 impl Publisher<'_> {
     /// Messages of this device every subscriber received.
     fn delivered(&self) -> u64 {
-        let Some(feedback) = self.feedback else {
-            return 0;
-        };
-        self.the_loop
-            .subscribed
-            .iter()
-            .filter_map(|&s| feedback.per_subscriber.get(s))
-            .map(|c| c.load(Ordering::Relaxed))
-            .min()
-            .unwrap_or(0)
+        self.feedback.map_or(0, |f| self.the_loop.delivered(f))
     }
 
     /// How many messages may go now (before pacing): the closed loop's window on deliveries,
@@ -573,15 +564,7 @@ impl Publisher<'_> {
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), AmqpFailure> {
         let closed_loop = rate == Rate::Max;
-        let period = match rate {
-            Rate::PerSecond(r) => Some(Duration::from_secs_f64(1.0 / r)),
-            Rate::Max | Rate::Idle => None,
-        };
-        // Paced devices start spread over one period, not in step.
-        let mut next_due = match period {
-            Some(p) => go.start + p.mul_f64(index as f64 / devices.max(1) as f64),
-            None => go.start,
-        };
+        let mut schedule = Schedule::new(rate, &go, index, devices);
         let mut waiting_since: Option<Instant> = None;
         loop {
             while let Some(Some(confirmed)) = self.unconfirmed.next().now_or_never() {
@@ -592,20 +575,10 @@ impl Publisher<'_> {
                 return Ok(());
             }
             let credit = self.credit(closed_loop);
-            let mut n = credit;
-            if let Some(period) = period {
-                let due = if now >= next_due {
-                    1 + (now.duration_since(next_due).as_secs_f64() / period.as_secs_f64()) as u64
-                } else {
-                    0
-                };
-                n = n.min(due);
-            }
+            let n = credit.min(schedule.due(now));
             if n > 0 {
                 self.write_burst(n).await?;
-                if let Some(period) = period {
-                    next_due += period.mul_f64(n as f64);
-                }
+                schedule.advance(n);
                 waiting_since = None;
                 continue;
             }
@@ -623,7 +596,7 @@ impl Publisher<'_> {
                 wake_at = wake_at.min(since + STALL);
             }
             if credit > 0 {
-                wake_at = wake_at.min(next_due);
+                wake_at = wake_at.min(schedule.next_due);
             }
             let feedback = self.feedback;
             tokio::select! {

@@ -153,6 +153,63 @@ struct Loop {
     shared: bool,
 }
 
+impl Loop {
+    /// Messages of a device every subscriber received (a shared subscription: any), from the
+    /// device's feedback counters.
+    fn delivered(&self, feedback: &Feedback) -> u64 {
+        let counts = self
+            .subscribed
+            .iter()
+            .filter_map(|&s| feedback.per_subscriber.get(s))
+            .map(|c| c.load(Ordering::Relaxed));
+        if self.shared {
+            counts.sum()
+        } else {
+            counts.min().unwrap_or(0)
+        }
+    }
+}
+
+/// When a paced device's next messages are due (MQTT and AMQP devices alike); a closed loop
+/// or an idle device is never held back by it.
+struct Schedule {
+    period: Option<Duration>,
+    next_due: Instant,
+}
+
+impl Schedule {
+    fn new(rate: Rate, go: &Go, index: usize, devices: usize) -> Self {
+        let period = match rate {
+            Rate::PerSecond(r) => Some(Duration::from_secs_f64(1.0 / r)),
+            Rate::Max | Rate::Idle => None,
+        };
+        // Paced devices start spread over one period, not in step.
+        let next_due = match period {
+            Some(p) => go.start + p.mul_f64(index as f64 / devices.max(1) as f64),
+            None => go.start,
+        };
+        Schedule { period, next_due }
+    }
+
+    /// How many messages are due at `now` (a device that fell behind catches up).
+    fn due(&self, now: Instant) -> u64 {
+        match self.period {
+            None => u64::MAX,
+            Some(_) if now < self.next_due => 0,
+            Some(period) => {
+                1 + (now.duration_since(self.next_due).as_secs_f64() / period.as_secs_f64()) as u64
+            }
+        }
+    }
+
+    /// `n` messages went.
+    fn advance(&mut self, n: u64) {
+        if let Some(period) = self.period {
+            self.next_due += period.mul_f64(n as f64);
+        }
+    }
+}
+
 /// Connects at most `rate` connections per second.
 struct Pacer {
     next: Instant,
@@ -797,20 +854,7 @@ struct Publisher<'a> {
 impl Publisher<'_> {
     /// Messages of this device every subscriber received (shared subscription: any).
     fn delivered(&self) -> u64 {
-        let Some(feedback) = self.feedback else {
-            return 0;
-        };
-        let counts = self
-            .the_loop
-            .subscribed
-            .iter()
-            .filter_map(|&s| feedback.per_subscriber.get(s))
-            .map(|c| c.load(Ordering::Relaxed));
-        if self.the_loop.shared {
-            counts.sum()
-        } else {
-            counts.min().unwrap_or(0)
-        }
+        self.feedback.map_or(0, |f| self.the_loop.delivered(f))
     }
 
     /// How many messages may go now (before pacing).
@@ -838,15 +882,7 @@ impl Publisher<'_> {
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), Failure> {
         let closed_loop = rate == Rate::Max;
-        let period = match rate {
-            Rate::PerSecond(r) => Some(Duration::from_secs_f64(1.0 / r)),
-            Rate::Max | Rate::Idle => None,
-        };
-        // Paced devices start spread over one period, not in step.
-        let mut next_due = match period {
-            Some(p) => go.start + p.mul_f64(index as f64 / devices.max(1) as f64),
-            None => go.start,
-        };
+        let mut schedule = Schedule::new(rate, &go, index, devices);
         let mut waiting_since: Option<Instant> = None;
         loop {
             conn.read_ready()?;
@@ -857,15 +893,7 @@ impl Publisher<'_> {
                 return Ok(());
             }
             let credit = self.credit(closed_loop);
-            let mut n = credit;
-            if let Some(period) = period {
-                let due = if now >= next_due {
-                    1 + (now.duration_since(next_due).as_secs_f64() / period.as_secs_f64()) as u64
-                } else {
-                    0
-                };
-                n = n.min(due);
-            }
+            let n = credit.min(schedule.due(now));
             if n > 0 {
                 let now_ns = self.shared.now_ns();
                 for _ in 0..n {
@@ -882,9 +910,7 @@ impl Publisher<'_> {
                     self.template
                         .write(&mut conn.wbuf, packet_id, now_ns, self.device, seq);
                 }
-                if let Some(period) = period {
-                    next_due += period.mul_f64(n as f64);
-                }
+                schedule.advance(n);
                 conn.flush().await?;
                 self.shared.sent.fetch_add(n, Ordering::Relaxed);
                 waiting_since = None;
@@ -904,7 +930,7 @@ impl Publisher<'_> {
                 wake_at = wake_at.min(since + STALL);
             }
             if credit > 0 {
-                wake_at = wake_at.min(next_due);
+                wake_at = wake_at.min(schedule.next_due);
             }
             let feedback = self.feedback;
             tokio::select! {
@@ -1312,7 +1338,33 @@ async fn progress(shared: Arc<Shared>, every: Duration) {
 
 #[cfg(test)]
 mod tests {
-    use super::filter_matches;
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::{Go, Rate, Schedule, filter_matches};
+
+    #[test]
+    fn a_paced_schedule_spreads_devices_and_catches_up() {
+        let start = Instant::now();
+        let go = Go {
+            start,
+            deadline: start + Duration::from_secs(10),
+            drain_deadline: start + Duration::from_secs(15),
+        };
+        // 10 msg/s: device 5 of 10 starts half a period (50 ms) late.
+        let mut s = Schedule::new(Rate::PerSecond(10.0), &go, 5, 10);
+        assert_eq!(s.due(start), 0);
+        assert_eq!(s.due(start + Duration::from_millis(50)), 1);
+        // 250 ms behind its first message: three are due at once.
+        assert_eq!(s.due(start + Duration::from_millis(300)), 3);
+        s.advance(3);
+        assert_eq!(s.due(start + Duration::from_millis(300)), 0);
+        assert_eq!(s.next_due, start + Duration::from_millis(350));
+        // A closed loop or an idle device is never held back.
+        assert_eq!(Schedule::new(Rate::Max, &go, 5, 10).due(start), u64::MAX);
+        assert_eq!(Schedule::new(Rate::Idle, &go, 5, 10).due(start), u64::MAX);
+    }
 
     #[test]
     fn the_seen_window_tells_duplicates_from_late_messages() {
