@@ -10,7 +10,12 @@ use std::time::{Duration, Instant};
 pub const PROCESS_LIMIT: Duration = Duration::from_secs(30);
 
 /// Runs `command` to completion, killing it and failing after [`PROCESS_LIMIT`].
-pub fn run_bounded(mut command: Command) -> Output {
+pub fn run_bounded(command: Command) -> Output {
+    run_bounded_for(command, PROCESS_LIMIT)
+}
+
+/// Runs `command` to completion, killing it and failing after `limit`.
+pub fn run_bounded_for(mut command: Command, limit: Duration) -> Output {
     let described = format!("{command:?}");
     let child = command
         .stdin(Stdio::null())
@@ -23,13 +28,13 @@ pub fn run_bounded(mut command: Command) -> Output {
     std::thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());
     });
-    match rx.recv_timeout(PROCESS_LIMIT) {
+    match rx.recv_timeout(limit) {
         Ok(out) => out.unwrap_or_else(|e| panic!("{described}: {e}")),
         Err(_) => {
             let _ = Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
                 .status();
-            panic!("{described} did not finish within {PROCESS_LIMIT:?}");
+            panic!("{described} did not finish within {limit:?}");
         }
     }
 }

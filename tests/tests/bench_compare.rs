@@ -8,10 +8,10 @@
     clippy::panic
 )]
 
-use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Output};
 use std::time::Duration;
 
+use e2e::process::run_bounded_for;
 use e2e::{stderr, stdout, thingsgate_bin};
 use serde_json::Value;
 
@@ -20,32 +20,13 @@ const LIMIT: Duration = Duration::from_secs(180);
 
 fn compare(args: &[&str]) -> Output {
     let mut command = Command::new(thingsgate_bin());
-    command
-        .args(["bench", "compare"])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    command.args(["bench", "compare"]).args(args);
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("THINGSGATE_") {
             command.env_remove(name);
         }
     }
-    let child = command.spawn().expect("bench compare starts");
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(LIMIT) {
-        Ok(out) => out.expect("bench compare output"),
-        Err(_) => {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            panic!("bench compare did not finish within {LIMIT:?}");
-        }
-    }
+    run_bounded_for(command, LIMIT)
 }
 
 fn require_mosquitto_binary() {
@@ -165,4 +146,34 @@ fn bad_arguments_exit_2_before_starting_anything() {
     let out = compare(&["--idle-connections", "25000"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("19,000"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_broker_that_cannot_start_is_reported_and_nothing_measured_exits_1() {
+    let out = compare(&[
+        "--scenarios",
+        "qos0",
+        "--brokers",
+        "mosquitto,rumqttd",
+        "--mosquitto",
+        "/nonexistent/mosquitto",
+        "--rumqttd",
+        "/nonexistent/rumqttd-baseline",
+        "--runs",
+        "1",
+        "--duration",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains(
+            "failed: round 1 qos0 on Mosquitto: Mosquitto is not at `/nonexistent/mosquitto`"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("failed: round 1 qos0 on rumqttd: the rumqttd baseline is not built"),
+        "{text}"
+    );
 }

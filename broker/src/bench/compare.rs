@@ -25,6 +25,8 @@ use serde_json::{Value, json};
 
 pub use brokers::BrokerKind;
 use brokers::{Credentials, Programs, Running};
+
+use super::thousands;
 use generator::Job;
 
 /// Devices of the throughput scenarios (DESIGN.md §10: 100 devices → one wildcard subscriber).
@@ -1064,19 +1066,6 @@ fn machine() -> String {
         "{date}, {cores} cores, Linux {}, loopback, {PAYLOAD}-byte payloads",
         kernel.trim()
     )
-}
-
-fn thousands(x: f64) -> String {
-    let n = x.round() as i64;
-    let digits = n.unsigned_abs().to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    if n < 0 { format!("-{out}") } else { out }
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 //!   broker started fresh and driven by `run`; a table of medians and ratios.
 
 pub mod compare;
+mod procfs;
 pub mod provision;
 pub mod run;
 
@@ -35,5 +36,32 @@ pub fn main(command: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
         BenchCommand::Provision(args) => provision::main(args),
         BenchCommand::Run(args) => run::main(*args),
         BenchCommand::Compare(args) => compare::main(*args),
+    }
+}
+
+/// `x` rounded, with thousands separated by commas (`1,234,567`); negatives as 0.
+fn thousands(x: f64) -> String {
+    let digits = (x.round().max(0.0) as u64).to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, d) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(d);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::thousands;
+
+    #[test]
+    fn big_numbers_are_grouped() {
+        assert_eq!(thousands(0.0), "0");
+        assert_eq!(thousands(999.4), "999");
+        assert_eq!(thousands(1000.0), "1,000");
+        assert_eq!(thousands(1_234_567.0), "1,234,567");
+        assert_eq!(thousands(-5.0), "0");
     }
 }

@@ -327,6 +327,12 @@ fn hard_nofile() -> u64 {
 /// Mosquitto on its own port with a password file (one user) and an ACL that lets each device
 /// write only its own topic and the user read every device's topic.
 fn start_mosquitto(kind: BrokerKind, programs: &Programs, dir: &Path) -> anyhow::Result<Running> {
+    if !programs.mosquitto.is_file() {
+        bail!(
+            "Mosquitto is not at `{}` (apt-get install mosquitto, or --mosquitto PATH)",
+            programs.mosquitto.display()
+        );
+    }
     // A throwaway password (prefixed: a generated secret may start with `-`, which
     // `mosquitto_passwd` would take for an option).
     let password = format!(
@@ -517,53 +523,15 @@ pub(super) fn rabbitmq_pid() -> Option<u32> {
         })
 }
 
-/// User + system CPU seconds of `pid` (fields 14 and 15 of `/proc/PID/stat`, in USER_HZ = 100
-/// ticks on Linux).
+/// User + system CPU seconds of `pid`.
 pub(super) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
-    // The command name (field 2) may hold spaces: count from the closing parenthesis.
-    let after = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .context("unreadable /proc stat")?;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // After the name: state is field 3, so utime (14) and stime (15) are at 11 and 12.
-    let tick = |i: usize| -> anyhow::Result<f64> {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .map(|t| t as f64 / 100.0)
-            .context("unreadable /proc stat")
-    };
-    Ok(tick(11)? + tick(12)?)
+    let (user, system) = crate::bench::procfs::cpu_seconds(&pid.to_string())
+        .with_context(|| format!("cannot read the CPU time of process {pid} in /proc"))?;
+    Ok(user + system)
 }
 
-/// Resident memory of `pid` (`VmRSS` of `/proc/PID/status`).
+/// Resident memory of `pid`.
 pub(super) fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("cannot read /proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .context("no VmRSS in /proc status")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn this_process_has_cpu_and_memory() {
-        let pid = std::process::id();
-        let mut x = 0u64;
-        for i in 0..5_000_000u64 {
-            x = x.wrapping_mul(31).wrapping_add(i);
-        }
-        assert!(x != 1);
-        assert!(cpu_seconds(pid).unwrap() >= 0.0);
-        assert!(rss_bytes(pid).unwrap() > 1_000_000);
-    }
+    crate::bench::procfs::rss_bytes(&pid.to_string())
+        .with_context(|| format!("cannot read the memory of process {pid} in /proc"))
 }

@@ -1262,26 +1262,14 @@ fn read_event(plan: &Plan, topic: &str, payload: &[u8]) -> Option<(u64, usize, u
     Some((sent, device, revision))
 }
 
-/// Whether `filter` matches `topic` (MQTT §4.7; a shared subscription by its filter part).
+/// Whether `filter` matches `topic` (MQTT §4.7; a shared subscription by its filter part):
+/// the broker's own rule, `core::topics::matches`.
 pub(super) fn filter_matches(filter: &str, topic: &str) -> bool {
     let filter = match filter.strip_prefix("$share/") {
         Some(rest) => rest.split_once('/').map_or("", |(_, f)| f),
         None => filter,
     };
-    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
-        return false;
-    }
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
+    crate::core::topics::matches(filter, topic)
 }
 
 /// The live line on stderr: connections, and per second sent, received and errors.

@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use super::load::Outcome;
 use super::settings::{Login, Settings, Transport};
+use crate::bench::thousands;
 use crate::mqtt::codec::QoS;
 
 /// This process's CPU time (user and system) at one moment, or over a span.
@@ -22,25 +23,11 @@ pub(super) struct CpuUse {
 impl CpuUse {
     /// Now, from `/proc/self/stat` (zero where there is no `/proc`).
     pub(super) fn now() -> Self {
-        let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-            return Self::default();
-        };
-        // Fields after the command name (which may contain spaces) start after the last `)`;
-        // utime and stime are fields 14 and 15, in clock ticks (USER_HZ, 100 on Linux).
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<f64>().ok())
-                .unwrap_or(0.0)
-                / 100.0
-        };
+        let (user_seconds, system_seconds) =
+            crate::bench::procfs::cpu_seconds("self").unwrap_or_default();
         CpuUse {
-            user_seconds: ticks(11),
-            system_seconds: ticks(12),
+            user_seconds,
+            system_seconds,
             wall_seconds: 0.0,
         }
     }
@@ -389,31 +376,5 @@ impl Report {
             self.cpu.wall_seconds,
         ));
         out
-    }
-}
-
-/// `1234567.8` → `1,234,568`.
-fn thousands(x: f64) -> String {
-    let n = x.round().max(0.0) as u64;
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, d) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(d);
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::thousands;
-
-    #[test]
-    fn big_numbers_are_grouped() {
-        assert_eq!(thousands(0.0), "0");
-        assert_eq!(thousands(999.0), "999");
-        assert_eq!(thousands(1_234_567.4), "1,234,567");
     }
 }
