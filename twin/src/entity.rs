@@ -10,6 +10,7 @@
 //! resource paths do, so that a command's path and the resource it is authorized on are the
 //! same string); document keys therefore never contain `/`.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use policy::Timestamp;
@@ -173,100 +174,185 @@ impl Entity {
         current: Option<Entity>,
         event: &Event,
     ) -> Result<Option<Entity>, ApplyEventError> {
+        let Some(mut entity) = current else {
+            return Self::create(event).map(Some);
+        };
+        let change = entity.prepare(event)?;
+        Ok(entity.commit(change).then_some(entity))
+    }
+
+    /// The entity a root event brings into existence (every event on a missing entity).
+    fn create(event: &Event) -> Result<Entity, ApplyEventError> {
+        let root = event.path.split('/').all(str::is_empty);
+        if !root {
+            return Err(ApplyEventError::Missing {
+                key: event.key.to_string(),
+                revision: event.revision,
+            });
+        }
+        match &event.value {
+            Some(doc @ Value::Object(_)) => Ok(Entity {
+                key: event.key.clone(),
+                doc: doc.clone(),
+                revision: event.revision,
+                created: event.timestamp,
+                modified: event.timestamp,
+            }),
+            _ => Err(ApplyEventError::Root {
+                key: event.key.to_string(),
+                action: event.action.as_str(),
+            }),
+        }
+    }
+
+    /// Checks that `event` applies to this (existing) entity, changing nothing: the first half
+    /// of applying it in place. What it returns is applied with [`Entity::commit`], which
+    /// cannot fail — so a store can check, then journal, then change the state it holds
+    /// without a copy, and nothing changes when the check or the journal fails.
+    pub fn prepare<'e>(&self, event: &'e Event) -> Result<Prepared<'e>, ApplyEventError> {
         let key = || event.key.to_string();
         let root = event.path.split('/').all(str::is_empty);
         // Only a root event creates the entity; `created` below the root sets a value there like
         // `modified` (Ditto's AttributeCreated and friends).
-        if root && (event.action == EventAction::Created || current.is_none()) {
-            return match &event.value {
-                Some(doc @ Value::Object(_)) => Ok(Some(Entity {
-                    key: event.key.clone(),
-                    doc: doc.clone(),
-                    revision: event.revision,
-                    created: event.timestamp,
-                    modified: event.timestamp,
-                })),
-                _ => Err(ApplyEventError::Root {
-                    key: key(),
-                    action: event.action.as_str(),
-                }),
-            };
-        }
-        let Some(mut entity) = current else {
-            return Err(ApplyEventError::Missing {
-                key: key(),
-                revision: event.revision,
+        if root && event.action == EventAction::Created {
+            return Self::create(event).map(|entity| Prepared {
+                event,
+                step: Step::Replace(Box::new(entity)),
             });
-        };
-        if event.revision <= entity.revision {
+        }
+        if event.revision <= self.revision {
             return Err(ApplyEventError::Revision {
                 key: key(),
                 revision: event.revision,
-                current: entity.revision,
+                current: self.revision,
             });
-        }
-        if root && event.action == EventAction::Deleted {
-            return Ok(None);
         }
         let path_error = || ApplyEventError::Path {
             key: key(),
             path: event.path.clone(),
         };
-        let segments: Vec<_> = path_segments(&event.path).collect();
-        match (event.action, segments.split_last()) {
+        let root_error = |action: &'static str| ApplyEventError::Root { key: key(), action };
+        let mut segments: Vec<Cow<'e, str>> = path_segments(&event.path).collect();
+        let step = match (event.action, segments.pop()) {
+            (EventAction::Deleted, None) => Step::Delete,
+            // (A root `created` replaced the entity above.)
+            (EventAction::Created, None) => return Err(path_error()),
             (EventAction::Modified, None) => match &event.value {
-                Some(doc @ Value::Object(_)) => entity.doc = doc.clone(),
-                _ => {
-                    return Err(ApplyEventError::Root {
-                        key: key(),
-                        action: "modified",
-                    });
-                }
+                Some(doc @ Value::Object(_)) => Step::SetDoc(doc),
+                _ => return Err(root_error("modified")),
             },
-            (EventAction::Merged, None) => {
-                merge_patch(
-                    &mut entity.doc,
-                    event.value.as_ref().unwrap_or(&Value::Null),
-                );
-                if !entity.doc.is_object() {
-                    return Err(ApplyEventError::Root {
-                        key: key(),
-                        action: "merged",
-                    });
+            // A merge patch that is an object leaves an object an object; any other replaces it.
+            (EventAction::Merged, None) => match &event.value {
+                Some(patch @ Value::Object(_)) => Step::MergeDoc(patch),
+                _ => return Err(root_error("merged")),
+            },
+            // Missing or non-object parents become objects, so only the root must be one.
+            (_, Some(_)) if !self.doc.is_object() => return Err(path_error()),
+            (EventAction::Modified | EventAction::Created, Some(last)) => Step::Set {
+                parents: segments,
+                last,
+            },
+            (EventAction::Merged, Some(last)) => Step::Merge {
+                parents: segments,
+                last,
+            },
+            (EventAction::Deleted, Some(last)) => {
+                let found = segments
+                    .iter()
+                    .try_fold(&self.doc, |v, s| v.as_object()?.get(s.as_ref()))
+                    .and_then(Value::as_object)
+                    .is_some_and(|parent| parent.contains_key(last.as_ref()));
+                if !found {
+                    return Err(path_error());
+                }
+                Step::Remove {
+                    parents: segments,
+                    last,
                 }
             }
-            (EventAction::Modified | EventAction::Created, Some((last, parents))) => {
-                let parent = object_at(&mut entity.doc, parents, true).ok_or_else(path_error)?;
-                parent.insert(last.to_string(), event.value.clone().unwrap_or(Value::Null));
+        };
+        Ok(Prepared { event, step })
+    }
+
+    /// Applies what [`Entity::prepare`] checked on this same, unchanged entity. Whether the
+    /// entity remains (`false`: the event deleted it).
+    pub fn commit(&mut self, prepared: Prepared<'_>) -> bool {
+        let event = prepared.event;
+        let value = || event.value.clone().unwrap_or(Value::Null);
+        match prepared.step {
+            Step::Replace(entity) => {
+                *self = *entity;
+                return true;
             }
-            (EventAction::Merged, Some((last, parents))) => {
+            Step::Delete => return false,
+            Step::SetDoc(doc) => self.doc = doc.clone(),
+            Step::MergeDoc(patch) => merge_patch(&mut self.doc, patch),
+            // INVARIANT: `prepare` checked that the root is an object (so `object_at` with
+            // `create` finds every level) and that a removed value exists.
+            Step::Set { parents, last } => {
+                if let Some(parent) = object_at(&mut self.doc, &parents, true) {
+                    parent.insert(last.into_owned(), value());
+                }
+            }
+            Step::Merge { parents, last } => {
                 let patch = event.value.as_ref().unwrap_or(&Value::Null);
                 // As RFC 7396 of the patch wrapped down to this path: missing parents appear.
-                let parent = object_at(&mut entity.doc, parents, true).ok_or_else(path_error)?;
-                if patch.is_null() {
-                    parent.remove(last.as_ref());
-                } else {
-                    let target = parent.entry(last.to_string()).or_insert(Value::Null);
-                    merge_patch(target, patch);
+                if let Some(parent) = object_at(&mut self.doc, &parents, true) {
+                    if patch.is_null() {
+                        parent.remove(last.as_ref());
+                    } else {
+                        let target = parent.entry(last.into_owned()).or_insert(Value::Null);
+                        merge_patch(target, patch);
+                    }
                 }
             }
-            (EventAction::Deleted, Some((last, parents))) => {
-                let parent = object_at(&mut entity.doc, parents, false).ok_or_else(path_error)?;
-                parent.remove(last.as_ref()).ok_or_else(path_error)?;
+            Step::Remove { parents, last } => {
+                if let Some(parent) = object_at(&mut self.doc, &parents, false) {
+                    parent.remove(last.as_ref());
+                }
             }
-            (EventAction::Created | EventAction::Deleted, None) => return Err(path_error()),
         }
-        entity.revision = event.revision;
-        entity.modified = event.timestamp;
-        Ok(Some(entity))
+        self.revision = event.revision;
+        self.modified = event.timestamp;
+        true
     }
+}
+
+/// An event checked against an entity by [`Entity::prepare`], ready to [`Entity::commit`].
+#[derive(Debug)]
+pub struct Prepared<'e> {
+    event: &'e Event,
+    step: Step<'e>,
+}
+
+/// What committing an event does to the document.
+#[derive(Debug)]
+enum Step<'e> {
+    /// A root `created` on an existing entity: a new entity in its place.
+    Replace(Box<Entity>),
+    Delete,
+    SetDoc(&'e Value),
+    MergeDoc(&'e Value),
+    Set {
+        parents: Vec<Cow<'e, str>>,
+        last: Cow<'e, str>,
+    },
+    Merge {
+        parents: Vec<Cow<'e, str>>,
+        last: Cow<'e, str>,
+    },
+    /// The value at `last` exists (checked).
+    Remove {
+        parents: Vec<Cow<'e, str>>,
+        last: Cow<'e, str>,
+    },
 }
 
 /// The object at `segments` below `doc`; with `create`, missing levels become empty objects
 /// (as Ditto creates the parents of a modified attribute path).
 fn object_at<'v>(
     doc: &'v mut Value,
-    segments: &[std::borrow::Cow<'_, str>],
+    segments: &[Cow<'_, str>],
     create: bool,
 ) -> Option<&'v mut Map<String, Value>> {
     let mut current = doc;

@@ -245,6 +245,60 @@ fn events_that_do_not_apply_are_refused_and_change_nothing() {
 }
 
 #[test]
+fn a_single_refused_event_changes_nothing_in_place_either() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    set_n(&store, "ns:t", 1).durable.wait().unwrap();
+    let key = thing("ns:t");
+    let before = store.get(&key).unwrap().as_ref().clone();
+    let refused = [
+        event(
+            &key,
+            EventAction::Modified,
+            "/attributes/n",
+            Some(json!(2)),
+            1,
+        ),
+        event(&key, EventAction::Deleted, "/attributes/missing", None, 2),
+        event(&key, EventAction::Merged, "", Some(json!(7)), 2),
+        event(&key, EventAction::Modified, "", Some(json!([1])), 2),
+    ];
+    for bad in refused {
+        let result = store.write(&key, |_| -> Result<_, Infallible> { Ok(vec![bad.clone()]) });
+        assert!(
+            matches!(result, Err(WriteError::Store(StoreError::Apply { .. }))),
+            "{bad:?}: {result:?}"
+        );
+        assert_eq!(*store.get(&key).unwrap(), before, "{bad:?}");
+    }
+    assert_eq!(store.last_seq(), 1);
+    drop(store);
+    assert_eq!(*open(dir.path()).get(&key).unwrap(), before);
+}
+
+#[test]
+fn a_reader_keeps_the_state_it_read_while_the_entity_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    set_n(&store, "ns:t", 1).durable.wait().unwrap();
+    let key = thing("ns:t");
+    let read = store.get(&key).unwrap();
+    set_n(&store, "ns:t", 2).durable.wait().unwrap();
+    assert_eq!(read.revision, 1);
+    assert_eq!(read.doc.pointer("/attributes/n"), Some(&json!(1)));
+    drop(read);
+    // No reader now: the next write changes the entity in place, to the same result.
+    set_n(&store, "ns:t", 3).durable.wait().unwrap();
+    let now = store.get(&key).unwrap();
+    assert_eq!(
+        (now.revision, now.doc.pointer("/attributes/n")),
+        (3, Some(&json!(3)))
+    );
+    drop(store);
+    assert_eq!(open(dir.path()).get(&key).unwrap(), now);
+}
+
+#[test]
 fn writes_after_close_are_refused_and_reads_still_answer() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());

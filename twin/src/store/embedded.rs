@@ -72,23 +72,6 @@ struct Shard {
 impl Shard {
     /// Makes `entity` (`None`: gone) the state of `key`, and keeps the policy index current.
     fn publish(&mut self, key: &EntityKey, entity: Option<Arc<Entity>>) {
-        if key.kind == EntityKind::Thing {
-            let policy_id = entity
-                .as_ref()
-                .and_then(|e| e.doc.get("policyId"))
-                .and_then(Value::as_str);
-            match policy_id {
-                Some(new) => {
-                    if self.thing_policies.get(key.id.as_str()).map(|p| &**p) != Some(new) {
-                        self.thing_policies
-                            .insert(key.id.as_str().into(), Arc::from(new));
-                    }
-                }
-                None => {
-                    self.thing_policies.remove(key.id.as_str());
-                }
-            }
-        }
         match entity {
             Some(entity) => match self.entities.get_mut(key) {
                 Some(slot) => *slot = entity,
@@ -98,6 +81,31 @@ impl Shard {
             },
             None => {
                 self.entities.remove(key);
+            }
+        }
+        self.reindex(key);
+    }
+
+    /// Brings the policy index up to date with the state of `key` (changed in place or
+    /// replaced).
+    fn reindex(&mut self, key: &EntityKey) {
+        if key.kind != EntityKind::Thing {
+            return;
+        }
+        let policy_id = self
+            .entities
+            .get(key)
+            .and_then(|e| e.doc.get("policyId"))
+            .and_then(Value::as_str);
+        match policy_id {
+            Some(new) => {
+                if self.thing_policies.get(key.id.as_str()).map(|p| &**p) != Some(new) {
+                    self.thing_policies
+                        .insert(key.id.as_str().into(), Arc::from(new));
+                }
+            }
+            None => {
+                self.thing_policies.remove(key.id.as_str());
             }
         }
     }
@@ -525,8 +533,15 @@ impl TwinStore for EmbeddedStore {
                 durable: Durable::nothing_written(),
             });
         }
-        // Nothing is changed until every event applied and encoded.
-        let mut state = current.map(|entity| Entity::clone(entity));
+        let too_large = |size| StoreError::TooLarge {
+            key: key.to_string(),
+            size,
+            max: MAX_PAYLOAD,
+        };
+        let apply_error = |source| StoreError::Apply {
+            key: key.to_string(),
+            source,
+        };
         let mut records = Encoded::default();
         for event in &events {
             if event.key != *key {
@@ -535,24 +550,38 @@ impl TwinStore for EmbeddedStore {
                     event_key: event.key.to_string(),
                 });
             }
-            state = Entity::apply(state, event).map_err(|source| StoreError::Apply {
-                key: key.to_string(),
-                source,
-            })?;
             let start =
-                put_record(&mut records.bytes, |out| put_event(out, event)).map_err(|size| {
-                    StoreError::TooLarge {
-                        key: key.to_string(),
-                        size,
-                        max: MAX_PAYLOAD,
-                    }
-                })?;
+                put_record(&mut records.bytes, |out| put_event(out, event)).map_err(too_large)?;
             records.starts.push(start);
         }
         let bytes = records.bytes.len();
-        let durable = inner.journal.append(records)?;
-        let entity = state.map(Arc::new);
-        shard.publish(key, entity.clone());
+        // The common case, one event on an entity no reader holds: checked, journaled, then
+        // changed in place (no copy of the document, no drop of the old one). Otherwise the
+        // events are applied to a copy, which replaces the state once journaled.
+        let in_place = match (events.as_slice(), shard.entities.get_mut(key)) {
+            ([event], Some(slot)) => Arc::get_mut(slot).map(|entity| (event, entity)),
+            _ => None,
+        };
+        let (durable, entity) = if let Some((event, entity)) = in_place {
+            let prepared = entity.prepare(event).map_err(apply_error)?;
+            let durable = inner.journal.append(records)?;
+            if entity.commit(prepared) {
+                shard.reindex(key);
+                (durable, shard.entities.get(key).cloned())
+            } else {
+                shard.publish(key, None);
+                (durable, None)
+            }
+        } else {
+            let mut state = shard.entities.get(key).map(|entity| Entity::clone(entity));
+            for event in &events {
+                state = Entity::apply(state, event).map_err(apply_error)?;
+            }
+            let durable = inner.journal.append(records)?;
+            let entity = state.map(Arc::new);
+            shard.publish(key, entity.clone());
+            (durable, entity)
+        };
         drop(shard);
         inner.count_events(events.len(), bytes);
         Ok(Written {
