@@ -26,6 +26,9 @@ struct Slot {
     revision: u64,
     enforcer: Arc<Enforcer>,
     last_used: AtomicU64,
+    /// The caller's generation at which this revision was last found current
+    /// ([`PolicyCache::mark_verified`]); `u64::MAX`: never.
+    verified_at: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -92,6 +95,31 @@ impl PolicyCache {
         })
     }
 
+    /// The cached enforcer of `policy_id` if its revision was marked current at `generation`
+    /// — a counter of the caller's that moves whenever any policy may have changed. Lets the
+    /// hot path skip looking up the policy's current revision while nothing changed.
+    pub fn get_verified(&self, policy_id: &str, generation: u64) -> Option<Arc<Enforcer>> {
+        let shard = self.shard(policy_id)?;
+        let map = shard.read();
+        let slot = map.get(policy_id)?;
+        (slot.verified_at.load(Ordering::Acquire) == generation).then(|| Arc::clone(&slot.enforcer))
+    }
+
+    /// Records that revision `revision` of `policy_id` was the current one when the caller's
+    /// generation read `generation` (read *before* the revision was looked up). Ignored if the
+    /// cache holds another revision by now.
+    pub fn mark_verified(&self, policy_id: &str, revision: u64, generation: u64) {
+        let Some(shard) = self.shard(policy_id) else {
+            return;
+        };
+        let map = shard.read();
+        if let Some(slot) = map.get(policy_id)
+            && slot.revision == revision
+        {
+            slot.verified_at.store(generation, Ordering::Release);
+        }
+    }
+
     /// Caches `enforcer` as revision `revision` of `policy_id`, unless a newer revision is
     /// already cached (two loaders racing must not put an old policy back). Returns whether it
     /// was stored.
@@ -104,6 +132,9 @@ impl PolicyCache {
         if let Some(slot) = map.get_mut(policy_id) {
             if slot.revision > revision {
                 return false;
+            }
+            if slot.revision != revision {
+                slot.verified_at.store(u64::MAX, Ordering::Relaxed);
             }
             slot.revision = revision;
             slot.enforcer = enforcer;
@@ -125,6 +156,7 @@ impl PolicyCache {
                 revision,
                 enforcer,
                 last_used: AtomicU64::new(tick),
+                verified_at: AtomicU64::new(u64::MAX),
             },
         );
         true

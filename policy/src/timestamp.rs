@@ -43,10 +43,92 @@ impl Timestamp {
     }
 
     fn to_rfc3339(self) -> Option<String> {
-        OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.0) * 1_000_000)
-            .ok()
-            .and_then(|d| d.format(&Rfc3339).ok())
+        let mut text = String::with_capacity(24);
+        self.write_rfc3339(&mut text).ok()?;
+        Some(text)
     }
+
+    /// Writes the instant as RFC 3339 in UTC (`2026-01-31T12:00:00Z`, `….25Z` with
+    /// milliseconds, trailing zeros dropped, as the `time` crate writes it). `Err` (nothing
+    /// written) outside the years 0000 to 9999. Written by hand: it is part of every event's
+    /// envelope, and formatting through `time` cost an allocation and a format-description
+    /// interpreter per event.
+    pub fn write_rfc3339(self, out: &mut impl fmt::Write) -> fmt::Result {
+        const MILLIS_PER_DAY: i64 = 86_400_000;
+        let days = self.0.div_euclid(MILLIS_PER_DAY);
+        let in_day = self.0.rem_euclid(MILLIS_PER_DAY);
+        let (year, month, day) = civil_from_days(days);
+        if !(0..=9999).contains(&year) {
+            return Err(fmt::Error);
+        }
+        let seconds = in_day / 1000;
+        let millis = in_day % 1000;
+        // Digits by hand: `write!` with padding went through the formatter per field.
+        let mut text = [0u8; 24];
+        let digits = |n: i64, width: usize, at: &mut usize, text: &mut [u8; 24]| {
+            let mut n = n;
+            for i in (0..width).rev() {
+                if let Some(slot) = text.get_mut(*at + i) {
+                    *slot = b'0' + (n % 10) as u8;
+                }
+                n /= 10;
+            }
+            *at += width;
+        };
+        let put = |byte: u8, at: &mut usize, text: &mut [u8; 24]| {
+            if let Some(slot) = text.get_mut(*at) {
+                *slot = byte;
+            }
+            *at += 1;
+        };
+        let mut at = 0;
+        digits(year, 4, &mut at, &mut text);
+        put(b'-', &mut at, &mut text);
+        digits(i64::from(month), 2, &mut at, &mut text);
+        put(b'-', &mut at, &mut text);
+        digits(i64::from(day), 2, &mut at, &mut text);
+        put(b'T', &mut at, &mut text);
+        digits(seconds / 3600, 2, &mut at, &mut text);
+        put(b':', &mut at, &mut text);
+        digits(seconds / 60 % 60, 2, &mut at, &mut text);
+        put(b':', &mut at, &mut text);
+        digits(seconds % 60, 2, &mut at, &mut text);
+        // Milliseconds without their trailing zeros (`.25`, not `.250`).
+        if millis != 0 {
+            put(b'.', &mut at, &mut text);
+            let (value, width) = match millis {
+                m if m % 100 == 0 => (m / 100, 1),
+                m if m % 10 == 0 => (m / 10, 2),
+                m => (m, 3),
+            };
+            digits(value, width, &mut at, &mut text);
+        }
+        put(b'Z', &mut at, &mut text);
+        // ASCII digits and separators only.
+        out.write_str(
+            std::str::from_utf8(text.get(..at).unwrap_or_default()).map_err(|_| fmt::Error)?,
+        )
+    }
+}
+
+/// The proleptic Gregorian date of `days` since 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`, exact for every `i64` day count this type can produce).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    // Both are in range by construction (1..=31, 1..=12).
+    (
+        year,
+        u32::try_from(month).unwrap_or_default(),
+        u32::try_from(day).unwrap_or_default(),
+    )
 }
 
 impl From<std::time::SystemTime> for Timestamp {
@@ -62,9 +144,10 @@ impl From<std::time::SystemTime> for Timestamp {
 impl fmt::Display for Timestamp {
     /// RFC 3339 in UTC (`2026-01-31T12:00:00Z`, with `.123` when there are milliseconds).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.to_rfc3339() {
-            Some(text) => f.write_str(&text),
-            None => write!(f, "@{}ms", self.0),
+        let mut text = String::with_capacity(24);
+        match self.write_rfc3339(&mut text) {
+            Ok(()) => f.write_str(&text),
+            Err(_) => write!(f, "@{}ms", self.0),
         }
     }
 }
@@ -72,6 +155,45 @@ impl fmt::Display for Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The writer is the `time` crate's RFC 3339 formatting, without its cost.
+    fn time_crate_rfc3339(t: Timestamp) -> Option<String> {
+        OffsetDateTime::from_unix_timestamp_nanos(i128::from(t.0) * 1_000_000)
+            .ok()
+            .and_then(|d| d.format(&Rfc3339).ok())
+    }
+
+    #[test]
+    fn rfc3339_is_written_exactly_as_the_time_crate_writes_it() {
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut samples = vec![
+            0,
+            -1,
+            1,
+            250,
+            951_782_400_000,   // 2000-02-29
+            4_107_542_400_000, // 2100-02-28
+            -62_167_219_200_000,
+            -62_167_219_200_001,
+            253_402_300_799_999,
+            253_402_300_800_000,
+            i64::MIN,
+            i64::MAX,
+        ];
+        for _ in 0..20_000 {
+            // xorshift: instants spread over years 0000 to 9999 and beyond
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let spread = (state % 700_000_000_000_000) as i64 - 200_000_000_000_000;
+            samples.push(spread);
+            samples.push(spread - spread.rem_euclid(1000) + (state % 4) as i64 * 10);
+        }
+        for millis in samples {
+            let t = Timestamp(millis);
+            assert_eq!(t.to_rfc3339(), time_crate_rfc3339(t), "{millis}");
+        }
+    }
 
     #[test]
     fn rfc3339_round_trips_with_and_without_millis() {

@@ -118,10 +118,17 @@ fn event_path<S: AsRef<str>>(segments: &[S]) -> String {
     if segments.is_empty() {
         return "/".to_owned();
     }
-    let mut out = String::new();
+    let len = segments.iter().map(|s| s.as_ref().len() + 1).sum();
+    let mut out = String::with_capacity(len);
     for s in segments {
         out.push('/');
-        out.push_str(&s.as_ref().replace('~', "~0"));
+        // Most segments hold no `~`: pushed as they are, without a copy.
+        for (i, part) in s.as_ref().split('~').enumerate() {
+            if i > 0 {
+                out.push_str("~0");
+            }
+            out.push_str(part);
+        }
     }
     out
 }
@@ -514,7 +521,8 @@ pub fn apply_thing_command(
     let tag = current.filter(|_| target.is_some()).map(|e| e.revision);
     preconditions(&cmd.headers, tag, false)?;
     let thing_missing = || thing::not_found(thing_id, &ThingPath::root());
-    let (action, event_path, value, response) = match cmd.action {
+    // `segments`: the event's path, as the command's parsed segments (not parsed again).
+    let (action, event_path, value, response, segments) = match cmd.action {
         Action::Create => {
             if !path.is_root() {
                 return Err(DittoError::new(
@@ -540,7 +548,13 @@ pub fn apply_thing_command(
                 status: 201,
                 value: Some(doc.clone()),
             };
-            (EventAction::Created, "/".to_owned(), Some(doc), response)
+            (
+                EventAction::Created,
+                "/".to_owned(),
+                Some(doc),
+                response,
+                &[][..],
+            )
         }
         Action::Modify => {
             let value = cmd
@@ -555,13 +569,25 @@ pub fn apply_thing_command(
                         status: 201,
                         value: Some(doc.clone()),
                     };
-                    (EventAction::Created, "/".to_owned(), Some(doc), response)
+                    (
+                        EventAction::Created,
+                        "/".to_owned(),
+                        Some(doc),
+                        response,
+                        &[][..],
+                    )
                 } else {
                     let response = Response {
                         status: 204,
                         value: None,
                     };
-                    (EventAction::Modified, "/".to_owned(), Some(doc), response)
+                    (
+                        EventAction::Modified,
+                        "/".to_owned(),
+                        Some(doc),
+                        response,
+                        &[][..],
+                    )
                 }
             } else {
                 if current.is_none() {
@@ -585,7 +611,13 @@ pub fn apply_thing_command(
                         },
                     ),
                 };
-                (action, path.to_string(), Some(value.clone()), response)
+                (
+                    action,
+                    event_path(path.segments()),
+                    Some(value.clone()),
+                    response,
+                    path.segments(),
+                )
             }
         }
         Action::Merge => {
@@ -606,7 +638,13 @@ pub fn apply_thing_command(
                 status: 204,
                 value: None,
             };
-            (EventAction::Merged, event_path(at), Some(patch), response)
+            (
+                EventAction::Merged,
+                event_path(at),
+                Some(patch),
+                response,
+                at,
+            )
         }
         Action::Delete => {
             let Some(entity) = current else {
@@ -622,24 +660,29 @@ pub fn apply_thing_command(
                 status: 204,
                 value: None,
             };
-            (EventAction::Deleted, path.to_string(), None, response)
+            (
+                EventAction::Deleted,
+                event_path(path.segments()),
+                None,
+                response,
+                path.segments(),
+            )
         }
         Action::Retrieve => return retrieve_thing(current, target, cmd),
     };
     // Judge the document the event leads to, without building it.
     let doc = current.map_or(&Value::Null, |e| &e.doc);
-    let segments: Vec<Cow<'_, str>> = path_segments(&event_path).collect();
     match (action, &value) {
         (EventAction::Created, Some(new_doc)) if segments.is_empty() => {
             thing::validate_thing(new_doc, thing_id, limits)?
         }
         (EventAction::Created | EventAction::Modified, Some(v)) => {
-            thing::validate_thing_change(doc, &segments, Some(v), thing_id, limits)?
+            thing::validate_thing_change(doc, segments, Some(v), thing_id, limits)?
         }
         (EventAction::Merged, Some(patch)) if !patch.is_null() => {
-            let mut merged = value_at(doc, &segments).cloned().unwrap_or(Value::Null);
+            let mut merged = value_at(doc, segments).cloned().unwrap_or(Value::Null);
             merge_patch(&mut merged, patch);
-            thing::validate_thing_change(doc, &segments, Some(&merged), thing_id, limits)?
+            thing::validate_thing_change(doc, segments, Some(&merged), thing_id, limits)?
         }
         // Removals (a delete, a `null` merge) below the root leave a valid thing valid.
         _ => {}

@@ -195,8 +195,13 @@ impl Judged<'_> {
     }
 }
 
+/// The bytes reserved for an event's envelope besides its path (twice: `topic` and `path`).
+const ENVELOPE_CAPACITY: usize = 256;
+
 fn event_message(topic: TopicName, event: &Event, value: Option<&Value>) -> Arc<Message> {
-    let mut payload = String::new();
+    // Room for the envelope of a small change at once (growing from empty took five
+    // reallocations per event).
+    let mut payload = String::with_capacity(ENVELOPE_CAPACITY + 2 * event.path.len());
     let _ = write_event_payload(&mut payload, event, value);
     Message::new(
         topic,

@@ -24,7 +24,7 @@ pub struct TopicTree<T> {
 
 #[derive(Debug)]
 struct Node<T> {
-    children: HashMap<Box<str>, Node<T>>,
+    children: HashMap<Box<str>, Node<T>, foldhash::fast::RandomState>,
     plus: Option<Box<Node<T>>>,
     /// Subscriptions whose filter ends here (`a/b` at the node of `b`).
     exact: Vec<T>,
@@ -35,7 +35,7 @@ struct Node<T> {
 impl<T> Default for Node<T> {
     fn default() -> Self {
         Node {
-            children: HashMap::new(),
+            children: HashMap::default(),
             plus: None,
             exact: Vec::new(),
             hash: Vec::new(),

@@ -264,12 +264,14 @@ impl Conn {
                 }
                 _ = session.wake.notified() => {}
                 told = front_done(&mut self.in_order, &self.core, &self.client), if !self.in_order.is_empty() => {
-                    match self.in_order.pop_front().and_then(|entry| entry.answer) {
-                        Some(Answer::Publish(ack)) => self.acknowledge(ack, &told),
-                        Some(Answer::Packet(packet)) => {
-                            self.outbound().packet(&packet);
-                        }
-                        None => {}
+                    self.answer_front(&told);
+                    // The writes completed in the same pass (one journal batch) answer in the
+                    // same write to the socket: one send per batch, not one per PUBACK.
+                    while let Some(entry) = self.in_order.front_mut()
+                        && entry.pending.is_none()
+                    {
+                        let told = std::mem::replace(&mut entry.told, Told::accepted());
+                        self.answer_front(&told);
                     }
                 }
                 _ = sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
@@ -281,6 +283,17 @@ impl Conn {
                     }
                 }
             }
+        }
+    }
+
+    /// Sends what the oldest [`InOrder`] entry, done with `told`, answers, and removes it.
+    fn answer_front(&mut self, told: &Told) {
+        match self.in_order.pop_front().and_then(|entry| entry.answer) {
+            Some(Answer::Publish(ack)) => self.acknowledge(ack, told),
+            Some(Answer::Packet(packet)) => {
+                self.outbound().packet(&packet);
+            }
+            None => {}
         }
     }
 

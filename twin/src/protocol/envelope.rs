@@ -450,8 +450,39 @@ impl fmt::Display for EventTopic<'_> {
     }
 }
 
+/// A topic as an envelope's `topic` member: a JSON string.
+trait TopicJson {
+    fn write_json<W: Write>(&self, out: &mut W) -> fmt::Result;
+}
+
+impl TopicJson for Topic {
+    fn write_json<W: Write>(&self, out: &mut W) -> fmt::Result {
+        json::write_display(out, self)
+    }
+}
+
+impl TopicJson for EventTopic<'_> {
+    /// Piece by piece, escaping only the entity's name and namespace (once per event: going
+    /// through `Display` and an escaping adapter cost a formatter call per piece).
+    fn write_json<W: Write>(&self, out: &mut W) -> fmt::Result {
+        out.write_char('"')?;
+        json::Escaped(&mut *out).write_str(self.namespace)?;
+        out.write_char('/')?;
+        json::Escaped(&mut *out).write_str(self.name)?;
+        out.write_char('/')?;
+        out.write_str(self.group.as_str())?;
+        if let Some(channel) = self.group.channel() {
+            out.write_char('/')?;
+            out.write_str(channel.as_str())?;
+        }
+        out.write_str("/events/")?;
+        out.write_str(self.action.as_str())?;
+        out.write_char('"')
+    }
+}
+
 /// The fields of an envelope, borrowed, in the order they are written.
-struct EnvelopeParts<'a, T: fmt::Display> {
+struct EnvelopeParts<'a, T: TopicJson> {
     topic: &'a T,
     /// `None` writes `{}`.
     headers: Option<&'a Map<String, Value>>,
@@ -464,10 +495,10 @@ struct EnvelopeParts<'a, T: fmt::Display> {
     timestamp: Option<Timestamp>,
 }
 
-impl<T: fmt::Display> EnvelopeParts<'_, T> {
+impl<T: TopicJson> EnvelopeParts<'_, T> {
     fn write<W: Write>(&self, out: &mut W) -> fmt::Result {
         let mut object = ObjectWriter::open(out)?;
-        json::write_display(object.member("topic")?, self.topic)?;
+        self.topic.write_json(object.member("topic")?)?;
         match self.headers {
             Some(headers) => json::write_object(object.member("headers")?, headers)?,
             None => object.member("headers")?.write_str("{}")?,
@@ -489,7 +520,13 @@ impl<T: fmt::Display> EnvelopeParts<'_, T> {
             write!(object.member("revision")?, "{revision}")?;
         }
         if let Some(timestamp) = self.timestamp {
-            json::write_display(object.member("timestamp")?, &timestamp)?;
+            // RFC 3339 has nothing to escape.
+            let out = object.member("timestamp")?;
+            out.write_char('"')?;
+            if timestamp.write_rfc3339(out).is_err() {
+                write!(out, "{timestamp}")?;
+            }
+            out.write_char('"')?;
         }
         object.close()
     }

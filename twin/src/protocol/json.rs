@@ -11,25 +11,27 @@ pub(crate) struct Escaped<'w, W: Write>(pub(crate) &'w mut W);
 
 impl<W: Write> Write for Escaped<'_, W> {
     fn write_str(&mut self, text: &str) -> fmt::Result {
+        // Byte by byte: every character that needs escaping is ASCII, so each cut falls on a
+        // character boundary (the bytes of a multi-byte character are all ≥ 0x80).
         let mut run_start = 0;
-        for (at, c) in text.char_indices() {
-            let escape = match c {
-                '"' => "\\\"",
-                '\\' => "\\\\",
-                '\n' => "\\n",
-                '\r' => "\\r",
-                '\t' => "\\t",
-                c if c < ' ' => "",
+        for (at, &byte) in text.as_bytes().iter().enumerate() {
+            let escape = match byte {
+                b'"' => "\\\"",
+                b'\\' => "\\\\",
+                b'\n' => "\\n",
+                b'\r' => "\\r",
+                b'\t' => "\\t",
+                b if b < b' ' => "",
                 _ => continue,
             };
             self.0
                 .write_str(text.get(run_start..at).unwrap_or_default())?;
             if escape.is_empty() {
-                write!(self.0, "\\u{:04x}", u32::from(c))?;
+                write!(self.0, "\\u{:04x}", byte)?;
             } else {
                 self.0.write_str(escape)?;
             }
-            run_start = at + c.len_utf8();
+            run_start = at + 1;
         }
         self.0.write_str(text.get(run_start..).unwrap_or_default())
     }

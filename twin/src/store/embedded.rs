@@ -34,9 +34,8 @@
 //! which case that is used with a warning.
 
 use std::collections::HashMap;
-use std::collections::hash_map::DefaultHasher;
 use std::fs::{File, OpenOptions};
-use std::hash::{Hash, Hasher};
+use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{
@@ -63,10 +62,10 @@ const SHARDS: usize = 64;
 /// One shard of the in-memory state.
 #[derive(Debug, Default)]
 struct Shard {
-    entities: HashMap<EntityKey, Arc<Entity>>,
+    entities: HashMap<EntityKey, Arc<Entity>, foldhash::fast::RandomState>,
     /// Thing ID → its `policyId`, for the things of this shard (the authorization hot path
     /// asks for it on every message).
-    thing_policies: HashMap<Box<str>, Arc<str>>,
+    thing_policies: HashMap<Box<str>, Arc<str>, foldhash::fast::RandomState>,
 }
 
 impl Shard {
@@ -164,6 +163,8 @@ struct Inner {
     journal: Arc<Journal>,
     /// Set by `close` (under every shard lock): later writes are refused.
     closed: AtomicBool,
+    /// Policy writes so far ([`EmbeddedStore::policy_generation`]).
+    policy_writes: AtomicU64,
     /// Events written since the last snapshot's cut.
     unsnapshotted: AtomicU64,
     /// Journal bytes written since the last snapshot's cut.
@@ -181,14 +182,12 @@ impl Inner {
     fn shard(&self, kind: EntityKind, id: &str) -> &RwLock<Shard> {
         // A fixed hasher: shard choice must not depend on the process (it does not need to
         // resist collisions; the maps inside the shards do).
-        let mut hasher = DefaultHasher::new();
-        kind.hash(&mut hasher);
-        id.hash(&mut hasher);
+        let hash = foldhash::fast::FixedState::with_seed(0).hash_one((kind, id));
         #[expect(
             clippy::indexing_slicing,
             reason = "the index is reduced modulo the array's length"
         )]
-        &self.shards[(hasher.finish() % SHARDS as u64) as usize]
+        &self.shards[(hash % SHARDS as u64) as usize]
     }
 
     fn request_snapshot(&self) {
@@ -380,6 +379,7 @@ impl EmbeddedStore {
             shards,
             journal: journal.clone(),
             closed: AtomicBool::new(false),
+            policy_writes: AtomicU64::new(0),
             unsnapshotted: AtomicU64::new(0),
             unsnapshotted_bytes: AtomicU64::new(0),
             snapshot_bytes: AtomicU64::new(recovered.snapshot_bytes),
@@ -479,6 +479,15 @@ impl Drop for EmbeddedStore {
         {
             tracing::error!(error = %e, "store dropped after a failure");
         }
+    }
+}
+
+impl EmbeddedStore {
+    /// A counter that moves on every policy write (create, change, delete), after the new
+    /// state is visible. A compiled policy found current at generation `g` is still current
+    /// while the generation reads `g`: caches check it instead of the policy's revision.
+    pub fn policy_generation(&self) -> u64 {
+        self.inner.policy_writes.load(Ordering::Acquire)
     }
 }
 
@@ -582,6 +591,11 @@ impl TwinStore for EmbeddedStore {
             shard.publish(key, entity.clone());
             (durable, entity)
         };
+        if key.kind == EntityKind::Policy {
+            // After the new state is visible, still under the shard's lock: whoever reads the
+            // new generation finds the new policy.
+            inner.policy_writes.fetch_add(1, Ordering::AcqRel);
+        }
         drop(shard);
         inner.count_events(events.len(), bytes);
         Ok(Written {

@@ -27,15 +27,26 @@ impl Utf8Str {
         packet: &'static str,
         field: &'static str,
     ) -> Result<Self, CodecError> {
+        // The length is checked first (in `validate_text`, again): a too-long string is
+        // reported as too long whatever its bytes.
+        if bytes.len() <= usize::from(u16::MAX) && std::str::from_utf8(&bytes).is_err() {
+            return Err(CodecError::InvalidUtf8 { packet, field });
+        }
+        Self::validate_text(bytes, packet, field)
+    }
+
+    /// [`Utf8Str::validate`] for bytes that are UTF-8 already (copied from a `str`).
+    fn validate_text(
+        bytes: Bytes,
+        packet: &'static str,
+        field: &'static str,
+    ) -> Result<Self, CodecError> {
         if bytes.len() > usize::from(u16::MAX) {
             return Err(CodecError::TooLongToEncode {
                 packet,
                 field,
                 len: bytes.len(),
             });
-        }
-        if std::str::from_utf8(&bytes).is_err() {
-            return Err(CodecError::InvalidUtf8 { packet, field });
         }
         if bytes.contains(&0) {
             return Err(CodecError::NulCharacter { packet, field });
@@ -213,7 +224,16 @@ impl std::str::FromStr for TopicName {
     type Err = CodecError;
 
     fn from_str(s: &str) -> Result<Self, CodecError> {
-        Self::new(Bytes::copy_from_slice(s.as_bytes()))
+        // A `str` is UTF-8: only the MQTT rules are checked (the broker's own event topics
+        // come this way, once per event).
+        Self::validate(
+            Utf8Str::validate_text(
+                Bytes::copy_from_slice(s.as_bytes()),
+                "publish",
+                "topic name",
+            )?,
+            "publish",
+        )
     }
 }
 
