@@ -8,7 +8,7 @@
 //! entry that was used least recently (ties: any of them).
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -33,7 +33,7 @@ struct Slot {
 
 #[derive(Debug, Default)]
 struct Shard {
-    map: RwLock<HashMap<Box<str>, Slot>>,
+    map: RwLock<HashMap<Box<str>, Slot, foldhash::fast::RandomState>>,
     /// Advanced by every insert; a read stamps its slot with the current value.
     clock: AtomicU64,
 }
@@ -41,13 +41,13 @@ struct Shard {
 impl Shard {
     // A poisoned lock only means another thread panicked while holding it; the map itself is
     // never left half-updated by our code, so we keep serving it.
-    fn read(&self) -> RwLockReadGuard<'_, HashMap<Box<str>, Slot>> {
+    fn read(&self) -> RwLockReadGuard<'_, HashMap<Box<str>, Slot, foldhash::fast::RandomState>> {
         self.map
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn write(&self) -> RwLockWriteGuard<'_, HashMap<Box<str>, Slot>> {
+    fn write(&self) -> RwLockWriteGuard<'_, HashMap<Box<str>, Slot, foldhash::fast::RandomState>> {
         self.map
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -59,7 +59,7 @@ impl Shard {
 pub struct PolicyCache {
     shards: Box<[Shard]>,
     per_shard: usize,
-    hasher: BuildHasherDefault<DefaultHasher>,
+    hasher: foldhash::fast::FixedState,
 }
 
 impl PolicyCache {
@@ -71,7 +71,7 @@ impl PolicyCache {
         PolicyCache {
             shards: (0..shard_count).map(|_| Shard::default()).collect(),
             per_shard: capacity.div_ceil(shard_count),
-            hasher: BuildHasherDefault::default(),
+            hasher: foldhash::fast::FixedState::with_seed(0),
         }
     }
 

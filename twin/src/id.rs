@@ -18,7 +18,12 @@ impl ThingId {
 
     /// Builds `namespace:name` from its parts (as they come from an MQTT topic).
     pub fn from_parts(namespace: &str, name: &str) -> Result<Self, IdError> {
-        ThingId::parse(&format!("{namespace}:{name}"))
+        let mut id = String::with_capacity(namespace.len() + 1 + name.len());
+        id.push_str(namespace);
+        id.push(':');
+        id.push_str(name);
+        split_entity_id(&id)?;
+        Ok(ThingId(id))
     }
 
     pub fn as_str(&self) -> &str {

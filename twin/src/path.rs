@@ -74,24 +74,20 @@ impl ThingPath {
             DittoError::new(400, "things:path.invalid", format!("`{self}` does not address a part of a thing"))
                 .with_description("Valid paths: /, /policyId, /definition, /attributes[/…], /features[/ID[/definition|/properties[/…]|/desiredProperties[/…]]]")
         };
-        match self
-            .segments
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>()
-            .as_slice()
-        {
-            []
-            | ["policyId"]
-            | ["definition"]
-            | ["attributes", ..]
-            | ["features"]
-            | ["features", _] => Ok(()),
-            ["features", _, "definition"]
-            | ["features", _, "properties", ..]
-            | ["features", _, "desiredProperties", ..] => Ok(()),
-            _ => Err(invalid()),
-        }
+        // Without collecting the segments as `&str` first (an allocation per command).
+        let valid = match self.segments.as_slice() {
+            [] => true,
+            [a] => a == "policyId" || a == "definition" || a == "attributes" || a == "features",
+            [a, ..] if a == "attributes" => true,
+            [a, _] => a == "features",
+            [a, _, b, rest @ ..] if a == "features" => {
+                (b == "definition" && rest.is_empty())
+                    || b == "properties"
+                    || b == "desiredProperties"
+            }
+            _ => false,
+        };
+        if valid { Ok(()) } else { Err(invalid()) }
     }
 
     pub fn level(&self) -> Level<'_> {
@@ -180,9 +176,23 @@ mod tests {
             level("/features/f/desiredProperties").unwrap(),
             r#"FeatureDesiredProperties("f")"#
         );
+        for good in [
+            "/definition",
+            "/attributes",
+            "/features",
+            "/features/f",
+            "/features/f/definition",
+            "/features/f/properties",
+            "/features/f/properties/a/b",
+            "/features/f/desiredProperties/a",
+        ] {
+            assert!(ThingPath::parse(good).is_ok(), "{good}");
+        }
         for bad in [
             "/thingId",
+            "/definition/x",
             "/features/f/other",
+            "/features/f/other/x",
             "/features/f/definition/x",
             "/x",
             "/policyId/x",

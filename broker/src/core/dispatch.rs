@@ -430,9 +430,8 @@ pub fn publish_events(
     now: Timestamp,
 ) -> bool {
     let mut journal = Journal::to(store);
-    let mut topic = String::new();
     for event in events {
-        topic.clear();
+        let mut topic = String::with_capacity(64 + event.path.len());
         if write_event_topic(&mut topic, event).is_err() {
             continue;
         }
@@ -447,7 +446,7 @@ pub fn publish_events(
         let Some(policy) = policy.or_else(|| fallback.cloned()) else {
             continue;
         };
-        let Ok(topic_name) = topic.parse::<TopicName>() else {
+        let Ok(topic) = TopicName::from_string(topic) else {
             continue;
         };
         let mut judged = Judged::Event {
@@ -455,13 +454,13 @@ pub fn publish_events(
             kind,
             policy,
             namespace: event.key.id.split(':').next().unwrap_or_default(),
-            topic: topic_name,
+            topic: topic.clone(),
             full: None,
             thing_path: OnceCell::new(),
         };
         fan_out(
             space,
-            &topic,
+            topic.as_str(),
             0,
             QoS::AtLeastOnce,
             &mut judged,

@@ -106,6 +106,15 @@ impl TopicName {
         Ok(Self(s))
     }
 
+    /// Validates `text`, taking it without a copy (the broker's own event topics, once per
+    /// event): only the MQTT rules are checked, a `String` being UTF-8 already.
+    pub fn from_string(text: String) -> Result<Self, CodecError> {
+        Self::validate(
+            Utf8Str::validate_text(Bytes::from(text), "publish", "topic name")?,
+            "publish",
+        )
+    }
+
     pub fn as_str(&self) -> &str {
         self.0.as_str()
     }
