@@ -672,17 +672,25 @@ pub fn apply_thing_command(
     };
     // Judge the document the event leads to, without building it.
     let doc = current.map_or(&Value::Null, |e| &e.doc);
+    let size = current.and_then(|e| e.size);
     match (action, &value) {
         (EventAction::Created, Some(new_doc)) if segments.is_empty() => {
             thing::validate_thing(new_doc, thing_id, limits)?
         }
         (EventAction::Created | EventAction::Modified, Some(v)) => {
-            thing::validate_thing_change(doc, segments, Some(v), thing_id, limits)?
+            thing::validate_thing_change_sized(doc, size, segments, Some(v), thing_id, limits)?
         }
         (EventAction::Merged, Some(patch)) if !patch.is_null() => {
             let mut merged = value_at(doc, segments).cloned().unwrap_or(Value::Null);
             merge_patch(&mut merged, patch);
-            thing::validate_thing_change(doc, segments, Some(&merged), thing_id, limits)?
+            thing::validate_thing_change_sized(
+                doc,
+                size,
+                segments,
+                Some(&merged),
+                thing_id,
+                limits,
+            )?
         }
         // Removals (a delete, a `null` merge) below the root leave a valid thing valid.
         _ => {}

@@ -17,6 +17,7 @@ use policy::Timestamp;
 use serde_json::{Map, Value};
 
 use crate::merge::merge_patch;
+use crate::thing::{chain_len, serialized_len};
 
 /// Which kind of entity a key names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -142,13 +143,28 @@ pub enum ApplyEventError {
 }
 
 /// A stored entity: its document (without `_revision` and the other `_` fields) and metadata.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Entity {
     pub key: EntityKey,
     pub doc: Value,
     pub revision: u64,
     pub created: Timestamp,
     pub modified: Timestamp,
+    /// For things: the document's size as compact JSON once known (`None`: not yet), kept up
+    /// to date by [`Entity::commit`] from the changed path alone, so that a change is judged
+    /// against the size limit without walking the whole document
+    /// ([`crate::thing::validate_thing_change_sized`]). Not part of equality.
+    pub size: Option<usize>,
+}
+
+impl PartialEq for Entity {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+            && self.doc == other.doc
+            && self.revision == other.revision
+            && self.created == other.created
+            && self.modified == other.modified
+    }
 }
 
 /// Decoded segments of a document path (`~0` → `~`; empty segments ignored).
@@ -197,6 +213,7 @@ impl Entity {
                 revision: event.revision,
                 created: event.timestamp,
                 modified: event.timestamp,
+                size: (event.key.kind == EntityKind::Thing).then(|| serialized_len(doc)),
             }),
             _ => Err(ApplyEventError::Root {
                 key: event.key.to_string(),
@@ -279,42 +296,81 @@ impl Entity {
     pub fn commit(&mut self, prepared: Prepared<'_>) -> bool {
         let event = prepared.event;
         let value = || event.value.clone().unwrap_or(Value::Null);
+        let thing = self.key.kind == EntityKind::Thing;
         match prepared.step {
             Step::Replace(entity) => {
                 *self = *entity;
                 return true;
             }
             Step::Delete => return false,
-            Step::SetDoc(doc) => self.doc = doc.clone(),
-            Step::MergeDoc(patch) => merge_patch(&mut self.doc, patch),
+            Step::SetDoc(doc) => {
+                self.doc = doc.clone();
+                self.size = thing.then(|| serialized_len(&self.doc));
+            }
+            Step::MergeDoc(patch) => {
+                merge_patch(&mut self.doc, patch);
+                self.size = thing.then(|| serialized_len(&self.doc));
+            }
             // INVARIANT: `prepare` checked that the root is an object (so `object_at` with
             // `create` finds every level) and that a removed value exists.
             Step::Set { parents, last } => {
+                let before = self
+                    .size
+                    .map(|size| (size, chain_len(&self.doc, &parents, &last)));
                 if let Some(parent) = object_at(&mut self.doc, &parents, true) {
-                    parent.insert(last.into_owned(), value());
+                    parent.insert(last.to_string(), value());
                 }
+                self.resize(thing, before, &parents, &last);
             }
             Step::Merge { parents, last } => {
+                let before = self
+                    .size
+                    .map(|size| (size, chain_len(&self.doc, &parents, &last)));
                 let patch = event.value.as_ref().unwrap_or(&Value::Null);
                 // As RFC 7396 of the patch wrapped down to this path: missing parents appear.
                 if let Some(parent) = object_at(&mut self.doc, &parents, true) {
                     if patch.is_null() {
                         parent.remove(last.as_ref());
                     } else {
-                        let target = parent.entry(last.into_owned()).or_insert(Value::Null);
+                        let target = parent.entry(last.to_string()).or_insert(Value::Null);
                         merge_patch(target, patch);
                     }
                 }
+                self.resize(thing, before, &parents, &last);
             }
             Step::Remove { parents, last } => {
+                let before = self
+                    .size
+                    .map(|size| (size, chain_len(&self.doc, &parents, &last)));
                 if let Some(parent) = object_at(&mut self.doc, &parents, false) {
                     parent.remove(last.as_ref());
                 }
+                self.resize(thing, before, &parents, &last);
             }
         }
         self.revision = event.revision;
         self.modified = event.timestamp;
         true
+    }
+
+    /// Brings [`Entity::size`] up to date after a change at `parents`/`last`: from the size and
+    /// the path's chain `before` it, or measured whole the first time.
+    fn resize(
+        &mut self,
+        thing: bool,
+        before: Option<(usize, usize)>,
+        parents: &[Cow<'_, str>],
+        last: &str,
+    ) {
+        if !thing {
+            return;
+        }
+        self.size = Some(match before {
+            Some((size, chain)) => size
+                .saturating_sub(chain)
+                .saturating_add(chain_len(&self.doc, parents, last)),
+            None => serialized_len(&self.doc),
+        });
     }
 }
 

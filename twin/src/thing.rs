@@ -212,7 +212,9 @@ impl Measure {
 
     /// The size of `node` once `replacement` is put at `path` below it (`None`: removed, which
     /// gives `None` at the end of the path), with missing or non-object parents on the way
-    /// turned into objects, as [`crate::Entity::apply`] does. Walks everything else unchanged.
+    /// turned into objects, as [`crate::Entity::apply`] does. Walks everything else unchanged
+    /// — or, without `siblings`, counts only the keys of the members off the path, not their
+    /// values: [`Measure::chain`] of the changed document.
     fn with_change<S: AsRef<str>>(
         &mut self,
         node: Option<&Value>,
@@ -220,6 +222,7 @@ impl Measure {
         replacement: Option<&Value>,
         level: usize,
         at: &Pointer<'_>,
+        siblings: bool,
     ) -> Result<Option<usize>, LimitError> {
         let Some((first, rest)) = path.split_first() else {
             return replacement.map(|v| self.value(v, level, at)).transpose();
@@ -238,14 +241,20 @@ impl Measure {
         for (key, item) in map {
             if key != first {
                 members += 1;
-                size = size
-                    .saturating_add(json_string_len(key) + 1)
-                    .saturating_add(self.value(item, level + 1, &at.key(key))?);
+                size = size.saturating_add(json_string_len(key) + 1);
+                if siblings {
+                    size = size.saturating_add(self.value(item, level + 1, &at.key(key))?);
+                }
             }
         }
-        if let Some(changed) =
-            self.with_change(map.get(first), rest, replacement, level + 1, &at.key(first))?
-        {
+        if let Some(changed) = self.with_change(
+            map.get(first),
+            rest,
+            replacement,
+            level + 1,
+            &at.key(first),
+            siblings,
+        )? {
             members += 1;
             size = size
                 .saturating_add(json_string_len(first) + 1)
@@ -253,6 +262,43 @@ impl Measure {
         }
         Ok(Some(size.saturating_add(members.saturating_sub(1))))
     }
+}
+
+/// The part of `node`'s size that a change at `path` can touch: everything but the values of
+/// the members beside the path (their keys count), so that for two documents that differ only
+/// at `path`, the difference of their sizes is the difference of their chains. A non-object on
+/// the way counts whole (a change below it replaces it). Walks the path's levels' keys and the
+/// value at `path`, nothing else.
+fn chain<S: AsRef<str>>(node: &Value, path: &[S]) -> usize {
+    let Some((first, rest)) = path.split_first() else {
+        return serialized_len(node);
+    };
+    let Value::Object(map) = node else {
+        return serialized_len(node);
+    };
+    let first = first.as_ref();
+    let mut size = 2 + map.len().saturating_sub(1) + map.len();
+    for key in map.keys() {
+        size = size.saturating_add(json_string_len(key));
+    }
+    match map.get(first) {
+        Some(child) => size.saturating_add(chain(child, rest)),
+        None => size,
+    }
+}
+
+/// The [`chain`] of the path `parents`/`last` in `doc`: the part of its size that a change
+/// there touches (taken before and after the change, their difference is the size's).
+pub(crate) fn chain_len<S: AsRef<str>>(doc: &Value, parents: &[S], last: &str) -> usize {
+    let Value::Object(_) = doc else {
+        return serialized_len(doc);
+    };
+    let path: Vec<&str> = parents
+        .iter()
+        .map(AsRef::as_ref)
+        .chain(std::iter::once(last))
+        .collect();
+    chain(doc, &path)
 }
 
 /// A JSON pointer under construction, for messages only: nothing is allocated unless an error
@@ -686,6 +732,22 @@ pub fn validate_thing_change<S: AsRef<str>>(
     thing_id: &ThingId,
     limits: &Limits,
 ) -> Result<(), DittoError> {
+    validate_thing_change_sized(doc, None, segments, replacement, thing_id, limits)
+}
+
+/// [`validate_thing_change`] for a document whose size is known (`doc_size`, as
+/// [`serialized_len`] gives it; `Entity::size` keeps it for stored things): the new size is
+/// worked out from the path alone — the keys of its levels and the old and new values at it —
+/// instead of a walk of the whole document. The members beside the path are then not walked
+/// for depth either: they were judged when they were written.
+pub fn validate_thing_change_sized<S: AsRef<str>>(
+    doc: &Value,
+    doc_size: Option<usize>,
+    segments: &[S],
+    replacement: Option<&Value>,
+    thing_id: &ThingId,
+    limits: &Limits,
+) -> Result<(), DittoError> {
     if segments.is_empty() {
         return match replacement {
             Some(new_doc) => validate_thing(new_doc, thing_id, limits),
@@ -699,10 +761,24 @@ pub fn validate_thing_change<S: AsRef<str>>(
     let mut walk = Measure {
         max_depth: limits.max_depth,
     };
-    let size = walk
-        .with_change(Some(doc), segments, Some(value), 1, &Pointer::ROOT)
+    let siblings = doc_size.is_none();
+    let changed = walk
+        .with_change(
+            Some(doc),
+            segments,
+            Some(value),
+            1,
+            &Pointer::ROOT,
+            siblings,
+        )
         .map_err(|e| e.for_thing(thing_id))?
         .unwrap_or(0);
+    let size = match doc_size {
+        None => changed,
+        Some(before) => before
+            .saturating_sub(chain(doc, segments))
+            .saturating_add(changed),
+    };
     if size > limits.max_document_bytes {
         return Err(LimitError::TooLarge {
             size,
@@ -1102,6 +1178,61 @@ mod tests {
     }
 
     /// Small JSON; with `bad_keys`, also keys that are not valid path segments.
+    proptest::proptest! {
+        /// The size a thing entity keeps, updated from the changed path alone, is the size of
+        /// its document after any sequence of changes.
+        #[test]
+        fn a_things_kept_size_follows_every_change(
+            changes in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec![
+                        crate::EventAction::Modified,
+                        crate::EventAction::Created,
+                        crate::EventAction::Merged,
+                        crate::EventAction::Deleted,
+                    ]),
+                    proptest::sample::select(vec![
+                        "/attributes", "/attributes/a", "/attributes/a/bb", "/attributes/new/x",
+                        "/features/f/properties/a", "/features/g", "/features/f/properties",
+                        "/attributes/a~0b", "",
+                    ]),
+                    small_json(false),
+                ),
+                1..12,
+            ),
+        ) {
+            use crate::{Entity, EntityKey, EntityKind, Event, EventAction};
+            let key = EntityKey::new(EntityKind::Thing, "org.acme:t1");
+            let event = |action, path: &str, value: Option<Value>, revision| Event {
+                key: key.clone(),
+                action,
+                path: path.to_owned(),
+                value,
+                revision,
+                timestamp: policy::Timestamp::from_unix_millis(1),
+            };
+            let mut entity = Entity::apply(
+                None,
+                &event(EventAction::Created, "", Some(json!({"thingId": "org.acme:t1",
+                    "attributes": {"a": 1}, "features": {"f": {"properties": {"a": [1]}}}})), 1),
+            )
+            .unwrap()
+            .unwrap();
+            proptest::prop_assert_eq!(entity.size, Some(serialized_len(&entity.doc)));
+            for (i, (action, path, value)) in changes.into_iter().enumerate() {
+                let value = (action != EventAction::Deleted).then_some(value);
+                let next = event(action, path, value, i as u64 + 2);
+                // Refused events (a delete of nothing, a root value that is no object) leave
+                // the entity as it was.
+                if let Ok(prepared) = entity.prepare(&next)
+                    && entity.commit(prepared)
+                {
+                    proptest::prop_assert_eq!(entity.size, Some(serialized_len(&entity.doc)));
+                }
+            }
+        }
+    }
+
     fn small_json(bad_keys: bool) -> impl proptest::strategy::Strategy<Value = Value> {
         use proptest::prelude::*;
         let leaf = prop_oneof![
@@ -1170,7 +1301,17 @@ mod tests {
             let incremental =
                 validate_thing_change(&doc, &segments, Some(&replacement), &id(), &limits);
             let full = validate_thing(&put(&doc, &segments, &replacement), &id(), &limits);
-            proptest::prop_assert_eq!(incremental, full);
+            proptest::prop_assert_eq!(&incremental, &full);
+            // Knowing the document's size, only the path is walked: the same answer.
+            let sized = validate_thing_change_sized(
+                &doc,
+                Some(serialized_len(&doc)),
+                &segments,
+                Some(&replacement),
+                &id(),
+                &limits,
+            );
+            proptest::prop_assert_eq!(sized, full);
         }
     }
 

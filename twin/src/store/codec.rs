@@ -158,6 +158,8 @@ pub(crate) fn decode_entity(bytes: &[u8]) -> Result<Entity, DecodeError> {
         revision,
         created,
         modified,
+        // Measured at the first change (the snapshot does not keep it).
+        size: None,
     })
 }
 
@@ -268,6 +270,7 @@ mod tests {
             revision: 7,
             created: Timestamp::from_unix_millis(1),
             modified: Timestamp::from_unix_millis(i64::MAX),
+            size: None,
         };
         let mut bytes = Vec::new();
         assert!(put_entity(&mut bytes, &entity));

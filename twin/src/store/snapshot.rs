@@ -221,6 +221,7 @@ mod tests {
             revision,
             created: Timestamp::from_unix_millis(1),
             modified: Timestamp::from_unix_millis(revision as i64),
+            size: None,
         })
     }
 
