@@ -1177,7 +1177,6 @@ mod tests {
         }
     }
 
-    /// Small JSON; with `bad_keys`, also keys that are not valid path segments.
     proptest::proptest! {
         /// The size a thing entity keeps, updated from the changed path alone, is the size of
         /// its document after any sequence of changes.
@@ -1233,6 +1232,7 @@ mod tests {
         }
     }
 
+    /// Small JSON; with `bad_keys`, also keys that are not valid path segments.
     fn small_json(bad_keys: bool) -> impl proptest::strategy::Strategy<Value = Value> {
         use proptest::prelude::*;
         let leaf = prop_oneof![
