@@ -37,7 +37,26 @@ impl Transport {
                 if buf.capacity() - buf.len() < 1024 {
                     buf.reserve(4096);
                 }
-                match stream.try_read_buf(buf) {
+                let spare = buf.capacity() - buf.len();
+                let mut read = None;
+                // A read that leaves room in the buffer has drained the socket: its readiness
+                // is cleared now, as tokio's own `poll_read` does, instead of by one more
+                // `recvfrom` answering EAGAIN at the next wait (two syscalls per message for a
+                // device sending one message at a time). Data arriving later raises a new edge.
+                // (`try_io` clears readiness when its closure says WouldBlock.)
+                let result = stream.try_io(tokio::io::Interest::READABLE, || {
+                    match stream.try_read_buf(buf) {
+                        Ok(n) if n > 0 && n < spare => {
+                            read = Some(n);
+                            Err(io::ErrorKind::WouldBlock.into())
+                        }
+                        other => other,
+                    }
+                });
+                if let Some(n) = read {
+                    return Ok(n);
+                }
+                match result {
                     Ok(n) => return Ok(n),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         // Readiness was stale: give the space back before waiting again.
