@@ -142,19 +142,24 @@ impl Scenario {
             Scenario::Qos0 | Scenario::Qos1 | Scenario::Paced | Scenario::Idle => {
                 matches!(
                     broker,
-                    B::Thingsgate | B::Mosquitto | B::MosquittoNodelay | B::Rumqttd
+                    B::Thingsgate
+                        | B::ThingsgateBaseline
+                        | B::Mosquitto
+                        | B::MosquittoNodelay
+                        | B::Rumqttd
                 )
             }
             // rumqttd has no authentication: a connect storm there measures something else.
-            Scenario::ConnectSecret => {
-                matches!(broker, B::Thingsgate | B::Mosquitto | B::MosquittoNodelay)
-            }
+            Scenario::ConnectSecret => matches!(
+                broker,
+                B::Thingsgate | B::ThingsgateBaseline | B::Mosquitto | B::MosquittoNodelay
+            ),
             Scenario::TwinQos0
             | Scenario::TwinQos1
             | Scenario::TwinPaced
-            | Scenario::ConnectJwt => broker == B::Thingsgate,
+            | Scenario::ConnectJwt => matches!(broker, B::Thingsgate | B::ThingsgateBaseline),
             Scenario::AmqpQos0 | Scenario::AmqpQos1 => {
-                matches!(broker, B::Thingsgate | B::Rabbitmq)
+                matches!(broker, B::Thingsgate | B::ThingsgateBaseline | B::Rabbitmq)
             }
         }
     }
@@ -226,6 +231,11 @@ pub struct CompareArgs {
     /// [default: this binary].
     #[arg(long, value_name = "PATH")]
     pub thingsgate: Option<PathBuf>,
+    /// An earlier Thingsgate build to measure beside this one, as the broker
+    /// `thingsgate-baseline` (added to the default brokers when given): before/after figures
+    /// from one run, brokers alternating.
+    #[arg(long, value_name = "PATH")]
+    pub baseline: Option<PathBuf>,
     /// The Mosquitto binary [default: `mosquitto` on PATH, else /usr/sbin/mosquitto].
     #[arg(long, value_name = "PATH")]
     pub mosquitto: Option<PathBuf>,
@@ -308,11 +318,11 @@ pub fn main(args: CompareArgs) -> anyhow::Result<ExitCode> {
         args.scenarios.clone()
     };
     let brokers = if args.brokers.is_empty() {
-        let mut all = vec![
-            BrokerKind::Thingsgate,
-            BrokerKind::Mosquitto,
-            BrokerKind::MosquittoNodelay,
-        ];
+        let mut all = vec![BrokerKind::Thingsgate];
+        if programs.baseline.is_some() {
+            all.push(BrokerKind::ThingsgateBaseline);
+        }
+        all.extend([BrokerKind::Mosquitto, BrokerKind::MosquittoNodelay]);
         if programs.rumqttd.exists() {
             all.push(BrokerKind::Rumqttd);
         } else {
@@ -459,8 +469,14 @@ fn programs(args: &CompareArgs) -> anyhow::Result<Programs> {
         .map(|d| d.join("mosquitto_passwd"))
         .filter(|p| p.is_file())
         .unwrap_or_else(|| on_path("mosquitto_passwd"));
+    if let Some(baseline) = &args.baseline
+        && !baseline.is_file()
+    {
+        bail!("the baseline build `{}` does not exist", baseline.display());
+    }
     Ok(Programs {
         thingsgate,
+        baseline: args.baseline.clone(),
         mosquitto,
         mosquitto_passwd,
         rumqttd: args
@@ -996,6 +1012,7 @@ fn table(
     samples: &[Sample],
     idle: usize,
 ) -> String {
+    // The baseline is a column (before/after), not a peer of the ratio.
     let peers: Vec<BrokerKind> = brokers
         .iter()
         .copied()
@@ -1030,14 +1047,16 @@ fn table(
             let _ = write!(out, "| {title} | {} | {our_text} |", metric.name);
             let mut best: Option<f64> = None;
             for &p in &peers {
-                let (value, text) = cell(&of(peer_scenario, p), metric);
-                let text = if peer_scenario != scenario && value.is_some() {
+                let baseline = p == BrokerKind::ThingsgateBaseline;
+                let their_scenario = if baseline { scenario } else { peer_scenario };
+                let (value, text) = cell(&of(their_scenario, p), metric);
+                let text = if their_scenario != scenario && value.is_some() {
                     format!("{text} (plain)")
                 } else {
                     text
                 };
                 let _ = write!(out, " {text} |");
-                if let Some(v) = value {
+                if let Some(v) = value.filter(|_| !baseline) {
                     best = Some(match best {
                         None => v,
                         Some(b) if metric.higher_is_better => b.max(v),
@@ -1080,6 +1099,51 @@ mod tests {
         assert_eq!(
             median_range(&mut [4.0, 1.0, 2.0, 9.0]),
             Some((3.0, 1.0, 9.0))
+        );
+    }
+
+    #[test]
+    fn a_baseline_build_is_a_column_of_its_own_figures_and_not_a_peer_of_the_ratio() {
+        let sample = |scenario, broker, per_core_second| Sample {
+            scenario,
+            broker,
+            round: 0,
+            figures: Figures {
+                received_per_second: per_core_second,
+                per_core_second,
+                p99_ms: 1.0,
+                ..Figures::default()
+            },
+        };
+        let samples = vec![
+            sample(Scenario::Qos0, BrokerKind::Thingsgate, 300_000.0),
+            sample(Scenario::Qos0, BrokerKind::ThingsgateBaseline, 900_000.0),
+            sample(Scenario::Qos0, BrokerKind::Mosquitto, 150_000.0),
+            sample(Scenario::TwinQos0, BrokerKind::Thingsgate, 200_000.0),
+            sample(Scenario::TwinQos0, BrokerKind::ThingsgateBaseline, 50_000.0),
+        ];
+        let brokers = [
+            BrokerKind::Thingsgate,
+            BrokerKind::ThingsgateBaseline,
+            BrokerKind::Mosquitto,
+        ];
+        let text = table(
+            &[Scenario::Qos0, Scenario::TwinQos0],
+            &brokers,
+            &samples,
+            10,
+        );
+        assert!(text.contains("| Thingsgate baseline |"), "{text}");
+        assert!(
+            text.contains("| msg per broker core-second | 300,000 | 900,000 | 150,000 | 2.00× |"),
+            "{text}"
+        );
+        // The baseline's own twin figure, the peer's plain one; the ratio against the peer.
+        assert!(
+            text.contains(
+                "| msg per broker core-second | 200,000 | 50,000 | 150,000 (plain) | 1.33× |"
+            ),
+            "{text}"
         );
     }
 

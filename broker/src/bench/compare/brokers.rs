@@ -31,6 +31,9 @@ pub(super) const JWT_SOLUTION_CLAIM: &str = "solution_id";
 pub enum BrokerKind {
     /// `thingsgate serve` (this binary, or `--thingsgate PATH`), release build expected.
     Thingsgate,
+    /// An earlier Thingsgate build (`--baseline PATH`), started and driven exactly like
+    /// `thingsgate`: before/after figures from one run.
+    ThingsgateBaseline,
     /// Mosquitto with a password file and an ACL (Nagle's algorithm on: its default).
     Mosquitto,
     /// The same with `set_tcp_nodelay true`.
@@ -45,6 +48,7 @@ impl BrokerKind {
     pub(super) fn name(self) -> &'static str {
         match self {
             BrokerKind::Thingsgate => "Thingsgate",
+            BrokerKind::ThingsgateBaseline => "Thingsgate baseline",
             BrokerKind::Mosquitto => "Mosquitto",
             BrokerKind::MosquittoNodelay => "Mosquitto nodelay",
             BrokerKind::Rumqttd => "rumqttd",
@@ -57,6 +61,8 @@ impl BrokerKind {
 #[derive(Debug, Clone)]
 pub(super) struct Programs {
     pub(super) thingsgate: PathBuf,
+    /// The earlier build `thingsgate-baseline` runs, if given.
+    pub(super) baseline: Option<PathBuf>,
     pub(super) mosquitto: PathBuf,
     pub(super) mosquitto_passwd: PathBuf,
     pub(super) rumqttd: PathBuf,
@@ -96,7 +102,13 @@ impl Running {
     /// Starts a fresh broker of `kind` with its files in `dir` (which must exist).
     pub(super) fn start(kind: BrokerKind, programs: &Programs, dir: &Path) -> anyhow::Result<Self> {
         let mut running = match kind {
-            BrokerKind::Thingsgate => start_thingsgate(programs, dir)?,
+            BrokerKind::Thingsgate => start_thingsgate(kind, &programs.thingsgate, dir)?,
+            BrokerKind::ThingsgateBaseline => {
+                let Some(baseline) = &programs.baseline else {
+                    bail!("the broker thingsgate-baseline needs --baseline PATH");
+                };
+                start_thingsgate(kind, baseline, dir)?
+            }
             BrokerKind::Mosquitto | BrokerKind::MosquittoNodelay => {
                 start_mosquitto(kind, programs, dir)?
             }
@@ -225,9 +237,9 @@ fn listener(listeners: &[(String, SocketAddr)], name: &str) -> Option<SocketAddr
 
 /// Thingsgate: a solution (and a JWT issuer with a fresh key) in a new data directory, then
 /// `serve` with MQTT, AMQP and HTTP on free loopback ports.
-fn start_thingsgate(programs: &Programs, dir: &Path) -> anyhow::Result<Running> {
+fn start_thingsgate(kind: BrokerKind, program: &Path, dir: &Path) -> anyhow::Result<Running> {
     let data = dir.join("data");
-    let out = Command::new(&programs.thingsgate)
+    let out = Command::new(program)
         .args([
             "solution",
             "create",
@@ -239,7 +251,7 @@ fn start_thingsgate(programs: &Programs, dir: &Path) -> anyhow::Result<Running> 
         .arg(&data)
         .stdin(Stdio::null())
         .output()
-        .with_context(|| format!("cannot run {}", programs.thingsgate.display()))?;
+        .with_context(|| format!("cannot run {}", program.display()))?;
     if !out.status.success() {
         bail!(
             "thingsgate solution create failed: {}",
@@ -272,7 +284,7 @@ fn start_thingsgate(programs: &Programs, dir: &Path) -> anyhow::Result<Running> 
     )
     .context("cannot write the config")?;
 
-    let mut command = Command::new(&programs.thingsgate);
+    let mut command = Command::new(program);
     command
         .arg("serve")
         .arg("--data")
@@ -296,7 +308,7 @@ fn start_thingsgate(programs: &Programs, dir: &Path) -> anyhow::Result<Running> 
     let (child, listeners) = spawn_until_ready(command, "thingsgate serve", &dir.join("stderr"))?;
     let pid = child.id();
     Ok(Running {
-        kind: BrokerKind::Thingsgate,
+        kind,
         child: Some(child),
         pid,
         mqtt: listener(&listeners, "mqtt"),
