@@ -89,6 +89,7 @@ impl Harness {
             metrics: Arc::new(Metrics::default()),
             shutdown,
             bridges: crate::bridge::Bridges::default(),
+            deadlines: Arc::default(),
         });
         Ok(Harness {
             core,
@@ -108,7 +109,7 @@ impl Harness {
             solution: self.solution.clone(),
             subjects,
             client_id: client_id.into(),
-            expires_at: None,
+            expiry: None,
             jwt_method: false,
             secret: None,
         };

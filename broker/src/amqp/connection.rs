@@ -33,7 +33,6 @@ use amq_protocol::protocol::{
 };
 use amq_protocol::types::ShortString;
 use bytes::{Bytes, BytesMut};
-use tokio::time::sleep_until;
 
 use crate::amqp::codec::{self, ContentHeader, DeliveryMethod, Frame};
 use crate::amqp::handshake::{Negotiated, printable};
@@ -41,7 +40,7 @@ use crate::amqp::mapping;
 use crate::amqp::reply::{self, *};
 use crate::core::identity::ReauthRefusal;
 use crate::core::message::{Delivery, Origin};
-use crate::core::session::Protocol;
+use crate::core::session::{Protocol, Signal};
 use crate::core::{
     Client, Core, Outcome, Pending, REPLY_PREFIX, ReplyTo, SessionRequest, Told, Verdict,
 };
@@ -215,36 +214,6 @@ struct Queue {
     /// Its reply address, once a publish named it as `reply-to`.
     reply: Option<TopicName>,
     bindings: usize,
-    /// Waits for its session's wake-up or its link's kick; kept across passes of the loop
-    /// (made anew only once it fired), so a busy consumer allocates no waits per pass.
-    waiter: Option<Waiter>,
-}
-
-/// What a queue's waiter saw.
-#[derive(Debug, Clone, Copy)]
-enum QueueEvent {
-    Queued,
-    Kicked,
-}
-
-struct Waiter(Pin<Box<dyn Future<Output = QueueEvent> + Send>>);
-
-impl std::fmt::Debug for Waiter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Waiter")
-    }
-}
-
-/// A queue's waiter (`Queue::waiter`).
-fn queue_waiter(client: &Client) -> Waiter {
-    let (session, link) = (client.session.clone(), client.link.clone());
-    Waiter(Box::pin(async move {
-        tokio::select! {
-            biased;
-            () = link.kick.notified() => QueueEvent::Kicked,
-            () = session.wake.notified() => QueueEvent::Queued,
-        }
-    }))
 }
 
 /// A publish whose outcome waits for the journal: confirmed (if the channel asked) once done.
@@ -288,9 +257,19 @@ pub(crate) struct Conn {
     queues: Vec<Queue>,
     confirming: Vec<Confirming>,
     wait: Option<Box<Wait>>,
-    /// Heartbeats and token expiry (`arm_timer`).
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// When the core's timer raises the link's deadline signal for heartbeats and token
+    /// expiry (`arm_timer`); `None`: not registered.
+    timer_at: Option<tokio::time::Instant>,
     _slot: ConnectionSlot,
+}
+
+/// What ends the main loop's wait.
+enum Event {
+    Read(std::io::Result<usize>),
+    Woken(Woken),
+    /// The publish at this index of `confirming` is done.
+    Confirmed(usize, Told),
+    Timer,
 }
 
 /// What woke the loop besides the socket.
@@ -323,7 +302,7 @@ impl Conn {
             queues: Vec::new(),
             confirming: Vec::new(),
             wait: None,
-            timer: None,
+            timer_at: None,
             _slot: negotiated.slot,
         }
     }
@@ -341,12 +320,17 @@ impl Conn {
             }
             let more = self.deliver();
             if !self.wbuf.is_empty() {
-                if self.io.write_all(&self.wbuf).await.is_err() {
+                // Polled, not `write_all`'s future: the wait stays small in every task.
+                if std::future::poll_fn(|cx| self.poll_write_out(cx))
+                    .await
+                    .is_err()
+                {
                     return Ending::Gone;
                 }
                 self.last_write = clock_ms();
                 self.wbuf.clear();
-                if self.wbuf.capacity() > 64 * 1024 {
+                // An idle connection holds no write buffer, nor keeps one a burst grew.
+                if self.wbuf.capacity() < 1024 || self.wbuf.capacity() > 64 * 1024 {
                     self.wbuf = Vec::new();
                 }
             }
@@ -356,37 +340,22 @@ impl Conn {
             }
             self.arm_timer();
             let reading = self.confirming.len() < usize::from(self.core.settings.receive_maximum);
-            let Conn {
-                io,
-                rbuf,
-                client,
-                queues,
-                confirming,
-                core,
-                timer,
-                ..
-            } = self;
-            tokio::select! {
-                read = std::future::poll_fn(|cx| poll_read(io, cx, rbuf)), if reading => match read {
-                    Ok(0) | Err(_) => return Ending::Gone,
-                    Ok(_) => self.last_read = clock_ms(),
-                },
-                woken = woken(client, queues) => match woken {
-                    Woken::Queued => {}
-                    Woken::Kicked(_) if *self.core.shutdown.borrow() => {
-                        return Ending::close(CONNECTION_FORCED, "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'");
-                    }
-                    Woken::Kicked(None) => return self.kicked(),
-                    Woken::Kicked(Some(i)) => self.queue_taken_over(i),
-                },
-                (i, told) = confirmed(confirming, core, client), if !confirming.is_empty() => {
-                    self.confirm(i, &told);
+            // One poll function over every source: the wait keeps no future per source in
+            // the task (a `select!` kept one each).
+            match std::future::poll_fn(|cx| self.poll_event(cx, reading)).await {
+                Event::Read(Ok(0) | Err(_)) => return Ending::Gone,
+                Event::Read(Ok(_)) => self.last_read = clock_ms(),
+                Event::Woken(Woken::Queued) => {}
+                Event::Woken(Woken::Kicked(_)) if *self.core.shutdown.borrow() => {
+                    return Ending::close(
+                        CONNECTION_FORCED,
+                        "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'",
+                    );
                 }
-                () = std::future::poll_fn(|cx| match timer {
-                    Some(sleep) => sleep.as_mut().poll(cx),
-                    None => Poll::Pending,
-                }) => {
-                    self.timer = None;
+                Event::Woken(Woken::Kicked(None)) => return self.kicked(),
+                Event::Woken(Woken::Kicked(Some(i))) => self.queue_taken_over(i),
+                Event::Confirmed(i, told) => self.confirm(i, &told),
+                Event::Timer => {
                     if let Some(ending) = self.on_timer() {
                         return ending;
                     }
@@ -397,6 +366,37 @@ impl Conn {
                 self.rbuf = BytesMut::new();
             }
         }
+    }
+
+    /// Writes the write buffer out (it is empty once this is ready with `Ok`).
+    fn poll_write_out(&mut self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        while !self.wbuf.is_empty() {
+            let n = std::task::ready!(self.io.poll_write(cx, &self.wbuf))?;
+            self.wbuf.drain(..n.min(self.wbuf.len()));
+        }
+        self.io.poll_flush(cx)
+    }
+
+    /// Whichever is ready first: input (unless too many publishes wait for their confirm), a
+    /// wake-up or kick of a link, the oldest confirm, the timer.
+    fn poll_event(&mut self, cx: &mut std::task::Context<'_>, reading: bool) -> Poll<Event> {
+        if reading && let Poll::Ready(read) = poll_read(&mut self.io, cx, &mut self.rbuf) {
+            return Poll::Ready(Event::Read(read));
+        }
+        if let Poll::Ready(woken) = poll_woken(cx, &self.client, &self.queues) {
+            return Poll::Ready(Event::Woken(woken));
+        }
+        if !self.confirming.is_empty()
+            && let Poll::Ready((i, told)) =
+                poll_confirmed(cx, &mut self.confirming, &self.core, &self.client)
+        {
+            return Poll::Ready(Event::Confirmed(i, told));
+        }
+        if self.timer_at.is_some() && self.client.link.poll_take(cx, Signal::Deadline).is_ready() {
+            self.timer_at = None;
+            return Poll::Ready(Event::Timer);
+        }
+        Poll::Pending
     }
 
     fn heartbeat(&self) -> Option<Duration> {
@@ -412,7 +412,7 @@ impl Conn {
             let missed = (beat * 2).saturating_sub(since(self.last_read));
             now + send.min(missed)
         });
-        let expiry = self.client.identity.expires_at.map(|at| {
+        let expiry = self.client.identity.expires_at().map(|at| {
             let left = at
                 .duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO);
@@ -424,24 +424,22 @@ impl Conn {
         }
     }
 
-    /// Sets the timer to the next deadline. A timer already set to fire earlier is kept (it
-    /// fires, finds nothing due, and is set again): no timer change per pass of the loop.
-    /// Only a connection with heartbeats or a token has one (an idle connection without them
-    /// holds none).
+    /// Makes sure the core's timer ([`crate::core::deadlines`]) raises the link's deadline
+    /// signal by the next deadline. A registration that fires earlier is kept (it fires, finds
+    /// nothing due, and is made again): no registration per pass of the loop.
     fn arm_timer(&mut self) {
         let Some(at) = self.deadline() else {
-            self.timer = None;
             return;
         };
-        match &mut self.timer {
-            Some(sleep) if sleep.deadline() <= at.into() => {}
-            Some(sleep) => sleep.as_mut().reset(at.into()),
-            None => self.timer = Some(Box::pin(sleep_until(at.into()))),
+        let at = tokio::time::Instant::from_std(at);
+        if self.timer_at.is_none_or(|registered| registered > at) {
+            self.core.deadlines.register(at, &self.client.link);
+            self.timer_at = Some(at);
         }
     }
 
     fn on_timer(&mut self) -> Option<Ending> {
-        if let Some(at) = self.client.identity.expires_at
+        if let Some(at) = self.client.identity.expires_at()
             && at <= SystemTime::now()
         {
             return Some(Ending::close(
@@ -493,7 +491,7 @@ impl Conn {
             .load(std::sync::atomic::Ordering::Acquire)
         {
             // Revoked credentials: the whole connection goes (its own link is kicked too).
-            self.client.link.kick.notify_one();
+            self.client.link.kick();
         }
         self.cancel_consumers_of(&queue.name, true);
         queue.client.space.remove_replies(&queue.client.session);
@@ -613,11 +611,14 @@ impl Conn {
         };
         if let Some(packet_id) = delivery.packet_id {
             queue.client.session.lock().requeue(packet_id);
-            queue.client.session.wake.notify_one();
+            queue.client.link.wake();
         } else if let Some(transient) = &delivery.transient {
-            let session = &queue.client.session;
-            session.lock().requeue_delivery((**transient).clone());
-            session.wake.notify_one();
+            queue
+                .client
+                .session
+                .lock()
+                .requeue_delivery((**transient).clone());
+            queue.client.link.wake();
         }
     }
 
@@ -684,6 +685,9 @@ impl Conn {
                     class,
                 )));
             }
+            // Most connections open one channel: room for it alone (a first `push` makes room
+            // for four).
+            self.channels.reserve_exact(1);
             self.channels.push(Channel::new(id));
             reply::method(
                 &mut self.wbuf,
@@ -1058,7 +1062,6 @@ impl Conn {
             durable,
             reply: None,
             bindings,
-            waiter: None,
         });
         Ok(self.queues.len() - 1)
     }
@@ -1492,7 +1495,7 @@ impl Conn {
                 .session
                 .lock()
                 .complete(packet_id, QoS::AtLeastOnce);
-            queue.client.session.wake.notify_one();
+            queue.client.link.wake();
         }
     }
 
@@ -1971,14 +1974,9 @@ impl Conn {
                 }
             });
         }
-        if !matches!(ending, Ending::Gone) && !self.wbuf.is_empty() {
-            let write = tokio::time::timeout(Duration::from_secs(1), self.io.write_all(&self.wbuf));
-            if write.await.is_ok_and(|r| r.is_ok()) && matches!(ending, Ending::Close(..)) {
-                // The client's close-ok, briefly.
-                let _ = tokio::time::timeout(Duration::from_secs(1), self.await_close_ok()).await;
-            }
-        }
-        self.io.shutdown().await;
+        // The queues are let go before the last word to the client: one that has its
+        // `close-ok` may declare them again at once on another connection (seen as 405
+        // RESOURCE_LOCKED under load when they were let go after it).
         for channel in std::mem::take(&mut self.channels) {
             for delivery in channel.unacked {
                 self.requeue(&delivery);
@@ -1987,6 +1985,14 @@ impl Conn {
         for queue in std::mem::take(&mut self.queues) {
             self.end_queue(&queue, false);
         }
+        if !matches!(ending, Ending::Gone) && !self.wbuf.is_empty() {
+            let write = tokio::time::timeout(Duration::from_secs(1), self.io.write_all(&self.wbuf));
+            if write.await.is_ok_and(|r| r.is_ok()) && matches!(ending, Ending::Close(..)) {
+                // The client's close-ok, briefly.
+                let _ = tokio::time::timeout(Duration::from_secs(1), self.await_close_ok()).await;
+            }
+        }
+        self.io.shutdown().await;
         let (ours, _) = self.core.detach(&self.client);
         if ours {
             self.core.expire_session(&self.client, 0);
@@ -2072,32 +2078,24 @@ fn check_topic_exchange(name: &str) -> Result<(), Failure> {
     }
 }
 
-/// Completes when something was queued in one of the connection's queues, or the link of
+/// Ready when something was queued in one of the connection's queues, or the link of
 /// the connection or of a queue was kicked (takeover, revocation, shutdown). The connection's
 /// own session is not waited on: nothing consumes there (`deliver` drops what arrived on its
-/// next pass). Each queue's waiter persists in the queue until it fires.
-async fn woken(client: &Client, queues: &mut [Queue]) -> Woken {
-    let kick = client.link.kick.notified();
-    tokio::pin!(kick);
-    std::future::poll_fn(|cx| {
-        if kick.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Woken::Kicked(None));
+/// next pass). It polls the links (`Link::poll_take`), so waiting keeps no future per queue.
+fn poll_woken(cx: &mut std::task::Context<'_>, client: &Client, queues: &[Queue]) -> Poll<Woken> {
+    if client.link.poll_take(cx, Signal::Kicked).is_ready() {
+        return Poll::Ready(Woken::Kicked(None));
+    }
+    for (i, queue) in queues.iter().enumerate() {
+        let link = &queue.client.link;
+        if link.poll_take(cx, Signal::Kicked).is_ready() {
+            return Poll::Ready(Woken::Kicked(Some(i)));
         }
-        for (i, queue) in queues.iter_mut().enumerate() {
-            let waiter = queue
-                .waiter
-                .get_or_insert_with(|| queue_waiter(&queue.client));
-            if let Poll::Ready(event) = waiter.0.as_mut().poll(cx) {
-                queue.waiter = None;
-                return Poll::Ready(match event {
-                    QueueEvent::Queued => Woken::Queued,
-                    QueueEvent::Kicked => Woken::Kicked(Some(i)),
-                });
-            }
+        if link.poll_take(cx, Signal::Queued).is_ready() {
+            return Poll::Ready(Woken::Queued);
         }
-        Poll::Pending
-    })
-    .await
+    }
+    Poll::Pending
 }
 
 /// Reads what is available into `buf` without a future of its own (TCP: readiness, then a
@@ -2142,27 +2140,25 @@ fn poll_read(
     }
 }
 
-/// Completes with the first publish whose write is done (its events announced), and what its
-/// publisher is told.
-fn confirmed<'a>(
-    confirming: &'a mut [Confirming],
-    core: &'a Core,
-    client: &'a Client,
-) -> impl Future<Output = (usize, Told)> + 'a {
-    std::future::poll_fn(move |cx| {
-        for (i, entry) in confirming.iter_mut().enumerate() {
-            if let Poll::Ready(told) =
-                entry
-                    .pending
-                    .poll_done(cx, core, &client.space, &client.session)
-            {
-                return Poll::Ready((i, told));
-            }
-            // No write announces its events before every write ahead of it has.
-            if !entry.pending.announced() {
-                break;
-            }
+/// The first publish whose write is done (its events announced), and what its publisher is
+/// told.
+fn poll_confirmed(
+    cx: &mut std::task::Context<'_>,
+    confirming: &mut [Confirming],
+    core: &Core,
+    client: &Client,
+) -> Poll<(usize, Told)> {
+    for (i, entry) in confirming.iter_mut().enumerate() {
+        if let Poll::Ready(told) = entry
+            .pending
+            .poll_done(cx, core, &client.space, &client.session)
+        {
+            return Poll::Ready((i, told));
         }
-        Poll::Pending
-    })
+        // No write announces its events before every write ahead of it has.
+        if !entry.pending.announced() {
+            break;
+        }
+    }
+    Poll::Pending
 }

@@ -223,7 +223,7 @@ async fn negotiate(
             40,
         ));
     }
-    if let Some(at) = identity.expires_at
+    if let Some(at) = identity.expires_at()
         && at <= std::time::SystemTime::now()
     {
         return Err(Failure::Refuse(

@@ -577,7 +577,7 @@ impl SourceRuntime {
             solution,
             subjects: subjects.clone(),
             client_id: format!("bridge:{}", self.connection).into(),
-            expires_at: None,
+            expiry: None,
             jwt_method: false,
             secret: None,
         };

@@ -92,7 +92,7 @@ impl TargetRuntime {
             solution,
             subjects: target.authorization_context.clone().into(),
             client_id: format!("bridge:{connection}:target").into(),
-            expires_at: None,
+            expiry: None,
             jwt_method: false,
             secret: None,
         };
@@ -136,7 +136,7 @@ impl TargetRuntime {
     /// already did).
     pub async fn wait(&self) {
         if !self.client.session.lock().has_queued() {
-            self.client.session.wake.notified().await;
+            self.client.link.woken().await;
         }
     }
 

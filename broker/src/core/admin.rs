@@ -387,7 +387,7 @@ impl Core {
             };
             for link in space.links_with_secret(secret) {
                 link.revoked.store(true, Ordering::Release);
-                link.kick.notify_one();
+                link.kick();
             }
         }
         tracing::info!(solution = %solution.id, "solution changed");

@@ -64,13 +64,31 @@ pub struct Identity {
     /// Its subjects, matched together against policies; shared with its session.
     pub subjects: Arc<[String]>,
     pub client_id: Arc<str>,
-    /// When the token expires (JWT connections): the connection ends then.
-    pub expires_at: Option<SystemTime>,
+    /// When the token expires (JWT connections), in milliseconds since the Unix epoch: the
+    /// connection ends then ([`Identity::expires_at`]). Eight bytes, not a `SystemTime`'s 16:
+    /// the identity is part of every connection.
+    pub expiry: Option<std::num::NonZeroU64>,
     /// Authenticated with method `jwt`: may re-authenticate with a fresh token.
     pub jwt_method: bool,
     /// The number of the solution secret it authenticated with (`s3` → 3): revoking it ends
     /// the connection.
-    pub secret: Option<u32>,
+    pub secret: Option<std::num::NonZeroU32>,
+}
+
+impl Identity {
+    /// When the token expires (JWT connections): the connection ends then.
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        self.expiry
+            .map(|ms| SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms.get()))
+    }
+}
+
+/// `at` as [`Identity::expiry`] (an instant before 1970 as its first millisecond).
+fn expiry_millis(at: SystemTime) -> Option<std::num::NonZeroU64> {
+    let ms = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(1, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    std::num::NonZeroU64::new(ms.max(1))
 }
 
 /// Why authentication failed; the label goes to metrics and debug logs, never to the client.
@@ -156,7 +174,7 @@ impl Authenticator {
         }
         let result = self.check(credentials).await.and_then(|identity| {
             if identity
-                .expires_at
+                .expires_at()
                 .is_some_and(|at| at <= SystemTime::now())
             {
                 Err(Refusal::NotAuthorized("expired"))
@@ -212,9 +230,9 @@ impl Authenticator {
             solution,
             subjects: subjects.into_vec().into(),
             client_id: credentials.client_id.into(),
-            expires_at: None,
+            expiry: None,
             jwt_method: false,
-            secret: secret_number(&secret_id),
+            secret: secret_number(&secret_id).and_then(std::num::NonZeroU32::new),
         })
     }
 
@@ -249,7 +267,7 @@ impl Authenticator {
             solution,
             subjects: jwt.subjects.into(),
             client_id: credentials.client_id.into(),
-            expires_at: Some(jwt.expires_at),
+            expiry: expiry_millis(jwt.expires_at),
             jwt_method: false,
             secret: None,
         })
@@ -311,7 +329,7 @@ impl Authenticator {
         if !same_solution || old != new {
             return Err(ReauthRefusal::OtherIdentity);
         }
-        identity.expires_at = Some(jwt.expires_at);
+        identity.expiry = expiry_millis(jwt.expires_at);
         Ok(())
     }
 

@@ -19,6 +19,7 @@
 //! views, subscriptions and queue), `topics` (the subscription tree), `message` (what travels).
 
 pub mod admin;
+pub mod deadlines;
 pub mod dispatch;
 mod documents;
 mod execute;
@@ -68,6 +69,8 @@ pub struct Core {
     pub shutdown: watch::Receiver<bool>,
     /// The solutions' bridge connections: their statuses, and the signal that they changed.
     pub bridges: crate::bridge::Bridges,
+    /// The connections' keep-alive and token deadlines: one timer for all.
+    pub deadlines: Arc<deadlines::Deadlines>,
 }
 
 /// The prefix of reply addresses ([`Core::reply_address`]).
@@ -221,14 +224,17 @@ impl Core {
             tracing::warn!(solution = %space.id, limit = settings.max_sessions, "session limit reached");
             return Err(SessionLimit);
         }
-        let link = Arc::new(Link::new(request.protocol, identity.secret));
+        let link = Arc::new(Link::new(
+            request.protocol,
+            identity.secret.map(std::num::NonZeroU32::get),
+        ));
         let mut sessions = space.sessions();
         space.cancel_pending_will(&client_id);
         let mut resumed = None;
         if let Some(old) = sessions.get(&*client_id).cloned() {
             let kicked = old.lock().link.take();
             if let Some(kicked) = kicked {
-                kicked.kick.notify_one();
+                kicked.kick();
                 self.metrics.sessions_taken_over.inc();
             }
             if request.clean_start {
@@ -262,7 +268,7 @@ impl Core {
         drop(sessions);
         if *self.shutdown.borrow() {
             // Attached after `kick_all` went through this solution's sessions: told at once.
-            link.kick.notify_one();
+            link.kick();
         }
         let saved = if expiry > 0 {
             sessions::save(&self.twins.store, &space, &session, None)
@@ -296,7 +302,7 @@ impl Core {
                 .filter_map(|session| session.lock().link.clone())
                 .collect();
             for link in links {
-                link.kick.notify_one();
+                link.kick();
             }
         }
     }

@@ -4,17 +4,18 @@
 //!
 //! A session is shared: publishers (any connection's task) push deliveries into its queue, its
 //! connection (if one is attached) drains the queue into the socket. The state sits behind a
-//! `std::sync::Mutex` that is never held across an `.await`; `wake` tells the attached
-//! connection that there is something to send. The queue is bounded (`crate::limits`).
+//! `std::sync::Mutex` that is never held across an `.await`; the [`Link`] of the attached
+//! connection tells it that there is something to send. The queue is bounded (`crate::limits`).
 
 use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU16;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
+use futures_util::task::AtomicWaker;
 use policy::{Enforcer, SubjectView, Timestamp};
-use tokio::sync::Notify;
 
 use crate::core::message::{Delivery, Offer};
 use crate::core::policies::{PolicyId, PolicyRef};
@@ -41,17 +42,35 @@ struct Inflight {
     released: bool,
 }
 
-/// The handle of the connection currently attached to a session.
+/// The handle of the connection currently attached to a session, and the one way its task
+/// is woken: a kick (takeover, revocation, shutdown), something queued in the session, or one
+/// of its deadlines ([`crate::core::deadlines`]). One waker for all three: a connection waits
+/// by polling the link, with no `Notified` or `Sleep` future of its own kept in its task
+/// (each sized every idle connection: two `Notify` and a timer were ~300 bytes of it).
 #[derive(Debug)]
 pub struct Link {
-    /// Notified when another connection takes the session over (or the server shuts down),
-    /// or when its credentials were revoked (`revoked` set first).
-    pub kick: Notify,
+    /// [`Signal`] bits raised and not yet taken by the attached task.
+    signals: AtomicU8,
+    waker: AtomicWaker,
+    /// Set before the kick of a revocation.
     pub revoked: std::sync::atomic::AtomicBool,
     /// How the client is connected (for metrics).
     pub protocol: Protocol,
     /// The number of the solution secret it connected with (0: none).
     pub secret: u32,
+}
+
+/// What a [`Link`] tells its task; a bit each, raised until taken (like a `Notify` permit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Signal {
+    /// Another connection took the session over, the server shuts down, or the credentials
+    /// were revoked (`revoked` set first).
+    Kicked = 1,
+    /// Something was queued in the session.
+    Queued = 2,
+    /// A deadline the task registered has come.
+    Deadline = 4,
 }
 
 /// The ways a client holds a session.
@@ -87,11 +106,57 @@ impl Protocol {
 impl Link {
     pub fn new(protocol: Protocol, secret: Option<u32>) -> Self {
         Link {
-            kick: Notify::new(),
+            signals: AtomicU8::new(0),
+            waker: AtomicWaker::new(),
             revoked: std::sync::atomic::AtomicBool::new(false),
             protocol,
             secret: secret.unwrap_or(0),
         }
+    }
+
+    /// Tells the attached task to end (takeover, revocation, shutdown).
+    pub fn kick(&self) {
+        self.raise(Signal::Kicked);
+    }
+
+    /// Tells the attached task that something was queued in its session.
+    pub fn wake(&self) {
+        self.raise(Signal::Queued);
+    }
+
+    /// Raises `signal` and wakes the task waiting on the link, if any.
+    pub fn raise(&self, signal: Signal) {
+        if let Some(waker) = self.raise_quietly(signal) {
+            waker.wake();
+        }
+    }
+
+    /// Raises `signal` and returns the waker to wake, so that the caller can wake it after
+    /// letting go of a lock.
+    #[must_use]
+    fn raise_quietly(&self, signal: Signal) -> Option<std::task::Waker> {
+        self.signals.fetch_or(signal as u8, Ordering::AcqRel);
+        self.waker.take()
+    }
+
+    /// Ready once `signal` was raised since it was last taken; takes it. The task polling it is
+    /// woken by the next raise of any signal: one task polls a link.
+    pub fn poll_take(&self, cx: &mut Context<'_>, signal: Signal) -> Poll<()> {
+        let bit = signal as u8;
+        // Registered before looking: a raise after the look wakes this task.
+        self.waker.register(cx.waker());
+        if self.signals.load(Ordering::Acquire) & bit != 0
+            && self.signals.fetch_and(!bit, Ordering::AcqRel) & bit != 0
+        {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Completes once something was queued in the session.
+    pub async fn woken(&self) {
+        std::future::poll_fn(|cx| self.poll_take(cx, Signal::Queued)).await;
     }
 }
 
@@ -107,7 +172,7 @@ pub struct SessionState {
     view: SubjectView,
     /// The same subjects' views of thing policies (twin commands, events, live messages).
     pub policy_views: PolicyViews,
-    pub subscriptions: HashMap<Box<str>, SubscriptionRecord>,
+    pub subscriptions: Subscriptions,
     queue: VecDeque<Delivery>,
     inflight: VecDeque<Inflight>,
     next_packet_id: u16,
@@ -121,7 +186,58 @@ pub struct SessionState {
     /// (`crate::core::sessions`); out of line, since most sessions end with their connection
     /// and an idle connection's session should stay small.
     pub journal: Option<Box<Journaled>>,
-    max_queued: usize,
+    max_queued: u32,
+}
+
+/// A session's subscriptions by filter, the map allocated at the first: an empty `HashMap`
+/// inline is 48 bytes of every session, and most devices never subscribe.
+#[derive(Debug, Default)]
+pub struct Subscriptions(Option<Box<SubscriptionMap>>);
+
+type SubscriptionMap = HashMap<Box<str>, SubscriptionRecord>;
+
+impl Subscriptions {
+    pub fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |map| map.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn contains_key(&self, filter: &str) -> bool {
+        self.0.as_ref().is_some_and(|map| map.contains_key(filter))
+    }
+
+    /// Adds or replaces the subscription of `filter`; returns the one it replaced.
+    pub fn insert(
+        &mut self,
+        filter: Box<str>,
+        record: SubscriptionRecord,
+    ) -> Option<SubscriptionRecord> {
+        self.0.get_or_insert_default().insert(filter, record)
+    }
+
+    pub fn remove(&mut self, filter: &str) -> Option<SubscriptionRecord> {
+        let map = self.0.as_mut()?;
+        let removed = map.remove(filter);
+        if map.is_empty() {
+            self.0 = None;
+        }
+        removed
+    }
+
+    pub fn clear(&mut self) {
+        self.0 = None;
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&Box<str>, &SubscriptionRecord)> {
+        self.0.iter().flat_map(|map| map.iter())
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &Box<str>> {
+        self.iter().map(|(filter, _)| filter)
+    }
 }
 
 /// A client's session.
@@ -131,8 +247,6 @@ pub struct Session {
     pub id: u64,
     pub client_id: Arc<str>,
     state: Mutex<SessionState>,
-    /// Something was queued for the attached connection.
-    pub wake: Notify,
 }
 
 static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
@@ -154,7 +268,7 @@ impl Session {
                 subjects,
                 view,
                 policy_views: PolicyViews::default(),
-                subscriptions: HashMap::new(),
+                subscriptions: Subscriptions::default(),
                 queue: VecDeque::new(),
                 inflight: VecDeque::new(),
                 next_packet_id: 1,
@@ -162,9 +276,8 @@ impl Session {
                 incoming_qos2: Vec::new(),
                 expiry_interval,
                 journal: None,
-                max_queued,
+                max_queued: u32::try_from(max_queued).unwrap_or(u32::MAX),
             }),
-            wake: Notify::new(),
         }
     }
 
@@ -177,7 +290,7 @@ impl Session {
     /// Whether a QoS 1/2 delivery would be queued now (online, or QoS ≥ 1; room in the queue):
     /// worth journaling first.
     pub fn has_room(state: &SessionState) -> bool {
-        state.queue.len() < state.max_queued
+        state.queue.len() < state.max_queued as usize
     }
 
     /// Whether the session has any subscription.
@@ -208,15 +321,19 @@ impl Session {
         if state.link.is_none() && delivery.qos == QoS::AtMostOnce {
             return Offer::Dropped;
         }
-        if state.queue.len() >= state.max_queued {
+        if state.queue.len() >= state.max_queued as usize {
             metrics.dropped("queue_full");
             return Offer::Dropped;
         }
         state.queue.push_back(delivery);
-        let online = state.link.is_some();
+        let waker = state
+            .link
+            .as_ref()
+            .and_then(|link| link.raise_quietly(Signal::Queued));
+        // Woken after the lock is let go: the woken task takes it first thing.
         drop(state);
-        if online {
-            self.wake.notify_one();
+        if let Some(waker) = waker {
+            waker.wake();
         }
         Offer::Queued
     }

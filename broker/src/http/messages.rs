@@ -218,7 +218,7 @@ pub async fn send(
             if let Some(delivery) = client.session.lock().pop_next(&core.metrics) {
                 return delivery;
             }
-            client.session.wake.notified().await;
+            client.link.woken().await;
         }
     })
     .await;

@@ -67,7 +67,7 @@ pub async fn stream(core: Arc<Core>, identity: Identity, selection: Selection) -
         Ok(filter) => filter.map(Arc::new),
         Err(e) => return ditto_error(&e),
     };
-    let expires = identity.expires_at;
+    let expires = identity.expires_at();
     let client = core.transient(identity.clone());
     let filters: Vec<String> = match (&selection.ids, &selection.namespaces) {
         (Some(ids), _) => ids
@@ -162,7 +162,7 @@ pub async fn stream(core: Arc<Core>, identity: Identity, selection: Selection) -
                             .unwrap_or(Duration::ZERO)
                     });
                     tokio::select! {
-                        () = subscribed.client.session.wake.notified() => {}
+                        () = subscribed.client.link.woken() => {}
                         _ = stop.wait_for(|stop| *stop) => return None,
                         () = tokio::time::sleep(until_expiry.unwrap_or(Duration::MAX)), if until_expiry.is_some() => return None,
                     }

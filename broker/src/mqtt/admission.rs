@@ -38,9 +38,16 @@ pub struct HandshakeSlot {
     _permit: OwnedSemaphorePermit,
 }
 
-/// An authenticated connection's place; given back when dropped.
+/// An authenticated connection's place; given back when dropped. The semaphore alone rather
+/// than its `OwnedSemaphorePermit` (which adds a count): one word in every connection.
 #[derive(Debug)]
-pub struct ConnectionSlot(#[expect(dead_code, reason = "held for its drop")] OwnedSemaphorePermit);
+pub struct ConnectionSlot(Arc<Semaphore>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.add_permits(1);
+    }
+}
 
 impl Admission {
     pub fn new(max_handshakes: usize, max_per_address: usize, max_connections: usize) -> Self {
@@ -99,11 +106,10 @@ impl Admission {
 
     /// A connection slot, if one is free.
     pub fn connection(&self) -> Option<ConnectionSlot> {
-        self.connections
-            .clone()
-            .try_acquire_owned()
-            .ok()
-            .map(ConnectionSlot)
+        let permit = self.connections.try_acquire().ok()?;
+        // Given back by the slot's drop.
+        permit.forget();
+        Some(ConnectionSlot(self.connections.clone()))
     }
 }
 

@@ -15,16 +15,16 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::num::NonZeroU16;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use bytes::BytesMut;
-use tokio::time::sleep_until;
+use bytes::{Buf, BytesMut};
 
 use crate::core::identity::{JWT_METHOD, ReauthRefusal};
 use crate::core::message::{Origin, deep_copy_topic};
-use crate::core::session::AckOutcome;
+use crate::core::session::{AckOutcome, Signal};
 use crate::core::{Client, Core, Outcome, Pending, ReplyTo, Told, Verdict};
 use crate::mqtt::admission::{Admission, ConnectionSlot, HandshakeSlot};
 use crate::mqtt::codec::{
@@ -40,13 +40,18 @@ use crate::mqtt::will;
 /// A read returning fewer bytes than this, leaving the buffer empty, releases the buffer.
 const SMALL_READ: usize = 512;
 
+/// A write buffer smaller than this is released once written (acknowledgements, pings): an
+/// idle connection holds none.
+const SMALL_WRITE: usize = 1024;
+
 /// Serves one accepted socket until it closes.
 ///
-/// The handshake and the ending run as boxed futures: their large locals (the CONNECT, its
-/// CONNACK) then live on the heap only while they run, and the task of an idle connection
-/// holds just the connection and its small main-loop future. Not an `async fn`: its
-/// arguments would stay in the task for the connection's whole life (~130 bytes per idle
-/// connection); they go into the boxed handshake instead.
+/// The task is a [`Task`]: the handshake, a re-authentication and the ending run as boxed
+/// futures (their large locals, the CONNECT and its CONNACK, live on the heap only while they
+/// run), and between them the task holds just the boxed connection, whose main loop is a
+/// poll function over state kept in the connection. Not an `async fn` or `async` block: their
+/// captured arguments would stay in the task for the connection's whole life; here they go
+/// into the boxed handshake.
 pub fn serve(
     core: Arc<Core>,
     io: Transport,
@@ -55,18 +60,67 @@ pub fn serve(
     admission: Arc<Admission>,
     done: tokio::sync::mpsc::Sender<()>,
 ) -> impl Future<Output = ()> + Send {
-    let metrics = core.metrics.clone();
-    metrics.connections_active.inc();
-    let handshake =
-        Box::pin(async move { handshake::open(&core, io, peer, slot, &admission).await });
-    async move {
-        // Held until the connection is over: the server's shutdown waits for every sender.
-        let _done = done;
-        if let Some(mut conn) = handshake.await {
-            let close = conn.run().await;
-            Box::pin((*conn).finish(close)).await;
+    core.metrics.connections_active.inc();
+    Task::Handshake(Box::pin(async move {
+        let conn = handshake::open(&core, io, peer, slot, &admission, done).await;
+        if conn.is_none() {
+            core.metrics.connections_active.dec();
         }
-        metrics.connections_active.dec();
+        conn
+    }))
+}
+
+/// The task of one connection: three words (tokio's task around it is then 128 bytes, the
+/// smallest its 128-byte alignment allows; a 104-byte `async` block made it 256).
+enum Task {
+    Handshake(Pin<Box<dyn Future<Output = Option<Box<Conn>>> + Send>>),
+    /// The main loop ([`Conn::poll_run`]).
+    Running(Box<Conn>),
+    /// An AUTH's token being checked; then the main loop again, or the ending.
+    Reauthenticating(Pin<Box<dyn Future<Output = Reauthenticated> + Send>>),
+    Ending(Pin<Box<dyn Future<Output = ()> + Send>>),
+    Done,
+}
+
+/// The connection after a re-authentication, and why it must end if it must.
+type Reauthenticated = (Box<Conn>, Option<Close>);
+
+impl Future for Task {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let next = match &mut *self {
+                Task::Handshake(handshake) => {
+                    match std::task::ready!(handshake.as_mut().poll(cx)) {
+                        Some(conn) => Task::Running(conn),
+                        None => Task::Done,
+                    }
+                }
+                Task::Running(conn) => {
+                    let step = std::task::ready!(conn.poll_run(cx));
+                    let Task::Running(conn) = std::mem::replace(&mut *self, Task::Done) else {
+                        return Poll::Ready(());
+                    };
+                    match step {
+                        Step::Close(close) => Task::Ending(Box::pin(conn.finish(close))),
+                        Step::Reauthenticate(token) => {
+                            Task::Reauthenticating(Box::pin(conn.reauthenticate_all(token)))
+                        }
+                    }
+                }
+                Task::Reauthenticating(check) => match std::task::ready!(check.as_mut().poll(cx)) {
+                    (conn, None) => Task::Running(conn),
+                    (conn, Some(close)) => Task::Ending(Box::pin(conn.finish(close))),
+                },
+                Task::Ending(ending) => {
+                    std::task::ready!(ending.as_mut().poll(cx));
+                    Task::Done
+                }
+                Task::Done => return Poll::Ready(()),
+            };
+            *self = next;
+        }
     }
 }
 
@@ -120,41 +174,82 @@ pub(crate) struct InOrder {
     answer: Option<Answer>,
 }
 
-/// Completes with what the oldest entry tells its publisher once it may be acknowledged (at
-/// once for an entry without a write). Every waiting write is driven, not only the oldest: a
+/// What the oldest entry tells its publisher once it may be acknowledged (at once for an
+/// entry without a write). Every waiting write is driven, not only the oldest: a
 /// later one's events go out (and a persistent subscriber's record of them is journaled) as
 /// soon as it is durable, while the acknowledgements still leave in order — driving only the
 /// oldest made each write behind it wait a journal round of its own (measured: twin QoS 1 to
 /// a persistent subscriber at a quarter of the clean figure). Writes complete in journal
-/// order, so their events go out in PUBLISH order. Cancel-safe: entries stay in the queue.
-fn front_done<'a>(
-    queue: &'a mut VecDeque<InOrder>,
-    core: &'a Core,
-    client: &'a Client,
-) -> impl Future<Output = Told> + 'a {
-    std::future::poll_fn(move |cx| {
-        // Front to back, and no write announces its events before every write ahead of it
-        // has announced its own (a thing's events in revision order, whatever order the
-        // writes' completions are seen in).
-        for entry in queue.iter_mut() {
-            if let Some(pending) = &mut entry.pending {
-                if let Poll::Ready(told) =
-                    pending.poll_done(cx, core, &client.space, &client.session)
-                {
-                    entry.pending = None;
-                    entry.told = told;
-                } else if !pending.announced() {
-                    break;
-                }
+/// order, so their events go out in PUBLISH order. Entries stay in the queue until taken.
+fn poll_front_done(
+    cx: &mut Context<'_>,
+    queue: &mut VecDeque<InOrder>,
+    core: &Core,
+    client: &Client,
+) -> Poll<Told> {
+    // Front to back, and no write announces its events before every write ahead of it has
+    // announced its own (a thing's events in revision order, whatever order the writes'
+    // completions are seen in).
+    for entry in queue.iter_mut() {
+        if let Some(pending) = &mut entry.pending {
+            if let Poll::Ready(told) = pending.poll_done(cx, core, &client.space, &client.session) {
+                entry.pending = None;
+                entry.told = told;
+            } else if !pending.announced() {
+                break;
             }
         }
-        match queue.front_mut() {
-            Some(entry) if entry.pending.is_none() => {
-                Poll::Ready(std::mem::replace(&mut entry.told, Told::accepted()))
-            }
-            _ => Poll::Pending,
+    }
+    match queue.front_mut() {
+        Some(entry) if entry.pending.is_none() => {
+            Poll::Ready(std::mem::replace(&mut entry.told, Told::accepted()))
         }
-    })
+        _ => Poll::Pending,
+    }
+}
+
+/// Acknowledgements waiting for twin writes, in PUBLISH order; the queue is allocated while
+/// it holds any (an empty `VecDeque` inline is 32 bytes of every connection).
+#[derive(Debug, Default)]
+pub(crate) struct InOrderQueue(Option<Box<InOrderDeque>>);
+
+type InOrderDeque = VecDeque<InOrder>;
+
+impl InOrderQueue {
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |queue| queue.len())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn push_back(&mut self, entry: InOrder) {
+        self.0.get_or_insert_default().push_back(entry);
+    }
+
+    fn pop_front(&mut self) -> Option<InOrder> {
+        let queue = self.0.as_mut()?;
+        let entry = queue.pop_front();
+        if queue.is_empty() {
+            self.0 = None;
+        }
+        entry
+    }
+
+    fn take(&mut self) -> InOrderDeque {
+        self.0.take().map(|queue| *queue).unwrap_or_default()
+    }
+}
+
+/// A client's topic aliases by alias − 1 (a `Vec` in a box: one word in the connection).
+type IncomingAliases = Vec<Option<TopicName>>;
+
+/// What makes the main loop's wait return.
+enum Step {
+    Close(Close),
+    /// An AUTH's token to check (awaited: it may re-read the issuers' keys).
+    Reauthenticate(Box<str>),
 }
 
 /// The state of an accepted connection.
@@ -169,24 +264,31 @@ pub(crate) struct Conn {
     /// Who the connection is and the session it is attached to.
     pub(crate) client: Client,
     pub(crate) will: Option<Box<Will>>,
-    pub(crate) keep_alive: Option<Duration>,
+    /// Seconds (0: none).
+    pub(crate) keep_alive: u16,
     /// Outgoing QoS 1/2 messages in flight at most (ours, capped by the client's receive max).
-    pub(crate) max_inflight: usize,
+    pub(crate) max_inflight: u16,
     /// The client's maximum packet size.
     pub(crate) client_max_packet: u32,
     /// Incoming topic aliases (MQTT 5), allocated at first use.
-    pub(crate) aliases: Vec<Option<TopicName>>,
+    pub(crate) aliases: Option<Box<IncomingAliases>>,
     /// Outgoing topic aliases (MQTT 5, up to the client's Topic Alias Maximum).
     pub(crate) out_aliases: TopicAliases,
     /// v5 Request Problem Information: may reason strings be sent on non-final packets.
     pub(crate) problem_information: bool,
     /// Acknowledgements waiting for twin writes, in PUBLISH order.
-    pub(crate) in_order: VecDeque<InOrder>,
+    pub(crate) in_order: InOrderQueue,
     /// Its place among `max_connections`.
     pub(crate) _slot: ConnectionSlot,
-    /// The token of an AUTH (re-authentication) to check before the next packet is read: its
-    /// check may have to re-read the issuers' keys, which is awaited.
-    pub(crate) reauth: Option<Box<str>>,
+    /// Held until the connection is over: the server's shutdown waits for every sender.
+    pub(crate) _done: tokio::sync::mpsc::Sender<()>,
+    /// When the connection ends unless a packet arrives (1.5× the keep-alive).
+    pub(crate) keep_alive_deadline: Option<tokio::time::Instant>,
+    /// An entry of the core's timer will raise the link's deadline signal by the earlier of
+    /// the keep-alive and token deadlines. INVARIANT: stays true only while neither deadline
+    /// moves earlier: the keep-alive deadline only moves later, and a re-authentication
+    /// (a new token expiry) clears it.
+    pub(crate) timer_armed: bool,
 }
 
 impl Conn {
@@ -204,86 +306,129 @@ impl Conn {
         self.protocol == Protocol::V5
     }
 
-    /// The connection's main loop; returns why it ended.
-    async fn run(&mut self) -> Close {
-        let mut keep_alive_deadline = self.keep_alive_deadline();
+    /// Checks an AUTH's token, then handles the packets that came after it (which may hold
+    /// the next AUTH); returns the connection and why it must end, if it must.
+    async fn reauthenticate_all(mut self: Box<Self>, mut token: Box<str>) -> Reauthenticated {
         loop {
-            self.drain();
-            if let Err(e) = self.flush().await {
-                tracing::debug!(peer = %self.peer, error = %e, "write failed");
-                return Close::WriteFailed;
+            if let Some(close) = self.reauthenticate(&token).await {
+                return (self, Some(close));
             }
-            // One timer for both deadlines (a smaller future per idle connection).
-            let token_deadline = self.token_deadline();
-            let deadline = match (keep_alive_deadline, token_deadline) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            let session = self.client.session.clone();
-            let link = self.client.link.clone();
-            // Backpressure: with this many twin writes waiting for the journal, stop reading
-            // (the client's TCP window fills) until some are durable.
-            let may_read = self.in_order.len() < usize::from(self.core.settings.receive_maximum);
-            tokio::select! {
-                biased;
-                // Takeover, revocation and server shutdown (`Core::kick_all`) all kick.
-                _ = link.kick.notified() => {
-                    return if *self.core.shutdown.borrow() {
-                        Close::ShuttingDown
-                    } else if link.revoked.load(std::sync::atomic::Ordering::Acquire) {
-                        Close::CredentialsRevoked
-                    } else {
-                        Close::TakenOver
-                    };
-                }
-                read = self.io.read_into(&mut self.rbuf), if may_read => {
-                    match read {
-                        Ok(0) => return Close::ClosedByClient,
-                        Ok(n) => {
-                            keep_alive_deadline = self.keep_alive_deadline();
-                            loop {
-                                if let Some(close) = self.process_input() {
-                                    return close;
-                                }
-                                let Some(token) = self.reauth.take() else { break };
-                                // Boxed: a key re-read's state is large and rare; it must not
-                                // size the task of every (idle) connection.
-                                if let Some(close) = Box::pin(self.reauthenticate(&token)).await {
-                                    return close;
-                                }
-                            }
-                            if self.rbuf.is_empty() && n < SMALL_READ {
-                                self.rbuf = BytesMut::new();
-                            }
-                        }
-                        Err(e) => {
-                            tracing::debug!(peer = %self.peer, error = %e, "read failed");
-                            return Close::ReadFailed;
-                        }
+            match self.process_input() {
+                Some(Step::Close(close)) => return (self, Some(close)),
+                Some(Step::Reauthenticate(next)) => token = next,
+                None => {
+                    if self.rbuf.is_empty() {
+                        self.rbuf = BytesMut::new();
                     }
-                }
-                _ = session.wake.notified() => {}
-                told = front_done(&mut self.in_order, &self.core, &self.client), if !self.in_order.is_empty() => {
-                    self.answer_front(&told);
-                    // The writes completed in the same pass (one journal batch) answer in the
-                    // same write to the socket: one send per batch, not one per PUBACK.
-                    while let Some(entry) = self.in_order.front_mut()
-                        && entry.pending.is_none()
-                    {
-                        let told = std::mem::replace(&mut entry.told, Told::accepted());
-                        self.answer_front(&told);
-                    }
-                }
-                _ = sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
-                    if token_deadline.is_some_and(|t| t <= tokio::time::Instant::now()) {
-                        return Close::TokenExpired;
-                    }
-                    if keep_alive_deadline.is_some_and(|k| k <= tokio::time::Instant::now()) {
-                        return Close::KeepAliveTimeout;
-                    }
+                    return (self, None);
                 }
             }
         }
+    }
+
+    /// One pass of the main loop until it must wait: queued messages into the write buffer,
+    /// the write buffer onto the socket, then whichever is ready first of a kick, input (unless
+    /// too many twin writes wait for the journal), something queued, the oldest pending write
+    /// done, a deadline. The kick, the wake-up and the deadline are signals of the link (no
+    /// `Notified` or `Sleep` future kept); the socket is polled for readiness.
+    fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<Step> {
+        loop {
+            self.drain();
+            if let Err(e) = std::task::ready!(self.poll_flush(cx)) {
+                tracing::debug!(peer = %self.peer, error = %e, "write failed");
+                return Poll::Ready(Step::Close(Close::WriteFailed));
+            }
+            // Takeover, revocation and server shutdown (`Core::kick_all`) all kick.
+            if self.client.link.poll_take(cx, Signal::Kicked).is_ready() {
+                return Poll::Ready(Step::Close(self.kicked()));
+            }
+            // Backpressure: with this many twin writes waiting for the journal, stop reading
+            // (the client's TCP window fills) until some are durable.
+            let may_read = self.in_order.len() < usize::from(self.core.settings.receive_maximum);
+            if may_read && let Poll::Ready(read) = self.io.poll_read_into(cx, &mut self.rbuf) {
+                match read {
+                    Ok(0) => return Poll::Ready(Step::Close(Close::ClosedByClient)),
+                    Ok(n) => {
+                        self.keep_alive_deadline = self.keep_alive_deadline();
+                        if let Some(step) = self.process_input() {
+                            return Poll::Ready(step);
+                        }
+                        if self.rbuf.is_empty() && n < SMALL_READ {
+                            self.rbuf = BytesMut::new();
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::debug!(peer = %self.peer, error = %e, "read failed");
+                        return Poll::Ready(Step::Close(Close::ReadFailed));
+                    }
+                }
+            }
+            if self.client.link.poll_take(cx, Signal::Queued).is_ready() {
+                continue;
+            }
+            if let Some(queue) = self.in_order.0.as_mut()
+                && let Poll::Ready(told) = poll_front_done(cx, queue, &self.core, &self.client)
+            {
+                self.answer_front(&told);
+                // The writes completed in the same pass (one journal batch) answer in the
+                // same write to the socket: one send per batch, not one per PUBACK.
+                while let Some(entry) = self.in_order.0.as_mut().and_then(|q| q.front_mut())
+                    && entry.pending.is_none()
+                {
+                    let told = std::mem::replace(&mut entry.told, Told::accepted());
+                    self.answer_front(&told);
+                }
+                continue;
+            }
+            return match self.poll_deadlines(cx) {
+                Some(close) => Poll::Ready(Step::Close(close)),
+                None => Poll::Pending,
+            };
+        }
+    }
+
+    /// Why the link was kicked.
+    fn kicked(&self) -> Close {
+        if *self.core.shutdown.borrow() {
+            Close::ShuttingDown
+        } else if self
+            .client
+            .link
+            .revoked
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            Close::CredentialsRevoked
+        } else {
+            Close::TakenOver
+        }
+    }
+
+    /// The close for a keep-alive or token deadline that has passed; otherwise makes sure the
+    /// core's timer raises the link's deadline signal by the earlier of the two.
+    fn poll_deadlines(&mut self, cx: &mut Context<'_>) -> Option<Close> {
+        if self.client.link.poll_take(cx, Signal::Deadline).is_ready() {
+            self.timer_armed = false;
+        }
+        let token_deadline = self.token_deadline();
+        let now = tokio::time::Instant::now();
+        if token_deadline.is_some_and(|t| t <= now) {
+            return Some(Close::TokenExpired);
+        }
+        if self.keep_alive_deadline.is_some_and(|k| k <= now) {
+            return Some(Close::KeepAliveTimeout);
+        }
+        let deadline = match (self.keep_alive_deadline, token_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(at) = deadline
+            && !self.timer_armed
+        {
+            self.core.deadlines.register(at, &self.client.link);
+            self.timer_armed = true;
+        }
+        None
     }
 
     /// Sends what the oldest [`InOrder`] entry, done with `told`, answers, and removes it.
@@ -297,13 +442,13 @@ impl Conn {
         }
     }
 
-    fn keep_alive_deadline(&self) -> Option<tokio::time::Instant> {
-        self.keep_alive
-            .map(|k| tokio::time::Instant::now() + k + k / 2)
+    pub(crate) fn keep_alive_deadline(&self) -> Option<tokio::time::Instant> {
+        let k = Duration::from_secs(u64::from(self.keep_alive));
+        (self.keep_alive > 0).then(|| tokio::time::Instant::now() + k + k / 2)
     }
 
     fn token_deadline(&self) -> Option<tokio::time::Instant> {
-        let at = self.client.identity.expires_at?;
+        let at = self.client.identity.expires_at()?;
         let left = at
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO);
@@ -312,7 +457,7 @@ impl Conn {
 
     /// Moves queued messages into the write buffer, as far as the inflight window allows.
     fn drain(&mut self) {
-        let max_inflight = self.max_inflight;
+        let max_inflight = usize::from(self.max_inflight);
         let session = self.client.session.clone();
         let mut state = session.lock();
         if let Some(journal) = state.journal.as_mut()
@@ -346,30 +491,38 @@ impl Conn {
         }
     }
 
-    async fn flush(&mut self) -> io::Result<()> {
+    /// Writes the write buffer out. An emptied buffer is let go unless a busy connection grew
+    /// it (then kept up to 64 KiB): an idle connection holds none.
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.wbuf.is_empty() {
-            return Ok(());
+            return Poll::Ready(Ok(()));
         }
-        self.io.write_all(&self.wbuf).await?;
+        while !self.wbuf.is_empty() {
+            let n = std::task::ready!(self.io.poll_write(cx, &self.wbuf))?;
+            self.wbuf.advance(n);
+        }
+        std::task::ready!(self.io.poll_flush(cx))?;
         self.wbuf.clear();
-        if self.wbuf.capacity() > 64 * 1024 {
+        if self.wbuf.capacity() < SMALL_WRITE || self.wbuf.capacity() > 64 * 1024 {
             self.wbuf = BytesMut::new();
         }
-        Ok(())
+        Poll::Ready(Ok(()))
     }
 
-    /// Decodes and handles every complete packet in the read buffer.
-    fn process_input(&mut self) -> Option<Close> {
+    async fn flush(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_flush(cx)).await
+    }
+
+    /// Decodes and handles every complete packet in the read buffer, up to an AUTH: the packets
+    /// after it are handled once its token is checked.
+    fn process_input(&mut self) -> Option<Step> {
         let max_packet = self.core.settings.max_packet_size as usize;
         loop {
             match codec::decode(&mut self.rbuf, self.protocol, max_packet) {
+                Ok(Some(Packet::Auth(auth))) => return Some(self.on_auth(auth)),
                 Ok(Some(packet)) => {
                     if let Some(close) = self.handle(packet) {
-                        return Some(close);
-                    }
-                    if self.reauth.is_some() {
-                        // The next packets are handled once the token is checked.
-                        return None;
+                        return Some(Step::Close(close));
                     }
                 }
                 Ok(None) => return None,
@@ -382,12 +535,13 @@ impl Conn {
                         error = %e,
                         "closing the connection: bad packet"
                     );
-                    return Some(close);
+                    return Some(Step::Close(close));
                 }
             }
         }
     }
 
+    /// Handles a packet other than AUTH ([`Conn::on_auth`]).
     fn handle(&mut self, packet: Packet) -> Option<Close> {
         match packet {
             Packet::Publish(publish) => self.on_publish(publish),
@@ -451,7 +605,7 @@ impl Conn {
                 None
             }
             Packet::Disconnect(disconnect) => Some(self.on_disconnect(&disconnect)),
-            Packet::Auth(auth) => self.on_auth(auth),
+            Packet::Auth(_) => Some(Close::Protocol(Violation::UnexpectedAuth)),
             Packet::Connect(_) => Some(Close::Protocol(Violation::SecondConnect)),
             Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
                 Some(Close::Protocol(Violation::ServerPacketFromClient))
@@ -627,15 +781,15 @@ impl Conn {
         }
         let index = usize::from(alias.get() - 1);
         if publish.topic.is_empty() {
-            return match self.aliases.get(index) {
+            return match self.aliases.as_ref().and_then(|aliases| aliases.get(index)) {
                 Some(Some(topic)) => Ok(topic.clone()),
                 _ => Err(Close::Protocol(Violation::UnknownTopicAlias)),
             };
         }
-        if self.aliases.is_empty() {
-            self.aliases = vec![None; usize::from(max)];
-        }
-        if let Some(slot) = self.aliases.get_mut(index) {
+        let aliases = self
+            .aliases
+            .get_or_insert_with(|| Box::new(vec![None; usize::from(max)]));
+        if let Some(slot) = aliases.get_mut(index) {
             *slot = Some(deep_copy_topic(&publish.topic));
         }
         Ok(publish.topic.clone())
@@ -732,8 +886,9 @@ impl Conn {
         }
     }
 
-    /// MQTT 5 re-authentication with a fresh token (DESIGN.md §2), decided by the core.
-    fn on_auth(&mut self, auth: Auth) -> Option<Close> {
+    /// MQTT 5 re-authentication with a fresh token (DESIGN.md §2), decided by the core: the
+    /// token to check.
+    fn on_auth(&self, auth: Auth) -> Step {
         let method_ok = auth
             .properties
             .authentication_method
@@ -743,18 +898,17 @@ impl Conn {
             || !method_ok
             || auth.reason != ReasonCode::ReAuthenticate.code()
         {
-            return Some(Close::Protocol(Violation::UnexpectedAuth));
+            return Step::Close(Close::Protocol(Violation::UnexpectedAuth));
         }
         let token = auth
             .properties
             .authentication_data
             .as_deref()
             .and_then(|d| std::str::from_utf8(d).ok());
-        let Some(token) = token else {
-            return Some(Close::ReauthWithoutToken);
-        };
-        self.reauth = Some(token.into());
-        None
+        match token {
+            Some(token) => Step::Reauthenticate(token.into()),
+            None => Step::Close(Close::ReauthWithoutToken),
+        }
     }
 
     /// Checks a re-authentication token through the core; AUTH 0x00 when it holds.
@@ -768,6 +922,8 @@ impl Conn {
             Err(ReauthRefusal::Invalid(_)) => return Some(Close::ReauthRefused),
             Err(ReauthRefusal::OtherIdentity) => return Some(Close::ReauthOtherIdentity),
         }
+        // The new token may expire before the deadline the timer holds.
+        self.timer_armed = false;
         let properties = Properties {
             authentication_method: JWT_METHOD.parse().ok(),
             ..Properties::default()
@@ -784,7 +940,9 @@ impl Conn {
     async fn finish(mut self, close: Close) {
         // Writes still waiting for the journal are announced when durable, though nobody is
         // left to acknowledge them.
-        let waiting: Vec<Pending> = std::mem::take(&mut self.in_order)
+        let waiting: Vec<Pending> = self
+            .in_order
+            .take()
             .into_iter()
             .filter_map(|entry| entry.pending)
             .filter(Pending::has_events)
@@ -835,6 +993,7 @@ impl Conn {
         let _ = self.flush().await;
         self.io.shutdown().await;
         tracing::debug!(client = %self.client.session.client_id, reason = close.label(), "disconnected");
+        self.core.metrics.connections_active.dec();
     }
 }
 
@@ -847,6 +1006,38 @@ fn codec_close(e: &CodecError) -> Close {
     }
 }
 
-fn far_future() -> tokio::time::Instant {
-    tokio::time::Instant::now() + Duration::from_secs(86400 * 365)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of what `f` returns, without calling it.
+    pub(crate) fn returned_size<A, B, C, D, E, G, F>(
+        _: impl FnOnce(A, B, C, D, E, G) -> F,
+    ) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// What an idle connection holds besides its socket: tokio's task (a 128-byte-aligned cell
+    /// of ~104 bytes plus the future: a future over 24 bytes doubles it), the boxed
+    /// connection and its session, each within an allocator size class (mimalloc's: 320,
+    /// 256). A field added to any of them fails here rather than silently costing every
+    /// idle connection a size class (measure with `bench compare --scenarios idle`).
+    #[test]
+    fn an_idle_connection_holds_a_task_of_three_words_and_a_connection_within_320_bytes() {
+        assert!(
+            returned_size(serve) <= 24,
+            "the connection's task future is {} bytes",
+            returned_size(serve)
+        );
+        let conn = std::mem::size_of::<Conn>();
+        assert!(conn <= 320, "`Conn` is {conn} bytes");
+        // `Arc<Session>`: two counts before it.
+        let session = std::mem::size_of::<crate::core::session::Session>() + 16;
+        assert!(session <= 256, "`Arc<Session>` is {session} bytes");
+        let amqp = returned_size(crate::amqp::connection::serve);
+        assert!(
+            amqp <= 152,
+            "an AMQP connection's task future is {amqp} bytes (tokio's cell then over 256)"
+        );
+    }
 }

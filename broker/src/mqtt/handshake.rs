@@ -6,7 +6,6 @@
 use std::net::SocketAddr;
 use std::num::{NonZeroU16, NonZeroU32};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::time::timeout;
@@ -29,6 +28,7 @@ pub(crate) async fn open(
     peer: SocketAddr,
     slot: HandshakeSlot,
     admission: &Admission,
+    done: tokio::sync::mpsc::Sender<()>,
 ) -> Option<Box<Conn>> {
     let mut rbuf = BytesMut::new();
     let max_packet = core.settings.max_packet_size as usize;
@@ -50,7 +50,7 @@ pub(crate) async fn open(
                 send_and_close(&mut io, connect.protocol, &connack(false, code)).await;
                 return None;
             };
-            let conn = accept(core, io, rbuf, peer, connect, connection).await;
+            let conn = accept(core, io, rbuf, peer, connect, connection, done).await;
             // The handshake is over: its slot is free for the next socket.
             drop(slot);
             return conn;
@@ -136,6 +136,7 @@ async fn accept(
     peer: SocketAddr,
     connect: Connect,
     slot: ConnectionSlot,
+    done: tokio::sync::mpsc::Sender<()>,
 ) -> Option<Box<Conn>> {
     let protocol = connect.protocol;
     let v5 = protocol == Protocol::V5;
@@ -228,7 +229,7 @@ async fn accept(
     let client_receive_max = connect
         .properties
         .receive_maximum
-        .map_or(usize::from(u16::MAX), |n| usize::from(n.get()));
+        .map_or(u16::MAX, NonZeroU16::get);
     let mut conn = Box::new(Conn {
         core: core.clone(),
         io,
@@ -238,23 +239,27 @@ async fn accept(
         protocol,
         client,
         will: connect.will.as_ref().map(|w| Box::new(will::owned(w))),
-        keep_alive: (keep_alive > 0).then(|| Duration::from_secs(u64::from(keep_alive))),
-        max_inflight: usize::from(settings.max_inflight).min(client_receive_max),
+        keep_alive,
+        max_inflight: settings.max_inflight.min(client_receive_max),
         client_max_packet: connect
             .properties
             .maximum_packet_size
             .map_or(u32::MAX, |n| n.get()),
-        aliases: Vec::new(),
+        aliases: None,
         out_aliases: TopicAliases::new(if v5 {
             connect.properties.topic_alias_maximum.unwrap_or(0).min(64)
         } else {
             0
         }),
         problem_information: connect.properties.request_problem_information != Some(false),
-        in_order: std::collections::VecDeque::new(),
-        reauth: None,
+        in_order: Default::default(),
         _slot: slot,
+        _done: done,
+        keep_alive_deadline: None,
+        timer_armed: false,
     });
+    // The keep-alive counts from the CONNACK.
+    conn.keep_alive_deadline = conn.keep_alive_deadline();
     // The connection's span (`connection::spawn`), if it has one, learns who connected.
     let span = tracing::Span::current();
     span.record(

@@ -107,6 +107,7 @@ pub async fn start(
         metrics: Arc::new(Metrics::default()),
         shutdown,
         bridges: crate::bridge::Bridges::default(),
+        deadlines: Arc::default(),
     });
     let restored =
         crate::core::retained::restore(&core.twins.store, &core.auth.solutions, &core.spaces);

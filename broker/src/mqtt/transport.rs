@@ -2,9 +2,11 @@
 //! idle connection does not hold, written from the connection's write buffer.
 
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::mqtt::websocket::WsStream;
@@ -27,13 +29,23 @@ impl Transport {
         }
     }
 
-    /// Reads what is available into `buf` (0: the peer closed). Cancel-safe. TCP waits for
-    /// readability before reserving buffer space, so an idle connection holds none; a
-    /// WebSocket appends each binary message's payload once it has arrived.
+    /// Reads what is available into `buf` (0: the peer closed). Cancel-safe.
     pub async fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_read_into(cx, buf)).await
+    }
+
+    /// Reads what is available into `buf` (0: the peer closed) without a future of its own, so
+    /// that a waiting connection keeps no read state in its task. TCP waits for readability
+    /// before reserving buffer space, so an idle connection holds none; TLS reads through a
+    /// stack buffer; a WebSocket appends each binary message's payload once it has arrived.
+    pub fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
         match self {
             Transport::Tcp(stream) => loop {
-                stream.readable().await?;
+                std::task::ready!(stream.poll_read_ready(cx))?;
                 if buf.capacity() - buf.len() < 1024 {
                     buf.reserve(4096);
                 }
@@ -54,38 +66,60 @@ impl Transport {
                     }
                 });
                 if let Some(n) = read {
-                    return Ok(n);
+                    return Poll::Ready(Ok(n));
                 }
                 match result {
-                    Ok(n) => return Ok(n),
+                    Ok(n) => return Poll::Ready(Ok(n)),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         // Readiness was stale: give the space back before waiting again.
                         if buf.is_empty() {
                             *buf = BytesMut::new();
                         }
-                        continue;
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => return Poll::Ready(Err(e)),
                 }
             },
             Transport::Tls(stream) => {
-                if buf.capacity() - buf.len() < 1024 {
-                    buf.reserve(4096);
-                }
-                stream.read_buf(buf).await
+                let mut chunk = [0u8; 4096];
+                let mut read = ReadBuf::new(&mut chunk);
+                std::task::ready!(Pin::new(&mut **stream).poll_read(cx, &mut read))?;
+                buf.extend_from_slice(read.filled());
+                Poll::Ready(Ok(read.filled().len()))
             }
-            Transport::WebSocket(stream) => stream.read_into(buf).await,
+            Transport::WebSocket(stream) => stream.poll_read_into(cx, buf),
         }
     }
 
-    pub async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
-        match self {
-            Transport::Tcp(stream) => stream.write_all(data).await,
+    pub async fn write_all(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            let n = std::future::poll_fn(|cx| self.poll_write(cx, data)).await?;
+            data = data.get(n..).unwrap_or_default();
+        }
+        std::future::poll_fn(|cx| self.poll_flush(cx)).await
+    }
+
+    /// Writes some of `data` (a WebSocket: all of it, as one binary message); `Ok(0)` only for
+    /// empty `data` or a socket that takes no more.
+    pub fn poll_write(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let n = match self {
+            Transport::Tcp(stream) => std::task::ready!(Pin::new(stream).poll_write(cx, data))?,
             Transport::Tls(stream) => {
-                stream.write_all(data).await?;
-                stream.flush().await
+                std::task::ready!(Pin::new(&mut **stream).poll_write(cx, data))?
             }
-            Transport::WebSocket(stream) => stream.write_all(data).await,
+            Transport::WebSocket(stream) => std::task::ready!(stream.poll_write(cx, data))?,
+        };
+        if n == 0 && !data.is_empty() {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Pushes what [`Transport::poll_write`] took onto the wire (TLS records, WebSocket frames).
+    pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Transport::Tcp(_) => Poll::Ready(Ok(())),
+            Transport::Tls(stream) => Pin::new(&mut **stream).poll_flush(cx),
+            Transport::WebSocket(stream) => stream.poll_flush(cx),
         }
     }
 

@@ -23,6 +23,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
@@ -31,6 +32,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
 use bytes::{Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
 use crate::core::Core;
@@ -190,15 +192,19 @@ impl WsStream {
     /// Appends the payload of the next binary message to `buf` (0: the client closed).
     /// Cancel-safe: a message is taken from the socket and appended in one step. Pings are
     /// answered by tungstenite (the pong leaves with the next read or write).
-    pub async fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+    pub fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
         loop {
-            match self.socket.recv().await {
-                None | Some(Ok(Message::Close(_))) => return Ok(0),
+            match std::task::ready!(self.socket.poll_next_unpin(cx)) {
+                None | Some(Ok(Message::Close(_))) => return Poll::Ready(Ok(0)),
                 Some(Ok(Message::Binary(data))) => {
                     // An empty message is no end of input: wait for the next one.
                     if !data.is_empty() {
                         buf.extend_from_slice(&data);
-                        return Ok(data.len());
+                        return Poll::Ready(Ok(data.len()));
                     }
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
@@ -206,26 +212,32 @@ impl WsStream {
                     // MQTT-6.0.0-1: only binary data frames carry MQTT.
                     self.close = close_code::UNSUPPORTED;
                     self.metrics.protocol_error("websocket_text_frame");
-                    return Err(io::Error::new(
+                    return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         "a WebSocket text frame: MQTT travels in binary frames only",
-                    ));
+                    )));
                 }
                 Some(Err(e)) => {
                     let e = e.into_inner();
                     self.close = close_code_for(e.downcast_ref::<tungstenite::Error>());
-                    return Err(io::Error::other(e));
+                    return Poll::Ready(Err(io::Error::other(e)));
                 }
             }
         }
     }
 
-    /// Sends `data` as one binary message.
-    pub async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+    /// Takes all of `data` as one binary message once the socket has room for it.
+    pub fn poll_write(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        std::task::ready!(self.socket.poll_ready_unpin(cx)).map_err(io::Error::other)?;
         self.socket
-            .send(Message::Binary(Bytes::copy_from_slice(data)))
-            .await
-            .map_err(io::Error::other)
+            .start_send_unpin(Message::Binary(Bytes::copy_from_slice(data)))
+            .map_err(io::Error::other)?;
+        Poll::Ready(Ok(data.len()))
+    }
+
+    /// Sends the messages [`WsStream::poll_write`] took.
+    pub fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.socket.poll_flush_unpin(cx).map_err(io::Error::other)
     }
 
     /// The closing handshake: our close frame (unless the client's came first: then its
