@@ -212,9 +212,7 @@ impl Measure {
 
     /// The size of `node` once `replacement` is put at `path` below it (`None`: removed, which
     /// gives `None` at the end of the path), with missing or non-object parents on the way
-    /// turned into objects, as [`crate::Entity::apply`] does. Walks everything else unchanged
-    /// — or, without `siblings`, counts only the keys of the members off the path, not their
-    /// values: [`Measure::chain`] of the changed document.
+    /// turned into objects, as [`crate::Entity::apply`] does. Walks everything else unchanged.
     fn with_change<S: AsRef<str>>(
         &mut self,
         node: Option<&Value>,
@@ -222,7 +220,6 @@ impl Measure {
         replacement: Option<&Value>,
         level: usize,
         at: &Pointer<'_>,
-        siblings: bool,
     ) -> Result<Option<usize>, LimitError> {
         let Some((first, rest)) = path.split_first() else {
             return replacement.map(|v| self.value(v, level, at)).transpose();
@@ -241,20 +238,14 @@ impl Measure {
         for (key, item) in map {
             if key != first {
                 members += 1;
-                size = size.saturating_add(json_string_len(key) + 1);
-                if siblings {
-                    size = size.saturating_add(self.value(item, level + 1, &at.key(key))?);
-                }
+                size = size
+                    .saturating_add(json_string_len(key) + 1)
+                    .saturating_add(self.value(item, level + 1, &at.key(key))?);
             }
         }
-        if let Some(changed) = self.with_change(
-            map.get(first),
-            rest,
-            replacement,
-            level + 1,
-            &at.key(first),
-            siblings,
-        )? {
+        if let Some(changed) =
+            self.with_change(map.get(first), rest, replacement, level + 1, &at.key(first))?
+        {
             members += 1;
             size = size
                 .saturating_add(json_string_len(first) + 1)
@@ -262,13 +253,49 @@ impl Measure {
         }
         Ok(Some(size.saturating_add(members.saturating_sub(1))))
     }
+
+    /// The [`chain`] of `node` once `replacement` is put at `path` below it (parents created
+    /// as [`Measure::with_change`] does), with the same depth checks on the way and in
+    /// `replacement`; nothing beside the path is walked.
+    fn chain_with_change<S: AsRef<str>>(
+        &mut self,
+        node: Option<&Value>,
+        path: &[S],
+        replacement: &Value,
+        level: usize,
+        at: &Pointer<'_>,
+    ) -> Result<usize, LimitError> {
+        let Some((first, rest)) = path.split_first() else {
+            return self.value(replacement, level, at);
+        };
+        let first = first.as_ref();
+        if level > self.max_depth {
+            return Err(LimitError::TooDeep {
+                pointer: at.shown(),
+                limit: self.max_depth,
+            });
+        }
+        let map = node.and_then(Value::as_object);
+        let child = map.and_then(|m| m.get(first));
+        let members = map.map_or(0, Map::len) + usize::from(child.is_none());
+        let below = self.chain_with_change(child, rest, replacement, level + 1, &at.key(first))?;
+        Ok(frame(members)
+            .saturating_add(json_string_len(first))
+            .saturating_add(below))
+    }
 }
 
-/// The part of `node`'s size that a change at `path` can touch: everything but the values of
-/// the members beside the path (their keys count), so that for two documents that differ only
-/// at `path`, the difference of their sizes is the difference of their chains. A non-object on
-/// the way counts whole (a change below it replaces it). Walks the path's levels' keys and the
-/// value at `path`, nothing else.
+/// An object's braces, and the commas and colons of its `members`.
+fn frame(members: usize) -> usize {
+    2 + members.saturating_sub(1) + members
+}
+
+/// The part of `node`'s size that a change at `path` can touch: at each level on the way its
+/// braces, commas and colons and the key of the path's member, then the value at `path` (a
+/// non-object on the way counts whole: a change below it replaces it). The members beside the
+/// path are left out — keys and values — so for two documents that differ only at `path`, the
+/// difference of their chains is the difference of their sizes. Walks the path and the value
+/// at it, nothing else.
 fn chain<S: AsRef<str>>(node: &Value, path: &[S]) -> usize {
     let Some((first, rest)) = path.split_first() else {
         return serialized_len(node);
@@ -277,28 +304,38 @@ fn chain<S: AsRef<str>>(node: &Value, path: &[S]) -> usize {
         return serialized_len(node);
     };
     let first = first.as_ref();
-    let mut size = 2 + map.len().saturating_sub(1) + map.len();
-    for key in map.keys() {
-        size = size.saturating_add(json_string_len(key));
-    }
     match map.get(first) {
-        Some(child) => size.saturating_add(chain(child, rest)),
-        None => size,
+        Some(child) => frame(map.len())
+            .saturating_add(json_string_len(first))
+            .saturating_add(chain(child, rest)),
+        None => frame(map.len()),
     }
 }
 
 /// The [`chain`] of the path `parents`/`last` in `doc`: the part of its size that a change
 /// there touches (taken before and after the change, their difference is the size's).
 pub(crate) fn chain_len<S: AsRef<str>>(doc: &Value, parents: &[S], last: &str) -> usize {
-    let Value::Object(_) = doc else {
-        return serialized_len(doc);
-    };
-    let path: Vec<&str> = parents
+    let mut node = doc;
+    let mut size = 0usize;
+    // `chain` over `parents` then `last`, without collecting the path.
+    for segment in parents
         .iter()
         .map(AsRef::as_ref)
         .chain(std::iter::once(last))
-        .collect();
-    chain(doc, &path)
+    {
+        let Value::Object(map) = node else {
+            return size.saturating_add(serialized_len(node));
+        };
+        size = size.saturating_add(frame(map.len()));
+        match map.get(segment) {
+            Some(child) => {
+                size = size.saturating_add(json_string_len(segment));
+                node = child;
+            }
+            None => return size,
+        }
+    }
+    size.saturating_add(serialized_len(node))
 }
 
 /// A JSON pointer under construction, for messages only: nothing is allocated unless an error
@@ -761,23 +798,15 @@ pub fn validate_thing_change_sized<S: AsRef<str>>(
     let mut walk = Measure {
         max_depth: limits.max_depth,
     };
-    let siblings = doc_size.is_none();
-    let changed = walk
-        .with_change(
-            Some(doc),
-            segments,
-            Some(value),
-            1,
-            &Pointer::ROOT,
-            siblings,
-        )
-        .map_err(|e| e.for_thing(thing_id))?
-        .unwrap_or(0);
     let size = match doc_size {
-        None => changed,
-        Some(before) => before
-            .saturating_sub(chain(doc, segments))
-            .saturating_add(changed),
+        None => walk
+            .with_change(Some(doc), segments, Some(value), 1, &Pointer::ROOT)
+            .map_err(|e| e.for_thing(thing_id))?
+            .unwrap_or(0),
+        Some(before) => before.saturating_sub(chain(doc, segments)).saturating_add(
+            walk.chain_with_change(Some(doc), segments, value, 1, &Pointer::ROOT)
+                .map_err(|e| e.for_thing(thing_id))?,
+        ),
     };
     if size > limits.max_document_bytes {
         return Err(LimitError::TooLarge {
