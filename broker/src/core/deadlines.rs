@@ -18,6 +18,9 @@ use tokio::time::Instant;
 
 use crate::core::session::{Link, Signal};
 
+/// The fewest entries at which ended connections' entries are looked for.
+const MIN_COMPACT_AT: usize = 4096;
+
 /// The deadlines of every connection of a core.
 #[derive(Debug, Default)]
 pub struct Deadlines {
@@ -34,6 +37,8 @@ struct State {
     running: bool,
     /// What the task sleeps until (`None`: until a registration).
     sleeping_until: Option<Instant>,
+    /// At this many entries, those of links that are gone are dropped (see `register`).
+    compact_at: usize,
 }
 
 #[derive(Debug)]
@@ -73,6 +78,14 @@ impl Deadlines {
     /// Raises [`Signal::Deadline`] on `link` at `at`. Must be called within a tokio runtime.
     pub fn register(self: &Arc<Self>, at: Instant, link: &Arc<Link>) {
         let mut state = self.state();
+        // Entries of ended connections wait for their instant, which a client sets up to
+        // 65,535 s × 1.5 ahead: a reconnect churn with long keep-alives would pile them up.
+        // When the heap doubles past what was live at the last compaction, the dead ones go
+        // (amortized O(1) per registration).
+        if state.entries.len() >= state.compact_at.max(MIN_COMPACT_AT) {
+            state.entries.retain(|entry| entry.link.strong_count() > 0);
+            state.compact_at = state.entries.len().saturating_mul(2);
+        }
         state.entries.push(Entry {
             at,
             link: Arc::downgrade(link),
@@ -173,6 +186,29 @@ mod tests {
         tokio::time::sleep_until(start + Duration::from_millis(10_001)).await;
         assert!(deadline_raised(&late));
         assert_eq!(deadlines.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entries_of_ended_connections_do_not_pile_up_until_their_far_deadlines() {
+        let deadlines = Arc::new(Deadlines::default());
+        let live = Arc::new(Link::new(Protocol::Mqtt, None));
+        let far = Instant::now() + Duration::from_secs(98_302);
+        deadlines.register(far, &live);
+        // A reconnect churn: 100,000 connections, each gone right after registering.
+        for _ in 0..100_000 {
+            let gone = Arc::new(Link::new(Protocol::Mqtt, None));
+            deadlines.register(far, &gone);
+        }
+        assert!(
+            deadlines.len() <= 2 * MIN_COMPACT_AT,
+            "{} entries held",
+            deadlines.len()
+        );
+        tokio::time::sleep_until(far + Duration::from_millis(1)).await;
+        assert!(
+            deadline_raised(&live),
+            "the live connection's deadline was dropped"
+        );
     }
 
     #[tokio::test(start_paused = true)]
