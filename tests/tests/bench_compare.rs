@@ -146,6 +146,20 @@ fn bad_arguments_exit_2_before_starting_anything() {
     let out = compare(&["--idle-connections", "25000"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("19,000"), "{}", stderr(&out));
+    let out = compare(&["--baseline", "/nonexistent/thingsgate"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the baseline build `/nonexistent/thingsgate` does not exist"),
+        "{}",
+        stderr(&out)
+    );
+    let out = compare(&["--brokers", "thingsgate-baseline"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("needs --baseline PATH"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

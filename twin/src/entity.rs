@@ -265,13 +265,15 @@ impl Entity {
             },
             // Missing or non-object parents become objects, so only the root must be one.
             (_, Some(_)) if !self.doc.is_object() => return Err(path_error()),
-            (EventAction::Modified | EventAction::Created, Some(last)) => Step::Set {
+            (EventAction::Modified | EventAction::Created, Some(last)) => Step::At {
                 parents: segments,
                 last,
+                change: Change::Set,
             },
-            (EventAction::Merged, Some(last)) => Step::Merge {
+            (EventAction::Merged, Some(last)) => Step::At {
                 parents: segments,
                 last,
+                change: Change::Merge,
             },
             (EventAction::Deleted, Some(last)) => {
                 let found = segments
@@ -282,9 +284,10 @@ impl Entity {
                 if !found {
                     return Err(path_error());
                 }
-                Step::Remove {
+                Step::At {
                     parents: segments,
                     last,
+                    change: Change::Remove,
                 }
             }
         };
@@ -313,37 +316,34 @@ impl Entity {
             }
             // INVARIANT: `prepare` checked that the root is an object (so `object_at` with
             // `create` finds every level) and that a removed value exists.
-            Step::Set { parents, last } => {
+            Step::At {
+                parents,
+                last,
+                change,
+            } => {
                 let before = self
                     .size
                     .map(|size| (size, chain_len(&self.doc, &parents, &last)));
-                if let Some(parent) = object_at(&mut self.doc, &parents, true) {
-                    parent.insert(last.to_string(), value());
-                }
-                self.resize(thing, before, &parents, &last);
-            }
-            Step::Merge { parents, last } => {
-                let before = self
-                    .size
-                    .map(|size| (size, chain_len(&self.doc, &parents, &last)));
-                let patch = event.value.as_ref().unwrap_or(&Value::Null);
-                // As RFC 7396 of the patch wrapped down to this path: missing parents appear.
-                if let Some(parent) = object_at(&mut self.doc, &parents, true) {
-                    if patch.is_null() {
-                        parent.remove(last.as_ref());
-                    } else {
-                        let target = parent.entry(last.to_string()).or_insert(Value::Null);
-                        merge_patch(target, patch);
+                let create = change != Change::Remove;
+                if let Some(parent) = object_at(&mut self.doc, &parents, create) {
+                    let patch = event.value.as_ref().unwrap_or(&Value::Null);
+                    match change {
+                        Change::Set => {
+                            parent.insert(last.to_string(), value());
+                        }
+                        Change::Remove => {
+                            parent.remove(last.as_ref());
+                        }
+                        // As RFC 7396 of the patch wrapped down to this path: missing parents
+                        // appear.
+                        Change::Merge if patch.is_null() => {
+                            parent.remove(last.as_ref());
+                        }
+                        Change::Merge => {
+                            let target = parent.entry(last.to_string()).or_insert(Value::Null);
+                            merge_patch(target, patch);
+                        }
                     }
-                }
-                self.resize(thing, before, &parents, &last);
-            }
-            Step::Remove { parents, last } => {
-                let before = self
-                    .size
-                    .map(|size| (size, chain_len(&self.doc, &parents, &last)));
-                if let Some(parent) = object_at(&mut self.doc, &parents, false) {
-                    parent.remove(last.as_ref());
                 }
                 self.resize(thing, before, &parents, &last);
             }
@@ -389,19 +389,23 @@ enum Step<'e> {
     Delete,
     SetDoc(&'e Value),
     MergeDoc(&'e Value),
-    Set {
+    /// A change of the member `last` of the object at `parents`.
+    At {
         parents: Vec<Cow<'e, str>>,
         last: Cow<'e, str>,
+        change: Change,
     },
-    Merge {
-        parents: Vec<Cow<'e, str>>,
-        last: Cow<'e, str>,
-    },
-    /// The value at `last` exists (checked).
-    Remove {
-        parents: Vec<Cow<'e, str>>,
-        last: Cow<'e, str>,
-    },
+}
+
+/// What happens to the member a [`Step::At`] names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// The event's value put there (missing parents created).
+    Set,
+    /// The event's merge patch applied there (missing parents created).
+    Merge,
+    /// Removed (it exists: checked).
+    Remove,
 }
 
 /// The object at `segments` below `doc`; with `create`, missing levels become empty objects

@@ -296,33 +296,10 @@ fn frame(members: usize) -> usize {
 /// path are left out — keys and values — so for two documents that differ only at `path`, the
 /// difference of their chains is the difference of their sizes. Walks the path and the value
 /// at it, nothing else.
-fn chain<S: AsRef<str>>(node: &Value, path: &[S]) -> usize {
-    let Some((first, rest)) = path.split_first() else {
-        return serialized_len(node);
-    };
-    let Value::Object(map) = node else {
-        return serialized_len(node);
-    };
-    let first = first.as_ref();
-    match map.get(first) {
-        Some(child) => frame(map.len())
-            .saturating_add(json_string_len(first))
-            .saturating_add(chain(child, rest)),
-        None => frame(map.len()),
-    }
-}
-
-/// The [`chain`] of the path `parents`/`last` in `doc`: the part of its size that a change
-/// there touches (taken before and after the change, their difference is the size's).
-pub(crate) fn chain_len<S: AsRef<str>>(doc: &Value, parents: &[S], last: &str) -> usize {
+fn chain<'p>(doc: &Value, path: impl IntoIterator<Item = &'p str>) -> usize {
     let mut node = doc;
     let mut size = 0usize;
-    // `chain` over `parents` then `last`, without collecting the path.
-    for segment in parents
-        .iter()
-        .map(AsRef::as_ref)
-        .chain(std::iter::once(last))
-    {
+    for segment in path {
         let Value::Object(map) = node else {
             return size.saturating_add(serialized_len(node));
         };
@@ -336,6 +313,18 @@ pub(crate) fn chain_len<S: AsRef<str>>(doc: &Value, parents: &[S], last: &str) -
         }
     }
     size.saturating_add(serialized_len(node))
+}
+
+/// The [`chain`] of the path `parents`/`last` in `doc`: the part of its size that a change
+/// there touches (taken before and after the change, their difference is the size's).
+pub(crate) fn chain_len<S: AsRef<str>>(doc: &Value, parents: &[S], last: &str) -> usize {
+    chain(
+        doc,
+        parents
+            .iter()
+            .map(AsRef::as_ref)
+            .chain(std::iter::once(last)),
+    )
 }
 
 /// A JSON pointer under construction, for messages only: nothing is allocated unless an error
@@ -803,10 +792,12 @@ pub fn validate_thing_change_sized<S: AsRef<str>>(
             .with_change(Some(doc), segments, Some(value), 1, &Pointer::ROOT)
             .map_err(|e| e.for_thing(thing_id))?
             .unwrap_or(0),
-        Some(before) => before.saturating_sub(chain(doc, segments)).saturating_add(
-            walk.chain_with_change(Some(doc), segments, value, 1, &Pointer::ROOT)
-                .map_err(|e| e.for_thing(thing_id))?,
-        ),
+        Some(before) => before
+            .saturating_sub(chain(doc, segments.iter().map(AsRef::as_ref)))
+            .saturating_add(
+                walk.chain_with_change(Some(doc), segments, value, 1, &Pointer::ROOT)
+                    .map_err(|e| e.for_thing(thing_id))?,
+            ),
     };
     if size > limits.max_document_bytes {
         return Err(LimitError::TooLarge {

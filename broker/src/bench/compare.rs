@@ -337,6 +337,9 @@ pub fn main(args: CompareArgs) -> anyhow::Result<ExitCode> {
     } else {
         args.brokers.clone()
     };
+    if brokers.contains(&BrokerKind::ThingsgateBaseline) && programs.baseline.is_none() {
+        bail!("the broker thingsgate-baseline needs --baseline PATH (an earlier Thingsgate build)");
+    }
     let temp;
     let work = match &args.work_dir {
         Some(dir) => {
