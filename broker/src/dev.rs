@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 use twin::apply::{Applied, apply_policy_command, apply_thing_command};
 use twin::command::{Action, CommandHeaders, PolicyCommand, ThingCommand};
 use twin::path::ThingPath;
-use twin::store::{EmbeddedStore, TwinStore, TwinStoreExt, WriteError};
+use twin::store::{TwinStore, TwinStoreExt, WriteError};
 use twin::thing::Limits;
 use twin::{DittoError, EntityKey, EntityKind, PolicyId, ThingId};
 
@@ -128,7 +128,7 @@ fn demo_thing() -> Value {
 
 /// Writes the demo policy and thing unless the data dir has them; `true` if it wrote them.
 /// Runs before the server starts, straight on the store (the core reads both from it).
-fn create_demo_thing(store: &EmbeddedStore) -> anyhow::Result<bool> {
+fn create_demo_thing(store: &dyn TwinStore) -> anyhow::Result<bool> {
     let thing_key = EntityKey::new(EntityKind::Thing, DEMO_THING);
     let policy_key = EntityKey::new(EntityKind::Policy, DEMO_THING);
     if store.get(&thing_key).is_some() {

@@ -182,7 +182,7 @@ fn measure_appends(writers: usize, seconds: u64) {
         .flat_map(|t| t.join().unwrap())
         .collect();
     let elapsed = started.elapsed();
-    let stats = store.journal_stats();
+    let stats = store.journal_stats().unwrap_or_default();
     store.close().unwrap();
     latencies.sort();
     println!(

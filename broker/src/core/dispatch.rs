@@ -27,7 +27,7 @@ use twin::authz::{cut_event_to_view, cut_policy_to_view};
 use twin::entity::{EntityKind, Event};
 use twin::path::ThingPath;
 use twin::protocol::mqtt::{write_event_payload, write_event_topic};
-use twin::store::EmbeddedStore;
+use twin::store::TwinStore;
 
 use crate::core::message::{Delivery, Message, Offer, Origin};
 use crate::core::policies::{Policies, PolicyRef};
@@ -58,12 +58,12 @@ struct Candidate {
 /// retained messages sent on subscribe, already stored), and whether one was: the publisher's
 /// acknowledgement then waits for the journal.
 struct Journal<'a> {
-    store: Option<&'a EmbeddedStore>,
+    store: Option<&'a dyn TwinStore>,
     wrote: bool,
 }
 
 impl<'a> Journal<'a> {
-    fn to(store: &'a EmbeddedStore) -> Self {
+    fn to(store: &'a dyn TwinStore) -> Self {
         Journal {
             store: Some(store),
             wrote: false,
@@ -397,7 +397,7 @@ pub fn publish(
     space: &SolutionSpace,
     message: &Arc<Message>,
     metrics: &Metrics,
-    store: &EmbeddedStore,
+    store: &dyn TwinStore,
 ) -> bool {
     let mut judged = Judged::Plain {
         message,
@@ -425,7 +425,7 @@ pub fn publish_events(
     space: &SolutionSpace,
     events: &[Event],
     fallback: Option<&PolicyRef>,
-    store: &EmbeddedStore,
+    store: &dyn TwinStore,
     metrics: &Metrics,
     now: Timestamp,
 ) -> bool {
@@ -482,7 +482,7 @@ pub fn publish_live(
     policy: &PolicyRef,
     resource: &str,
     namespace: &str,
-    store: &EmbeddedStore,
+    store: &dyn TwinStore,
     metrics: &Metrics,
     now: Timestamp,
 ) -> bool {

@@ -10,7 +10,7 @@ use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 use twin::entity::{Entity, EntityKey, Event, EventAction};
-use twin::store::{Durable, EmbeddedStore, StoreError, TwinStoreExt, WriteError};
+use twin::store::{Durable, StoreError, TwinStore, TwinStoreExt, WriteError};
 
 use crate::core::message::ForwardedProperties;
 use crate::mqtt::codec::{TopicName, Utf8Str};
@@ -18,7 +18,7 @@ use crate::mqtt::codec::{TopicName, Utf8Str};
 /// Replaces the document `key` with `doc`, or removes it (`None`; nothing happens if there is
 /// none). The handle completes once the write is durable.
 pub fn put(
-    store: &EmbeddedStore,
+    store: &dyn TwinStore,
     key: &EntityKey,
     doc: Option<Value>,
 ) -> Result<Durable, StoreError> {

@@ -208,7 +208,7 @@ impl Pending {
             space,
             &self.events,
             self.policy.as_ref(),
-            &core.twins.store,
+            &*core.twins.store,
             &core.metrics,
             now(),
         );
@@ -231,7 +231,7 @@ impl Pending {
                     space,
                     &std::mem::take(&mut self.events),
                     self.policy.as_ref(),
-                    &core.twins.store,
+                    &*core.twins.store,
                     &core.metrics,
                     now(),
                 );
@@ -441,7 +441,7 @@ impl Core {
                     .then(|| self.keep_retained(&client.space, &message))
                     .flatten();
                 let queued_durably =
-                    dispatch::publish(&client.space, &message, &self.metrics, &self.twins.store);
+                    dispatch::publish(&client.space, &message, &self.metrics, &*self.twins.store);
                 match kept {
                     Some(Err(e)) => Outcome::Now(Told::new(Verdict::Failed, e.to_string())),
                     // A retained message, or one queued for a persistent session, is
@@ -478,7 +478,7 @@ impl Core {
                             &policy,
                             &resource,
                             message.thing_id.namespace(),
-                            &self.twins.store,
+                            &*self.twins.store,
                             &self.metrics,
                             now,
                         );
@@ -658,7 +658,7 @@ impl Core {
         {
             tracing::error!(error = %e, solution = %space.id, "a retained will could not be stored");
         }
-        dispatch::publish(space, &will, &self.metrics, &self.twins.store);
+        dispatch::publish(space, &will, &self.metrics, &*self.twins.store);
     }
 
     /// Keeps `message` as its topic's retained message in `space` (an empty payload clears it),
@@ -676,7 +676,7 @@ impl Core {
             self.metrics.dropped("retained_limit");
             return None;
         }
-        let written = retained::store(&self.twins.store, space.id.as_str(), message);
+        let written = retained::store(&*self.twins.store, space.id.as_str(), message);
         if clear {
             retained.remove(topic);
         } else {

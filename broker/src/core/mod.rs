@@ -241,7 +241,7 @@ impl Core {
                 sessions.remove(&*client_id);
                 space.unsubscribe_all(&old);
                 old.lock().clear();
-                sessions::remove(&self.twins.store, &space, &old);
+                sessions::remove(&*self.twins.store, &space, &old);
             } else {
                 resumed = Some(old);
             }
@@ -271,9 +271,9 @@ impl Core {
             link.kick();
         }
         let saved = if expiry > 0 {
-            sessions::save(&self.twins.store, &space, &session, None)
+            sessions::save(&*self.twins.store, &space, &session, None)
         } else {
-            sessions::remove(&self.twins.store, &space, &session);
+            sessions::remove(&*self.twins.store, &space, &session);
             None
         };
         Ok(Attached {
@@ -369,7 +369,6 @@ impl Core {
         since: Timestamp,
         namespaces: Option<&[String]>,
     ) -> Vec<twin::ThingId> {
-        use twin::store::TwinStore;
         let mut changed = Vec::new();
         for key in self.twins.store.keys(twin::EntityKind::Thing) {
             let Ok(id) = twin::ThingId::parse(&key.id) else {
@@ -426,7 +425,7 @@ impl Core {
         if ours && expiry > 0 {
             // The countdown of its expiry starts now, also across a restart.
             sessions::save(
-                &self.twins.store,
+                &*self.twins.store,
                 &client.space,
                 &client.session,
                 Some(SystemTime::now()),
@@ -473,7 +472,7 @@ impl Core {
     ) {
         if seconds == 0 {
             space.end_session(&session);
-            sessions::remove(&self.twins.store, &space, &session);
+            sessions::remove(&*self.twins.store, &space, &session);
         } else if seconds != u32::MAX {
             let store = self.twins.store.clone();
             tokio::spawn(async move {
@@ -484,7 +483,7 @@ impl Core {
                 };
                 if expired {
                     space.end_session(&session);
-                    sessions::remove(&store, &space, &session);
+                    sessions::remove(&*store, &space, &session);
                 }
             });
         }
@@ -494,7 +493,7 @@ impl Core {
     /// counting on from where it was. Must run inside the runtime. Returns how many.
     pub fn restore_sessions(&self) -> usize {
         let restored = sessions::restore(
-            &self.twins.store,
+            &*self.twins.store,
             &self.auth.solutions,
             &self.spaces,
             self.settings.max_queued_messages,
@@ -609,7 +608,7 @@ impl Core {
             state.persisted()
         };
         persisted.then(|| {
-            sessions::save(&self.twins.store, &client.space, &client.session, None);
+            sessions::save(&*self.twins.store, &client.space, &client.session, None);
             Pending::durable_so_far(self)
         })
     }
@@ -623,7 +622,7 @@ impl Core {
             (state.incoming_qos2.len() != before, state.persisted())
         };
         if known && persisted {
-            sessions::save(&self.twins.store, &client.space, &client.session, None);
+            sessions::save(&*self.twins.store, &client.space, &client.session, None);
         }
         known
     }
@@ -631,7 +630,7 @@ impl Core {
     /// Records the packet identifiers `client`'s journaled deliveries were sent under.
     pub fn record_sent(&self, client: &Client, sent: &[(u64, std::num::NonZeroU16)]) {
         sessions::record_sent(
-            &self.twins.store,
+            &*self.twins.store,
             client.space.id.as_str(),
             &client.session.client_id,
             sent,
@@ -641,7 +640,7 @@ impl Core {
     /// Deletes the journal records of deliveries that left `client`'s session.
     pub fn forget_delivered(&self, client: &Client, stored: &[u64]) {
         sessions::forget(
-            &self.twins.store,
+            &*self.twins.store,
             client.space.id.as_str(),
             &client.session.client_id,
             stored,
@@ -658,7 +657,7 @@ impl Core {
     /// Writes `client`'s session to the journal if it outlives its connection.
     fn save_if_persistent(&self, client: &Client) {
         if client.session.lock().expiry_interval > 0 {
-            sessions::save(&self.twins.store, &client.space, &client.session, None);
+            sessions::save(&*self.twins.store, &client.space, &client.session, None);
         }
     }
 

@@ -14,7 +14,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use policy::{Enforcer, PolicyCache};
 use twin::entity::{EntityKey, EntityKind};
-use twin::store::{EmbeddedStore, TwinStore};
+use twin::store::{TwinStore};
 
 /// A policy ID the broker passes between its parts: valid (it came from a parsed command or
 /// from the store, which holds only validated IDs) and shared without copying. Also the key of
@@ -59,7 +59,7 @@ type ImportRevisions = Vec<(Box<str>, Option<u64>)>;
 /// The compiled policies of the store's things.
 #[derive(Debug)]
 pub struct Policies {
-    store: Arc<EmbeddedStore>,
+    store: Arc<dyn TwinStore>,
     cache: PolicyCache,
     /// For policies with imports: each imported policy's revision when the importer was
     /// compiled.
@@ -74,7 +74,7 @@ fn policy_key(id: &str) -> EntityKey {
 }
 
 impl Policies {
-    pub fn new(store: Arc<EmbeddedStore>) -> Self {
+    pub fn new(store: Arc<dyn TwinStore>) -> Self {
         Policies {
             store,
             cache: PolicyCache::new(100_000),

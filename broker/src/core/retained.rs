@@ -13,7 +13,7 @@ use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 use twin::entity::{EntityKey, EntityKind};
-use twin::store::{Durable, EmbeddedStore, TwinStore};
+use twin::store::{Durable, TwinStore};
 
 use crate::auth::solution::Solutions;
 use crate::core::documents;
@@ -33,7 +33,7 @@ pub struct RetainError(String);
 /// Writes `message` as the retained message of its topic in `solution` (an empty payload
 /// clears it). The returned handle completes once the write is durable.
 pub fn store(
-    store: &EmbeddedStore,
+    store: &dyn TwinStore,
     solution: &str,
     message: &Message,
 ) -> Result<Durable, RetainError> {
@@ -92,7 +92,7 @@ fn from_doc(doc: &Value) -> Option<(String, Arc<Message>)> {
 }
 
 /// Puts every stored retained message back into its solution's space; returns how many.
-pub fn restore(store: &EmbeddedStore, solutions: &Solutions, spaces: &Spaces) -> usize {
+pub fn restore(store: &dyn TwinStore, solutions: &Solutions, spaces: &Spaces) -> usize {
     let mut restored = 0;
     for key in store.keys(EntityKind::Retained) {
         let Some(entity) = store.get(&key) else {

@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use twin::entity::{Entity, EntityKey, EntityKind, Event, EventAction};
-use twin::store::{Durable, EmbeddedStore, TwinStore, TwinStoreExt};
+use twin::store::{Durable, TwinStore, TwinStoreExt};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -55,7 +55,7 @@ fn queued_key(solution: &str, client_id: &str, seq: u64) -> EntityKey {
 /// Writes `delivery`, about to be queued for the persistent session `client_id`, as record
 /// `seq`.
 pub fn store_delivery(
-    store: &EmbeddedStore,
+    store: &dyn TwinStore,
     solution: &str,
     client_id: &str,
     seq: u64,
@@ -82,7 +82,7 @@ pub fn store_delivery(
 /// Records the packet identifiers journaled deliveries were sent under (not awaited: lost in a
 /// crash, the delivery is sent again under a new identifier).
 pub fn record_sent(
-    store: &EmbeddedStore,
+    store: &dyn TwinStore,
     solution: &str,
     client_id: &str,
     sent: &[(u64, NonZeroU16)],
@@ -110,7 +110,7 @@ pub fn record_sent(
 }
 
 /// Deletes the records of deliveries that left the session.
-pub fn forget(store: &EmbeddedStore, solution: &str, client_id: &str, seqs: &[u64]) {
+pub fn forget(store: &dyn TwinStore, solution: &str, client_id: &str, seqs: &[u64]) {
     for &seq in seqs {
         delete(store, &queued_key(solution, client_id, seq));
     }
@@ -118,7 +118,7 @@ pub fn forget(store: &EmbeddedStore, solution: &str, client_id: &str, seqs: &[u6
 
 /// Deletes the entity `key`, if there is one. A failed write means the journal failed (the
 /// store logs it and refuses every write after it); the record is dealt with at the next start.
-fn delete(store: &EmbeddedStore, key: &EntityKey) {
+fn delete(store: &dyn TwinStore, key: &EntityKey) {
     let _ = documents::put(store, key, None);
 }
 
@@ -168,7 +168,7 @@ fn queued_delivery(doc: &Value, seq: u64) -> Option<Delivery> {
 /// ended (`None`: attached). Completes once durable. A failed write is logged: the session then
 /// lives in memory only.
 pub fn save(
-    store: &EmbeddedStore,
+    store: &dyn TwinStore,
     space: &SolutionSpace,
     session: &Session,
     ended: Option<SystemTime>,
@@ -214,7 +214,7 @@ pub fn save(
 }
 
 /// Deletes the stored session `client_id` of `space`, if `session` was stored.
-pub fn remove(store: &EmbeddedStore, space: &SolutionSpace, session: &Session) {
+pub fn remove(store: &dyn TwinStore, space: &SolutionSpace, session: &Session) {
     {
         let mut state = session.lock();
         if state.journal.take().is_none() {
@@ -334,7 +334,7 @@ pub struct Restored {
 /// Puts every stored session back into its solution's space (offline); expired ones are
 /// deleted. `max_queued`: the queue bound of each.
 pub fn restore(
-    store: &EmbeddedStore,
+    store: &dyn TwinStore,
     solutions: &Solutions,
     spaces: &Spaces,
     max_queued: usize,
@@ -396,7 +396,7 @@ pub fn restore(
 
 /// Queues the journaled deliveries of the restored sessions again, in sequence order; records
 /// of sessions that are gone (or unreadable ones) are deleted.
-fn restore_queued(store: &EmbeddedStore, restored: &[Restored]) {
+fn restore_queued(store: &dyn TwinStore, restored: &[Restored]) {
     let mut keys = store.keys(EntityKind::Queued);
     // IDs end in a zero-padded sequence number: sorted IDs are in queue order per session.
     keys.sort_by(|a, b| a.id.cmp(&b.id));

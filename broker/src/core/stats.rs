@@ -141,7 +141,7 @@ impl Core {
         );
         let _ = writeln!(out, "thingsgate_policy_cache_size {}", policies.cached());
         // The journal.
-        let journal = self.twins.store.journal_stats();
+        let journal = self.twins.store.journal_stats().unwrap_or_default();
         histogram(
             &mut out,
             "journal_fsync_seconds",

@@ -28,7 +28,7 @@ use twin::entity::{Entity, EntityKey, EntityKind, Event};
 use twin::error::DittoError;
 use twin::protocol::envelope::Envelope;
 use twin::protocol::message::LiveMessage;
-use twin::store::{Durable, EmbeddedStore, TwinStore, TwinStoreExt, WriteError, Written};
+use twin::store::{Durable, TwinStore, TwinStoreExt, WriteError, Written};
 use twin::thing::{self, Limits};
 
 use crate::core::Client;
@@ -37,7 +37,7 @@ use crate::core::policies::{Policies, PolicyId, PolicyRef};
 /// The store and the compiled policies.
 #[derive(Debug)]
 pub struct Twins {
-    pub store: Arc<EmbeddedStore>,
+    pub store: Arc<dyn TwinStore>,
     pub policies: Policies,
     pub limits: Limits,
 }
@@ -145,7 +145,7 @@ fn changed_concurrently() -> DittoError {
 }
 
 impl Twins {
-    pub fn new(store: Arc<EmbeddedStore>) -> Self {
+    pub fn new(store: Arc<dyn TwinStore>) -> Self {
         Twins {
             policies: Policies::new(store.clone()),
             store,

@@ -110,7 +110,7 @@ pub async fn start(
         deadlines: Arc::default(),
     });
     let restored =
-        crate::core::retained::restore(&core.twins.store, &core.auth.solutions, &core.spaces);
+        crate::core::retained::restore(&*core.twins.store, &core.auth.solutions, &core.spaces);
     tracing::info!(restored, "retained messages restored");
     let sessions = core.restore_sessions();
     tracing::info!(sessions, "persistent sessions restored");

@@ -435,23 +435,12 @@ impl EmbeddedStore {
 
     /// Completes once every write made before this call is durable (or with the journal's
     /// failure): for acknowledging again something whose write may still be on its way.
-    pub fn durable_so_far(&self) -> Durable {
-        match self.inner.journal.barrier() {
-            Ok(receiver) => Durable::new(receiver),
-            Err(e) => Durable::failed(e),
-        }
-    }
-
     /// The sequence number of the last event written (0: none ever).
     pub fn last_seq(&self) -> u64 {
         self.inner.journal.last_seq()
     }
 
     /// What the journal writer has made durable since the store was opened.
-    pub fn journal_stats(&self) -> JournalStats {
-        self.inner.journal.stats()
-    }
-
     pub fn dir(&self) -> &Path {
         &self.inner.dir
     }
@@ -603,6 +592,21 @@ impl TwinStore for EmbeddedStore {
             entity,
             durable: Durable::new(durable),
         })
+    }
+
+    fn durable_so_far(&self) -> Durable {
+        match self.inner.journal.barrier() {
+            Ok(receiver) => Durable::new(receiver),
+            Err(e) => Durable::failed(e),
+        }
+    }
+
+    fn policy_generation(&self) -> u64 {
+        self.inner.policy_writes.load(Ordering::Acquire)
+    }
+
+    fn journal_stats(&self) -> Option<JournalStats> {
+        Some(self.inner.journal.stats())
     }
 
     fn close(&self) -> Result<(), StoreError> {

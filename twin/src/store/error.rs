@@ -72,6 +72,16 @@ pub enum StoreError {
     #[error("an event for `{event_key}` was decided while writing `{key}`")]
     ForeignEvent { key: String, event_key: String },
 
+    /// Cluster store: another node changed the entity since this node decided the write, which
+    /// was therefore not stored. The entity has been reloaded: decide again.
+    #[error("`{key}` was changed by another node; the write was not stored (decide again)")]
+    Conflict { key: String },
+
+    /// Cluster store: the shared store cannot be reached (or this node has not caught up with
+    /// it), so nothing is written or acknowledged.
+    #[error("the cluster store is unavailable: {reason}")]
+    Unavailable { reason: String },
+
     /// An event too large for one journal record.
     #[error(
         "an event for `{key}` encodes to {size} bytes, more than the {max} a journal record holds"

@@ -143,6 +143,41 @@ pub trait TwinStore: Send + Sync + fmt::Debug {
     /// the data directory. Later writes fail with [`StoreError::Closed`]; reads keep
     /// answering from memory. Closing twice is fine.
     fn close(&self) -> Result<(), StoreError>;
+
+    /// Completes once every write made so far (by this process) is durable: a barrier.
+    fn durable_so_far(&self) -> Durable;
+
+    /// Moves whenever a policy (or anything a compiled policy depends on) may have changed,
+    /// after the new state is visible: while it stays put, a cached policy revision found
+    /// current is still current.
+    fn policy_generation(&self) -> u64;
+
+    /// The embedded journal's group-commit statistics (`None`: no local journal).
+    fn journal_stats(&self) -> Option<JournalStats> {
+        None
+    }
+
+    /// Whether this store can decide now: `Err` with the reason while a cluster store cannot
+    /// reach the shared store or has not caught up with it (then it refuses writes, and the
+    /// broker refuses every check it cannot prove current: fail closed).
+    fn current(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Registers who hears of changes other processes made (a cluster store calls it, in the
+    /// shared store's order, after its state shows them). The embedded store has no others.
+    fn set_listener(&self, _listener: Arc<dyn ChangeListener>) {}
+}
+
+/// Changes made by another node of a cluster, as a cluster store learns them.
+pub trait ChangeListener: Send + Sync {
+    /// `events` changed `key` into `entity` (`None`: deleted) on another node; this store's
+    /// state shows it already.
+    fn changed(&self, key: &EntityKey, events: &[Event], entity: Option<&Arc<Entity>>);
+
+    /// The store lost track of the shared store and resynchronized: anything derived from
+    /// it may be stale (reload solutions, re-check subscriptions).
+    fn resynced(&self) {}
 }
 
 /// [`TwinStore::write_dyn`] with a decision that can refuse with the caller's own error.
