@@ -1,10 +1,11 @@
 //! Durable storage of things, policies and solutions: journal with group commit, snapshots.
 //!
 //! # Layout
-//! - this file: the [`TwinStore`] trait (what the broker uses; a NATS JetStream store can
-//!   implement it later), [`StoreOptions`], the [`Durable`] completion handle;
+//! - this file: the [`TwinStore`] trait (what the broker uses; two stores implement it), [`StoreOptions`], the [`Durable`] completion handle;
 //! - [`embedded`]: [`EmbeddedStore`], the default store under a data directory: state in
 //!   memory, writes, open and recovery, snapshots, close;
+//! - [`cluster`]: [`ClusterStore`], several nodes sharing entities through NATS JetStream
+//!   (its module docs hold its own model: optimistic concurrency, watching, failing closed);
 //! - `writer`: the group-commit writer thread (the rule is documented there and below);
 //! - `journal`: journal segment and record format, the reader that tells a torn tail from
 //!   corruption; `snapshot`: snapshot files; `codec`: binary encoding of events and entities;
@@ -94,6 +95,7 @@
 //! - A journal record holds at most 64 MiB (documents are limited far below).
 //! - [`Durable::wait`] blocks the thread; async code `.await`s the [`Durable`] instead.
 
+pub mod cluster;
 pub mod embedded;
 pub mod error;
 
@@ -115,6 +117,7 @@ use tokio::sync::oneshot;
 
 use crate::entity::{Entity, EntityKey, EntityKind, Event};
 
+pub use cluster::{ClusterOptions, ClusterStore};
 pub use embedded::EmbeddedStore;
 pub use error::{StoreError, WriteError};
 pub use writer::{BATCH_WRITES_BOUNDS, JournalStats, SYNC_MICROS_BOUNDS};
@@ -171,9 +174,15 @@ pub trait TwinStore: Send + Sync + fmt::Debug {
 
 /// Changes made by another node of a cluster, as a cluster store learns them.
 pub trait ChangeListener: Send + Sync {
-    /// `events` changed `key` into `entity` (`None`: deleted) on another node; this store's
-    /// state shows it already.
-    fn changed(&self, key: &EntityKey, events: &[Event], entity: Option<&Arc<Entity>>);
+    /// `events` changed `key` from `previous` into `entity` (`None`: absent, deleted) on
+    /// another node; this store's state shows it already.
+    fn changed(
+        &self,
+        key: &EntityKey,
+        events: &[Event],
+        previous: Option<&Arc<Entity>>,
+        entity: Option<&Arc<Entity>>,
+    );
 
     /// The store lost track of the shared store and resynchronized: anything derived from
     /// it may be stale (reload solutions, re-check subscriptions).
