@@ -71,8 +71,12 @@ pub enum SolutionCommand {
     /// Only SHA-256 digests of the token and the secret are stored: keep them now.
     Create {
         /// The data directory (the server must not be running on it).
-        #[arg(long)]
-        data: PathBuf,
+        #[arg(long, required_unless_present = "cluster")]
+        data: Option<PathBuf>,
+        /// Instead of a data directory: the NATS servers of a cluster (`nats://host:port`,
+        /// comma-separated); the solution is shared by every node at once, online.
+        #[arg(long, conflicts_with = "data", value_name = "NATS_URL")]
+        cluster: Option<String>,
         /// A namespace the solution owns (repeat for several); owned by one solution only.
         #[arg(long = "namespace", required = true)]
         namespaces: Vec<String>,
@@ -85,8 +89,11 @@ pub enum SolutionCommand {
     },
     /// List solutions: IDs, namespaces, number of active secrets (never secrets or digests).
     List {
-        #[arg(long)]
-        data: PathBuf,
+        #[arg(long, required_unless_present = "cluster")]
+        data: Option<PathBuf>,
+        /// Instead of a data directory: the NATS servers of a cluster.
+        #[arg(long, conflicts_with = "data", value_name = "NATS_URL")]
+        cluster: Option<String>,
         /// JSON array on stdout.
         #[arg(long)]
         json: bool,
@@ -303,11 +310,21 @@ fn run_solution(command: SolutionCommand) -> anyhow::Result<ExitCode> {
     match command {
         SolutionCommand::Create {
             data,
+            cluster,
             namespaces,
             id,
             json,
-        } => solution_cmd::create(&data, &namespaces, id.as_deref(), json),
-        SolutionCommand::List { data, json } => solution_cmd::list(&data, json),
+        } => solution_cmd::create(
+            solution_cmd::At::new(data, cluster),
+            &namespaces,
+            id.as_deref(),
+            json,
+        ),
+        SolutionCommand::List {
+            data,
+            cluster,
+            json,
+        } => solution_cmd::list(solution_cmd::At::new(data, cluster), json),
         SolutionCommand::AddSecret {
             data,
             solution,

@@ -76,6 +76,141 @@ pub struct Config {
     pub base_dir: PathBuf,
     /// `[[operator]]` tables: who may create solutions online (subject `operator:<name>`).
     pub operators: Vec<OperatorConfig>,
+    /// The `[cluster]` table: share state with other nodes through NATS JetStream (`None`:
+    /// the embedded store, one node).
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// Prefix of the environment variables that override `[cluster]` fields.
+pub const CLUSTER_ENV_PREFIX: &str = "THINGSGATE_CLUSTER_";
+
+/// Cluster mode (DESIGN.md §6): the NATS servers and the stream the nodes share.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// NATS server URLs (`nats://host:port`); any of the NATS cluster's servers.
+    pub urls: Vec<String>,
+    /// The JetStream stream the nodes share (also its subjects' first token).
+    #[serde(default = "default_stream")]
+    pub stream: String,
+    /// Replicas of the stream when a node creates it: 1, or 3 on a NATS cluster (R3 needs
+    /// nats-server ≥ 2.9.21).
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+}
+
+fn default_stream() -> String {
+    "THINGSGATE".to_owned()
+}
+
+fn default_replicas() -> usize {
+    1
+}
+
+impl ClusterConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.urls.is_empty() {
+            return Err("`urls` needs at least one NATS URL (nats://host:port)".into());
+        }
+        for url in &self.urls {
+            let rest = url.strip_prefix("nats://").unwrap_or(url);
+            if rest.is_empty() || rest.contains(['/', ' ']) || !rest.contains(':') {
+                return Err(format!("`{url}` is not a NATS URL (nats://host:port)"));
+            }
+        }
+        let valid_stream = !self.stream.is_empty()
+            && self.stream.len() <= 32
+            && self
+                .stream
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !valid_stream {
+            return Err(format!(
+                "`{}` is not a stream name (1 to 32 of A-Z, a-z, 0-9, `-`, `_`)",
+                self.stream
+            ));
+        }
+        if !matches!(self.replicas, 1..=5) {
+            return Err(format!("replicas must be 1 to 5, not {}", self.replicas));
+        }
+        Ok(())
+    }
+
+    /// Applies `THINGSGATE_CLUSTER_URLS`, `…_STREAM`, `…_REPLICAS` to `config` (creating the
+    /// table if one is set: `urls` may then still be empty, to be given by `--cluster`); any
+    /// other `THINGSGATE_CLUSTER_` variable is an error. Validated where it is used.
+    pub fn apply_env(
+        config: &mut Option<ClusterConfig>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), ConfigError> {
+        let mut vars: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(name, _)| name.starts_with(CLUSTER_ENV_PREFIX))
+            .collect();
+        if vars.is_empty() {
+            return Ok(());
+        }
+        vars.sort();
+        let c = config.get_or_insert_with(|| ClusterConfig {
+            urls: Vec::new(),
+            stream: default_stream(),
+            replicas: default_replicas(),
+        });
+        for (var, value) in &vars {
+            let env_error = |message: String| ConfigError::Env {
+                var: var.clone(),
+                message,
+            };
+            match var.strip_prefix(CLUSTER_ENV_PREFIX).unwrap_or_default() {
+                "URLS" => c.urls = split_list(value),
+                "STREAM" => c.stream = value.clone(),
+                "REPLICAS" => {
+                    c.replicas = value
+                        .parse()
+                        .map_err(|_| env_error(format!("`{value}` is not a number")))?;
+                }
+                _ => return Err(env_error("names no [cluster] field".into())),
+            }
+        }
+        Ok(())
+    }
+
+    /// The cluster settings a command runs with: the file's (or none), the environment's
+    /// overrides, then `--cluster URLS` (`flag`) replacing the URLs; checked.
+    pub fn resolve(
+        file: Option<ClusterConfig>,
+        flag: Option<&str>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Option<ClusterConfig>> {
+        let mut config = file;
+        ClusterConfig::apply_env(&mut config, env)?;
+        if let Some(urls) = flag {
+            let urls = split_list(urls);
+            match &mut config {
+                Some(c) => c.urls = urls,
+                None => {
+                    config = Some(ClusterConfig {
+                        urls,
+                        stream: default_stream(),
+                        replicas: default_replicas(),
+                    });
+                }
+            }
+        }
+        if let Some(c) = &config {
+            c.validate()
+                .map_err(|e| anyhow::anyhow!("cluster settings (--cluster, [cluster], {CLUSTER_ENV_PREFIX}…): {e}"))?;
+        }
+        Ok(config)
+    }
+}
+
+fn split_list(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// A configured operator: a name and the SHA-256 digest of its secret (never the secret).
@@ -289,6 +424,8 @@ struct RawConfig {
     mqtt: crate::limits::MqttSettings,
     #[serde(default, rename = "operator")]
     operators: Vec<RawOperator>,
+    #[serde(default)]
+    cluster: Option<ClusterConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -441,11 +578,22 @@ impl Config {
                 secret_digest,
             });
         }
+        let mut cluster = raw.cluster;
+        if let Some(c) = &cluster {
+            c.validate().map_err(|message| ConfigError::Invalid {
+                path: source.path.to_owned(),
+                at: source.locate(&[Key::Name("cluster")]),
+                field: "cluster".to_owned(),
+                message,
+            })?;
+        }
+        ClusterConfig::apply_env(&mut cluster, env.iter().cloned())?;
         Ok(Config {
             issuers,
             mqtt: raw.mqtt,
             base_dir: base_dir.to_path_buf(),
             operators,
+            cluster,
         })
     }
 }
@@ -1240,9 +1388,20 @@ mod tests {
         let tables = accepted_fields("no_such_table = 1");
         assert_eq!(
             tables,
-            ["issuer", "mqtt", "operator"],
+            ["issuer", "mqtt", "operator", "cluster"],
             "a new top-level table needs a section"
         );
+        let cluster = accepted_fields("[cluster]\nno_such_field = 1");
+        let rows = documented(&doc, "`[cluster]`");
+        assert_eq!(
+            rows.keys().collect::<Vec<_>>(),
+            cluster.iter().collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>(),
+            "the [cluster] rows of docs/configuration.md and the fields of ClusterConfig"
+        );
+        for field in &cluster {
+            let var = format!("`{CLUSTER_ENV_PREFIX}{}`", field.to_ascii_uppercase());
+            assert!(rows[field].contains(&var), "{field}: {var}");
+        }
         let operator = accepted_fields("[[operator]]\nno_such_field = 1");
         let rows = documented(&doc, "`[[operator]]`");
         assert_eq!(

@@ -101,7 +101,7 @@ pub fn create(at: &Where, file: &Path, json: bool) -> anyhow::Result<ExitCode> {
             let dir = DataDir::open(&data, false)?;
             let stored = dir
                 .solutions
-                .put_connection(&dir.store, &solution, doc, true, now());
+                .put_connection(&*dir.store, &solution, doc, true, now());
             dir.close()?;
             stored.map_err(|e| {
                 anyhow!(
@@ -211,7 +211,7 @@ pub fn delete(at: &Where, id: &str) -> anyhow::Result<ExitCode> {
             let dir = DataDir::open(&data, false)?;
             let deleted = dir
                 .solutions
-                .delete_connection(&dir.store, &solution, id, now());
+                .delete_connection(&*dir.store, &solution, id, now());
             dir.close()?;
             deleted?;
         }

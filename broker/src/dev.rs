@@ -183,14 +183,14 @@ pub(crate) fn prepare(dir: &DataDir, data: &Path, config: &mut Config) -> anyhow
     let secret = match dir.solutions.get(id.as_str()) {
         Some(_) => dir
             .solutions
-            .add_secret(&dir.store, &id, now())?
+            .add_secret(&*dir.store, &id, now())?
             .secret
             .expose()
             .to_owned(),
         None => dir
             .solutions
             .create(
-                &dir.store,
+                &*dir.store,
                 Some(id.clone()),
                 &[DEMO_NAMESPACE.to_owned()],
                 now(),
@@ -215,7 +215,7 @@ pub(crate) fn prepare(dir: &DataDir, data: &Path, config: &mut Config) -> anyhow
         );
     }
     let policy = policy::policy_from_value(&value)?;
-    dir.solutions.set_policy(&dir.store, &id, policy, now())?;
+    dir.solutions.set_policy(&*dir.store, &id, policy, now())?;
 
     let dev_dir = data.join("dev");
     std::fs::create_dir_all(&dev_dir)
@@ -254,7 +254,7 @@ pub(crate) fn prepare(dir: &DataDir, data: &Path, config: &mut Config) -> anyhow
         let claims = token_cmd::token_claims(&args, SystemTime::now())?;
         Ok(signing_key.sign(&claims, None)?)
     };
-    let demo_created = create_demo_thing(&dir.store)?;
+    let demo_created = create_demo_thing(&*dir.store)?;
     Ok(DevSetup {
         token: mint(DEV_SUBJECT)?,
         device_token: mint(DEVICE_SUBJECT)?,

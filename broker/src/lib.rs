@@ -42,6 +42,7 @@ pub mod auth;
 pub(crate) mod bench;
 pub(crate) mod bridge;
 pub mod cli;
+pub(crate) mod cluster;
 pub mod config;
 pub(crate) mod connection_cmd;
 pub(crate) mod core;

@@ -86,6 +86,8 @@ pub struct Metrics {
     /// Connections closed for a protocol violation or malformed packet, by reason.
     pub protocol_errors: Family<ReasonLabel, Counter>,
     pub sessions_taken_over: Counter,
+    /// Cluster mode: twin changes decided again because another node wrote the entity first.
+    pub cluster_conflicts: Counter,
     /// HTTP requests by route, method and status.
     pub http_requests: Family<HttpLabels, Counter>,
     /// Requests the core executed, by kind (`plain`, `command`, `message`).
@@ -112,6 +114,7 @@ impl Default for Metrics {
             messages_denied: Family::default(),
             protocol_errors: Family::default(),
             sessions_taken_over: Counter::default(),
+            cluster_conflicts: Counter::default(),
             http_requests: Family::default(),
             core_in: ByKind::of(&Family::default(), &[]),
             core_out: ByKind::of(&Family::default(), &[]),
@@ -188,6 +191,11 @@ impl Default for Metrics {
             "sessions_taken_over",
             "Sessions taken over by a new connection with the same client ID",
             m.sessions_taken_over.clone(),
+        );
+        registry.register(
+            "cluster_conflicts",
+            "Cluster mode: twin changes decided again because another node wrote the entity first",
+            m.cluster_conflicts.clone(),
         );
         registry.register(
             "http_requests",

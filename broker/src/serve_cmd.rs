@@ -54,6 +54,11 @@ pub struct ServeArgs {
     /// a device and two users different rights, ready-to-paste client commands.
     #[arg(long)]
     pub dev: bool,
+    /// Cluster mode: share things, policies, solutions, retained messages and sessions with
+    /// the other nodes through NATS JetStream at these servers (`nats://host:port`,
+    /// comma-separated); replaces `[cluster] urls`. No data directory is used then.
+    #[arg(long = "cluster", value_name = "NATS_URL")]
+    pub cluster: Option<String>,
 }
 
 /// Runs the server until a signal.
@@ -79,23 +84,56 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             config
         }
     };
-    let _temp;
-    let data = match (&args.data, args.dev) {
-        (Some(dir), _) => dir.clone(),
-        (None, true) => {
-            let dir = tempfile::Builder::new()
-                .prefix("thingsgate-dev-")
-                .tempdir()
-                .context("cannot create a temporary data directory")?;
-            let path = dir.path().to_path_buf();
-            _temp = dir;
-            path
-        }
-        (None, false) => bail!("`--data DIR` is required (or `--dev` for a temporary one)"),
+    // The file's table had its environment overrides applied by `Config::load`.
+    let env: Vec<(String, String)> = match &args.config {
+        Some(_) => Vec::new(),
+        None => std::env::vars().collect(),
     };
-    let dir = DataDir::open(&data, true)?;
+    config.cluster = crate::config::ClusterConfig::resolve(
+        config.cluster.take(),
+        args.cluster.as_deref(),
+        env,
+    )?;
+    if config.cluster.is_some() && args.dev {
+        bail!(
+            "`--dev` prepares a demo in a local data directory; it does not combine with cluster \
+             mode (create solutions with `thingsgate solution create --cluster URLS`)"
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let _temp;
+    let mut cluster_store = None;
+    let (dir, data) = match &config.cluster {
+        Some(cluster) => {
+            let store = runtime.block_on(crate::cluster::open_store(cluster))?;
+            cluster_store = Some(store.clone());
+            (DataDir::from_store(Box::new(store))?, None)
+        }
+        None => {
+            let data = match (&args.data, args.dev) {
+                (Some(dir), _) => dir.clone(),
+                (None, true) => {
+                    let dir = tempfile::Builder::new()
+                        .prefix("thingsgate-dev-")
+                        .tempdir()
+                        .context("cannot create a temporary data directory")?;
+                    let path = dir.path().to_path_buf();
+                    _temp = dir;
+                    path
+                }
+                (None, false) => {
+                    bail!("`--data DIR` is required (or `--dev` for a temporary one, or `--cluster URLS`)")
+                }
+            };
+            (DataDir::open(&data, true)?, Some(data))
+        }
+    };
     let dev = if args.dev {
-        Some(crate::dev::prepare(&dir, &data, &mut config)?)
+        let data = data.as_deref().context("`--dev` needs a data directory")?;
+        Some(crate::dev::prepare(&dir, data, &mut config)?)
     } else {
         None
     };
@@ -127,12 +165,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         (Some(address), Some(acceptor)) => Some((address.clone(), acceptor.clone())),
         _ => None,
     };
-    let DataDir { store, solutions } = dir;
-    let store = Arc::new(store);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let DataDir { store, solutions, .. } = dir;
+    let store: Arc<dyn TwinStore> = Arc::from(store);
     let result = runtime.block_on(async {
         // JWKS files are read and URLs fetched now; a key set that cannot be had is an error.
         let issuers = Arc::new(Issuers::load(&config.issuers).await?);
@@ -152,6 +186,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             args.dev && args.mqtt.is_empty(),
         )
         .await?;
+        if let (Some(store), Some(cluster)) = (&cluster_store, &config.cluster) {
+            crate::cluster::join(&server.core, store, cluster).await?;
+        }
         let mut amqp_addrs = Vec::new();
         for address in &args.amqp {
             amqp_addrs.push(server.listen_amqp(address, None).await?);
@@ -221,7 +258,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
         // Bridges: every stored connection of every solution starts now, later ones when stored.
         let bridges = crate::bridge::manager::spawn(server.core.clone());
-        tracing::info!(data = %data.display(), "thingsgate is serving");
+        match (&data, &config.cluster) {
+            (Some(data), _) => tracing::info!(data = %data.display(), "thingsgate is serving"),
+            (None, Some(cluster)) => {
+                tracing::info!(stream = %cluster.stream, "thingsgate is serving in cluster mode")
+            }
+            (None, None) => tracing::info!("thingsgate is serving"),
+        }
         wait_for_signal().await;
         tracing::info!("shutting down");
         server.shutdown(Duration::from_secs(10)).await;

@@ -15,10 +15,12 @@ use twin::store::{EmbeddedStore, StoreError, StoreOptions, TwinStore};
 
 use crate::auth::solution::{SolutionId, Solutions, default_policy_summary};
 
-/// An open data dir: the store and the solutions loaded from it.
+/// An open data dir (or cluster store): the store and the solutions loaded from it.
 pub(crate) struct DataDir {
-    pub(crate) store: EmbeddedStore,
+    pub(crate) store: Box<dyn TwinStore>,
     pub(crate) solutions: Solutions,
+    /// The runtime a cluster store's calls run on, when a command opened one.
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl DataDir {
@@ -39,11 +41,47 @@ impl DataDir {
         })?;
         let solutions = Solutions::load(&store)
             .with_context(|| format!("cannot load the solutions of `{}`", dir.display()))?;
-        Ok(DataDir { store, solutions })
+        Ok(DataDir {
+            store: Box::new(store),
+            solutions,
+            runtime: None,
+        })
     }
 
-    /// Flushes and releases the data dir.
+    /// The solutions of an open store (cluster mode: the store is shared, not a directory).
+    pub(crate) fn from_store(store: Box<dyn TwinStore>) -> anyhow::Result<Self> {
+        let solutions =
+            Solutions::load(&*store).context("cannot load the solutions of the cluster")?;
+        Ok(DataDir {
+            store,
+            solutions,
+            runtime: None,
+        })
+    }
+
+    /// Opens the cluster's shared store for a command (`--cluster URLS`): changes go to every
+    /// node at once, no server needs to stop.
+    pub(crate) fn open_cluster(urls: &str) -> anyhow::Result<Self> {
+        let config = crate::config::ClusterConfig::resolve(None, Some(urls), std::env::vars())?
+            .context("no cluster settings")?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        let store = runtime.block_on(crate::cluster::open_store(&config))?;
+        let mut dir = DataDir::from_store(Box::new(store))?;
+        dir.runtime = Some(runtime);
+        Ok(dir)
+    }
+
+    /// Flushes and releases the data dir (a cluster store: waits until its writes are acked).
     pub(crate) fn close(self) -> anyhow::Result<()> {
+        if let Some(runtime) = &self.runtime {
+            runtime
+                .block_on(self.store.durable_so_far())
+                .context("a change did not reach the cluster")?;
+        }
         self.store
             .close()
             .context("cannot close the data directory cleanly")
@@ -85,16 +123,41 @@ fn solution_id(text: &str) -> anyhow::Result<SolutionId> {
     Ok(SolutionId::parse(text)?)
 }
 
+/// Where a command finds the solutions: a stopped data dir, or a cluster's shared store.
+#[derive(Debug)]
+pub enum At {
+    Data(std::path::PathBuf),
+    Cluster(String),
+}
+
+impl At {
+    /// From `--data` and `--cluster` (the command line makes exactly one present).
+    pub fn new(data: Option<std::path::PathBuf>, cluster: Option<String>) -> Self {
+        match (data, cluster) {
+            (_, Some(urls)) => At::Cluster(urls),
+            (Some(data), None) => At::Data(data),
+            (None, None) => At::Data(std::path::PathBuf::new()),
+        }
+    }
+
+    fn open(&self, create: bool) -> anyhow::Result<DataDir> {
+        match self {
+            At::Data(dir) => DataDir::open(dir, create),
+            At::Cluster(urls) => DataDir::open_cluster(urls),
+        }
+    }
+}
+
 /// `solution create`.
 pub fn create(
-    data: &Path,
+    at: At,
     namespaces: &[String],
     id: Option<&str>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let id = id.map(solution_id).transpose()?;
-    let dir = DataDir::open(data, true)?;
-    let created = dir.solutions.create(&dir.store, id, namespaces, now())?;
+    let dir = at.open(true)?;
+    let created = dir.solutions.create(&*dir.store, id, namespaces, now())?;
     dir.close()?;
     let id = &created.solution_id;
     let policy = default_policy_summary(id);
@@ -130,8 +193,8 @@ pub fn create(
 }
 
 /// `solution list`.
-pub fn list(data: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let dir = DataDir::open(data, false)?;
+pub fn list(at: At, json: bool) -> anyhow::Result<ExitCode> {
+    let dir = at.open(false)?;
     let solutions = dir.solutions.list();
     dir.close()?;
     let mut out = std::io::stdout().lock();
@@ -170,7 +233,7 @@ pub fn list(data: &Path, json: bool) -> anyhow::Result<ExitCode> {
 pub fn add_secret(data: &Path, solution: &str, json: bool) -> anyhow::Result<ExitCode> {
     let id = solution_id(solution)?;
     let dir = DataDir::open(data, false)?;
-    let new = dir.solutions.add_secret(&dir.store, &id, now())?;
+    let new = dir.solutions.add_secret(&*dir.store, &id, now())?;
     dir.close()?;
     let mut out = std::io::stdout().lock();
     if json {
@@ -201,7 +264,7 @@ pub fn revoke_secret(data: &Path, solution: &str, secret_id: &str) -> anyhow::Re
     let dir = DataDir::open(data, false)?;
     let revoked = dir
         .solutions
-        .revoke_secret(&dir.store, &id, secret_id, now())?;
+        .revoke_secret(&*dir.store, &id, secret_id, now())?;
     dir.close()?;
     let mut out = std::io::stdout().lock();
     if revoked.already {
@@ -229,7 +292,7 @@ pub fn add_namespace(data: &Path, solution: &str, namespace: &str) -> anyhow::Re
     let dir = DataDir::open(data, false)?;
     let added = dir
         .solutions
-        .add_namespace(&dir.store, &id, namespace, now())?;
+        .add_namespace(&*dir.store, &id, namespace, now())?;
     dir.close()?;
     let mut out = std::io::stdout().lock();
     if added {
@@ -263,7 +326,7 @@ pub fn policy_set(data: &Path, solution: &str, file: &Path) -> anyhow::Result<Ex
         .with_context(|| format!("invalid policy in {}", file.display()))?;
     let dir = DataDir::open(data, false)?;
     dir.solutions
-        .set_policy(&dir.store, &id, parsed, now())
+        .set_policy(&*dir.store, &id, parsed, now())
         .with_context(|| format!("policy of solution `{id}` not changed"))?;
     dir.close()?;
     writeln!(

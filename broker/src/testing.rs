@@ -90,6 +90,7 @@ impl Harness {
             shutdown,
             bridges: crate::bridge::Bridges::default(),
             deadlines: Arc::default(),
+            relay: std::sync::OnceLock::new(),
         });
         Ok(Harness {
             core,
@@ -248,7 +249,7 @@ impl Harness {
     pub fn announce(&self, client: &TestClient, mut change: Change) -> Told {
         change
             .0
-            .complete(Ok(()), &self.core, &client.0.space, &client.0.session)
+            .finish(Ok(()), &self.core, &client.0.space, &client.0.session)
     }
 }
 

@@ -545,6 +545,16 @@ impl Solutions {
         self.read().by_id.get(&id).cloned()
     }
 
+    /// Takes a solution as another cluster node stored it (its document, as `load` reads it):
+    /// the registry's entry is replaced. The solution as it is now.
+    pub fn reload(&self, doc: &Value) -> Result<Arc<Solution>, SolutionError> {
+        let solution = Solution::from_doc(doc)?;
+        let id = solution.id.clone();
+        let mut index = self.write();
+        index.insert(solution);
+        index.solution(&id)
+    }
+
     /// Every solution, ordered by ID.
     pub fn list(&self) -> Vec<Arc<Solution>> {
         self.read().by_id.values().cloned().collect()

@@ -226,6 +226,13 @@ fn fan_out(
     metrics: &Metrics,
     now: Timestamp,
 ) -> usize {
+    // Fail closed: a cluster node that cannot prove its policies current delivers nothing.
+    if let Some(store) = journal.store
+        && let Err(e) = store.current()
+    {
+        tracing::debug!(topic, error = %e, "not delivered: the store is not current");
+        return 0;
+    }
     let started = sampled().then(std::time::Instant::now);
     let queued = route(space, topic, publisher, max_qos, |session, target| {
         offer(space, session, judged, journal, target, metrics, now)

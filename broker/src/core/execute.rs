@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use policy::{Mode, Permission, ResourceType, Timestamp};
 use twin::command::{Action, Command, CommandHeaders};
+use serde_json::Value;
 use twin::entity::Event;
 use twin::error::DittoError;
 use twin::protocol::envelope::{Envelope, Request as DittoRequest};
@@ -28,7 +29,7 @@ use crate::core::policies::PolicyRef;
 use crate::core::retained::{self, RetainError};
 use crate::core::session::Session;
 use crate::core::space::{SolutionSpace, Usage};
-use crate::core::twins::Executed;
+use crate::core::twins::{Executed, Redo};
 use crate::core::{Client, Core, dispatch, now};
 use crate::metrics::Metrics;
 use crate::mqtt::codec::{QoS, TopicName};
@@ -131,6 +132,24 @@ pub struct Pending {
     /// Announced: what the requester is told once the deliveries journaled for persistent
     /// sessions (`durable` now waits for them) are durable.
     told: Option<Told>,
+    /// A twin change and how many more times it may be decided again after a cluster store's
+    /// conflict (another node wrote the entity first; nothing of this write was stored).
+    redo: Option<Box<(Redo, u8)>>,
+}
+
+/// How many times a change is decided again after conflicts before the requester is told it
+/// failed (each conflict means another node's write to the same entity went through).
+const REDO_ATTEMPTS: u8 = 16;
+
+/// The answer to a twin change, with the entity tag of the changed entity (a deleted one has
+/// none).
+fn build_answer(command: &Command, events: &[Event], status: u16, value: Option<Value>) -> Envelope {
+    let deleted = match command {
+        Command::Thing(c) => c.action == Action::Delete && c.path.is_root(),
+        Command::Policy(c) => c.action == Action::Delete && c.path == "/",
+    };
+    let revision = events.last().map(|e| e.revision).filter(|_| !deleted);
+    Envelope::response(command, status, value).with_etag(revision)
 }
 
 impl Pending {
@@ -148,6 +167,7 @@ impl Pending {
             answer: None,
             policy: None,
             told: None,
+            redo: None,
         }
     }
 
@@ -169,7 +189,10 @@ impl Pending {
                 }
                 return Poll::Ready(told);
             }
-            let told = self.complete(result, core, space, session);
+            let Some(told) = self.complete(result, core, space, session) else {
+                // Decided again after a cluster store's conflict: wait for the new write.
+                continue;
+            };
             if self.told.is_none() {
                 return Poll::Ready(told);
             }
@@ -216,8 +239,89 @@ impl Pending {
 
     /// What happens once the journal has answered: events and answer out (durable), or the
     /// failure told (not stored: nothing announced). If an event was journaled for a persistent
-    /// session, `told` is set and `durable` waits for that record.
+    /// session, `told` is set and `durable` waits for that record. `None`: another node wrote
+    /// the entity first (cluster store), and the change was decided again on what it left:
+    /// `durable` now waits for the new write.
     pub(crate) fn complete(
+        &mut self,
+        result: Result<(), StoreError>,
+        core: &Core,
+        space: &SolutionSpace,
+        session: &Session,
+    ) -> Option<Told> {
+        if let Err(StoreError::Conflict { .. }) = &result
+            && let Some(redo) = self.redo.take()
+        {
+            let (redo, left) = *redo;
+            if left > 0 {
+                return self.decide_again(redo, left - 1, core, space, session);
+            }
+            tracing::warn!(client = %session.client_id, "a twin change met {REDO_ATTEMPTS} conflicts in a row; giving up");
+        }
+        Some(self.finish(result, core, space, session))
+    }
+
+    /// Decides `redo` again after a conflict: `None` if it was written again (wait), or what
+    /// the requester is told now (refused on the new state, e.g. the thing moved to another
+    /// policy or was deleted).
+    fn decide_again(
+        &mut self,
+        redo: Redo,
+        left: u8,
+        core: &Core,
+        space: &SolutionSpace,
+        session: &Session,
+    ) -> Option<Told> {
+        core.metrics.cluster_conflicts.inc();
+        match core.twins.redo(redo, self.policy.clone()) {
+            Executed::Written {
+                durable,
+                events,
+                command,
+                status,
+                value,
+                policy: _,
+                now,
+                precondition,
+            } => {
+                if let Some(answer) = self.answer.as_mut() {
+                    answer.0 = build_answer(&command, &events, status, value);
+                }
+                self.durable = durable;
+                self.events = events;
+                self.redo = Some(Box::new((
+                    Redo {
+                        command,
+                        now,
+                        precondition,
+                    },
+                    left,
+                )));
+                None
+            }
+            Executed::Answered { reply, denied } => {
+                let status = reply.status.unwrap_or(200);
+                let reason = error_message(&reply);
+                if let Some(answer) = self.answer.take() {
+                    let (_, to) = *answer;
+                    answer_requester(space, session, &to, &reply, &core.metrics);
+                }
+                let verdict = match (denied, status) {
+                    (true, _) => Verdict::NotAuthorized,
+                    (false, s) if s >= 400 => Verdict::Failed,
+                    _ => Verdict::Accepted,
+                };
+                self.events.clear();
+                Some(Told {
+                    verdict,
+                    reason,
+                    status: Some(status),
+                })
+            }
+        }
+    }
+
+    pub(crate) fn finish(
         &mut self,
         result: Result<(), StoreError>,
         core: &Core,
@@ -442,6 +546,9 @@ impl Core {
                     .flatten();
                 let queued_durably =
                     dispatch::publish(&client.space, &message, &self.metrics, &*self.twins.store);
+                if let Some(relay) = self.relay.get() {
+                    relay.plain(client.space.id.as_str(), &message);
+                }
                 match kept {
                     Some(Err(e)) => Outcome::Now(Told::new(Verdict::Failed, e.to_string())),
                     // A retained message, or one queued for a persistent session, is
@@ -472,6 +579,14 @@ impl Core {
                                 ..origin
                             },
                         );
+                        if let Some(relay) = self.relay.get() {
+                            relay.live(
+                                client.space.id.as_str(),
+                                &shared,
+                                message.thing_id.as_str(),
+                                &resource,
+                            );
+                        }
                         let queued_durably = dispatch::publish_live(
                             &client.space,
                             shared,
@@ -602,24 +717,25 @@ impl Core {
                 status,
                 value,
                 policy,
+                now,
+                precondition,
             } => {
-                // The answer is built only if it will reach the requester.
-                let answer = (reply.wanted && reply.topic.is_some()).then(|| {
-                    // The entity tag of the changed entity (a deleted one has none).
-                    let deleted = match &command {
-                        Command::Thing(c) => c.action == Action::Delete && c.path.is_root(),
-                        Command::Policy(c) => c.action == Action::Delete && c.path == "/",
-                    };
-                    let revision = events.last().map(|e| e.revision).filter(|_| !deleted);
-                    let answer = Envelope::response(&command, status, value).with_etag(revision);
-                    Box::new((answer, reply.owned()))
-                });
+                let wanted = reply.wanted && reply.topic.is_some();
+                let answer = wanted.then(|| Box::new((build_answer(&command, &events, status, value), reply.owned())));
                 Outcome::Pending(Pending {
                     durable,
                     events,
                     answer,
                     policy,
                     told: None,
+                    redo: Some(Box::new((
+                        Redo {
+                            command,
+                            now,
+                            precondition,
+                        },
+                        REDO_ATTEMPTS,
+                    ))),
                 })
             }
         }

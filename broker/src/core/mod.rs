@@ -50,6 +50,7 @@ use crate::auth::secret::{hex, random_bytes};
 use crate::core::identity::{Authenticator, ReauthRefusal};
 use crate::core::session::{Link, Session, SubscriptionRecord};
 use crate::core::space::{SolutionSpace, Spaces, Subscriber, tree_filter};
+use crate::core::message::Message;
 use crate::core::twins::Twins;
 use crate::limits::MqttSettings;
 use crate::metrics::Metrics;
@@ -71,6 +72,18 @@ pub struct Core {
     pub bridges: crate::bridge::Bridges,
     /// The connections' keep-alive and token deadlines: one timer for all.
     pub deadlines: Arc<deadlines::Deadlines>,
+    /// Cluster mode: where messages published here go to reach the other nodes' subscribers
+    /// (unset: one node).
+    pub relay: std::sync::OnceLock<Arc<dyn Relay>>,
+}
+
+/// Cluster mode: carries messages authorized on this node to the other nodes, whose own
+/// fan-out judges them for their subscribers (events travel with the store instead).
+pub trait Relay: Send + Sync + std::fmt::Debug {
+    /// A plain message of `solution`, its publisher authorized.
+    fn plain(&self, solution: &str, message: &Message);
+    /// A live message to `thing` (`resource`: its `message:` path), its sender authorized.
+    fn live(&self, solution: &str, message: &Message, thing: &str, resource: &str);
 }
 
 /// The prefix of reply addresses ([`Core::reply_address`]).

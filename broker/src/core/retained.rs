@@ -112,3 +112,25 @@ pub fn restore(store: &dyn TwinStore, solutions: &Solutions, spaces: &Spaces) ->
     }
     restored
 }
+
+/// Cluster mode: another node set (`entity`) or cleared (`None`) the retained message stored
+/// as `id` (`{solutionId}/{topic}`); this node's space follows.
+pub fn apply_remote(id: &str, entity: Option<&Value>, solutions: &Solutions, spaces: &Spaces) {
+    let Some((solution_id, topic)) = id.split_once('/') else {
+        return;
+    };
+    let Some(solution) = solutions.get(solution_id) else {
+        return;
+    };
+    let space = spaces.get_or_create(&solution);
+    match entity.and_then(from_doc) {
+        Some((_, message)) => {
+            space
+                .retained_write()
+                .insert(message.topic.as_str().into(), message);
+        }
+        None => {
+            space.retained_write().remove(topic);
+        }
+    }
+}

@@ -60,7 +60,44 @@ pub enum Executed {
         /// The policy the events are judged with when the entity no longer names one (a
         /// deleted thing).
         policy: Option<PolicyRef>,
+        /// When it was decided, and what it must still find if a cluster store reports that
+        /// another node wrote first and it is decided again ([`Redo`]).
+        now: Timestamp,
+        precondition: Precondition,
     },
+}
+
+/// What a write must still find when it is decided again (the same check as the first time:
+/// the authorization stands only for this).
+#[derive(Debug, Clone)]
+pub enum Precondition {
+    /// The thing names this policy (or does not exist).
+    PolicyIs(PolicyId),
+    /// The entity does not exist.
+    Absent,
+    /// The policy still has this revision (`None`: does not exist).
+    Revision(Option<u64>),
+}
+
+impl Precondition {
+    fn holds(&self, current: Option<&Entity>) -> bool {
+        match self {
+            Precondition::PolicyIs(id) => current.is_none_or(|e| {
+                e.doc.get("policyId").and_then(Value::as_str) == Some(id.as_str())
+            }),
+            Precondition::Absent => current.is_none(),
+            Precondition::Revision(revision) => current.map(|e| e.revision) == *revision,
+        }
+    }
+}
+
+/// A change authorized and written once, to decide again on the state another node left when
+/// the cluster store refused it ([`twin::store::StoreError::Conflict`]).
+#[derive(Debug, Clone)]
+pub struct Redo {
+    pub command: Command,
+    pub now: Timestamp,
+    pub precondition: Precondition,
 }
 
 impl Executed {
@@ -155,6 +192,15 @@ impl Twins {
 
     /// Authorizes and applies a command for `client`.
     pub fn execute(&self, client: &Client, command: Command, now: Timestamp) -> Executed {
+        // Fail closed: a cluster node that cannot prove its state current decides nothing.
+        if let Err(e) = self.store.current() {
+            let error = DittoError::new(
+                503,
+                "things:unavailable",
+                format!("the command cannot be decided now: {e}"),
+            );
+            return Executed::error(&command, &error, false);
+        }
         match command {
             Command::Thing(cmd) => self.execute_thing(client, cmd, now),
             Command::Policy(cmd) => self.execute_policy(client, cmd, now),
@@ -260,11 +306,14 @@ impl Twins {
     /// Applies a thing change authorized with `policy`, which the thing must still name when
     /// the write runs (else 409, nothing applied).
     fn write_thing(&self, cmd: ThingCommand, now: Timestamp, policy: PolicyRef) -> Executed {
-        let id = policy.id.clone();
-        self.write_executed(Command::Thing(cmd), now, Some(policy), move |current| {
-            current
-                .is_none_or(|e| e.doc.get("policyId").and_then(Value::as_str) == Some(id.as_str()))
-        })
+        let precondition = Precondition::PolicyIs(policy.id.clone());
+        self.write_executed(Command::Thing(cmd), now, Some(policy), precondition)
+    }
+
+    /// Decides `redo` again on the current state (after a cluster store's conflict), judged
+    /// with `policy` as the first time.
+    pub fn redo(&self, redo: Redo, policy: Option<PolicyRef>) -> Executed {
+        self.write_executed(redo.command, redo.now, policy, redo.precondition)
     }
 
     /// Applies `command` to its entity under the entity's lock, if `unchanged` still holds for
@@ -317,12 +366,14 @@ impl Twins {
         command: Command,
         now: Timestamp,
         policy: Option<PolicyRef>,
-        unchanged: impl FnOnce(Option<&Entity>) -> bool,
+        precondition: Precondition,
     ) -> Executed {
-        match self.write_command(&command, now, unchanged) {
+        match self.write_command(&command, now, |current| precondition.holds(current)) {
             Ok((written, status, value)) => Executed::Written {
                 durable: written.durable,
                 events: written.events,
+                now,
+                precondition,
                 command,
                 status,
                 value,
@@ -351,6 +402,7 @@ impl Twins {
             .clone()
             .unwrap_or_else(|| cmd.thing_id.as_str().to_owned());
         let namespace = cmd.thing_id.namespace().to_owned();
+        let mut policy_durable = None;
         let parsed = twin::PolicyId::parse(&policy_id);
         let existing = parsed
             .as_ref()
@@ -390,10 +442,11 @@ impl Twins {
                     value: Some(doc),
                     headers: CommandHeaders::default(),
                 };
-                // The thing's journal record follows the policy's: once the thing's write is
-                // durable, so is the policy.
-                if let Err(error) = self.write_command(&Command::Policy(create), now, |_| true) {
-                    return Executed::error(&Command::Thing(cmd), &error, false);
+                // The thing is acknowledged only once its policy is durable too (the embedded
+                // journal orders the two records anyway; a cluster store may not).
+                match self.write_command(&Command::Policy(create), now, |_| true) {
+                    Ok((written, _, _)) => policy_durable = Some(written.durable),
+                    Err(error) => return Executed::error(&Command::Thing(cmd), &error, false),
                 }
                 match self.policies.get(&shared_id) {
                     Some(policy) => policy,
@@ -424,9 +477,15 @@ impl Twins {
             map.insert("policyId".to_owned(), Value::String(policy_id.clone()));
         }
         // The thing must still not exist when the write runs.
-        self.write_executed(Command::Thing(cmd), now, Some(policy), |current| {
-            current.is_none()
-        })
+        let mut executed =
+            self.write_executed(Command::Thing(cmd), now, Some(policy), Precondition::Absent);
+        if let (Executed::Written { durable, .. }, Some(policy_durable)) =
+            (&mut executed, policy_durable)
+        {
+            let thing = std::mem::replace(durable, Durable::done());
+            *durable = thing.after(policy_durable);
+        }
+        executed
     }
 
     fn execute_policy(&self, client: &Client, cmd: PolicyCommand, now: Timestamp) -> Executed {
@@ -494,9 +553,12 @@ impl Twins {
             }
         }
         let expected_revision = current.as_ref().map(|e| e.revision);
-        self.write_executed(Command::Policy(cmd), now, policy, move |current| {
-            current.map(|e| e.revision) == expected_revision
-        })
+        self.write_executed(
+            Command::Policy(cmd),
+            now,
+            policy,
+            Precondition::Revision(expected_revision),
+        )
     }
 
     /// Authorizes the sender of a live message (DESIGN.md §3): unrestricted WRITE on its
@@ -522,6 +584,13 @@ impl Twins {
         };
         if !client.owns(namespace) {
             return Err(not_allowed());
+        }
+        if let Err(e) = self.store.current() {
+            return Err(DittoError::new(
+                503,
+                "messages:unavailable",
+                format!("the message cannot be authorized now: {e}"),
+            ));
         }
         let policy = self
             .policies

@@ -44,11 +44,15 @@ async fn health() -> &'static str {
     "ok\n"
 }
 
-async fn ready(State(core): State<Arc<Core>>) -> (StatusCode, &'static str) {
+async fn ready(State(core): State<Arc<Core>>) -> (StatusCode, String) {
     if *core.shutdown.borrow() {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
-    } else {
-        (StatusCode::OK, "ready\n")
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n".into());
+    }
+    // A cluster node that cannot reach NATS, or lags behind its stream, refuses writes and
+    // checks (fail closed): a load balancer should send clients elsewhere.
+    match core.twins.store.current() {
+        Ok(()) => (StatusCode::OK, "ready\n".into()),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
     }
 }
 

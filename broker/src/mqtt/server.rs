@@ -108,6 +108,7 @@ pub async fn start(
         shutdown,
         bridges: crate::bridge::Bridges::default(),
         deadlines: Arc::default(),
+        relay: std::sync::OnceLock::new(),
     });
     let restored =
         crate::core::retained::restore(&*core.twins.store, &core.auth.solutions, &core.spaces);

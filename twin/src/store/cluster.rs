@@ -197,7 +197,21 @@ struct Inner {
     seen: AtomicU64,
     closed: AtomicBool,
     listener: RwLock<Option<Arc<dyn ChangeListener>>>,
+    /// First attempts of appends whose expected sequence is known, published in the order
+    /// they were written by one task (so one node's writes of different entities reach the
+    /// stream in that order: a new policy before the thing that names it).
+    submit: tokio::sync::mpsc::UnboundedSender<Submit>,
 }
+
+/// A first attempt for the ordered submitter: the publish, and where its ack future goes.
+struct Submit {
+    subject: String,
+    message: jetstream::message::PublishMessage,
+    sent: oneshot::Sender<SubmitResult>,
+}
+
+type SubmitResult =
+    Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError>;
 
 /// The cluster store: see the module docs.
 #[derive(Clone)]
@@ -369,6 +383,14 @@ impl ClusterStore {
             })?;
         let shards = (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect();
         let (low_water, _) = watch::channel(0);
+        let (submit, mut submitted) = tokio::sync::mpsc::unbounded_channel::<Submit>();
+        let submitter = js.clone();
+        tokio::spawn(async move {
+            while let Some(job) = submitted.recv().await {
+                let sent = submitter.send_publish(job.subject, job.message).await;
+                let _ = job.sent.send(sent);
+            }
+        });
         let store = ClusterStore {
             inner: Arc::new(Inner {
                 node: node_id(),
@@ -386,11 +408,17 @@ impl ClusterStore {
                 seen: AtomicU64::new(0),
                 closed: AtomicBool::new(false),
                 listener: RwLock::new(None),
+                submit,
                 options,
             }),
         };
         store.load_and_follow().await?;
         Ok(store)
+    }
+
+    /// The NATS connection (shared: the broker relays messages between nodes on it).
+    pub fn client(&self) -> async_nats::Client {
+        self.inner.client.clone()
     }
 
     /// This node's ID in the stream's `Tg-Node` headers.
@@ -628,21 +656,42 @@ impl Inner {
         self.low_water.send_replace(low);
     }
 
+    /// The message of one attempt to append a write.
+    fn message(&self, payload: &Bytes, expected: u64, id: &str) -> jetstream::message::PublishMessage {
+        jetstream::message::PublishMessage::build()
+            .payload(payload.clone())
+            .expected_last_subject_sequence(expected)
+            .message_id(id)
+            .header(NODE_HEADER, self.node.as_str())
+    }
+
     /// Appends one write, retrying under the same message ID until the write deadline.
-    async fn append(&self, subject: String, payload: Bytes, expected: u64, id: String) -> Result<u64, StoreError> {
+    /// `first`: the first attempt, already handed to the ordered submitter.
+    async fn append(
+        &self,
+        subject: String,
+        payload: Bytes,
+        expected: u64,
+        id: String,
+        mut first: Option<oneshot::Receiver<SubmitResult>>,
+    ) -> Result<u64, StoreError> {
         let deadline = Instant::now() + self.options.write_deadline;
         let mut backoff = Duration::from_millis(20);
         loop {
-            let message = jetstream::message::PublishMessage::build()
-                .payload(payload.clone())
-                .expected_last_subject_sequence(expected)
-                .message_id(id.as_str())
-                .header(NODE_HEADER, self.node.as_str());
+            let submitted = first.take();
             let attempt = async {
-                self.js
-                    .send_publish(subject.clone(), message)
-                    .await?
-                    .await
+                match submitted {
+                    Some(receiver) => match receiver.await {
+                        Ok(sent) => sent?.await,
+                        Err(_) => Err(jetstream::context::PublishError::new(
+                            PublishErrorKind::BrokenPipe,
+                        )),
+                    },
+                    None => {
+                        let message = self.message(&payload, expected, &id);
+                        self.js.send_publish(subject.clone(), message).await?.await
+                    }
+                }
             };
             let failure = match tokio::time::timeout(self.options.call_timeout, attempt).await {
                 Ok(Ok(ack)) => return Ok(ack.sequence),
@@ -703,6 +752,8 @@ struct Append {
     done: oneshot::Sender<Result<(), StoreError>>,
     ticket: u64,
     state: Option<Arc<Entity>>,
+    /// Its first attempt, submitted in write order (when its expected sequence was known).
+    first: Option<oneshot::Receiver<SubmitResult>>,
 }
 
 impl ClusterStore {
@@ -720,7 +771,13 @@ impl ClusterStore {
         let result = match expected {
             Ok(expected) => {
                 inner
-                    .append(append.subject.clone(), append.payload, expected, append.id)
+                    .append(
+                        append.subject.clone(),
+                        append.payload,
+                        expected,
+                        append.id,
+                        append.first,
+                    )
                     .await
             }
             Err(e) => Err(e),
@@ -863,11 +920,29 @@ impl TwinStore for ClusterStore {
             inner.policy_generation.fetch_add(1, Ordering::AcqRel);
         }
         let (done, receiver) = oneshot::channel();
+        let subject = subject(&inner.options.stream, key);
+        let payload = Bytes::from(payload);
+        let id = format!("{}.{number}", inner.node);
+        // Submitted now, in write order (see `Inner::submit`); a write waiting for its
+        // predecessor's ack is published once it knows its expected sequence.
+        let first = match &after {
+            Ok(expected) => {
+                let (sent, first) = oneshot::channel();
+                let job = Submit {
+                    subject: subject.clone(),
+                    message: inner.message(&payload, *expected, &id),
+                    sent,
+                };
+                inner.submit.send(job).ok().map(|()| first)
+            }
+            Err(_) => None,
+        };
         let append = Append {
             key: key.clone(),
-            subject: subject(&inner.options.stream, key),
-            payload: Bytes::from(payload),
-            id: format!("{}.{number}", inner.node),
+            subject,
+            payload,
+            id,
+            first,
             number,
             epoch,
             after,

@@ -240,6 +240,8 @@ pub struct Written {
 pub struct Durable {
     /// `None`: nothing to wait for (no events, or already reported).
     receiver: Option<oneshot::Receiver<Result<(), StoreError>>>,
+    /// A write this one depends on, waited for first ([`Durable::after`]).
+    before: Option<Box<Durable>>,
 }
 
 fn writer_gone() -> StoreError {
@@ -252,7 +254,20 @@ impl Durable {
     pub(crate) fn new(receiver: oneshot::Receiver<Result<(), StoreError>>) -> Self {
         Durable {
             receiver: Some(receiver),
+            before: None,
         }
+    }
+
+    /// Completes once `before` and this write are both durable (`before`'s failure first):
+    /// for a write that depends on another entity's (a thing on the policy created for it),
+    /// where the store does not already order them (the cluster store appends entities
+    /// independently).
+    pub fn after(mut self, before: Durable) -> Self {
+        self.before = Some(Box::new(match self.before.take() {
+            None => before,
+            Some(earlier) => before.after(*earlier),
+        }));
+        self
     }
 
     /// A handle that completes at once with `error`.
@@ -262,14 +277,25 @@ impl Durable {
         Durable::new(receiver)
     }
 
+    /// A handle with nothing to wait for.
+    pub fn done() -> Self {
+        Durable::nothing_written()
+    }
+
     /// A handle for a write that appended nothing.
     pub(crate) fn nothing_written() -> Self {
-        Durable { receiver: None }
+        Durable {
+            receiver: None,
+            before: None,
+        }
     }
 
     /// Blocks until the write is durable. Must not be called from an async task (tokio's
     /// blocking receive refuses to run inside a runtime); `.await` the `Durable` there.
     pub fn wait(self) -> Result<(), StoreError> {
+        if let Some(before) = self.before {
+            before.wait()?;
+        }
         match self.receiver {
             None => Ok(()),
             Some(receiver) => receiver
@@ -283,6 +309,14 @@ impl Future for Durable {
     type Output = Result<(), StoreError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Some(before) = self.before.as_mut() {
+            let result = std::task::ready!(Pin::new(&mut **before).poll(cx));
+            self.before = None;
+            if let Err(e) = result {
+                self.receiver = None;
+                return Poll::Ready(Err(e));
+            }
+        }
         let Some(receiver) = self.receiver.as_mut() else {
             return Poll::Ready(Ok(()));
         };
