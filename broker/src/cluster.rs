@@ -61,7 +61,11 @@ pub struct Node {
 
 /// Joins `core` to the cluster of `store`: registers the listener and the relay, subscribes
 /// to the other nodes' messages. Call once, inside the runtime.
-pub async fn join(core: &Arc<Core>, store: &ClusterStore, config: &ClusterConfig) -> anyhow::Result<()> {
+pub async fn join(
+    core: &Arc<Core>,
+    store: &ClusterStore,
+    config: &ClusterConfig,
+) -> anyhow::Result<()> {
     let client = store.client();
     let subject_root = format!("{}_RELAY", config.stream);
     let (outbox, mut outgoing) = tokio::sync::mpsc::channel::<(String, Bytes)>(RELAY_QUEUE);
@@ -124,7 +128,10 @@ impl Node {
             twin::store::cluster::subject_token(solution)
         );
         if self.outbox.try_send((subject, payload)).is_err() {
-            tracing::warn!(solution, "cluster: the relay queue is full; a message did not reach the other nodes");
+            tracing::warn!(
+                solution,
+                "cluster: the relay queue is full; a message did not reach the other nodes"
+            );
         }
     }
 }
@@ -185,7 +192,9 @@ impl ChangeListener for Node {
                         tracing::error!(solution = %key.id, error = %e, "cluster: another node stored a solution this node cannot read")
                     }
                 },
-                None => tracing::warn!(solution = %key.id, "cluster: a solution was deleted on another node"),
+                None => {
+                    tracing::warn!(solution = %key.id, "cluster: a solution was deleted on another node")
+                }
             },
             EntityKind::Retained => crate::core::retained::apply_remote(
                 &key.id,
@@ -254,15 +263,20 @@ fn put_opt(out: &mut BytesMut, s: Option<&[u8]>) {
 
 /// `kind, solution, topic, qos, retain, expiry, [thing, resource], properties, payload`.
 fn encode(solution: &str, message: &Message, live: Option<(&str, &str)>) -> Bytes {
-    let mut out = BytesMut::with_capacity(64 + message.topic.as_str().len() + message.payload.len());
+    let mut out =
+        BytesMut::with_capacity(64 + message.topic.as_str().len() + message.payload.len());
     out.put_u8(if live.is_some() { 2 } else { 1 });
     put_str(&mut out, solution.as_bytes());
     put_str(&mut out, message.topic.as_bytes());
     out.put_u8(message.qos as u8);
     out.put_u8(u8::from(message.retain));
     let expiry = message.expires_at.map(|at| {
-        u32::try_from(at.saturating_duration_since(Instant::now()).as_secs().max(1))
-            .unwrap_or(u32::MAX)
+        u32::try_from(
+            at.saturating_duration_since(Instant::now())
+                .as_secs()
+                .max(1),
+        )
+        .unwrap_or(u32::MAX)
     });
     out.put_u32(expiry.unwrap_or(0));
     if let Some((thing, resource)) = live {
@@ -278,8 +292,14 @@ fn encode(solution: &str, message: &Message, live: Option<(&str, &str)>) -> Byte
                 Some(false) => 1,
                 Some(true) => 2,
             });
-            put_opt(&mut out, p.content_type.as_ref().map(|s| s.as_str().as_bytes()));
-            put_opt(&mut out, p.response_topic.as_ref().map(|t| &t.as_bytes()[..]));
+            put_opt(
+                &mut out,
+                p.content_type.as_ref().map(|s| s.as_str().as_bytes()),
+            );
+            put_opt(
+                &mut out,
+                p.response_topic.as_ref().map(|t| &t.as_bytes()[..]),
+            );
             put_opt(&mut out, p.correlation_data.as_deref());
             out.put_u32(u32::try_from(p.user_properties.len()).unwrap_or(0));
             for (k, v) in &p.user_properties {
@@ -404,7 +424,11 @@ mod tests {
     fn a_relayed_message_decodes_to_what_was_sent() {
         let props = ForwardedProperties {
             payload_format_utf8: Some(true),
-            content_type: Some("application/json".parse().unwrap_or_else(|_| unreachable!())),
+            content_type: Some(
+                "application/json"
+                    .parse()
+                    .unwrap_or_else(|_| unreachable!()),
+            ),
             response_topic: Some("a/b".parse().unwrap_or_else(|_| unreachable!())),
             correlation_data: Some(Bytes::from_static(b"\x00\x01")),
             user_properties: vec![(
@@ -423,8 +447,12 @@ mod tests {
                 publisher: 7,
             },
         );
-        let relayed =
-            decode(encode("acme", &message, Some(("ns:t", "/inbox/messages/x")))).unwrap_or_else(|e| panic!("{e}"));
+        let relayed = decode(encode(
+            "acme",
+            &message,
+            Some(("ns:t", "/inbox/messages/x")),
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(relayed.solution, "acme");
         assert_eq!(relayed.message.topic.as_str(), "x/y");
         assert_eq!(&relayed.message.payload[..], b"payload");
@@ -432,10 +460,20 @@ mod tests {
         assert!(relayed.message.retain);
         assert!(relayed.message.expires_at.is_some());
         assert_eq!(relayed.message.publisher, 0);
-        assert_eq!(relayed.live, Some(("ns:t".into(), "/inbox/messages/x".into())));
-        let p = relayed.message.properties.as_deref().unwrap_or_else(|| unreachable!());
+        assert_eq!(
+            relayed.live,
+            Some(("ns:t".into(), "/inbox/messages/x".into()))
+        );
+        let p = relayed
+            .message
+            .properties
+            .as_deref()
+            .unwrap_or_else(|| unreachable!());
         assert_eq!(p.payload_format_utf8, Some(true));
-        assert_eq!(p.content_type.as_ref().map(|s| s.as_str()), Some("application/json"));
+        assert_eq!(
+            p.content_type.as_ref().map(|s| s.as_str()),
+            Some("application/json")
+        );
         assert_eq!(p.correlation_data.as_deref(), Some(&b"\x00\x01"[..]));
         assert_eq!(p.user_properties.len(), 1);
         for cut in 0..20 {

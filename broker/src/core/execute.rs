@@ -10,8 +10,8 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use policy::{Mode, Permission, ResourceType, Timestamp};
-use twin::command::{Action, Command, CommandHeaders};
 use serde_json::Value;
+use twin::command::{Action, Command, CommandHeaders};
 use twin::entity::Event;
 use twin::error::DittoError;
 use twin::protocol::envelope::{Envelope, Request as DittoRequest};
@@ -143,7 +143,12 @@ const REDO_ATTEMPTS: u8 = 16;
 
 /// The answer to a twin change, with the entity tag of the changed entity (a deleted one has
 /// none).
-fn build_answer(command: &Command, events: &[Event], status: u16, value: Option<Value>) -> Envelope {
+fn build_answer(
+    command: &Command,
+    events: &[Event],
+    status: u16,
+    value: Option<Value>,
+) -> Envelope {
     let deleted = match command {
         Command::Thing(c) => c.action == Action::Delete && c.path.is_root(),
         Command::Policy(c) => c.action == Action::Delete && c.path == "/",
@@ -721,7 +726,12 @@ impl Core {
                 precondition,
             } => {
                 let wanted = reply.wanted && reply.topic.is_some();
-                let answer = wanted.then(|| Box::new((build_answer(&command, &events, status, value), reply.owned())));
+                let answer = wanted.then(|| {
+                    Box::new((
+                        build_answer(&command, &events, status, value),
+                        reply.owned(),
+                    ))
+                });
                 Outcome::Pending(Pending {
                     durable,
                     events,

@@ -48,9 +48,9 @@ pub use identity::{Credentials, Identity, Refusal};
 
 use crate::auth::secret::{hex, random_bytes};
 use crate::core::identity::{Authenticator, ReauthRefusal};
+use crate::core::message::Message;
 use crate::core::session::{Link, Session, SubscriptionRecord};
 use crate::core::space::{SolutionSpace, Spaces, Subscriber, tree_filter};
-use crate::core::message::Message;
 use crate::core::twins::Twins;
 use crate::limits::MqttSettings;
 use crate::metrics::Metrics;

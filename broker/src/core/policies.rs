@@ -14,7 +14,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use policy::{Enforcer, PolicyCache};
 use twin::entity::{EntityKey, EntityKind};
-use twin::store::{TwinStore};
+use twin::store::TwinStore;
 
 /// A policy ID the broker passes between its parts: valid (it came from a parsed command or
 /// from the store, which holds only validated IDs) and shared without copying. Also the key of

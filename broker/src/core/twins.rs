@@ -82,9 +82,8 @@ pub enum Precondition {
 impl Precondition {
     fn holds(&self, current: Option<&Entity>) -> bool {
         match self {
-            Precondition::PolicyIs(id) => current.is_none_or(|e| {
-                e.doc.get("policyId").and_then(Value::as_str) == Some(id.as_str())
-            }),
+            Precondition::PolicyIs(id) => current
+                .is_none_or(|e| e.doc.get("policyId").and_then(Value::as_str) == Some(id.as_str())),
             Precondition::Absent => current.is_none(),
             Precondition::Revision(revision) => current.map(|e| e.revision) == *revision,
         }

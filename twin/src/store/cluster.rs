@@ -210,8 +210,7 @@ struct Submit {
     sent: oneshot::Sender<SubmitResult>,
 }
 
-type SubmitResult =
-    Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError>;
+type SubmitResult = Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError>;
 
 /// The cluster store: see the module docs.
 #[derive(Clone)]
@@ -372,15 +371,16 @@ impl ClusterStore {
             duplicate_window: Duration::from_secs(120),
             ..Default::default()
         };
-        let stream = tokio::time::timeout(options.call_timeout * 5, js.get_or_create_stream(config))
-            .await
-            .map_err(|_| unavailable("JetStream did not answer the stream lookup in time"))?
-            .map_err(|e| {
-                unavailable(format!(
-                    "cannot create or find the stream `{}` (is JetStream enabled?): {e}",
-                    options.stream
-                ))
-            })?;
+        let stream =
+            tokio::time::timeout(options.call_timeout * 5, js.get_or_create_stream(config))
+                .await
+                .map_err(|_| unavailable("JetStream did not answer the stream lookup in time"))?
+                .map_err(|e| {
+                    unavailable(format!(
+                        "cannot create or find the stream `{}` (is JetStream enabled?): {e}",
+                        options.stream
+                    ))
+                })?;
         let shards = (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect();
         let (low_water, _) = watch::channel(0);
         let (submit, mut submitted) = tokio::sync::mpsc::unbounded_channel::<Submit>();
@@ -498,7 +498,9 @@ impl ClusterStore {
             *write(&follower.inner.health) = Health::Behind("the stream's consumer ended".into());
         });
         let checker = self.clone();
-        inner.runtime.spawn(async move { checker.check_freshness().await });
+        inner
+            .runtime
+            .spawn(async move { checker.check_freshness().await });
         Ok(())
     }
 
@@ -638,7 +640,10 @@ impl Inner {
     }
 
     fn ticket(&self) -> u64 {
-        let mut outstanding = self.outstanding.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut outstanding = self
+            .outstanding
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let n = outstanding.next;
         outstanding.next += 1;
         outstanding.in_flight.insert(n);
@@ -646,7 +651,10 @@ impl Inner {
     }
 
     fn done(&self, ticket: u64) {
-        let mut outstanding = self.outstanding.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut outstanding = self
+            .outstanding
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         outstanding.in_flight.remove(&ticket);
         let low = outstanding
             .in_flight
@@ -657,7 +665,12 @@ impl Inner {
     }
 
     /// The message of one attempt to append a write.
-    fn message(&self, payload: &Bytes, expected: u64, id: &str) -> jetstream::message::PublishMessage {
+    fn message(
+        &self,
+        payload: &Bytes,
+        expected: u64,
+        id: &str,
+    ) -> jetstream::message::PublishMessage {
         jetstream::message::PublishMessage::build()
             .payload(payload.clone())
             .expected_last_subject_sequence(expected)
@@ -815,7 +828,9 @@ impl ClusterStore {
                     let still = shard.slots.get(&append.key).map(|s| s.epoch) == Some(append.epoch);
                     if still {
                         match reloaded {
-                            Some((state, seq)) => shard.replace(&append.key, state.map(Arc::new), seq),
+                            Some((state, seq)) => {
+                                shard.replace(&append.key, state.map(Arc::new), seq)
+                            }
                             None => {
                                 let (base, seq) = shard
                                     .slots

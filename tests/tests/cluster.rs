@@ -1,0 +1,484 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+//! Cluster mode (issue 16, DESIGN.md §6): three `thingsgate serve --cluster` processes on the
+//! machine's NATS JetStream (R1), each test on a stream of its own. What one node shows, three
+//! nodes show: the owner, device and app of the twin story on different nodes; two nodes
+//! racing on one thing; a revocation on one node stopping deliveries on another; kill -9 of a
+//! node.
+
+use std::time::{Duration, Instant};
+
+use broker::mqtt::codec::{Protocol, QoS};
+use e2e::broker::{Broker, Solution, create_cluster_solution};
+use e2e::nats::{shared_nats_url, unique_prefix};
+use e2e::twin_random_support::{
+    NET_TIMEOUT, NS, SeenEvent, TwinClient, client_subject, is_event, policy_command, thing_command,
+};
+use serde_json::{Value, json};
+
+const THING: &str = "org.acme:lamp";
+const POLICY: &str = "org.acme:lamp-policy";
+
+/// A cluster of `n` nodes on a stream of its own, and its solution.
+struct Cluster {
+    nodes: Vec<Broker>,
+    solution: Solution,
+    stream: String,
+    url: String,
+}
+
+impl Cluster {
+    fn start(test: &str, n: usize) -> Cluster {
+        let url = shared_nats_url();
+        let stream = unique_prefix(test).to_uppercase();
+        let solution = create_cluster_solution(&url, &stream, "acme", NS);
+        let nodes = (0..n)
+            .map(|_| {
+                let mut node = Broker::cluster_node(&url, &stream);
+                node.start();
+                node
+            })
+            .collect();
+        Cluster {
+            nodes,
+            solution,
+            stream,
+            url,
+        }
+    }
+
+    async fn client(&self, node: usize, id: &str) -> TwinClient {
+        TwinClient::connect(
+            self.nodes[node].mqtt_addr(),
+            Protocol::V5,
+            id,
+            &self.solution,
+        )
+        .await
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if node.is_running() {
+                node.kill();
+            }
+        }
+        // The test's stream goes with it (the NATS service is shared by every run).
+        let _ = e2e::nats::request(
+            &self.url,
+            &format!("$JS.API.STREAM.DELETE.{}", self.stream),
+            b"",
+            Duration::from_secs(5),
+        );
+    }
+}
+
+fn subjects_json(subjects: &[String]) -> Value {
+    Value::Object(
+        subjects
+            .iter()
+            .map(|s| (s.clone(), json!({"type": "e2e"})))
+            .collect(),
+    )
+}
+
+/// The owner administers; the device may WRITE the thing; the app may READ only its
+/// attributes (`app_reads`) — or nothing.
+fn policy(solution: &Solution, app_reads: bool) -> Value {
+    let one = |id: &str| subjects_json(&[client_subject(solution, id)]);
+    let app = if app_reads {
+        json!({"thing:/attributes": {"grant": ["READ"], "revoke": []}})
+    } else {
+        json!({"thing:/": {"grant": [], "revoke": ["READ"]}})
+    };
+    json!({"policyId": POLICY, "entries": {
+        "owner": {"subjects": one("owner"), "resources": {
+            "policy:/": {"grant": ["READ", "WRITE"], "revoke": []},
+            "thing:/": {"grant": ["READ", "WRITE"], "revoke": []},
+        }},
+        "device": {"subjects": one("device"), "resources": {
+            "thing:/": {"grant": ["READ", "WRITE"], "revoke": []},
+        }},
+        "app": {"subjects": one("app"), "resources": app},
+    }})
+}
+
+async fn ok(client: &mut TwinClient, topic: &str, payload: &Value) {
+    let ack = client
+        .publish_qos1(topic, payload.to_string().as_bytes())
+        .await;
+    assert_eq!(ack.reason, 0, "`{topic}` refused: {:?}", ack.reason_string);
+}
+
+async fn next_event(client: &mut TwinClient, limit: Duration) -> Option<SeenEvent> {
+    client
+        .next_matching(limit, is_event)
+        .await
+        .map(|d| SeenEvent::parse(&d))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_device_and_app_on_three_nodes_see_what_one_node_would_show() {
+    let cluster = Cluster::start("story", 3);
+    let mut owner = cluster.client(2, "owner").await;
+    let mut device = cluster.client(0, "device").await;
+    let mut app = cluster.client(1, "app").await;
+    app.subscribe_ok(&format!("{NS}/+/things/twin/events/#"), QoS::AtLeastOnce)
+        .await;
+    app.subscribe_ok("plain/#", QoS::AtLeastOnce).await;
+
+    // The owner (node 3) creates the policy and the thing.
+    ok(
+        &mut owner,
+        &policy_command(POLICY, "create", "/"),
+        &policy(&cluster.solution, true),
+    )
+    .await;
+    ok(
+        &mut owner,
+        &thing_command(THING, "create", "/"),
+        &json!({"policyId": POLICY, "attributes": {"room": "hall"}, "features": {"power": {"properties": {"on": false}}}}),
+    )
+    .await;
+    // The app (node 2) sees the creation cut to its view: attributes only.
+    let created = next_event(&mut app, NET_TIMEOUT)
+        .await
+        .expect("the app sees the thing created on another node");
+    assert_eq!(created.revision, 1);
+    assert_eq!(
+        created.value,
+        Some(json!({"thingId": THING, "attributes": {"room": "hall"}})),
+        "cut to the app's view"
+    );
+
+    // The device (node 1) switches the lamp on: the app may not READ features, so nothing.
+    ok(
+        &mut device,
+        &thing_command(THING, "modify", "/features/power/properties/on"),
+        &json!(true),
+    )
+    .await;
+    // The device moves it: the app sees that (revision 3: the feature change was revision 2).
+    ok(
+        &mut device,
+        &thing_command(THING, "modify", "/attributes/room"),
+        &json!("kitchen"),
+    )
+    .await;
+    let moved = next_event(&mut app, NET_TIMEOUT)
+        .await
+        .expect("the app sees the device's change made on another node");
+    assert_eq!(
+        (moved.path.as_str(), moved.revision),
+        ("/attributes/room", 3)
+    );
+    assert_eq!(moved.value, Some(json!("kitchen")));
+
+    // A merge of both parts: the app gets only the attributes of it.
+    ok(
+        &mut owner,
+        &thing_command(THING, "merge", "/"),
+        &json!({"attributes": {"room": "attic"}, "features": {"power": {"properties": {"on": false}}}}),
+    )
+    .await;
+    let merged = next_event(&mut app, NET_TIMEOUT).await.expect("the merge");
+    assert_eq!(merged.revision, 4);
+    assert_eq!(merged.value, Some(json!({"attributes": {"room": "attic"}})));
+    assert!(
+        next_event(&mut app, Duration::from_millis(300))
+            .await
+            .is_none(),
+        "the feature change never reached the app"
+    );
+
+    // The device on node 1 reads the state the owner's merge on node 3 left.
+    let state = device
+        .retrieve_fields(THING, "attributes,features,_revision")
+        .await;
+    assert_eq!(state["status"], json!(200), "{state}");
+    assert_eq!(state["value"]["_revision"], json!(4), "{state}");
+    assert_eq!(
+        state["value"]["attributes"]["room"],
+        json!("attic"),
+        "{state}"
+    );
+
+    // Plain topics cross nodes too.
+    ok(&mut device, "plain/hello", &json!("hi")).await;
+    let plain = app
+        .next_matching(NET_TIMEOUT, |d| d.topic == "plain/hello")
+        .await
+        .expect("a plain message published on node 1 reaches a subscriber on node 2");
+    assert_eq!(plain.json(), json!("hi"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_racing_on_one_thing_lose_no_update() {
+    let cluster = Cluster::start("race", 2);
+    let mut owner = cluster.client(0, "owner").await;
+    ok(
+        &mut owner,
+        &policy_command(POLICY, "create", "/"),
+        &policy(&cluster.solution, true),
+    )
+    .await;
+    ok(
+        &mut owner,
+        &thing_command(THING, "create", "/"),
+        &json!({"policyId": POLICY, "attributes": {"log": {}}}),
+    )
+    .await;
+    drop(owner);
+    // Two writers on two nodes, each adding 40 distinct attributes to the same thing as fast
+    // as their PUBACKs come back, several in flight: every acknowledged write must be there.
+    const EACH: usize = 40;
+    let mut tasks = Vec::new();
+    for (node, id) in [(0, "owner"), (1, "device")] {
+        let mut device = cluster.client(node, id).await;
+        tasks.push(tokio::spawn(async move {
+            let mut pending = Vec::new();
+            for i in 0..EACH {
+                let topic = thing_command(THING, "modify", &format!("/attributes/log/n{node}-{i}"));
+                pending.push(device.send_qos1(&topic, b"true"));
+                if pending.len() >= 4 {
+                    let ack = pending.remove(0).wait().await;
+                    assert_eq!(ack.reason, 0, "{:?}", ack.reason_string);
+                }
+            }
+            for p in pending {
+                let ack = p.wait().await;
+                assert_eq!(ack.reason, 0, "{:?}", ack.reason_string);
+            }
+            device
+        }));
+    }
+    let mut devices = Vec::new();
+    for task in tasks {
+        devices.push(
+            tokio::time::timeout(Duration::from_secs(60), task)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    // Read back on each node: 1 (create) + 2 × EACH revisions, every attribute present.
+    for (node, device) in devices.iter_mut().enumerate() {
+        let deadline = Instant::now() + NET_TIMEOUT;
+        loop {
+            let state = device.retrieve_fields(THING, "attributes,_revision").await;
+            let revision = state["value"]["_revision"].as_u64().unwrap_or(0);
+            if revision == 1 + 2 * EACH as u64 {
+                let log = state["value"]["attributes"]["log"]
+                    .as_object()
+                    .unwrap()
+                    .clone();
+                assert_eq!(log.len(), 2 * EACH, "node {node}: {state}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {node} never reached revision {}: {state}",
+                1 + 2 * EACH
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // The race was real: the nodes decided changes again after the other node's writes.
+    let mut conflicts = 0.0;
+    for node in &cluster.nodes {
+        let metrics = reqwest::get(format!("http://{}/metrics", e2e::http::http_addr(node)))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        conflicts += metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("thingsgate_cluster_conflicts_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no cluster_conflicts in /metrics:\n{metrics}"));
+    }
+    eprintln!("race: {conflicts} changes decided again after a conflict");
+    assert!(conflicts > 0.0, "no conflict: the two nodes never raced");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_on_one_node_stops_deliveries_on_another() {
+    let cluster = Cluster::start("revoke", 3);
+    let mut owner = cluster.client(2, "owner").await;
+    let mut device = cluster.client(0, "device").await;
+    let mut app = cluster.client(1, "app").await;
+    ok(
+        &mut owner,
+        &policy_command(POLICY, "create", "/"),
+        &policy(&cluster.solution, true),
+    )
+    .await;
+    ok(
+        &mut owner,
+        &thing_command(THING, "create", "/"),
+        &json!({"policyId": POLICY, "attributes": {"n": 0}}),
+    )
+    .await;
+    app.subscribe_ok(&format!("{NS}/+/things/twin/events/#"), QoS::AtLeastOnce)
+        .await;
+    let topic = thing_command(THING, "modify", "/attributes/n");
+    // The device modifies in a loop, one in flight; the owner revokes the app's READ meanwhile.
+    let mut delays = Vec::new();
+    let mut n = 0u64;
+    for round in 0..3 {
+        let mut acked_before = 0;
+        for _ in 0..30 {
+            n += 1;
+            let ack = device.publish_qos1(&topic, n.to_string().as_bytes()).await;
+            assert_eq!(ack.reason, 0);
+            acked_before = n + 1;
+        }
+        let revoke = owner.send_qos1(
+            &policy_command(POLICY, "modify", "/"),
+            policy(&cluster.solution, false).to_string().as_bytes(),
+        );
+        // Keep the device going until the revocation is acknowledged, and after.
+        let mut revoke = revoke;
+        let mut acked_by_then = None;
+        for _ in 0..60 {
+            n += 1;
+            let ack = device.publish_qos1(&topic, n.to_string().as_bytes()).await;
+            assert_eq!(ack.reason, 0);
+            if acked_by_then.is_none()
+                && let Some(done) = revoke.arrived()
+            {
+                assert_eq!(
+                    done.reason, 0,
+                    "revocation refused: {:?}",
+                    done.reason_string
+                );
+                acked_by_then = Some((n + 1, done.at));
+            }
+        }
+        let (after, revoked_at) = match acked_by_then {
+            Some(a) => a,
+            None => {
+                let done = revoke.wait().await;
+                (n + 1, done.at)
+            }
+        };
+        // What the app got: nothing above `after` + 1 (the in-flight slack), and everything up
+        // to what was acknowledged before the revocation was sent.
+        let got = app
+            .drain_until_quiet(Duration::from_millis(300), Duration::from_secs(10))
+            .await;
+        let mut last = None;
+        let mut revisions = Vec::new();
+        for d in got.iter().filter(|d| is_event(d)) {
+            let event = SeenEvent::parse(d);
+            assert!(
+                event.revision <= after + 1,
+                "round {round}: revision {} reached the app after its READ was revoked \
+                 (acknowledged by then: {after})",
+                event.revision
+            );
+            revisions.push(event.revision);
+            last = Some(d.at);
+        }
+        assert!(
+            revisions.contains(&acked_before),
+            "round {round}: revision {acked_before}, acknowledged before the revocation, never \
+             reached the app: {revisions:?}"
+        );
+        let delay = last.map_or(Duration::ZERO, |at| {
+            at.saturating_duration_since(revoked_at)
+        });
+        delays.push(delay);
+        // Grant again for the next round, and wait for it to be seen on the app's node.
+        ok(
+            &mut owner,
+            &policy_command(POLICY, "modify", "/"),
+            &policy(&cluster.solution, true),
+        )
+        .await;
+        n += 1;
+        ok(&mut device, &topic, &json!(n)).await;
+        let seen = app
+            .next_matching(NET_TIMEOUT, |d| {
+                is_event(d) && SeenEvent::parse(d).revision == n + 1
+            })
+            .await;
+        assert!(
+            seen.is_some(),
+            "round {round}: READ granted again but no event came"
+        );
+        let _ = app
+            .drain_until_quiet(Duration::from_millis(100), Duration::from_secs(5))
+            .await;
+    }
+    delays.sort();
+    eprintln!(
+        "cross-node revocation: last delivery after the policy change's PUBACK, per round: {:?} (target 50 ms)",
+        delays
+    );
+    assert!(
+        delays.iter().all(|d| *d < Duration::from_millis(500)),
+        "a revocation took effect late on another node: {delays:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_9_of_a_node_its_device_reads_its_last_acknowledged_state_on_another() {
+    let mut cluster = Cluster::start("kill", 2);
+    let mut owner = cluster.client(0, "owner").await;
+    ok(
+        &mut owner,
+        &policy_command(POLICY, "create", "/"),
+        &policy(&cluster.solution, true),
+    )
+    .await;
+    ok(
+        &mut owner,
+        &thing_command(THING, "create", "/"),
+        &json!({"policyId": POLICY, "attributes": {"n": 0}}),
+    )
+    .await;
+    let mut device = cluster.client(1, "device").await;
+    let topic = thing_command(THING, "modify", "/attributes/n");
+    // Several in flight when the node dies: the last acknowledged value must survive.
+    let mut last_acked = 0;
+    let mut pending = std::collections::VecDeque::new();
+    for n in 1..=200u64 {
+        pending.push_back((n, device.send_qos1(&topic, n.to_string().as_bytes())));
+        while pending.len() > 8 {
+            let (m, p) = pending.pop_front().unwrap();
+            assert_eq!(p.wait().await.reason, 0);
+            last_acked = m;
+        }
+        if n == 150 {
+            cluster.nodes[1].kill();
+            break;
+        }
+    }
+    for (m, mut p) in pending {
+        if p.arrived().is_some_and(|a| a.reason == 0) {
+            last_acked = m;
+        }
+    }
+    assert!(last_acked > 0);
+    // The device reconnects to the other node and reads at least what was acknowledged.
+    let mut device = cluster.client(0, "device").await;
+    let state = device.retrieve_fields(THING, "attributes,_revision").await;
+    let n = state["value"]["attributes"]["n"].as_u64().unwrap();
+    assert!(
+        n >= last_acked,
+        "node 2 shows n = {n}, but {last_acked} was acknowledged before node 1 was killed: {state}"
+    );
+    assert_eq!(
+        state["value"]["_revision"].as_u64().unwrap(),
+        n + 1,
+        "{state}"
+    );
+}
