@@ -56,6 +56,9 @@ pub struct Node {
     core: Weak<Core>,
     node: String,
     subject_root: String,
+    /// Where claims of client IDs go (`{STREAM}_CLAIM`).
+    claim_subject: String,
+    client: async_nats::Client,
     outbox: tokio::sync::mpsc::Sender<(String, Bytes)>,
 }
 
@@ -73,8 +76,14 @@ pub async fn join(
         core: Arc::downgrade(core),
         node: store.node().to_owned(),
         subject_root: subject_root.clone(),
+        claim_subject: format!("{}_CLAIM", config.stream),
+        client: client.clone(),
         outbox,
     });
+    let mut claims = client
+        .subscribe(node.claim_subject.clone())
+        .await
+        .with_context(|| format!("cannot subscribe to `{}` on NATS", node.claim_subject))?;
     let mut incoming = client
         .subscribe(format!("{subject_root}.>"))
         .await
@@ -91,6 +100,44 @@ pub async fn join(
             headers.insert(NODE_HEADER, own.as_str());
             if let Err(e) = sender.publish_with_headers(subject, headers, payload).await {
                 tracing::warn!(error = %e, "cluster: a message could not be relayed to the other nodes");
+            }
+        }
+    });
+    let claimed = node.clone();
+    let replier = client.clone();
+    tokio::spawn(async move {
+        while let Some(message) = claims.next().await {
+            let from_here = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(NODE_HEADER))
+                .is_some_and(|n| n.as_str() == claimed.node);
+            if from_here {
+                continue;
+            }
+            let Some(core) = claimed.core.upgrade() else {
+                return;
+            };
+            let Some((solution, client_id)) = std::str::from_utf8(&message.payload)
+                .ok()
+                .and_then(|text| text.split_once('\n'))
+            else {
+                continue;
+            };
+            if !core.release_claimed(solution, client_id) {
+                continue;
+            }
+            tracing::debug!(
+                solution,
+                client = client_id,
+                "cluster: a session was claimed by another node"
+            );
+            if let Some(reply) = message.reply {
+                // The claiming node reads the session once everything written here is stored.
+                let _ = core.twins.store.durable_so_far().await;
+                let _ = replier
+                    .publish(reply, Bytes::from_static(b"released"))
+                    .await;
             }
         }
     });
@@ -136,7 +183,52 @@ impl Node {
     }
 }
 
+/// How long a claim waits for the node the stored session names (which may be gone).
+const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 impl Relay for Node {
+    fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn claim<'a>(
+        &'a self,
+        solution: &'a str,
+        client_id: &'a str,
+        wait: bool,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>> {
+        Box::pin(async move {
+            let payload = Bytes::from(format!("{solution}\n{client_id}"));
+            let mut headers = HeaderMap::new();
+            headers.insert(NODE_HEADER, self.node.as_str());
+            if !wait {
+                if let Err(e) = self
+                    .client
+                    .publish_with_headers(self.claim_subject.clone(), headers, payload)
+                    .await
+                {
+                    tracing::warn!(error = %e, "cluster: a client ID could not be claimed from the other nodes");
+                }
+                return false;
+            }
+            let request = async_nats::Request::new()
+                .payload(payload)
+                .headers(headers)
+                .timeout(Some(CLAIM_WAIT));
+            match self
+                .client
+                .send_request(self.claim_subject.clone(), request)
+                .await
+            {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::debug!(error = %e, client = client_id, "cluster: no node handed the session over (gone?)");
+                    false
+                }
+            }
+        })
+    }
+
     fn plain(&self, solution: &str, message: &Message) {
         self.send(solution, encode(solution, message, None));
     }

@@ -482,3 +482,109 @@ async fn after_kill_9_of_a_node_its_device_reads_its_last_acknowledged_state_on_
         "{state}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_on_another_node_takes_over_the_session_with_its_subscriptions() {
+    use e2e::raw::{connect_packet, with_login};
+    let cluster = Cluster::start("takeover", 3);
+    let persistent = |node: usize| {
+        let mut connect = with_login(
+            connect_packet(Protocol::V5, "roamer"),
+            Some(&cluster.solution.id),
+            Some(&cluster.solution.secret),
+        );
+        connect.clean_start = false;
+        connect.properties.session_expiry_interval = Some(300);
+        TwinClient::connect_with(cluster.nodes[node].mqtt_addr(), connect)
+    };
+    let mut first = persistent(0).await;
+    first.subscribe_ok("plain/roam", QoS::AtLeastOnce).await;
+    let mut publisher = cluster.client(2, "publisher").await;
+    ok(&mut publisher, "plain/roam", &json!(1)).await;
+    let got = first
+        .next_matching(NET_TIMEOUT, |d| d.topic == "plain/roam")
+        .await
+        .expect("the subscription works on node 1");
+    assert_eq!(got.json(), json!(1));
+
+    // The same client ID connects to node 2: node 1's connection ends, the session (its
+    // subscription) goes on on node 2.
+    let started = Instant::now();
+    let mut second = persistent(1).await;
+    let deadline = Instant::now() + NET_TIMEOUT;
+    while !first.is_closed() {
+        assert!(
+            Instant::now() < deadline,
+            "node 1 kept the connection of a client ID that connected to node 2"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    eprintln!(
+        "takeover across nodes: old connection closed {:?} after the new CONNECT",
+        started.elapsed()
+    );
+    ok(&mut publisher, "plain/roam", &json!(2)).await;
+    let got = second
+        .next_matching(NET_TIMEOUT, |d| d.topic == "plain/roam")
+        .await
+        .expect("the taken-over session kept its subscription without subscribing again");
+    assert_eq!(got.json(), json!(2));
+    // Exactly once: node 1 dropped its copy of the session, nothing is queued there.
+    assert!(
+        second
+            .next_matching(Duration::from_millis(300), |d| d.topic == "plain/roam")
+            .await
+            .is_none(),
+        "a message was delivered twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_session_left_on_one_node_resumes_on_another_with_what_was_queued() {
+    use e2e::raw::{connect_packet, with_login};
+    let cluster = Cluster::start("resume", 3);
+    let persistent = |node: usize| {
+        let mut connect = with_login(
+            connect_packet(Protocol::V5, "sleeper"),
+            Some(&cluster.solution.id),
+            Some(&cluster.solution.secret),
+        );
+        connect.clean_start = false;
+        connect.properties.session_expiry_interval = Some(300);
+        TwinClient::connect_with(cluster.nodes[node].mqtt_addr(), connect)
+    };
+    let mut sleeper = persistent(0).await;
+    sleeper.subscribe_ok("plain/night", QoS::AtLeastOnce).await;
+    drop(sleeper);
+    // Offline: node 1 keeps the session and queues for it what is published meanwhile.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut publisher = cluster.client(2, "publisher").await;
+    for n in 0..3 {
+        ok(&mut publisher, "plain/night", &json!(n)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // It wakes up on node 2: the session, with the three queued messages, moves there.
+    let mut woken = persistent(1).await;
+    let mut got = Vec::new();
+    while let Some(d) = woken
+        .next_matching(Duration::from_secs(3), |d| d.topic == "plain/night")
+        .await
+    {
+        got.push(d.json());
+        if got.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(
+        got,
+        vec![json!(0), json!(1), json!(2)],
+        "queued while offline, delivered on another node"
+    );
+    // And the subscription goes on there.
+    ok(&mut publisher, "plain/night", &json!(3)).await;
+    let next = woken
+        .next_matching(NET_TIMEOUT, |d| d.topic == "plain/night")
+        .await
+        .expect("the resumed session's subscription");
+    assert_eq!(next.json(), json!(3));
+}

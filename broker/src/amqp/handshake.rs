@@ -233,6 +233,7 @@ async fn negotiate(
             40,
         ));
     }
+    core.claim(&identity).await;
     let attached = core
         .attach(
             identity,

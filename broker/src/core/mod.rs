@@ -80,6 +80,17 @@ pub struct Core {
 /// Cluster mode: carries messages authorized on this node to the other nodes, whose own
 /// fan-out judges them for their subscribers (events travel with the store instead).
 pub trait Relay: Send + Sync + std::fmt::Debug {
+    /// This node's ID (written into the sessions it holds).
+    fn node(&self) -> &str;
+    /// Asks every other node to let go of the session `client_id` of `solution` (its
+    /// connection is ended, as by a takeover). With `wait`, completes once a node answered
+    /// that it did, or after a bound: `true` if one did.
+    fn claim<'a>(
+        &'a self,
+        solution: &'a str,
+        client_id: &'a str,
+        wait: bool,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>>;
     /// A plain message of `solution`, its publisher authorized.
     fn plain(&self, solution: &str, message: &Message);
     /// A live message to `thing` (`resource`: its `message:` path), its sender authorized.
@@ -211,6 +222,71 @@ impl Core {
         }
     }
 
+    /// Cluster mode: before [`Core::attach`], the client ID is claimed from the other nodes —
+    /// a connection holding it elsewhere is ended (a takeover across nodes). If the stored
+    /// session names another node, that node's answer is awaited (it stops writing the
+    /// session), and then this node's store catching up with what it wrote; otherwise the
+    /// claim is not waited for. One node: nothing.
+    pub async fn claim(&self, identity: &Identity) {
+        let Some(relay) = self.relay.get() else {
+            return;
+        };
+        let solution = identity.solution.id.as_str();
+        let key = twin::EntityKey::new(
+            twin::EntityKind::Session,
+            format!("{solution}/{}", identity.client_id),
+        );
+        let elsewhere = self.twins.store.get(&key).is_some_and(|e| {
+            e.doc
+                .get("node")
+                .and_then(serde_json::Value::as_str)
+                .is_some_and(|node| node != relay.node())
+        });
+        if relay.claim(solution, &identity.client_id, elsewhere).await
+            && let Err(e) = self.twins.store.caught_up().await
+        {
+            tracing::warn!(error = %e, "cluster: the store did not catch up after a session was handed over");
+        }
+    }
+
+    /// Cluster mode: another node claimed `client_id` of `solution`: its session here is
+    /// dropped from this node (not from the store: the claiming node continues it), and a
+    /// connection holding it is ended as by a takeover. Whether there was one.
+    pub fn release_claimed(&self, solution: &str, client_id: &str) -> bool {
+        let Some(solution) = self.auth.solutions.get(solution) else {
+            return false;
+        };
+        let space = self.spaces.get_or_create(&solution);
+        let old = space.sessions().remove(client_id);
+        let Some(old) = old else {
+            return false;
+        };
+        let kicked = {
+            let mut state = old.lock();
+            // The old connection's detach is no longer its own: it writes nothing more.
+            state.generation += 1;
+            state.link.take()
+        };
+        if let Some(link) = kicked {
+            link.kick();
+            self.metrics.sessions_taken_over.inc();
+        }
+        space.unsubscribe_all(&old);
+        space.cancel_pending_will(client_id);
+        true
+    }
+
+    /// Writes a persistent session's record (with this node's ID in cluster mode).
+    fn save_session(
+        &self,
+        space: &SolutionSpace,
+        session: &Session,
+        ended: Option<SystemTime>,
+    ) -> Option<Durable> {
+        let node = self.relay.get().map(|r| r.node());
+        sessions::save(&*self.twins.store, space, session, ended, node)
+    }
+
     /// Attaches `identity` to its session: a new one, or the one its client ID left (taken
     /// over from a connection still holding it). Refused when the solution has as many
     /// sessions as allowed and this client ID has none.
@@ -236,6 +312,22 @@ impl Core {
             self.metrics.refused("session_limit");
             tracing::warn!(solution = %space.id, limit = settings.max_sessions, "session limit reached");
             return Err(SessionLimit);
+        }
+        if self.relay.get().is_some() && !space.sessions().contains_key(&*client_id) {
+            // Cluster mode: the session another node left (claimed from it already, see
+            // `claim`) lives on in the shared store.
+            if request.clean_start {
+                sessions::forget_stored(&*self.twins.store, &space, &client_id);
+            } else {
+                sessions::adopt(
+                    &*self.twins.store,
+                    &self.auth.solutions,
+                    &self.spaces,
+                    &space,
+                    &client_id,
+                    settings.max_queued_messages,
+                );
+            }
         }
         let link = Arc::new(Link::new(
             request.protocol,
@@ -284,7 +376,7 @@ impl Core {
             link.kick();
         }
         let saved = if expiry > 0 {
-            sessions::save(&*self.twins.store, &space, &session, None)
+            self.save_session(&space, &session, None)
         } else {
             sessions::remove(&*self.twins.store, &space, &session);
             None
@@ -437,12 +529,7 @@ impl Core {
         };
         if ours && expiry > 0 {
             // The countdown of its expiry starts now, also across a restart.
-            sessions::save(
-                &*self.twins.store,
-                &client.space,
-                &client.session,
-                Some(SystemTime::now()),
-            );
+            self.save_session(&client.space, &client.session, Some(SystemTime::now()));
         }
         (ours, expiry)
     }
@@ -505,6 +592,11 @@ impl Core {
     /// Puts the persistent sessions of the store back (`crate::core::sessions`), their expiry
     /// counting on from where it was. Must run inside the runtime. Returns how many.
     pub fn restore_sessions(&self) -> usize {
+        if self.twins.store.shared() {
+            // Cluster mode: a stored session may be held by another node; each is taken up
+            // (`attach`) when its client connects here.
+            return 0;
+        }
         let restored = sessions::restore(
             &*self.twins.store,
             &self.auth.solutions,
@@ -621,7 +713,7 @@ impl Core {
             state.persisted()
         };
         persisted.then(|| {
-            sessions::save(&*self.twins.store, &client.space, &client.session, None);
+            self.save_session(&client.space, &client.session, None);
             Pending::durable_so_far(self)
         })
     }
@@ -635,7 +727,7 @@ impl Core {
             (state.incoming_qos2.len() != before, state.persisted())
         };
         if known && persisted {
-            sessions::save(&*self.twins.store, &client.space, &client.session, None);
+            self.save_session(&client.space, &client.session, None);
         }
         known
     }
@@ -670,7 +762,7 @@ impl Core {
     /// Writes `client`'s session to the journal if it outlives its connection.
     fn save_if_persistent(&self, client: &Client) {
         if client.session.lock().expiry_interval > 0 {
-            sessions::save(&*self.twins.store, &client.space, &client.session, None);
+            self.save_session(&client.space, &client.session, None);
         }
     }
 

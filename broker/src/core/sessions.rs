@@ -172,6 +172,7 @@ pub fn save(
     space: &SolutionSpace,
     session: &Session,
     ended: Option<SystemTime>,
+    node: Option<&str>,
 ) -> Option<Durable> {
     let doc = {
         let mut state = session.lock();
@@ -198,6 +199,7 @@ pub fn save(
             "subscriptions": subscriptions,
             "incomingQos2": state.incoming_qos2.iter().map(|id| id.get()).collect::<Vec<_>>(),
             "endedAtMillis": ended.map(documents::millis),
+            "node": node,
         })
     };
     match documents::put(
@@ -342,62 +344,119 @@ pub fn restore(
     let now = SystemTime::now();
     let mut restored = Vec::new();
     for key in store.keys(EntityKind::Session) {
-        let Some(entity) = store.get(&key) else {
-            continue;
-        };
-        let found = stored(&entity.doc, now).and_then(|s| {
-            let solution = solutions.get(&s.solution)?;
-            Some((s, solution))
-        });
-        let Some((s, solution)) = found else {
-            delete(store, &key);
-            continue;
-        };
-        let space = spaces.get_or_create(&solution);
-        let view = space
-            .policy()
-            .for_subjects(&s.subjects, None, crate::core::now());
-        let session = Arc::new(Session::new(
-            s.client_id.clone(),
-            s.subjects,
-            view,
-            s.expiry,
-            max_queued,
-        ));
-        {
-            let mut state = session.lock();
-            state.journal.get_or_insert_with(Box::default);
-            state.incoming_qos2 = s.incoming_qos2;
-            let mut tree = space.tree_write();
-            for (filter, record) in s.subscriptions {
-                let shared = filter.starts_with("$share/");
-                tree.insert(
-                    tree_filter(&filter),
-                    Subscriber {
-                        session: session.clone(),
-                        options: record.options,
-                        id: record.id,
-                        share: shared.then(|| Arc::from(&*filter)),
-                    },
-                );
-                state.subscriptions.insert(filter, record);
-            }
+        match revive(store, &key, solutions, spaces, max_queued, now) {
+            Some(r) => restored.push(r),
+            None => delete(store, &key),
         }
-        space.sessions().insert(s.client_id, session.clone());
-        restored.push(Restored {
-            space,
-            session,
-            left: s.left,
-        });
     }
-    restore_queued(store, &restored);
+    restore_queued(store, &restored, None);
     restored
+}
+
+/// Cluster mode: the stored session `client_id` of `space`, left by a connection on another
+/// node, put into this node's space with its subscriptions and queued deliveries (`None`:
+/// none stored, or expired).
+pub fn adopt(
+    store: &dyn TwinStore,
+    solutions: &Solutions,
+    spaces: &Spaces,
+    space: &SolutionSpace,
+    client_id: &str,
+    max_queued: usize,
+) -> Option<Restored> {
+    let key = key(space.id.as_str(), client_id);
+    let restored = revive(
+        store,
+        &key,
+        solutions,
+        spaces,
+        max_queued,
+        SystemTime::now(),
+    )?;
+    let prefix = format!("{}/{}/", space.id, client_id);
+    restore_queued(store, std::slice::from_ref(&restored), Some(&prefix));
+    Some(restored)
+}
+
+/// Cluster mode: deletes the stored session `client_id` of `space` and its queued deliveries
+/// (a clean start on this node of a session another node left).
+pub fn forget_stored(store: &dyn TwinStore, space: &SolutionSpace, client_id: &str) {
+    let key = key(space.id.as_str(), client_id);
+    if store.get(&key).is_none() {
+        return;
+    }
+    let prefix = format!("{}/{}/", space.id, client_id);
+    for queued in store.keys(EntityKind::Queued) {
+        if queued
+            .id
+            .strip_prefix(&prefix)
+            .is_some_and(|seq| !seq.contains('/'))
+        {
+            delete(store, &queued);
+        }
+    }
+    delete(store, &key);
+}
+
+/// The stored session `key` put back into its space, offline (`None`: unreadable, expired or
+/// of an unknown solution).
+fn revive(
+    store: &dyn TwinStore,
+    key: &EntityKey,
+    solutions: &Solutions,
+    spaces: &Spaces,
+    max_queued: usize,
+    now: SystemTime,
+) -> Option<Restored> {
+    let entity = store.get(key)?;
+    let s = stored(&entity.doc, now)?;
+    let solution = solutions.get(&s.solution)?;
+    let space = spaces.get_or_create(&solution);
+    let view = space
+        .policy()
+        .for_subjects(&s.subjects, None, crate::core::now());
+    let session = Arc::new(Session::new(
+        s.client_id.clone(),
+        s.subjects,
+        view,
+        s.expiry,
+        max_queued,
+    ));
+    {
+        let mut state = session.lock();
+        state.journal.get_or_insert_with(Box::default);
+        state.incoming_qos2 = s.incoming_qos2;
+        let mut tree = space.tree_write();
+        for (filter, record) in s.subscriptions {
+            let shared = filter.starts_with("$share/");
+            tree.insert(
+                tree_filter(&filter),
+                Subscriber {
+                    session: session.clone(),
+                    options: record.options,
+                    id: record.id,
+                    share: shared.then(|| Arc::from(&*filter)),
+                },
+            );
+            state.subscriptions.insert(filter, record);
+        }
+    }
+    space.sessions().insert(s.client_id, session.clone());
+    Some(Restored {
+        space,
+        session,
+        left: s.left,
+    })
 }
 
 /// Queues the journaled deliveries of the restored sessions again, in sequence order; records
 /// of sessions that are gone (or unreadable ones) are deleted.
-fn restore_queued(store: &dyn TwinStore, restored: &[Restored]) {
+fn restore_queued(store: &dyn TwinStore, restored: &[Restored], only: Option<&str>) {
     let mut keys = store.keys(EntityKind::Queued);
+    // Only one session's records (the others belong to sessions held elsewhere).
+    if let Some(prefix) = only {
+        keys.retain(|key| key.id.starts_with(prefix));
+    }
     // IDs end in a zero-padded sequence number: sorted IDs are in queue order per session.
     keys.sort_by(|a, b| a.id.cmp(&b.id));
     for key in keys {
@@ -476,7 +535,7 @@ mod tests {
         // Client IDs may hold `/`: `a/b` is not a part of `a`.
         let (a, ab) = (session("a"), session("a/b"));
         for s in [&a, &ab] {
-            save(&store, &space, s, None);
+            save(&store, &space, s, None, None);
             store_delivery(&store, "acme", &s.client_id, 1, &delivery).unwrap();
         }
         remove(&store, &space, &a);

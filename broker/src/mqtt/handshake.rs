@@ -189,7 +189,10 @@ async fn accept(
         session_present,
         capped_expiry,
         saved,
-    } = match core.attach(identity, request) {
+    } = match {
+        core.claim(&identity).await;
+        core.attach(identity, request)
+    } {
         Ok(attached) => attached,
         Err(_) => {
             send_and_close(&mut io, protocol, &refuse(ConnectRefusal::QuotaExceeded)).await;

@@ -1016,6 +1016,41 @@ impl TwinStore for ClusterStore {
         self.health()
     }
 
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn caught_up(&self) -> Durable {
+        let store = self.clone();
+        let (done, receiver) = oneshot::channel();
+        self.inner.runtime.spawn(async move {
+            let inner = &store.inner;
+            let mut stream = inner.stream.clone();
+            let result = match tokio::time::timeout(inner.options.call_timeout, stream.info()).await
+            {
+                Ok(Ok(info)) => {
+                    let target = info.state.last_sequence;
+                    let deadline = Instant::now() + inner.options.call_timeout;
+                    loop {
+                        if store.seen() >= target {
+                            break Ok(());
+                        }
+                        if Instant::now() >= deadline {
+                            break Err(unavailable(format!(
+                                "the stream's consumer did not reach sequence {target} in time"
+                            )));
+                        }
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                Ok(Err(e)) => Err(unavailable(format!("stream info: {e}"))),
+                Err(_) => Err(unavailable("JetStream did not answer the stream info")),
+            };
+            let _ = done.send(result);
+        });
+        Durable::new(receiver)
+    }
+
     fn set_listener(&self, listener: Arc<dyn ChangeListener>) {
         *write(&self.inner.listener) = Some(listener);
     }

@@ -155,6 +155,17 @@ pub trait TwinStore: Send + Sync + fmt::Debug {
     /// current is still current.
     fn policy_generation(&self) -> u64;
 
+    /// Whether other processes (cluster nodes) share this store's entities.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Completes once this store shows everything the shared store held when it was called
+    /// (a cluster store's consumer caught up); at once for the embedded store.
+    fn caught_up(&self) -> Durable {
+        Durable::done()
+    }
+
     /// The embedded journal's group-commit statistics (`None`: no local journal).
     fn journal_stats(&self) -> Option<JournalStats> {
         None
