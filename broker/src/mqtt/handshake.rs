@@ -184,15 +184,14 @@ async fn accept(
         expiry_seconds,
         protocol: io.protocol(),
     };
+    // Cluster mode: the client ID is taken from whichever node holds it.
+    core.claim(&identity).await;
     let Attached {
         client,
         session_present,
         capped_expiry,
         saved,
-    } = match {
-        core.claim(&identity).await;
-        core.attach(identity, request)
-    } {
+    } = match core.attach(identity, request) {
         Ok(attached) => attached,
         Err(_) => {
             send_and_close(&mut io, protocol, &refuse(ConnectRefusal::QuotaExceeded)).await;
