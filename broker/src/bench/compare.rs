@@ -144,6 +144,8 @@ impl Scenario {
                     broker,
                     B::Thingsgate
                         | B::ThingsgateBaseline
+                        | B::ThingsgateCluster
+                        | B::ThingsgateCluster3
                         | B::Mosquitto
                         | B::MosquittoNodelay
                         | B::Rumqttd
@@ -152,12 +154,23 @@ impl Scenario {
             // rumqttd has no authentication: a connect storm there measures something else.
             Scenario::ConnectSecret => matches!(
                 broker,
-                B::Thingsgate | B::ThingsgateBaseline | B::Mosquitto | B::MosquittoNodelay
+                B::Thingsgate
+                    | B::ThingsgateBaseline
+                    | B::ThingsgateCluster
+                    | B::ThingsgateCluster3
+                    | B::Mosquitto
+                    | B::MosquittoNodelay
             ),
             Scenario::TwinQos0
             | Scenario::TwinQos1
             | Scenario::TwinPaced
-            | Scenario::ConnectJwt => matches!(broker, B::Thingsgate | B::ThingsgateBaseline),
+            | Scenario::ConnectJwt => matches!(
+                broker,
+                B::Thingsgate
+                    | B::ThingsgateBaseline
+                    | B::ThingsgateCluster
+                    | B::ThingsgateCluster3
+            ),
             Scenario::AmqpQos0 | Scenario::AmqpQos1 => {
                 matches!(broker, B::Thingsgate | B::ThingsgateBaseline | B::Rabbitmq)
             }
@@ -482,6 +495,7 @@ fn programs(args: &CompareArgs) -> anyhow::Result<Programs> {
         baseline: args.baseline.clone(),
         mosquitto,
         mosquitto_passwd,
+        nats_server: on_path("nats-server"),
         rumqttd: args
             .rumqttd
             .clone()
@@ -510,7 +524,25 @@ fn measure(
     }
     let jobs = jobs(scenario, &broker, devices, args.duration)?;
     let limit = Duration::from_secs_f64(args.duration) + Duration::from_secs(120);
+    let before = broker.cpu_seconds_each();
     let outcome = generator::run(&programs.thingsgate, &mut broker, &jobs, limit)?;
+    if let [nodes @ .., nats] = broker.cpu_seconds_each().as_slice()
+        && kind.is_thingsgate_variant()
+        && kind != BrokerKind::ThingsgateBaseline
+    {
+        // Where a cluster's CPU went (for projecting a deployment on separate machines).
+        let spent = |i: usize, now: f64| now - before.get(i).copied().unwrap_or(0.0);
+        let nodes: Vec<String> = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{:.2}", spent(i, *c)))
+            .collect();
+        eprintln!(
+            "  CPU seconds of the run: node(s) {}, NATS server {:.2}",
+            nodes.join(" + "),
+            spent(before.len().saturating_sub(1), *nats)
+        );
+    }
     Ok(figures(scenario, &broker, &outcome))
 }
 
@@ -550,6 +582,14 @@ fn jobs(
             "amqp://{}",
             broker.amqp.context("the broker has no AMQP listener")?
         )
+    } else if broker.mqtt_all.len() > 1 {
+        // A cluster: devices spread over its nodes.
+        broker
+            .mqtt_all
+            .iter()
+            .map(|a| format!("mqtt://{a}"))
+            .collect::<Vec<_>>()
+            .join(",")
     } else {
         format!(
             "mqtt://{}",
@@ -1050,7 +1090,7 @@ fn table(
             let _ = write!(out, "| {title} | {} | {our_text} |", metric.name);
             let mut best: Option<f64> = None;
             for &p in &peers {
-                let baseline = p == BrokerKind::ThingsgateBaseline;
+                let baseline = p.is_thingsgate_variant();
                 let their_scenario = if baseline { scenario } else { peer_scenario };
                 let (value, text) = cell(&of(their_scenario, p), metric);
                 let text = if their_scenario != scenario && value.is_some() {

@@ -56,7 +56,8 @@ pub struct RunArgs {
     pub scenario: Option<PathBuf>,
     /// The broker: `mqtt://HOST:PORT`, or `amqp://HOST:PORT` for AMQP 0.9.1 devices and
     /// subscribers [default: mqtt://127.0.0.1:1883]. A host that is not on loopback is refused
-    /// unless `--allow-remote`.
+    /// unless `--allow-remote`. The nodes of a cluster: a comma-separated list of MQTT URLs;
+    /// device `i` connects to the `i`-th (round robin), subscribers each to the next node.
     #[arg(long, value_name = "URL")]
     pub url: Option<String>,
     /// Allow a broker that is not on this machine's loopback.

@@ -566,23 +566,28 @@ impl ClusterStore {
     /// A message of the stream: the entity it carries replaces ours if it is newer and
     /// another node wrote it (ours were applied when written).
     fn handle(&self, message: &jetstream::Message, loading: bool) {
-        let inner = &self.inner;
         let Ok(info) = message.info() else {
             tracing::warn!(subject = %message.subject, "cluster store: a message without stream info");
             return;
         };
         let seq = info.stream_sequence;
+        self.apply(message, seq, loading);
+        // Only now: `caught_up` promises that what it waited for is visible.
+        self.inner.seen.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    fn apply(&self, message: &jetstream::Message, seq: u64, loading: bool) {
+        let inner = &self.inner;
         let own = message
             .headers
             .as_ref()
             .and_then(|h| h.get(NODE_HEADER))
             .is_some_and(|n| n.as_str() == inner.node);
-        let decoded = decode(&message.payload);
-        inner.seen.fetch_max(seq, Ordering::AcqRel);
         if own {
+            // Applied when it was written; its ack moved the entity's sequence.
             return;
         }
-        let (events, state) = match decoded {
+        let (events, state) = match decode(&message.payload) {
             Ok(decoded) => decoded,
             Err(e) => {
                 tracing::error!(subject = %message.subject, sequence = seq, error = %e, "cluster store: an undecodable message; the entity is left as it was");

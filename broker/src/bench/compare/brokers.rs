@@ -34,6 +34,12 @@ pub enum BrokerKind {
     /// An earlier Thingsgate build (`--baseline PATH`), started and driven exactly like
     /// `thingsgate`: before/after figures from one run.
     ThingsgateBaseline,
+    /// One `thingsgate serve --cluster` node on a NATS JetStream server of its own (R1, the
+    /// machine's `nats-server`): the cost of the shared store against `thingsgate`'s journal.
+    ThingsgateCluster,
+    /// Three such nodes on one NATS server; the generator spreads devices over them and its
+    /// subscriber sits on another node than most of them.
+    ThingsgateCluster3,
     /// Mosquitto with a password file and an ACL (Nagle's algorithm on: its default).
     Mosquitto,
     /// The same with `set_tcp_nodelay true`.
@@ -45,10 +51,23 @@ pub enum BrokerKind {
 }
 
 impl BrokerKind {
+    /// Another Thingsgate than the one measured (an earlier build, cluster mode): a column of
+    /// its own figures, not a peer of the ratio.
+    pub(super) fn is_thingsgate_variant(self) -> bool {
+        matches!(
+            self,
+            BrokerKind::ThingsgateBaseline
+                | BrokerKind::ThingsgateCluster
+                | BrokerKind::ThingsgateCluster3
+        )
+    }
+
     pub(super) fn name(self) -> &'static str {
         match self {
             BrokerKind::Thingsgate => "Thingsgate",
             BrokerKind::ThingsgateBaseline => "Thingsgate baseline",
+            BrokerKind::ThingsgateCluster => "Thingsgate on JetStream",
+            BrokerKind::ThingsgateCluster3 => "Thingsgate ×3 on JetStream",
             BrokerKind::Mosquitto => "Mosquitto",
             BrokerKind::MosquittoNodelay => "Mosquitto nodelay",
             BrokerKind::Rumqttd => "rumqttd",
@@ -65,6 +84,8 @@ pub(super) struct Programs {
     pub(super) baseline: Option<PathBuf>,
     pub(super) mosquitto: PathBuf,
     pub(super) mosquitto_passwd: PathBuf,
+    /// The NATS server of the cluster brokers.
+    pub(super) nats_server: PathBuf,
     pub(super) rumqttd: PathBuf,
 }
 
@@ -90,6 +111,12 @@ pub(super) struct Running {
     /// None for RabbitMQ: the machine's own, not ours to stop.
     child: Option<Child>,
     pub(super) pid: u32,
+    /// Cluster brokers: the other nodes, then the NATS server (stopped after the first).
+    others: Vec<Child>,
+    /// Every process whose CPU and memory count: the node(s) and the NATS server.
+    pids: Vec<u32>,
+    /// Every node's MQTT listener (one for a single broker).
+    pub(super) mqtt_all: Vec<SocketAddr>,
     pub(super) mqtt: Option<SocketAddr>,
     pub(super) amqp: Option<SocketAddr>,
     pub(super) http: Option<SocketAddr>,
@@ -103,6 +130,8 @@ impl Running {
     pub(super) fn start(kind: BrokerKind, programs: &Programs, dir: &Path) -> anyhow::Result<Self> {
         let mut running = match kind {
             BrokerKind::Thingsgate => start_thingsgate(kind, &programs.thingsgate, dir)?,
+            BrokerKind::ThingsgateCluster => start_cluster(kind, programs, dir, 1)?,
+            BrokerKind::ThingsgateCluster3 => start_cluster(kind, programs, dir, 3)?,
             BrokerKind::ThingsgateBaseline => {
                 let Some(baseline) = &programs.baseline else {
                     bail!("the broker thingsgate-baseline needs --baseline PATH");
@@ -117,49 +146,88 @@ impl Running {
         };
         // Let the start-up settle (allocator arenas, lazy statics) before the baseline.
         std::thread::sleep(Duration::from_millis(500));
-        running.rss_at_start = rss_bytes(running.pid)?;
+        if running.pids.is_empty() {
+            running.pids.push(running.pid);
+        }
+        if running.mqtt_all.is_empty() {
+            running.mqtt_all.extend(running.mqtt);
+        }
+        running.rss_at_start = running.rss()?;
         Ok(running)
     }
 
-    /// User + system CPU seconds of the broker so far.
+    /// User + system CPU seconds of the broker so far (a cluster: its nodes and NATS server).
     pub(super) fn cpu_seconds(&self) -> anyhow::Result<f64> {
-        cpu_seconds(self.pid)
+        let mut total = 0.0;
+        for pid in &self.pids {
+            total += cpu_seconds(*pid)?;
+        }
+        Ok(total)
+    }
+
+    /// The CPU seconds of each process (a cluster: nodes first, then the NATS server).
+    pub(super) fn cpu_seconds_each(&self) -> Vec<f64> {
+        self.pids
+            .iter()
+            .map(|pid| cpu_seconds(*pid).unwrap_or(0.0))
+            .collect()
     }
 
     pub(super) fn rss(&self) -> anyhow::Result<u64> {
-        rss_bytes(self.pid)
+        let mut total = 0;
+        for pid in &self.pids {
+            total += rss_bytes(*pid)?;
+        }
+        Ok(total)
     }
 
     pub(super) fn open_files(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid)).map_or(0, Iterator::count)
+        self.pids
+            .iter()
+            .map(|pid| std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count))
+            .sum()
     }
 
     /// Whether the broker is still running (a crash during a run is a finding, not a figure).
     pub(super) fn alive(&mut self) -> bool {
-        match &mut self.child {
-            Some(child) => matches!(child.try_wait(), Ok(None)),
-            None => Path::new(&format!("/proc/{}", self.pid)).exists(),
-        }
+        let others = self
+            .others
+            .iter_mut()
+            .all(|c| matches!(c.try_wait(), Ok(None)));
+        others
+            && match &mut self.child {
+                Some(child) => matches!(child.try_wait(), Ok(None)),
+                None => Path::new(&format!("/proc/{}", self.pid)).exists(),
+            }
     }
+}
+
+/// SIGTERM, then SIGKILL after [`STOP_TIMEOUT`].
+fn stop(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let Some(child) = &mut self.child else { return };
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if let Some(child) = &mut self.child {
+            stop(child);
         }
-        let _ = child.kill();
-        let _ = child.wait();
+        for other in &mut self.others {
+            stop(other);
+        }
     }
 }
 
@@ -239,16 +307,37 @@ fn listener(listeners: &[(String, SocketAddr)], name: &str) -> Option<SocketAddr
 /// `serve` with MQTT, AMQP and HTTP on free loopback ports.
 fn start_thingsgate(kind: BrokerKind, program: &Path, dir: &Path) -> anyhow::Result<Running> {
     let data = dir.join("data");
+    let (id, secret) = create_solution(program, &["--data".as_ref(), data.as_os_str()])?;
+    let (jwt_key, config) = write_config(dir)?;
+    let mut command = serve_command(program, &config);
+    command.arg("--data").arg(&data);
+    let (child, listeners) = spawn_until_ready(command, "thingsgate serve", &dir.join("stderr"))?;
+    let pid = child.id();
+    Ok(Running {
+        kind,
+        child: Some(child),
+        pid,
+        others: Vec::new(),
+        pids: Vec::new(),
+        mqtt_all: Vec::new(),
+        mqtt: listener(&listeners, "mqtt"),
+        amqp: listener(&listeners, "amqp"),
+        http: listener(&listeners, "http"),
+        credentials: Credentials::Solution {
+            id,
+            secret,
+            jwt_key,
+        },
+        rss_at_start: 0,
+    })
+}
+
+/// `thingsgate solution create --namespace NAMESPACE --json` with `place` (`--data DIR` or
+/// `--cluster URL`): the solution's ID and secret.
+fn create_solution(program: &Path, place: &[&std::ffi::OsStr]) -> anyhow::Result<(String, String)> {
     let out = Command::new(program)
-        .args([
-            "solution",
-            "create",
-            "--namespace",
-            NAMESPACE,
-            "--json",
-            "--data",
-        ])
-        .arg(&data)
+        .args(["solution", "create", "--namespace", NAMESPACE, "--json"])
+        .args(place)
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("cannot run {}", program.display()))?;
@@ -266,8 +355,11 @@ fn start_thingsgate(kind: BrokerKind, program: &Path, dir: &Path) -> anyhow::Res
             .map(str::to_owned)
             .with_context(|| format!("`{k}` missing from solution create --json"))
     };
-    let (id, secret) = (field("solutionId")?, field("secret")?);
+    Ok((field("solutionId")?, field("secret")?))
+}
 
+/// A JWT issuer with a fresh key, in a config file: (the key, the config).
+fn write_config(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     let pem = crate::token_cmd::generate_dev_key()?;
     let jwt_key = dir.join("jwt-key.pem");
     std::fs::write(&jwt_key, &pem).context("cannot write the JWT key")?;
@@ -283,14 +375,16 @@ fn start_thingsgate(kind: BrokerKind, program: &Path, dir: &Path) -> anyhow::Res
         ),
     )
     .context("cannot write the config")?;
+    Ok((jwt_key, config))
+}
 
+/// `thingsgate serve --config CONFIG` on free loopback ports, no `THINGSGATE_…` inherited.
+fn serve_command(program: &Path, config: &Path) -> Command {
     let mut command = Command::new(program);
     command
         .arg("serve")
-        .arg("--data")
-        .arg(&data)
         .arg("--config")
-        .arg(&config)
+        .arg(config)
         .args([
             "--mqtt",
             "127.0.0.1:0",
@@ -305,12 +399,91 @@ fn start_thingsgate(kind: BrokerKind, program: &Path, dir: &Path) -> anyhow::Res
             command.env_remove(name);
         }
     }
-    let (child, listeners) = spawn_until_ready(command, "thingsgate serve", &dir.join("stderr"))?;
-    let pid = child.id();
+    command
+}
+
+/// Cluster mode: a NATS server of this run's own (JetStream, R1, its store in `dir`), a
+/// solution created on it, and `nodes` × `thingsgate serve --cluster`.
+fn start_cluster(
+    kind: BrokerKind,
+    programs: &Programs,
+    dir: &Path,
+    nodes: usize,
+) -> anyhow::Result<Running> {
+    let port = free_port()?;
+    let log = std::fs::File::create(dir.join("nats.log")).context("cannot create nats.log")?;
+    let mut nats = Command::new(&programs.nats_server)
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(dir.join("nats"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .with_context(|| {
+            format!(
+                "cannot start `{}` (cluster mode needs a nats-server: apt-get install nats-server)",
+                programs.nats_server.display()
+            )
+        })?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline || !matches!(nats.try_wait(), Ok(None)) {
+            let _ = nats.kill();
+            let _ = nats.wait();
+            bail!(
+                "the NATS server did not accept connections on port {port}: {}",
+                std::fs::read_to_string(dir.join("nats.log")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = format!("nats://127.0.0.1:{port}");
+    let nats_pid = nats.id();
+    let mut others = vec![nats];
+    let (id, secret) =
+        create_solution(&programs.thingsgate, &["--cluster".as_ref(), url.as_ref()])?;
+    let (jwt_key, config) = write_config(dir)?;
+    let mut started = Vec::new();
+    for n in 0..nodes {
+        let mut command = serve_command(&programs.thingsgate, &config);
+        command.arg("--cluster").arg(&url);
+        match spawn_until_ready(
+            command,
+            "thingsgate serve --cluster",
+            &dir.join(format!("stderr-{n}")),
+        ) {
+            Ok(node) => started.push(node),
+            Err(e) => {
+                for (mut child, _) in started {
+                    stop(&mut child);
+                }
+                for other in &mut others {
+                    stop(other);
+                }
+                return Err(e);
+            }
+        }
+    }
+    let mut pids: Vec<u32> = started.iter().map(|(c, _)| c.id()).collect();
+    pids.push(nats_pid);
+    let mqtt_all: Vec<SocketAddr> = started
+        .iter()
+        .filter_map(|(_, l)| listener(l, "mqtt"))
+        .collect();
+    let mut nodes_iter = started.into_iter();
+    let Some((first, listeners)) = nodes_iter.next() else {
+        bail!("no cluster node started");
+    };
+    // Nodes are stopped before the NATS server.
+    let mut rest: Vec<Child> = nodes_iter.map(|(c, _)| c).collect();
+    rest.append(&mut others);
     Ok(Running {
         kind,
-        child: Some(child),
-        pid,
+        pid: first.id(),
+        child: Some(first),
+        others: rest,
+        pids,
+        mqtt_all,
         mqtt: listener(&listeners, "mqtt"),
         amqp: listener(&listeners, "amqp"),
         http: listener(&listeners, "http"),
@@ -431,6 +604,9 @@ fn start_mosquitto(kind: BrokerKind, programs: &Programs, dir: &Path) -> anyhow:
         kind,
         child: Some(child),
         pid,
+        others: Vec::new(),
+        pids: Vec::new(),
+        mqtt_all: Vec::new(),
         mqtt: Some(addr),
         amqp: None,
         http: None,
@@ -491,6 +667,9 @@ fn start_rumqttd(programs: &Programs) -> anyhow::Result<Running> {
         kind: BrokerKind::Rumqttd,
         child: Some(child),
         pid,
+        others: Vec::new(),
+        pids: Vec::new(),
+        mqtt_all: Vec::new(),
         mqtt: listener(&listeners, "mqtt"),
         amqp: None,
         http: None,
@@ -511,6 +690,9 @@ fn attach_rabbitmq() -> anyhow::Result<Running> {
         kind: BrokerKind::Rabbitmq,
         child: None,
         pid,
+        others: Vec::new(),
+        pids: Vec::new(),
+        mqtt_all: Vec::new(),
         mqtt: None,
         amqp: Some(addr),
         http: None,

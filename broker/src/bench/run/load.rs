@@ -496,6 +496,8 @@ fn mark(s: &Settings, phase: &str) {
 struct Plan {
     transport: Transport,
     target: std::net::SocketAddr,
+    /// Every node of `--url` (one, or a cluster's): see `Settings::targets`.
+    targets: Vec<std::net::SocketAddr>,
     protocol: crate::mqtt::codec::Protocol,
     qos: QoS,
     rate: Rate,
@@ -561,6 +563,7 @@ impl Plan {
         Plan {
             transport: s.transport,
             target: s.target,
+            targets: s.targets.clone(),
             protocol: s.protocol,
             qos: s.qos,
             rate: s.rate,
@@ -633,6 +636,20 @@ impl Plan {
     }
 
     /// The local address of connection number `n` (devices after subscribers).
+    /// The broker device `index` connects to (`--url` may list cluster nodes).
+    fn device_target(&self, index: usize) -> std::net::SocketAddr {
+        self.targets
+            .get(index % self.targets.len().max(1))
+            .copied()
+            .unwrap_or(self.target)
+    }
+
+    /// The broker subscriber `index` connects to: the node after a device's, so that events
+    /// cross nodes.
+    fn subscriber_target(&self, index: usize) -> std::net::SocketAddr {
+        self.device_target(index + 1)
+    }
+
     fn source(&self, n: usize) -> Option<std::net::IpAddr> {
         match self.sources.len() {
             0 => None,
@@ -685,7 +702,10 @@ async fn device(
         LoginPlan::Tokens { devices, .. } if devices.get(index).is_some_and(Result::is_err) => {
             Err(Failure::Protocol("no token could be minted".to_owned()))
         }
-        _ => client::connect(plan.target, source, plan.protocol, plan.login(false, index)).await,
+        _ => {
+            let target = plan.device_target(index);
+            client::connect(target, source, plan.protocol, plan.login(false, index)).await
+        }
     };
     let mut conn = match attempt {
         Ok(conn) => {
@@ -1090,15 +1110,21 @@ async fn subscriber(
         let _ = ready.send(false);
         return result;
     }
-    let mut conn =
-        match client::connect(plan.target, plan.source(index), plan.protocol, login).await {
-            Ok(conn) => conn,
-            Err(failure) => {
-                failed(&failure);
-                let _ = ready.send(false);
-                return result;
-            }
-        };
+    let mut conn = match client::connect(
+        plan.subscriber_target(index),
+        plan.source(index),
+        plan.protocol,
+        login,
+    )
+    .await
+    {
+        Ok(conn) => conn,
+        Err(failure) => {
+            failed(&failure);
+            let _ = ready.send(false);
+            return result;
+        }
+    };
     if let Err(failure) = subscribe(&mut conn, &plan).await {
         failed(&failure);
         let _ = ready.send(false);

@@ -219,7 +219,12 @@ pub(super) struct Settings {
     /// As given (for the report).
     pub(super) url: String,
     pub(super) transport: Transport,
+    /// The broker (the first of `--url`'s list).
     pub(super) target: SocketAddr,
+    /// Every broker of `--url`'s list (cluster nodes): device `i` connects to
+    /// `targets[i % n]`, subscriber `j` to `targets[(j + 1) % n]` — so with one subscriber
+    /// its events come from devices on the other nodes too.
+    pub(super) targets: Vec<SocketAddr>,
     pub(super) protocol: Protocol,
     pub(super) devices: usize,
     pub(super) subscribers: usize,
@@ -298,7 +303,21 @@ impl Settings {
 
         let allow_remote = args.allow_remote || file.allow_remote.unwrap_or(false);
         let url = pick(args.url, file.url).unwrap_or_else(|| "mqtt://127.0.0.1:1883".to_owned());
-        let (transport, target) = resolve(&url, allow_remote)?;
+        // A comma-separated list: the nodes of a cluster, devices spread over them.
+        let mut resolved = Vec::new();
+        for one in url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+            resolved.push(resolve(one, allow_remote)?);
+        }
+        let Some(&(transport, target)) = resolved.first() else {
+            bail!("--url: no URL given");
+        };
+        if resolved.iter().any(|(t, _)| *t != transport) {
+            bail!("--url `{url}`: every URL of a list must use the same scheme");
+        }
+        if resolved.len() > 1 && transport == Transport::Amqp {
+            bail!("--url `{url}`: a list of brokers is for MQTT only");
+        }
+        let targets: Vec<SocketAddr> = resolved.iter().map(|(_, a)| *a).collect();
 
         let devices = pick(args.devices, file.devices).unwrap_or(10);
         let subscribers = pick(args.subscribers, file.subscribers).unwrap_or(1);
@@ -460,6 +479,7 @@ impl Settings {
             url,
             transport,
             target,
+            targets,
             protocol,
             devices,
             subscribers,
