@@ -201,13 +201,20 @@ impl Relay for Node {
             let payload = Bytes::from(format!("{solution}\n{client_id}"));
             let mut headers = HeaderMap::new();
             headers.insert(NODE_HEADER, self.node.as_str());
+            // Bounded even while NATS is unreachable (the client's queue full): a CONNECT
+            // never waits longer than this for the other nodes.
             if !wait {
-                if let Err(e) = self
-                    .client
-                    .publish_with_headers(self.claim_subject.clone(), headers, payload)
-                    .await
-                {
-                    tracing::warn!(error = %e, "cluster: a client ID could not be claimed from the other nodes");
+                let publish =
+                    self.client
+                        .publish_with_headers(self.claim_subject.clone(), headers, payload);
+                match tokio::time::timeout(CLAIM_WAIT, publish).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "cluster: a client ID could not be claimed from the other nodes")
+                    }
+                    Err(_) => tracing::warn!(
+                        "cluster: a client ID could not be claimed from the other nodes in time"
+                    ),
                 }
                 return false;
             }
@@ -215,16 +222,16 @@ impl Relay for Node {
                 .payload(payload)
                 .headers(headers)
                 .timeout(Some(CLAIM_WAIT));
-            match self
+            let asked = self
                 .client
-                .send_request(self.claim_subject.clone(), request)
-                .await
-            {
-                Ok(_) => true,
-                Err(e) => {
+                .send_request(self.claim_subject.clone(), request);
+            match tokio::time::timeout(CLAIM_WAIT * 2, asked).await {
+                Ok(Ok(_)) => true,
+                Ok(Err(e)) => {
                     tracing::debug!(error = %e, client = client_id, "cluster: no node handed the session over (gone?)");
                     false
                 }
+                Err(_) => false,
             }
         })
     }
