@@ -139,7 +139,7 @@ pub struct Pending {
 
 /// How many times a change is decided again after conflicts before the requester is told it
 /// failed (each conflict means another node's write to the same entity went through).
-const REDO_ATTEMPTS: u8 = 16;
+const REDO_ATTEMPTS: u8 = 64;
 
 /// The answer to a twin change, with the entity tag of the changed entity (a deleted one has
 /// none).
