@@ -200,7 +200,8 @@ struct Inner {
     /// Moves when the consumer must be created again, from `seen` + 1: the connection to NATS
     /// was made again (the server may have lost the consumer: an R1 server restarted, or the
     /// server holding it is gone), or the freshness check found it stalled.
-    resume: watch::Sender<u64>,
+    /// (How many times, and why the last time.)
+    resume: watch::Sender<(u64, &'static str)>,
     closed: AtomicBool,
     listener: RwLock<Option<Arc<dyn ChangeListener>>>,
     /// First attempts of appends whose expected sequence is known, published in the order
@@ -348,7 +349,7 @@ impl ClusterStore {
         if options.urls.is_empty() {
             return Err(unavailable("no NATS server URL given"));
         }
-        let (resume, _) = watch::channel(0u64);
+        let (resume, _) = watch::channel((0u64, ""));
         let reconnected = resume.clone();
         let client = tokio::time::timeout(
             options.call_timeout * 5,
@@ -357,7 +358,10 @@ impl ClusterStore {
                 .retry_on_initial_connect()
                 .event_callback(move |event| {
                     if matches!(event, async_nats::Event::Connected) {
-                        reconnected.send_modify(|n| *n += 1);
+                        reconnected.send_modify(|(n, why)| {
+                            *n += 1;
+                            *why = "connected to NATS again";
+                        });
                     }
                     std::future::ready(())
                 })
@@ -528,7 +532,7 @@ impl ClusterStore {
                     None => "the stream's consumer ended".to_owned(),
                 },
                 changed = resume.changed() => match changed {
-                    Ok(()) => "connected again, or the consumer stalled".to_owned(),
+                    Ok(()) => resume.borrow().1.to_owned(),
                     Err(_) => return,
                 },
             };
@@ -621,7 +625,10 @@ impl ClusterStore {
                             && now.duration_since(resumed_at) >= inner.options.max_lag * 2
                         {
                             resumed_at = now;
-                            inner.resume.send_modify(|n| *n += 1);
+                            inner.resume.send_modify(|(n, why)| {
+                                *n += 1;
+                                *why = "the stream's consumer stalled";
+                            });
                         }
                         seen_before = seen;
                         match behind {
