@@ -269,6 +269,29 @@ fn subject(stream: &str, key: &EntityKey) -> String {
     format!("{stream}.{}.{}", key.kind.as_str(), subject_token(&key.id))
 }
 
+/// The entity of a subject made by [`subject`] (`None` for any other subject).
+fn key_of_subject(stream: &str, subject: &str) -> Option<EntityKey> {
+    let (kind, token) = subject
+        .strip_prefix(stream)?
+        .strip_prefix('.')?
+        .split_once('.')?;
+    let kind = EntityKind::parse(kind)?;
+    let mut id = Vec::with_capacity(token.len());
+    if token != "_" {
+        // (`_` alone is the empty ID.)
+        let mut bytes = token.bytes();
+        while let Some(b) = bytes.next() {
+            if b == b'_' {
+                let hex = [bytes.next()?, bytes.next()?];
+                id.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+            } else {
+                id.push(b);
+            }
+        }
+    }
+    Some(EntityKey::new(kind, String::from_utf8(id).ok()?))
+}
+
 /// One stored write: its events and the entity after them.
 fn encode(events: &[Event], state: Option<&Entity>) -> Option<Vec<u8>> {
     let mut out = vec![FORMAT];
@@ -658,7 +681,9 @@ impl ClusterStore {
     }
 
     /// A message of the stream: the entity it carries replaces ours if it is newer and
-    /// another node wrote it (ours were applied when written).
+    /// another node wrote it (ours were applied when written) — or if this node wrote it but
+    /// never learnt it was stored (its ack was lost and the write failed at the deadline, so
+    /// the entity went back to its last known state and nothing of the write was announced).
     fn handle(&self, message: &jetstream::Message, loading: bool) {
         let Ok(info) = message.info() else {
             tracing::warn!(subject = %message.subject, "cluster store: a message without stream info");
@@ -677,7 +702,7 @@ impl ClusterStore {
             .as_ref()
             .and_then(|h| h.get(NODE_HEADER))
             .is_some_and(|n| n.as_str() == inner.node);
-        if own {
+        if own && !self.stored_unbeknownst(&message.subject, seq) {
             // Applied when it was written; its ack moved the entity's sequence.
             return;
         }
@@ -702,6 +727,12 @@ impl ClusterStore {
             if seq <= known {
                 return;
             }
+            // One of ours newer than what we know stored: while a write of the entity is in
+            // flight here, its ack (or failure) decides; with none in flight, it was stored
+            // unbeknownst to us.
+            if own && shard.slots.get(&key).is_none_or(|s| s.tail.is_some()) {
+                return;
+            }
             let previous = shard.slots.get(&key).and_then(|s| s.state.clone());
             shard.replace(&key, state.clone(), seq);
             previous
@@ -715,6 +746,19 @@ impl ClusterStore {
                 listener.changed(&key, &events, previous.as_ref(), state.as_ref());
             }
         }
+    }
+
+    /// Whether a message of ours at `seq` on `subject` was stored without this node knowing:
+    /// newer than the entity's last known stored state, with no write of the entity in flight
+    /// here (whose ack or failure would decide).
+    fn stored_unbeknownst(&self, subject: &str, seq: u64) -> bool {
+        let Some(key) = key_of_subject(&self.inner.options.stream, subject) else {
+            return false;
+        };
+        read(self.inner.shard(&key))
+            .slots
+            .get(&key)
+            .is_some_and(|s| seq > s.seq && s.tail.is_none())
     }
 
     fn health(&self) -> Result<(), StoreError> {
@@ -1166,5 +1210,21 @@ mod tests {
         assert_eq!(subject_token(""), "_");
         // Distinct IDs stay distinct: `_` itself is escaped.
         assert_ne!(subject_token("a_2E"), subject_token("a."));
+    }
+
+    #[test]
+    fn a_subject_names_its_entity() {
+        for (kind, id) in [
+            (EntityKind::Thing, "org.acme:lamp-1"),
+            (EntityKind::Policy, "a b*>_"),
+            (EntityKind::Retained, "acme/ä/x"),
+            (EntityKind::Thing, ""),
+        ] {
+            let key = EntityKey::new(kind, id);
+            assert_eq!(key_of_subject("TG", &subject("TG", &key)), Some(key));
+        }
+        assert_eq!(key_of_subject("TG", "OTHER.thing.a"), None);
+        assert_eq!(key_of_subject("TG", "TG.nokind.a"), None);
+        assert_eq!(key_of_subject("TG", "TG.thing.a_4"), None);
     }
 }
