@@ -11,7 +11,9 @@
 //!   a device writes pauses its writes (the pause is measured and bounded) and loses no
 //!   acknowledged one.
 //! - R1 (Debian's nats-server): a node whose NATS is gone says so on `/ready`, refuses writes
-//!   and deliveries (fail closed), and serves again once NATS is back, with nothing lost.
+//!   and deliveries (fail closed), and serves again once NATS is back, with nothing lost; a
+//!   write that outlives the write deadline while NATS hangs fails, and if NATS stores it after
+//!   all, every node (the writing one included) shows it.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -137,16 +139,16 @@ async fn wait_ready(node: &Broker, status: u16, limit: Duration) -> (Duration, S
     }
 }
 
-/// What the node's cluster store logged (warnings and information: it lost or regained
-/// NATS, fell behind, followed the stream again), at most the last `last` lines.
-fn store_log(node: &Broker, last: Option<usize>) -> String {
-    let logs = node.logs();
-    let lines: Vec<&str> = logs
+/// What the node's cluster store logged: warnings and information (it lost or regained NATS,
+/// fell behind, followed the stream again) and its attempts to follow the stream again.
+fn store_log(node: &Broker) -> String {
+    node.logs()
         .lines()
-        .filter(|l| l.contains("twin::store::cluster") && (!l.contains("DEBUG") || l.contains("follow")))
-        .collect();
-    let from = last.map_or(0, |n| lines.len().saturating_sub(n));
-    lines.get(from..).unwrap_or_default().join("\n")
+        .filter(|l| {
+            l.contains("twin::store::cluster") && (!l.contains("DEBUG") || l.contains("follow"))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Asserts that `/ready` answers 200 now; panics with the body and the node's cluster log
@@ -154,16 +156,10 @@ fn store_log(node: &Broker, last: Option<usize>) -> String {
 async fn assert_ready(node: &Broker) {
     let (status, body) = ready(node).await;
     if status != 200 {
-        let logs = node.logs();
-        let cluster: Vec<&str> = logs
-            .lines()
-            .filter(|l| l.contains("cluster") || l.contains("NATS") || l.contains("nats"))
-            .collect();
-        let tail = cluster.get(cluster.len().saturating_sub(30)..).unwrap_or_default();
         panic!(
-            "/ready answers {status}: {}\nthe node's cluster log lines (last 30):\n{}",
+            "/ready answers {status}: {}\nthe node's cluster store said:\n{}",
             body.trim(),
-            tail.join("\n")
+            store_log(node)
         );
     }
 }
@@ -306,12 +302,27 @@ impl R3 {
     fn node_on(&self, i: usize) -> Broker {
         start_node(&self.nats.urls()[i], &self.stream, 3)
     }
+
+    /// How many Thingsgate nodes are connected to server `i` (its `/connz`).
+    fn nodes_connected_to(&self, i: usize) -> usize {
+        let (status, body) = self.nats.monitor(i, "/connz");
+        assert_eq!(status, 200, "/connz: {body}");
+        let connz: Value = serde_json::from_str(&body).unwrap();
+        connz["connections"].as_array().map_or(0, |c| {
+            c.iter().filter(|c| c["name"] == "thingsgate").count()
+        })
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r3_two_nodes_on_different_servers_racing_on_one_thing_lose_no_update() {
     let r3 = R3::start("r3race");
     let nodes = [r3.node_on(0), r3.node_on(1)];
+    assert_eq!(
+        (0..3).map(|i| r3.nodes_connected_to(i)).collect::<Vec<_>>(),
+        vec![1, 1, 0],
+        "one node on n1, the other on n2"
+    );
     create_thing(&nodes[0], &r3.solution, json!({"log": {}})).await;
     // Two writers on two nodes (on two nats-servers), each adding 40 distinct attributes to
     // the same thing, 4 in flight: every acknowledged write must be there, in revisions 1..n.
@@ -449,7 +460,10 @@ async fn kill_the_stream_leader_while_writing(test: &str, writer_on_leader: bool
         if killed_at.is_none() && began.elapsed() > Duration::from_secs(2) {
             r3.nats.kill9(leader);
             killed_at = Some(Instant::now());
-            eprintln!("killed nats-server {} (stream leader)", r3.nats.name(leader));
+            eprintln!(
+                "killed nats-server {} (stream leader)",
+                r3.nats.name(leader)
+            );
         }
     }
     let killed_at = killed_at.unwrap();
@@ -527,10 +541,7 @@ async fn kill_the_stream_leader_while_writing(test: &str, writer_on_leader: bool
         );
     }
     for (name, node) in [("writing", &writer_node), ("reading", &reader_node)] {
-        eprintln!(
-            "the {name} node's cluster store said:\n{}",
-            store_log(node, None)
-        );
+        eprintln!("the {name} node's cluster store said:\n{}", store_log(node));
     }
 
     // Every acknowledged write is there, on the writing node and on the other one; the
@@ -577,8 +588,7 @@ async fn kill_the_stream_leader_while_writing(test: &str, writer_on_leader: bool
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn r3_kill_9_of_the_stream_leader_and_the_writing_nodes_server_loses_no_acknowledged_write()
-{
+async fn r3_kill_9_of_the_stream_leader_and_the_writing_nodes_server_loses_no_acknowledged_write() {
     kill_the_stream_leader_while_writing("r3killboth", true).await;
 }
 
@@ -727,9 +737,7 @@ async fn a_node_that_cannot_reach_nats_delivers_nothing() {
     wait_ready(&node, 503, Duration::from_secs(10)).await;
     // A plain message is taken (PUBACK 0: it was allowed) but delivered to nobody here; a live
     // message cannot be authorized now (its thing's policy may have changed): refused.
-    let plain = device
-        .publish_qos1("plain/during", b"\"during\"")
-        .await;
+    let plain = device.publish_qos1("plain/during", b"\"during\"").await;
     eprintln!(
         "plain message while not current: PUBACK {:#04x} {:?}",
         plain.reason, plain.reason_string
@@ -740,7 +748,11 @@ async fn a_node_that_cannot_reach_nats_delivers_nothing() {
         "live message while not current: PUBACK {:#04x} {:?}",
         refused.reason, refused.reason_string
     );
-    assert_eq!(refused.reason, NOT_AUTHORIZED, "{:?}", refused.reason_string);
+    assert_eq!(
+        refused.reason, NOT_AUTHORIZED,
+        "{:?}",
+        refused.reason_string
+    );
     assert!(
         refused
             .reason_string
@@ -770,4 +782,78 @@ async fn a_node_that_cannot_reach_nats_delivers_nothing() {
         vec!["plain/after"],
         "only what was published once the node was current again"
     );
+}
+
+/// Sends `signal` (`STOP`, `CONT`) to process `pid` (a nats-server of this test's own).
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("`kill` runs");
+    assert!(status.success(), "kill -{signal} {pid}: {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_failed_at_the_deadline_but_stored_shows_on_every_node() {
+    let (nats, stream, solution) = r1("deadline");
+    let url = nats.url_list();
+    let node = start_node(&url, &stream, 1);
+    let other = start_node(&url, &stream, 1);
+    create_thing(&node, &solution, json!({"n": 0})).await;
+    let mut device = client(&node, "device", &solution).await;
+    // NATS hangs (SIGSTOP: its connections stay open; what the node sends waits in the
+    // socket): a write decided just now is retried under its message ID until the write
+    // deadline (20 s), then fails.
+    let pid = nats.pid(0);
+    signal(pid, "STOP");
+    let stopped = Instant::now();
+    let mut pending = device.send_qos1(&thing_command(THING, "modify", "/attributes/n"), b"1");
+    let (to_503, body) = wait_ready(&node, 503, Duration::from_secs(10)).await;
+    eprintln!(
+        "NATS stopped: /ready answered 503 after {:.2} s: {}",
+        to_503.as_secs_f64(),
+        body.trim()
+    );
+    let ack = pending.wait_within(Duration::from_secs(30)).await;
+    let Some(ack) = ack else {
+        signal(pid, "CONT");
+        panic!("no PUBACK within 30 s of NATS hanging");
+    };
+    let took = ack.at.saturating_duration_since(stopped);
+    eprintln!(
+        "the write in flight: PUBACK {:#04x} {:?} after {:.2} s",
+        ack.reason,
+        ack.reason_string,
+        took.as_secs_f64()
+    );
+    signal(pid, "CONT");
+    assert_eq!(ack.reason, UNSPECIFIED_ERROR, "{:?}", ack.reason_string);
+    assert!(
+        took >= Duration::from_secs(19),
+        "it failed before the write deadline: {ack:?}"
+    );
+    // NATS goes on: it reads the write waiting in its socket and stores it (the retries are
+    // duplicates of it). The write failed for the device, but it is in the stream: every
+    // node, the one that wrote it included, must show it (and the revision it has there).
+    let (back, _) = wait_ready(&node, 200, Duration::from_secs(10)).await;
+    eprintln!("/ready 200 again {:.2} s after SIGCONT", back.as_secs_f64());
+    let mut app = client(&other, "app", &solution).await;
+    let (there, revision) = read_thing_at(&mut app, 2).await;
+    assert_eq!((there["n"].clone(), revision), (json!(1), 2), "{there:?}");
+    let (here, revision) = read_thing_at(&mut device, 2).await;
+    assert_eq!(
+        (here["n"].clone(), revision),
+        (json!(1), 2),
+        "the writing node shows what the stream holds"
+    );
+    // And both write on top of it.
+    ok(
+        &mut device,
+        &thing_command(THING, "modify", "/attributes/n"),
+        &json!(2),
+    )
+    .await;
+    let (there, revision) = read_thing_at(&mut app, 3).await;
+    assert_eq!((there["n"].clone(), revision), (json!(2), 3));
 }
