@@ -326,58 +326,96 @@ async fn r3_two_nodes_on_different_servers_racing_on_one_thing_lose_no_update() 
     create_thing(&nodes[0], &r3.solution, json!({"log": {}})).await;
     // Two writers on two nodes (on two nats-servers), each adding 40 distinct attributes to
     // the same thing, 4 in flight: every acknowledged write must be there, in revisions 1..n.
+    // A write may be refused after 16 conflicts in a row (the core gives up: one node's
+    // pipelined writes can starve the other's, as JetStream ≥ 2.11 also refuses a CAS append
+    // while another append of the subject is in flight): such a write is counted, must say so
+    // in the node's log, and must not be stored.
     const EACH: usize = 40;
     let mut tasks = Vec::new();
     for (node, id) in [(0, "device"), (1, "app")] {
         let mut writer = client(&nodes[node], id, &r3.solution).await;
         tasks.push(tokio::spawn(async move {
-            let mut pending: VecDeque<PendingAck> = VecDeque::new();
-            let mut acked = 0;
+            let mut pending: VecDeque<(usize, PendingAck)> = VecDeque::new();
+            let mut refused = Vec::new();
             for i in 0..EACH {
                 let topic = thing_command(THING, "modify", &format!("/attributes/log/n{node}-{i}"));
-                pending.push_back(writer.send_qos1(&topic, b"true"));
+                pending.push_back((i, writer.send_qos1(&topic, b"true")));
                 if pending.len() >= 4 {
-                    let ack = pending.pop_front().unwrap().wait().await;
-                    assert_eq!(ack.reason, SUCCESS, "{:?}", ack.reason_string);
-                    acked += 1;
+                    let (i, p) = pending.pop_front().unwrap();
+                    let ack = p.wait().await;
+                    if ack.reason != SUCCESS {
+                        refused.push((i, ack));
+                    }
                 }
             }
-            for p in pending {
+            for (i, p) in pending {
                 let ack = p.wait().await;
-                assert_eq!(ack.reason, SUCCESS, "{:?}", ack.reason_string);
-                acked += 1;
+                if ack.reason != SUCCESS {
+                    refused.push((i, ack));
+                }
             }
-            (writer, acked)
+            (writer, refused)
         }));
     }
     let mut writers = Vec::new();
-    for task in tasks {
-        let (writer, acked) = tokio::time::timeout(Duration::from_secs(40), task)
+    let mut refused_keys = Vec::new();
+    for (node, task) in tasks.into_iter().enumerate() {
+        let (writer, refused) = tokio::time::timeout(Duration::from_secs(40), task)
             .await
             .expect("the writers finish within 40 s")
             .unwrap();
-        assert_eq!(acked, EACH);
+        let logs = nodes[node].logs();
+        let gave_up = logs
+            .lines()
+            .filter(|l| l.contains("conflicts in a row; giving up"))
+            .count();
+        let all_starved = refused.iter().all(|(_, ack)| {
+            ack.reason == UNSPECIFIED_ERROR
+                && ack.reason_string.as_deref() == Some("the change could not be stored")
+        });
+        if !all_starved || gave_up != refused.len() {
+            let said: Vec<&str> = logs
+                .lines()
+                .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+                .collect();
+            panic!(
+                "writes through node {node} refused ({gave_up} gave up after conflicts): \
+                 {refused:?}\nthe node's warnings and errors:\n{}",
+                said.join("\n")
+            );
+        }
+        refused_keys.extend(refused.iter().map(|(i, _)| format!("n{node}-{i}")));
         writers.push(writer);
     }
-    // Each node: revision 1 (create) + 2 × EACH, every attribute present.
-    let want = 1 + 2 * EACH as u64;
+    // Each node: revision 1 (create) + one per acknowledged write, each of them present, none
+    // of the refused ones.
+    let acked = 2 * EACH - refused_keys.len();
+    let want = 1 + acked as u64;
     for (node, writer) in writers.iter_mut().enumerate() {
         let (attributes, revision) = read_thing_at(writer, want).await;
         assert_eq!(revision, want, "node {node}: a revision too many");
         let log = attributes["log"].as_object().unwrap();
         for n in 0..2 {
             for i in 0..EACH {
-                assert!(
-                    log.contains_key(&format!("n{n}-{i}")),
-                    "node {node}: the acknowledged write n{n}-{i} is missing: {log:?}"
+                let key = format!("n{n}-{i}");
+                assert_eq!(
+                    log.contains_key(&key),
+                    !refused_keys.contains(&key),
+                    "node {node}: write {key} (refused: {}) in the state: {log:?}",
+                    refused_keys.contains(&key)
                 );
             }
         }
-        assert_eq!(log.len(), 2 * EACH);
+        assert_eq!(log.len(), acked);
     }
     // The race was real.
     let total = conflicts(&nodes[0]).await + conflicts(&nodes[1]).await;
-    eprintln!("r3 race: {total} changes decided again after a conflict");
+    eprintln!(
+        "r3 race: {total} changes decided again after a conflict; {} of {} writes refused after \
+         16 conflicts in a row: {refused_keys:?}",
+        refused_keys.len(),
+        2 * EACH
+    );
     assert!(total > 0.0, "no conflict: the two nodes never raced");
 }
 
