@@ -488,6 +488,19 @@ fn wait_with_deadline(child: &mut Child, limit: Duration) -> Option<ExitStatus> 
 /// `thingsgate solution create --cluster URLS` on stream `stream`: a solution every node of the
 /// cluster serves at once.
 pub fn create_cluster_solution(urls: &str, stream: &str, id: &str, namespace: &str) -> Solution {
+    create_cluster_solution_env(urls, stream, id, namespace, &[])
+}
+
+/// [`create_cluster_solution`] with more of the command's environment: e.g.
+/// `THINGSGATE_CLUSTER_REPLICAS=3`, so that the stream it creates (when it is the first) is
+/// replicated.
+pub fn create_cluster_solution_env(
+    urls: &str,
+    stream: &str,
+    id: &str,
+    namespace: &str,
+    env: &[(&str, &str)],
+) -> Solution {
     let output = Command::new(thingsgate_bin())
         .args([
             "solution",
@@ -502,6 +515,7 @@ pub fn create_cluster_solution(urls: &str, stream: &str, id: &str, namespace: &s
         ])
         .env("THINGSGATE_CLUSTER_STREAM", stream)
         .env_remove("THINGSGATE_CLUSTER_URLS")
+        .envs(env.iter().copied())
         .output()
         .expect("thingsgate runs");
     assert!(

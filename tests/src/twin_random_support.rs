@@ -116,6 +116,16 @@ impl PendingAck {
         ack
     }
 
+    /// The PUBACK if it arrives within `limit` (which may be longer than [`NET_TIMEOUT`]);
+    /// `None` if it does not, or if the connection closes first. Kept for
+    /// [`PendingAck::arrived`].
+    pub async fn wait_within(&mut self, limit: Duration) -> Option<Ack> {
+        if self.got.is_none() {
+            self.got = tokio::time::timeout(limit, &mut self.rx).await.ok()?.ok();
+        }
+        self.got.clone()
+    }
+
     /// The PUBACK if it has arrived by now (after the connection ended: whether it ever did).
     pub fn arrived(&mut self) -> Option<Ack> {
         if self.got.is_none() {

@@ -244,3 +244,82 @@ async fn pipelined_writes_of_one_node_are_stored_in_order_and_a_barrier_waits_fo
     assert_eq!(stored.doc["attributes"]["n"], json!(49));
     delete_stream(&name).await;
 }
+
+/// A write of node A that JetStream stored although A never learnt it (its ack was lost, and
+/// it failed at the write deadline after NATS had been away too long: nothing of it was
+/// announced on A) reaches A through the stream as another node's write would: A must not
+/// keep the state before it while every other node shows the write. Simulated by appending a
+/// message with A's `Tg-Node` header that A did not write: the same payload B stored as
+/// revision 2 in a stream of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_write_of_this_node_it_never_saw_acknowledged_is_taken_from_the_stream() {
+    use async_nats::jetstream::message::PublishMessage;
+
+    let name = stream_name("ownunacked");
+    let elsewhere = stream_name("ownunackedsrc");
+    let a = open(&name).await;
+    let heard = Arc::new(Heard::default());
+    a.set_listener(heard.clone());
+    increment(&a, "ns:t1").await;
+    let b = open(&elsewhere).await;
+    increment(&b, "ns:t1").await;
+    increment(&b, "ns:t1").await;
+
+    let client = async_nats::connect(nats_url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let token = twin::store::cluster::subject_token("ns:t1");
+    let source = js
+        .get_stream(&elsewhere)
+        .await
+        .unwrap()
+        .get_last_raw_message_by_subject(&format!("{elsewhere}.thing.{token}"))
+        .await
+        .unwrap();
+    let subject = format!("{name}.thing.{token}");
+    let target = js.get_stream(&name).await.unwrap();
+    let last = target
+        .get_last_raw_message_by_subject(&subject)
+        .await
+        .unwrap()
+        .sequence;
+    let ack = js
+        .send_publish(
+            subject,
+            PublishMessage::build()
+                .payload(source.payload.clone())
+                .expected_last_subject_sequence(last)
+                .header("Tg-Node", a.node()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let key = thing("ns:t1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.get(&key).map(|e| e.revision) != Some(2) {
+        assert!(
+            Instant::now() < deadline,
+            "node A keeps revision {:?} although the stream holds its revision 2 at {}",
+            a.get(&key).map(|e| e.revision),
+            ack.sequence
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(a.get(&key).unwrap().doc["attributes"]["n"], json!(2));
+    // Announced here too (it never was when it was written).
+    assert_eq!(
+        heard
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, r)| *r)
+            .collect::<Vec<_>>(),
+        vec![2]
+    );
+    // A writes on top of it without a conflict: it decided on what the stream holds.
+    assert_eq!(increment(&a, "ns:t1").await, 3);
+    delete_stream(&name).await;
+    delete_stream(&elsewhere).await;
+}

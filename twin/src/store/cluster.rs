@@ -50,7 +50,9 @@
 //! reloaded). The store is **current** only while it is connected and its consumer has seen
 //! everything the stream held a moment ago (checked every 250 ms against the stream's last
 //! sequence); otherwise [`TwinStore::current`] says why, writes are refused, and the broker
-//! refuses checks it cannot prove current (fail closed).
+//! refuses checks it cannot prove current (fail closed). The consumer lives on one NATS
+//! server, in memory: whenever the connection is made again, and whenever the check finds it
+//! stalled, the store creates it again from the last message it handled.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -195,6 +197,11 @@ struct Inner {
     health: RwLock<Health>,
     /// The stream sequence of the last message the consumer handled.
     seen: AtomicU64,
+    /// Moves when the consumer must be created again, from `seen` + 1: the connection to NATS
+    /// was made again (the server may have lost the consumer: an R1 server restarted, or the
+    /// server holding it is gone), or the freshness check found it stalled.
+    /// (How many times, and why the last time.)
+    resume: watch::Sender<(u64, &'static str)>,
     closed: AtomicBool,
     listener: RwLock<Option<Arc<dyn ChangeListener>>>,
     /// First attempts of appends whose expected sequence is known, published in the order
@@ -260,6 +267,29 @@ pub fn subject_token(id: &str) -> String {
 
 fn subject(stream: &str, key: &EntityKey) -> String {
     format!("{stream}.{}.{}", key.kind.as_str(), subject_token(&key.id))
+}
+
+/// The entity of a subject made by [`subject`] (`None` for any other subject).
+fn key_of_subject(stream: &str, subject: &str) -> Option<EntityKey> {
+    let (kind, token) = subject
+        .strip_prefix(stream)?
+        .strip_prefix('.')?
+        .split_once('.')?;
+    let kind = EntityKind::parse(kind)?;
+    let mut id = Vec::with_capacity(token.len());
+    if token != "_" {
+        // (`_` alone is the empty ID.)
+        let mut bytes = token.bytes();
+        while let Some(b) = bytes.next() {
+            if b == b'_' {
+                let hex = [bytes.next()?, bytes.next()?];
+                id.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+            } else {
+                id.push(b);
+            }
+        }
+    }
+    Some(EntityKey::new(kind, String::from_utf8(id).ok()?))
 }
 
 /// One stored write: its events and the entity after them.
@@ -342,11 +372,22 @@ impl ClusterStore {
         if options.urls.is_empty() {
             return Err(unavailable("no NATS server URL given"));
         }
+        let (resume, _) = watch::channel((0u64, ""));
+        let reconnected = resume.clone();
         let client = tokio::time::timeout(
             options.call_timeout * 5,
             async_nats::ConnectOptions::new()
                 .name("thingsgate")
                 .retry_on_initial_connect()
+                .event_callback(move |event| {
+                    if matches!(event, async_nats::Event::Connected) {
+                        reconnected.send_modify(|(n, why)| {
+                            *n += 1;
+                            *why = "connected to NATS again";
+                        });
+                    }
+                    std::future::ready(())
+                })
                 .connect(options.urls.clone()),
         )
         .await
@@ -406,6 +447,7 @@ impl ClusterStore {
                 low_water,
                 health: RwLock::new(Health::Behind("loading".into())),
                 seen: AtomicU64::new(0),
+                resume,
                 closed: AtomicBool::new(false),
                 listener: RwLock::new(None),
                 submit,
@@ -479,24 +521,9 @@ impl ClusterStore {
         );
         *write(&inner.health) = Health::Current;
         let follower = self.clone();
-        inner.runtime.spawn(async move {
-            while let Some(message) = messages.next().await {
-                if follower.inner.closed.load(Ordering::Acquire) {
-                    return;
-                }
-                match message {
-                    Ok(message) => follower.handle(&message, false),
-                    Err(e) => {
-                        // The ordered consumer recreates itself after gaps and reconnects;
-                        // until the freshness check sees it caught up, the store is behind.
-                        tracing::warn!(error = %e, "cluster store: the stream's consumer failed");
-                        *write(&follower.inner.health) =
-                            Health::Behind(format!("the stream's consumer failed: {e}"));
-                    }
-                }
-            }
-            *write(&follower.inner.health) = Health::Behind("the stream's consumer ended".into());
-        });
+        inner
+            .runtime
+            .spawn(async move { follower.follow(messages).await });
         let checker = self.clone();
         inner
             .runtime
@@ -504,12 +531,91 @@ impl ClusterStore {
         Ok(())
     }
 
+    /// Follows the stream with `messages`, handing each message to [`Self::handle`]. The
+    /// consumer is created again from the last message handled when the connection was made
+    /// again, when it fails or ends, and when the freshness check finds it stalled: the
+    /// ordered consumer of async-nats would notice a consumer lost with its server (an R1
+    /// server restarted, the server holding it in a cluster killed) only after two missed
+    /// idle heartbeats of 15 s, and meanwhile the store could not be current.
+    async fn follow(&self, mut messages: consumer::pull::Ordered) {
+        let inner = &self.inner;
+        let mut resume = inner.resume.subscribe();
+        resume.borrow_and_update();
+        loop {
+            let why = tokio::select! {
+                message = messages.next() => match message {
+                    Some(Ok(message)) => {
+                        if inner.closed.load(Ordering::Acquire) {
+                            return;
+                        }
+                        self.handle(&message, false);
+                        continue;
+                    }
+                    Some(Err(e)) => format!("the stream's consumer failed: {e}"),
+                    None => "the stream's consumer ended".to_owned(),
+                },
+                changed = resume.changed() => match changed {
+                    Ok(()) => resume.borrow().1.to_owned(),
+                    Err(_) => return,
+                },
+            };
+            if inner.closed.load(Ordering::Acquire) {
+                return;
+            }
+            tracing::warn!(reason = %why, "cluster store: following the stream again");
+            let mut backoff = Duration::from_millis(50);
+            messages = loop {
+                let from = self.seen() + 1;
+                match self.consume_from(from).await {
+                    Ok(messages) => {
+                        tracing::info!(from, "cluster store: following the stream from here");
+                        break messages;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, from, "cluster store: cannot follow the stream yet");
+                        if inner.closed.load(Ordering::Acquire) {
+                            return;
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                }
+            };
+            resume.borrow_and_update();
+        }
+    }
+
+    /// A new ordered consumer of every message from stream sequence `from`.
+    async fn consume_from(&self, from: u64) -> Result<consumer::pull::Ordered, StoreError> {
+        let inner = &self.inner;
+        let consumer = tokio::time::timeout(
+            inner.options.call_timeout,
+            inner.stream.create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: format!("{}.>", inner.options.stream),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: from,
+                },
+                ..Default::default()
+            }),
+        )
+        .await
+        .map_err(|_| unavailable("JetStream did not create the consumer in time"))?
+        .map_err(|e| unavailable(format!("cannot create the stream's consumer: {e}")))?;
+        tokio::time::timeout(inner.options.call_timeout, consumer.messages())
+            .await
+            .map_err(|_| unavailable("JetStream did not start the consumer in time"))?
+            .map_err(|e| unavailable(format!("cannot read the stream: {e}")))
+    }
+
     /// Every 250 ms: connected, and the consumer has reached the last sequence the stream
-    /// had `max_lag` ago?
+    /// had `max_lag` ago? If it has not, and handled nothing since the last check, it is
+    /// stalled: the follower creates it again (at most once per 2 × `max_lag`).
     async fn check_freshness(&self) {
         let inner = &self.inner;
         let mut targets: std::collections::VecDeque<(Instant, u64)> = Default::default();
         let mut stream = inner.stream.clone();
+        let mut seen_before = self.seen();
+        let mut resumed_at = Instant::now();
         loop {
             tokio::time::sleep(Duration::from_millis(250)).await;
             if inner.closed.load(Ordering::Acquire) {
@@ -537,6 +643,17 @@ impl ClusterStore {
                                 break;
                             }
                         }
+                        if behind.is_some()
+                            && seen == seen_before
+                            && now.duration_since(resumed_at) >= inner.options.max_lag * 2
+                        {
+                            resumed_at = now;
+                            inner.resume.send_modify(|(n, why)| {
+                                *n += 1;
+                                *why = "the stream's consumer stalled";
+                            });
+                        }
+                        seen_before = seen;
                         match behind {
                             Some(target) => Health::Behind(format!(
                                 "the stream's consumer is at {seen}, the stream was at {target} \
@@ -564,7 +681,9 @@ impl ClusterStore {
     }
 
     /// A message of the stream: the entity it carries replaces ours if it is newer and
-    /// another node wrote it (ours were applied when written).
+    /// another node wrote it (ours were applied when written) — or if this node wrote it but
+    /// never learnt it was stored (its ack was lost and the write failed at the deadline, so
+    /// the entity went back to its last known state and nothing of the write was announced).
     fn handle(&self, message: &jetstream::Message, loading: bool) {
         let Ok(info) = message.info() else {
             tracing::warn!(subject = %message.subject, "cluster store: a message without stream info");
@@ -583,7 +702,7 @@ impl ClusterStore {
             .as_ref()
             .and_then(|h| h.get(NODE_HEADER))
             .is_some_and(|n| n.as_str() == inner.node);
-        if own {
+        if own && !self.stored_unbeknownst(&message.subject, seq) {
             // Applied when it was written; its ack moved the entity's sequence.
             return;
         }
@@ -608,6 +727,12 @@ impl ClusterStore {
             if seq <= known {
                 return;
             }
+            // One of ours newer than what we know stored: while a write of the entity is in
+            // flight here, its ack (or failure) decides; with none in flight, it was stored
+            // unbeknownst to us.
+            if own && shard.slots.get(&key).is_none_or(|s| s.tail.is_some()) {
+                return;
+            }
             let previous = shard.slots.get(&key).and_then(|s| s.state.clone());
             shard.replace(&key, state.clone(), seq);
             previous
@@ -621,6 +746,19 @@ impl ClusterStore {
                 listener.changed(&key, &events, previous.as_ref(), state.as_ref());
             }
         }
+    }
+
+    /// Whether a message of ours at `seq` on `subject` was stored without this node knowing:
+    /// newer than the entity's last known stored state, with no write of the entity in flight
+    /// here (whose ack or failure would decide).
+    fn stored_unbeknownst(&self, subject: &str, seq: u64) -> bool {
+        let Some(key) = key_of_subject(&self.inner.options.stream, subject) else {
+            return false;
+        };
+        read(self.inner.shard(&key))
+            .slots
+            .get(&key)
+            .is_some_and(|s| seq > s.seq && s.tail.is_none())
     }
 
     fn health(&self) -> Result<(), StoreError> {
@@ -1072,5 +1210,21 @@ mod tests {
         assert_eq!(subject_token(""), "_");
         // Distinct IDs stay distinct: `_` itself is escaped.
         assert_ne!(subject_token("a_2E"), subject_token("a."));
+    }
+
+    #[test]
+    fn a_subject_names_its_entity() {
+        for (kind, id) in [
+            (EntityKind::Thing, "org.acme:lamp-1"),
+            (EntityKind::Policy, "a b*>_"),
+            (EntityKind::Retained, "acme/ä/x"),
+            (EntityKind::Thing, ""),
+        ] {
+            let key = EntityKey::new(kind, id);
+            assert_eq!(key_of_subject("TG", &subject("TG", &key)), Some(key));
+        }
+        assert_eq!(key_of_subject("TG", "OTHER.thing.a"), None);
+        assert_eq!(key_of_subject("TG", "TG.nokind.a"), None);
+        assert_eq!(key_of_subject("TG", "TG.thing.a_4"), None);
     }
 }
