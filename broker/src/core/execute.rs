@@ -356,17 +356,30 @@ impl Pending {
             }
             Err(e) => {
                 tracing::error!(error = %e, client = %session.client_id, "a twin change could not be journaled");
-                const NOT_STORED: &str = "the change could not be stored";
+                // A cluster store that got no ack in time cannot say whether JetStream stored
+                // the write after all (other nodes will show it if it did): say so.
+                let (status, code, reason) = match e {
+                    StoreError::Unavailable { .. } => (
+                        503,
+                        "things:unavailable",
+                        "the change was not confirmed: the cluster store did not acknowledge                          it in time (it may still have been stored; read the thing to see)",
+                    ),
+                    _ => (
+                        500,
+                        "things:internal.error",
+                        "the change could not be stored",
+                    ),
+                };
                 if let Some(answer) = self.answer.take() {
                     let (answer, reply) = *answer;
-                    let error = DittoError::new(500, "things:internal.error", NOT_STORED);
+                    let error = DittoError::new(status, code, reason);
                     let topic = Some(answer.topic.clone());
                     let failed = Envelope::error(topic.as_ref(), &error, None);
                     answer_requester(space, session, &reply, &failed, &core.metrics);
                 }
                 Told {
-                    status: Some(500),
-                    ..Told::new(Verdict::Failed, NOT_STORED)
+                    status: Some(status),
+                    ..Told::new(Verdict::Failed, reason)
                 }
             }
         }
@@ -520,6 +533,18 @@ impl Core {
                 payload,
                 origin,
             } => {
+                // Fail closed: a cluster node that cannot prove the solution policy current
+                // neither authorizes nor delivers; the publisher is told, not left to believe
+                // it was delivered.
+                if let Err(e) = self.twins.store.current() {
+                    return Outcome::Now(Told {
+                        status: Some(503),
+                        ..Told::new(
+                            Verdict::Failed,
+                            format!("the message cannot be authorized now: {e}"),
+                        )
+                    });
+                }
                 if !client.solution_allows(
                     ResourceType::Topic,
                     topic.as_str(),
@@ -623,6 +648,13 @@ impl Core {
                                 &answer,
                                 &self.metrics,
                             );
+                        }
+                        if error.status == 503 {
+                            // Not a denial: this node cannot decide now (cluster store behind).
+                            return Outcome::Now(Told {
+                                status: Some(503),
+                                ..Told::new(Verdict::Failed, error.message)
+                            });
                         }
                         client.space.denied(&self.metrics, "message");
                         tracing::debug!(
