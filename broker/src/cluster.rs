@@ -163,7 +163,72 @@ pub async fn join(
             }
         }
     });
+    spawn_membership(core, &client, &config.stream, node.node.clone()).await?;
     tracing::info!(node = %node.node, stream = %config.stream, "joined the cluster");
+    Ok(())
+}
+
+/// How often a node says it is alive, and how long a node unheard of counts as gone.
+const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
+const GONE_AFTER: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Which node runs the bridges: every node says every second that it is alive (and since
+/// when); the longest-running live node runs them, the others none. A node decides only after
+/// listening for [`GONE_AFTER`] (so a starting node does not take them over), and a node gone
+/// for that long is replaced. During such a change two nodes may both run them for up to a
+/// heartbeat, or none for up to [`GONE_AFTER`].
+async fn spawn_membership(
+    core: &Arc<Core>,
+    client: &async_nats::Client,
+    stream: &str,
+    node: String,
+) -> anyhow::Result<()> {
+    let subject = format!("{stream}_NODES");
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let me = format!("{started:020} {node}");
+    let mut heard = client
+        .subscribe(subject.clone())
+        .await
+        .with_context(|| format!("cannot subscribe to `{subject}` on NATS"))?;
+    // Single-node until proven otherwise would start the bridges everywhere: not until
+    // the others were heard.
+    core.bridges.host_here(false);
+    let sender = client.clone();
+    let weak = Arc::downgrade(core);
+    let joined = Instant::now();
+    tokio::spawn(async move {
+        let mut seen: std::collections::HashMap<String, Instant> = Default::default();
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let Some(core) = weak.upgrade() else { return };
+                    let beat = tokio::time::timeout(
+                        HEARTBEAT,
+                        sender.publish(subject.clone(), Bytes::from(me.clone())),
+                    );
+                    let _ = beat.await;
+                    let now = Instant::now();
+                    seen.retain(|_, at| now.duration_since(*at) < GONE_AFTER);
+                    if now.duration_since(joined) >= GONE_AFTER {
+                        // Ours is the smallest "started node" of all live nodes?
+                        let first = seen.keys().all(|other| *other >= me);
+                        core.bridges.host_here(first && core.twins.store.current().is_ok());
+                    }
+                }
+                beat = heard.next() => {
+                    let Some(beat) = beat else { return };
+                    if let Ok(text) = std::str::from_utf8(&beat.payload)
+                        && text != me
+                    {
+                        seen.insert(text.to_owned(), Instant::now());
+                    }
+                }
+            }
+        }
+    });
     Ok(())
 }
 

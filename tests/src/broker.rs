@@ -350,6 +350,11 @@ impl Broker {
         }
     }
 
+    /// Whether it was started and not killed or stopped since (without asking the process).
+    pub fn is_started(&self) -> bool {
+        self.running.is_some()
+    }
+
     fn running(&self) -> &Running {
         self.running
             .as_ref()

@@ -883,6 +883,19 @@ async fn a_write_failed_at_the_deadline_but_stored_shows_on_every_node() {
     // node, the one that wrote it included, must show it (and the revision it has there).
     let (back, _) = wait_ready(&node, 200, Duration::from_secs(10)).await;
     eprintln!("/ready 200 again {:.2} s after SIGCONT", back.as_secs_f64());
+    // The server works off what queued while it was stopped: wait until the node stays ready.
+    let steady = Instant::now();
+    let mut since = Instant::now();
+    while since.elapsed() < Duration::from_secs(1) {
+        if ready(&node).await.0 != 200 {
+            since = Instant::now();
+        }
+        assert!(
+            steady.elapsed() < Duration::from_secs(20),
+            "/ready keeps changing"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut app = client(&other, "app", &solution).await;
     let (there, revision) = read_thing_at(&mut app, 2).await;
     assert_eq!((there["n"].clone(), revision), (json!(1), 2), "{there:?}");

@@ -61,7 +61,12 @@ async fn stop_all(list: Vec<Running>) {
 
 async fn reconcile(core: &Arc<Core>, running: &mut HashMap<(String, String), Running>) {
     let mut wanted: HashMap<(String, String), ConnectionDoc> = HashMap::new();
-    for solution in core.auth.solutions.list() {
+    // Cluster mode: one node runs every bridge (`cluster.rs` picks it); the others none.
+    let here = !core
+        .bridges
+        .elsewhere
+        .load(std::sync::atomic::Ordering::Acquire);
+    for solution in core.auth.solutions.list().into_iter().filter(|_| here) {
         for doc in &solution.connections {
             wanted.insert(
                 (solution.id.as_str().to_owned(), doc.id.clone()),

@@ -175,6 +175,23 @@ pub struct Bridges {
     statuses: Mutex<HashMap<(String, String), Arc<Status>>>,
     /// Notified when a solution's connections (may have) changed.
     pub changed: Notify,
+    /// Cluster mode: this node is not the one that runs the bridges (every node would
+    /// otherwise consume each source and publish each target message once per node). One
+    /// node: always `false`, it runs them.
+    pub elsewhere: std::sync::atomic::AtomicBool,
+}
+
+impl Bridges {
+    /// Cluster mode: whether this node runs the bridges from now on (the manager follows).
+    pub fn host_here(&self, here: bool) {
+        let was = self
+            .elsewhere
+            .swap(!here, std::sync::atomic::Ordering::AcqRel);
+        if was == here {
+            tracing::info!(here, "cluster: this node's share of the bridges changed");
+            self.changed.notify_one();
+        }
+    }
 }
 
 impl Bridges {

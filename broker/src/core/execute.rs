@@ -362,7 +362,8 @@ impl Pending {
                     StoreError::Unavailable { .. } => (
                         503,
                         "things:unavailable",
-                        "the change was not confirmed: the cluster store did not acknowledge                          it in time (it may still have been stored; read the thing to see)",
+                        "the change was not confirmed: the cluster store did not acknowledge it \
+                         in time (it may still have been stored; read the thing to see)",
                     ),
                     _ => (
                         500,

@@ -616,12 +616,14 @@ impl ClusterStore {
         let mut stream = inner.stream.clone();
         let mut seen_before = self.seen();
         let mut resumed_at = Instant::now();
+        let mut failed_infos = 0u32;
         loop {
             tokio::time::sleep(Duration::from_millis(250)).await;
             if inner.closed.load(Ordering::Acquire) {
                 return;
             }
             let now = Instant::now();
+            let mut info_failed = false;
             let health = if inner.client.connection_state()
                 != async_nats::connection::State::Connected
             {
@@ -663,10 +665,27 @@ impl ClusterStore {
                             None => Health::Current,
                         }
                     }
-                    Ok(Err(e)) => Health::Behind(format!("stream info: {e}")),
-                    Err(_) => Health::Behind("JetStream did not answer the stream info".into()),
+                    // One slow answer (a server busy catching up) proves nothing; two in a
+                    // row (about 4 s without one) mean it cannot be trusted to be current.
+                    Ok(Err(e)) => {
+                        info_failed = true;
+                        if failed_infos > 0 {
+                            Health::Behind(format!("stream info: {e}"))
+                        } else {
+                            read(&inner.health).clone()
+                        }
+                    }
+                    Err(_) => {
+                        info_failed = true;
+                        if failed_infos > 0 {
+                            Health::Behind("JetStream did not answer the stream info".into())
+                        } else {
+                            read(&inner.health).clone()
+                        }
+                    }
                 }
             };
+            failed_infos = if info_failed { failed_infos + 1 } else { 0 };
             let mut current = write(&inner.health);
             if *current != health {
                 match &health {
