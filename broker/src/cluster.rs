@@ -302,11 +302,18 @@ impl Relay for Node {
     }
 
     fn plain(&self, solution: &str, message: &Message) {
-        self.send(solution, encode(solution, message, None));
+        self.send(solution, encode(solution, message, Kind::Plain));
     }
 
     fn live(&self, solution: &str, message: &Message, thing: &str, resource: &str) {
-        self.send(solution, encode(solution, message, Some((thing, resource))));
+        self.send(
+            solution,
+            encode(solution, message, Kind::Live { thing, resource }),
+        );
+    }
+
+    fn reply(&self, solution: &str, message: &Message) {
+        self.send(solution, encode(solution, message, Kind::Reply));
     }
 }
 
@@ -371,6 +378,19 @@ impl ChangeListener for Node {
     }
 }
 
+/// What a relayed message is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind<'a> {
+    Plain,
+    /// A live message: the thing and its `message:` resource.
+    Live {
+        thing: &'a str,
+        resource: &'a str,
+    },
+    /// An answer for a reply address.
+    Reply,
+}
+
 /// A message relayed from another node.
 #[derive(Debug)]
 struct Relayed {
@@ -378,6 +398,8 @@ struct Relayed {
     message: Arc<Message>,
     /// A live message: the thing and its `message:` resource.
     live: Option<(String, String)>,
+    /// An answer for a reply address.
+    reply: bool,
 }
 
 fn deliver(core: &Core, relayed: Relayed) {
@@ -385,6 +407,10 @@ fn deliver(core: &Core, relayed: Relayed) {
         return;
     };
     let space = core.spaces.get_or_create(&solution);
+    if relayed.reply {
+        core.deliver_reply(&space, relayed.message);
+        return;
+    }
     match relayed.live {
         None => {
             dispatch::publish(&space, &relayed.message, &core.metrics, &*core.twins.store);
@@ -426,10 +452,14 @@ fn put_opt(out: &mut BytesMut, s: Option<&[u8]>) {
 }
 
 /// `kind, solution, topic, qos, retain, expiry, [thing, resource], properties, payload`.
-fn encode(solution: &str, message: &Message, live: Option<(&str, &str)>) -> Bytes {
+fn encode(solution: &str, message: &Message, kind: Kind<'_>) -> Bytes {
     let mut out =
         BytesMut::with_capacity(64 + message.topic.as_str().len() + message.payload.len());
-    out.put_u8(if live.is_some() { 2 } else { 1 });
+    out.put_u8(match kind {
+        Kind::Plain => 1,
+        Kind::Live { .. } => 2,
+        Kind::Reply => 3,
+    });
     put_str(&mut out, solution.as_bytes());
     put_str(&mut out, message.topic.as_bytes());
     out.put_u8(message.qos as u8);
@@ -443,7 +473,7 @@ fn encode(solution: &str, message: &Message, live: Option<(&str, &str)>) -> Byte
         .unwrap_or(u32::MAX)
     });
     out.put_u32(expiry.unwrap_or(0));
-    if let Some((thing, resource)) = live {
+    if let Kind::Live { thing, resource } = kind {
         put_str(&mut out, thing.as_bytes());
         put_str(&mut out, resource.as_bytes());
     }
@@ -514,7 +544,7 @@ fn decode(mut input: Bytes) -> Result<Relayed, &'static str> {
     }
     let expiry = input.get_u32();
     let live = match kind {
-        1 => None,
+        1 | 3 => None,
         2 => Some((take_string(&mut input)?, take_string(&mut input)?)),
         _ => return Err("unknown kind"),
     };
@@ -577,6 +607,7 @@ fn decode(mut input: Bytes) -> Result<Relayed, &'static str> {
         solution,
         message,
         live,
+        reply: kind == 3,
     })
 }
 
@@ -641,7 +672,7 @@ mod tests {
         assert_eq!(p.correlation_data.as_deref(), Some(&b"\x00\x01"[..]));
         assert_eq!(p.user_properties.len(), 1);
         for cut in 0..20 {
-            let mut bytes = encode("acme", &message, None).to_vec();
+            let mut bytes = encode("acme", &message, Kind::Plain).to_vec();
             bytes.truncate(cut);
             assert!(decode(Bytes::from(bytes)).is_err(), "cut at {cut}");
         }

@@ -638,3 +638,84 @@ async fn exactly_one_node_runs_the_bridges_and_another_takes_over_when_it_dies()
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_message_over_http_on_one_node_gets_the_answer_of_a_device_on_another() {
+    use e2e::http::{Api, Auth, http_addr};
+    use e2e::protocol_support::{
+        ack_if_needed, connected, expect_puback, expect_publish, opts, publish, qos1, subscribe_ok,
+    };
+    let cluster = Cluster::start("reply", 2);
+    let one = |id: &str| subjects_json(&[client_subject(&cluster.solution, id)]);
+    let messages = json!({"policyId": POLICY, "entries": {
+        "owner": {"subjects": subjects_json(&[format!("iot-things:{}", cluster.solution.id)]), "resources": {
+            "policy:/": {"grant": ["READ", "WRITE"], "revoke": []},
+            "thing:/": {"grant": ["READ", "WRITE"], "revoke": []},
+            "message:/": {"grant": ["READ", "WRITE"], "revoke": []},
+        }},
+        "device": {"subjects": one("device"), "resources": {
+            "message:/": {"grant": ["READ", "WRITE"], "revoke": []},
+        }},
+    }});
+    let mut owner = cluster.client(0, "owner").await;
+    ok(
+        &mut owner,
+        &policy_command(POLICY, "create", "/"),
+        &messages,
+    )
+    .await;
+    ok(
+        &mut owner,
+        &thing_command(THING, "create", "/"),
+        &json!({"policyId": POLICY}),
+    )
+    .await;
+    // The device on node 2; the HTTP client asks node 1.
+    let mut device = connected(
+        cluster.nodes[1].mqtt_addr(),
+        Protocol::V5,
+        "device",
+        &cluster.solution,
+    )
+    .await;
+    subscribe_ok(
+        &mut device,
+        "org.acme/lamp/things/live/messages/#",
+        opts(QoS::AtLeastOnce),
+    )
+    .await;
+    let api = Api::new(http_addr(&cluster.nodes[0]));
+    let auth = Auth::basic(&cluster.solution);
+    let question = tokio::spawn(async move {
+        api.send(
+            api.request(
+                reqwest::Method::POST,
+                "/api/2/things/org.acme:lamp/inbox/messages/blink?timeout=10",
+                &auth,
+            )
+            .header("content-type", "application/json")
+            .body(r#"{"times":2}"#),
+        )
+        .await
+    });
+    let asked = expect_publish(&mut device).await;
+    ack_if_needed(&mut device, &asked).await;
+    let reply_to = asked
+        .properties
+        .response_topic
+        .clone()
+        .expect("the message carries a reply address");
+    let mut answer = publish(reply_to.as_str(), br#"{"blinked":2}"#, qos1(7));
+    answer.properties.correlation_data = asked.properties.correlation_data.clone();
+    answer.properties.content_type = Some(e2e::raw::utf8("application/json"));
+    device
+        .send(&broker::mqtt::codec::Packet::Publish(answer))
+        .await;
+    assert_eq!(expect_puback(&mut device, 7).await, 0);
+    let answered = tokio::time::timeout(Duration::from_secs(15), question)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answered.status, 200, "{answered:?}");
+    assert_eq!(answered.body, json!({"blinked": 2}));
+}

@@ -677,6 +677,21 @@ impl Core {
     /// (any more).
     fn reply(&self, client: &Client, topic: &TopicName, payload: &[u8], origin: Origin) -> Outcome {
         let Some(waiting) = client.space.reply_session(topic.as_str()) else {
+            if let Some(relay) = self.relay.get() {
+                // Cluster mode: the requester may wait on another node (the address is
+                // unguessable: only the node holding it delivers).
+                let message = Message::new(
+                    deep_copy_topic(topic),
+                    Bytes::copy_from_slice(payload),
+                    Origin {
+                        qos: origin.qos.min(QoS::AtLeastOnce),
+                        retain: false,
+                        ..origin
+                    },
+                );
+                relay.reply(client.space.id.as_str(), &message);
+                return Outcome::Now(Told::accepted());
+            }
             client.space.denied(&self.metrics, "publish");
             return Outcome::Now(Told::new(
                 Verdict::NotAuthorized,
@@ -703,6 +718,24 @@ impl Core {
         };
         waiting.enqueue(waiting.lock(), delivery, &self.metrics);
         Outcome::Now(Told::accepted())
+    }
+
+    /// Cluster mode: an answer relayed from another node, for a reply address that may be
+    /// waited at here.
+    pub fn deliver_reply(&self, space: &SolutionSpace, message: Arc<Message>) {
+        let Some(waiting) = space.reply_session(message.topic.as_str()) else {
+            return;
+        };
+        let qos = message.qos;
+        let delivery = Delivery {
+            message,
+            qos,
+            retain: false,
+            subscription_ids: Vec::new(),
+            stored: None,
+            redelivered: false,
+        };
+        waiting.enqueue(waiting.lock(), delivery, &self.metrics);
     }
 
     fn execute_command(

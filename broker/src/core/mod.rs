@@ -95,6 +95,9 @@ pub trait Relay: Send + Sync + std::fmt::Debug {
     fn plain(&self, solution: &str, message: &Message);
     /// A live message to `thing` (`resource`: its `message:` path), its sender authorized.
     fn live(&self, solution: &str, message: &Message, thing: &str, resource: &str);
+    /// An answer to a reply address nobody waits at on this node (an HTTP client waiting on
+    /// another node for a device's answer to its live message).
+    fn reply(&self, solution: &str, message: &Message);
 }
 
 /// The prefix of reply addresses ([`Core::reply_address`]).
