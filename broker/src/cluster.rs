@@ -645,7 +645,10 @@ mod tests {
         let relayed = decode(encode(
             "acme",
             &message,
-            Some(("ns:t", "/inbox/messages/x")),
+            Kind::Live {
+                thing: "ns:t",
+                resource: "/inbox/messages/x",
+            },
         ))
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(relayed.solution, "acme");
@@ -671,6 +674,10 @@ mod tests {
         );
         assert_eq!(p.correlation_data.as_deref(), Some(&b"\x00\x01"[..]));
         assert_eq!(p.user_properties.len(), 1);
+        assert!(!relayed.reply);
+        let answer =
+            decode(encode("acme", &message, Kind::Reply)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(answer.reply && answer.live.is_none());
         for cut in 0..20 {
             let mut bytes = encode("acme", &message, Kind::Plain).to_vec();
             bytes.truncate(cut);
