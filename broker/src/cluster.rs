@@ -60,6 +60,10 @@ pub struct Node {
     claim_subject: String,
     client: async_nats::Client,
     outbox: tokio::sync::mpsc::Sender<(String, Bytes)>,
+    /// The other nodes heard from lately: node ID → when.
+    alive: Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>>,
+    /// When this node began to listen for the others.
+    joined: Instant,
 }
 
 /// Joins `core` to the cluster of `store`: registers the listener and the relay, subscribes
@@ -79,6 +83,8 @@ pub async fn join(
         claim_subject: format!("{}_CLAIM", config.stream),
         client: client.clone(),
         outbox,
+        alive: Arc::default(),
+        joined: Instant::now(),
     });
     let mut claims = client
         .subscribe(node.claim_subject.clone())
@@ -163,7 +169,14 @@ pub async fn join(
             }
         }
     });
-    spawn_membership(core, &client, &config.stream, node.node.clone()).await?;
+    spawn_membership(
+        core,
+        &client,
+        &config.stream,
+        node.node.clone(),
+        node.alive.clone(),
+    )
+    .await?;
     tracing::info!(node = %node.node, stream = %config.stream, "joined the cluster");
     Ok(())
 }
@@ -182,6 +195,7 @@ async fn spawn_membership(
     client: &async_nats::Client,
     stream: &str,
     node: String,
+    alive: Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>>,
 ) -> anyhow::Result<()> {
     let subject = format!("{stream}_NODES");
     let started = std::time::SystemTime::now()
@@ -223,7 +237,14 @@ async fn spawn_membership(
                     if let Ok(text) = std::str::from_utf8(&beat.payload)
                         && text != me
                     {
-                        seen.insert(text.to_owned(), Instant::now());
+                        let now = Instant::now();
+                        seen.insert(text.to_owned(), now);
+                        if let Some((_, id)) = text.split_once(' ') {
+                            let mut alive =
+                                alive.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                            alive.retain(|_, at| now.duration_since(*at) < GONE_AFTER);
+                            alive.insert(id.to_owned(), now);
+                        }
                     }
                 }
             }
@@ -254,6 +275,19 @@ const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 impl Relay for Node {
     fn node(&self) -> &str {
         &self.node
+    }
+
+    fn node_alive(&self, node: &str) -> bool {
+        // Until it has listened long enough to have heard everyone, a node assumes the others
+        // alive (a held session is then locked, not taken twice).
+        if self.joined.elapsed() < GONE_AFTER {
+            return true;
+        }
+        self.alive
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(node)
+            .is_some_and(|at| at.elapsed() < GONE_AFTER)
     }
 
     fn claim<'a>(

@@ -39,6 +39,7 @@ impl Cluster {
         let nodes = (0..n)
             .map(|_| {
                 let mut node = Broker::cluster_node(&url, &stream);
+                node.arg("--amqp").arg("127.0.0.1:0");
                 node.start();
                 node
             })
@@ -718,4 +719,60 @@ async fn a_live_message_over_http_on_one_node_gets_the_answer_of_a_device_on_ano
         .unwrap();
     assert_eq!(answered.status, 200, "{answered:?}");
     assert_eq!(answered.body, json!({"blinked": 2}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_amqp_queue_held_on_one_node_is_locked_on_another_and_resumed_after() {
+    use e2e::amqp::{amqp_addr, connect, secret_uri};
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::FieldTable;
+    let cluster = Cluster::start("queue", 2);
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let holder = connect(&secret_uri(amqp_addr(&cluster.nodes[0]), &cluster.solution)).await;
+    let held = holder.create_channel().await.unwrap();
+    held.queue_declare("orders".into(), durable, FieldTable::default())
+        .await
+        .unwrap();
+    // Node 2 learns from the store that node 1 holds it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other = connect(&secret_uri(amqp_addr(&cluster.nodes[1]), &cluster.solution)).await;
+    let channel = other.create_channel().await.unwrap();
+    let error = channel
+        .queue_declare("orders".into(), durable, FieldTable::default())
+        .await
+        .expect_err("the queue is held on the other node");
+    assert!(error.to_string().contains("RESOURCE_LOCKED"), "{error}");
+    let closing = Instant::now();
+    holder.close(200, "bye".into()).await.unwrap();
+    eprintln!("holder closed in {:?}", closing.elapsed());
+    // Let go on node 1: declared on node 2, the same durable queue.
+    let deadline = Instant::now() + NET_TIMEOUT;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let channel = other.create_channel().await.unwrap();
+        match channel
+            .queue_declare("orders".into(), durable, FieldTable::default())
+            .await
+        {
+            Ok(_) => {
+                eprintln!(
+                    "declared on node 2 {:?} after the holder left ({attempts} attempts)",
+                    closing.elapsed()
+                );
+                break;
+            }
+            Err(e) => {
+                assert!(e.to_string().contains("RESOURCE_LOCKED"), "{e}");
+                assert!(
+                    Instant::now() < deadline,
+                    "still locked after its holder left: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }

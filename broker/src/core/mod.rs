@@ -82,6 +82,8 @@ pub struct Core {
 pub trait Relay: Send + Sync + std::fmt::Debug {
     /// This node's ID (written into the sessions it holds).
     fn node(&self) -> &str;
+    /// Whether node `node` was heard from lately (it holds what it says it holds).
+    fn node_alive(&self, node: &str) -> bool;
     /// Asks every other node to let go of the session `client_id` of `solution` (its
     /// connection is ended, as by a takeover). With `wait`, completes once a node answered
     /// that it did, or after a bound: `true` if one did.
@@ -319,6 +321,14 @@ impl Core {
         if self.relay.get().is_some() && !space.sessions().contains_key(&*client_id) {
             // Cluster mode: the session another node left (claimed from it already, see
             // `claim`) lives on in the shared store.
+            if let Some(relay) = self.relay.get() {
+                // The node that left it (detached there, or gone) drops its copy: one holder.
+                let relay = relay.clone();
+                let (solution, client) = (space.id.as_str().to_owned(), client_id.clone());
+                tokio::spawn(async move {
+                    relay.claim(&solution, &client, false).await;
+                });
+            }
             if request.clean_start {
                 sessions::forget_stored(&*self.twins.store, &space, &client_id);
             } else {
@@ -418,12 +428,36 @@ impl Core {
     /// The session named `client_id` in `client`'s solution, as another client sees it
     /// (whether it may resume it, how much waits in it); `None` if there is none.
     pub fn session_status(&self, client: &Client, client_id: &str) -> Option<SessionStatus> {
-        let session = client.space.sessions().get(client_id).cloned()?;
+        let Some(session) = client.space.sessions().get(client_id).cloned() else {
+            return self.session_status_elsewhere(client, client_id);
+        };
         let state = session.lock();
         Some(SessionStatus {
             held: state.link.is_some(),
             persistent: state.expiry_interval > 0,
             queued: state.queued_len(),
+        })
+    }
+
+    /// Cluster mode: a persistent session this node does not hold, as the store has it: held
+    /// while a live node says it is attached there.
+    fn session_status_elsewhere(&self, client: &Client, client_id: &str) -> Option<SessionStatus> {
+        let relay = self.relay.get()?;
+        let key = twin::EntityKey::new(
+            twin::EntityKind::Session,
+            format!("{}/{client_id}", client.space.id),
+        );
+        let entity = self.twins.store.get(&key)?;
+        let attached = entity
+            .doc
+            .get("endedAtMillis")
+            .is_none_or(serde_json::Value::is_null);
+        let node = entity.doc.get("node").and_then(serde_json::Value::as_str);
+        Some(SessionStatus {
+            held: attached
+                && node.is_some_and(|node| node != relay.node() && relay.node_alive(node)),
+            persistent: true,
+            queued: 0,
         })
     }
 
