@@ -134,7 +134,43 @@ pub struct Pending {
     told: Option<Told>,
     /// A twin change and how many more times it may be decided again after a cluster store's
     /// conflict (another node wrote the entity first; nothing of this write was stored).
-    redo: Option<Box<(Redo, u8)>>,
+    redo: Option<Box<Retry>>,
+}
+
+/// A twin change to decide again after a conflict: what, how many more times, and (after the
+/// first conflict) the jittered pause before the next attempt — so that a node racing another
+/// that pipelines writes to the same thing does not lose every race.
+#[derive(Debug)]
+struct Retry {
+    redo: Redo,
+    left: u8,
+    wait: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// The pause before attempt `conflicts` + 1: none after the first conflict (the usual one:
+/// this node's state was a moment behind), then random up to 2, 4, … 64 ms.
+fn backoff(conflicts: u8) -> Option<std::time::Duration> {
+    if conflicts <= 1 {
+        return None;
+    }
+    let cap = 1u64 << u32::from(conflicts.min(6));
+    thread_local! {
+        static STATE: std::cell::Cell<u64> = std::cell::Cell::new({
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(0x9e37_79b9_7f4a_7c15);
+            h.finish() | 1
+        });
+    }
+    let random = STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        x
+    });
+    Some(std::time::Duration::from_micros(random % (cap * 1000)))
 }
 
 /// How many times a change is decided again after conflicts before the requester is told it
@@ -186,6 +222,16 @@ impl Pending {
         session: &Session,
     ) -> Poll<Told> {
         loop {
+            if let Some(wait) = self.redo.as_mut().and_then(|r| r.wait.as_mut()) {
+                std::task::ready!(wait.as_mut().poll(cx));
+                if let Some(retry) = self.redo.take() {
+                    let Retry { redo, left, .. } = *retry;
+                    match self.decide_again(redo, left, core, space, session) {
+                        None => continue,
+                        Some(told) => return Poll::Ready(told),
+                    }
+                }
+            }
             let result = std::task::ready!(Pin::new(&mut self.durable).poll(cx));
             if let Some(told) = self.told.take() {
                 if let Err(e) = result {
@@ -255,11 +301,23 @@ impl Pending {
         session: &Session,
     ) -> Option<Told> {
         if let Err(StoreError::Conflict { .. }) = &result
-            && let Some(redo) = self.redo.take()
+            && let Some(retry) = self.redo.take()
         {
-            let (redo, left) = *redo;
+            let Retry { redo, left, .. } = *retry;
             if left > 0 {
-                return self.decide_again(redo, left - 1, core, space, session);
+                core.metrics.cluster_conflicts.inc();
+                return match backoff(REDO_ATTEMPTS - left + 1) {
+                    None => self.decide_again(redo, left - 1, core, space, session),
+                    Some(pause) => {
+                        // Decided again once the pause is over (`poll_done`).
+                        self.redo = Some(Box::new(Retry {
+                            redo,
+                            left: left - 1,
+                            wait: Some(Box::pin(tokio::time::sleep(pause))),
+                        }));
+                        None
+                    }
+                };
             }
             tracing::warn!(client = %session.client_id, "a twin change met {REDO_ATTEMPTS} conflicts in a row; giving up");
         }
@@ -277,7 +335,6 @@ impl Pending {
         space: &SolutionSpace,
         session: &Session,
     ) -> Option<Told> {
-        core.metrics.cluster_conflicts.inc();
         match core.twins.redo(redo, self.policy.clone()) {
             Executed::Written {
                 durable,
@@ -294,14 +351,15 @@ impl Pending {
                 }
                 self.durable = durable;
                 self.events = events;
-                self.redo = Some(Box::new((
-                    Redo {
+                self.redo = Some(Box::new(Retry {
+                    redo: Redo {
                         command,
                         now,
                         precondition,
                     },
                     left,
-                )));
+                    wait: None,
+                }));
                 None
             }
             Executed::Answered { reply, denied } => {
@@ -804,14 +862,15 @@ impl Core {
                     answer,
                     policy,
                     told: None,
-                    redo: Some(Box::new((
-                        Redo {
+                    redo: Some(Box::new(Retry {
+                        redo: Redo {
                             command,
                             now,
                             precondition,
                         },
-                        REDO_ATTEMPTS,
-                    ))),
+                        left: REDO_ATTEMPTS,
+                        wait: None,
+                    })),
                 })
             }
         }
@@ -992,4 +1051,23 @@ fn error_message(reply: &Envelope) -> Option<String> {
         .and_then(|v| v.get("message"))
         .and_then(|m| m.as_str())
         .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use super::backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn the_first_conflict_is_decided_again_at_once_then_after_a_growing_random_pause() {
+        assert_eq!(backoff(0), None);
+        assert_eq!(backoff(1), None);
+        for (conflicts, cap) in [(2, 4), (3, 8), (6, 64), (40, 64)] {
+            let pauses: Vec<Duration> = (0..200).filter_map(|_| backoff(conflicts)).collect();
+            assert_eq!(pauses.len(), 200);
+            assert!(pauses.iter().all(|p| *p < Duration::from_millis(cap)));
+            // Jittered: not all the same.
+            assert!(pauses.iter().any(|p| *p != pauses[0]), "{pauses:?}");
+        }
+    }
 }
