@@ -47,6 +47,9 @@ pub(crate) async fn open(
                 // At `max_connections`: told at once, not left waiting.
                 core.metrics.refused("server_busy");
                 let code = ConnectRefusal::ServerBusy.code(connect.protocol);
+                // Decided: the slot is free before the client reads the answer (so a client
+                // told "busy" that tries again at once finds it free).
+                drop(slot);
                 send_and_close(&mut io, connect.protocol, &connack(false, code)).await;
                 return None;
             };
