@@ -61,6 +61,18 @@ impl Cluster {
         )
         .await
     }
+
+    /// `id` on node `node` with a persistent session (MQTT 5, no clean start, 300 s expiry).
+    async fn persistent_client(&self, node: usize, id: &str) -> TwinClient {
+        let mut connect = e2e::raw::with_login(
+            e2e::raw::connect_packet(Protocol::V5, id),
+            Some(&self.solution.id),
+            Some(&self.solution.secret),
+        );
+        connect.clean_start = false;
+        connect.properties.session_expiry_interval = Some(300);
+        TwinClient::connect_with(self.nodes[node].mqtt_addr(), connect).await
+    }
 }
 
 impl Drop for Cluster {
@@ -486,18 +498,8 @@ async fn after_kill_9_of_a_node_its_device_reads_its_last_acknowledged_state_on_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connect_on_another_node_takes_over_the_session_with_its_subscriptions() {
-    use e2e::raw::{connect_packet, with_login};
     let cluster = Cluster::start("takeover", 3);
-    let persistent = |node: usize| {
-        let mut connect = with_login(
-            connect_packet(Protocol::V5, "roamer"),
-            Some(&cluster.solution.id),
-            Some(&cluster.solution.secret),
-        );
-        connect.clean_start = false;
-        connect.properties.session_expiry_interval = Some(300);
-        TwinClient::connect_with(cluster.nodes[node].mqtt_addr(), connect)
-    };
+    let persistent = |node: usize| cluster.persistent_client(node, "roamer");
     let mut first = persistent(0).await;
     first.subscribe_ok("plain/roam", QoS::AtLeastOnce).await;
     let mut publisher = cluster.client(2, "publisher").await;
@@ -545,18 +547,8 @@ async fn a_connect_on_another_node_takes_over_the_session_with_its_subscriptions
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_persistent_session_left_on_one_node_resumes_on_another_with_what_was_queued() {
-    use e2e::raw::{connect_packet, with_login};
     let cluster = Cluster::start("resume", 3);
-    let persistent = |node: usize| {
-        let mut connect = with_login(
-            connect_packet(Protocol::V5, "sleeper"),
-            Some(&cluster.solution.id),
-            Some(&cluster.solution.secret),
-        );
-        connect.clean_start = false;
-        connect.properties.session_expiry_interval = Some(300);
-        TwinClient::connect_with(cluster.nodes[node].mqtt_addr(), connect)
-    };
+    let persistent = |node: usize| cluster.persistent_client(node, "sleeper");
     let mut sleeper = persistent(0).await;
     sleeper.subscribe_ok("plain/night", QoS::AtLeastOnce).await;
     drop(sleeper);

@@ -734,55 +734,36 @@ impl Core {
     /// A publish to a reply address: to the one session waiting on it, or refused if none is
     /// (any more).
     fn reply(&self, client: &Client, topic: &TopicName, payload: &[u8], origin: Origin) -> Outcome {
-        let Some(waiting) = client.space.reply_session(topic.as_str()) else {
-            if let Some(relay) = self.relay.get() {
-                // Cluster mode: the requester may wait on another node (the address is
-                // unguessable: only the node holding it delivers).
-                let message = Message::new(
-                    deep_copy_topic(topic),
-                    Bytes::copy_from_slice(payload),
-                    Origin {
-                        qos: origin.qos.min(QoS::AtLeastOnce),
-                        retain: false,
-                        ..origin
-                    },
-                );
-                relay.reply(client.space.id.as_str(), &message);
-                return Outcome::Now(Told::accepted());
-            }
-            client.space.denied(&self.metrics, "publish");
-            return Outcome::Now(Told::new(
-                Verdict::NotAuthorized,
-                "nobody waits for an answer at this address",
-            ));
-        };
-        let qos = origin.qos.min(QoS::AtLeastOnce);
         let message = Message::new(
             deep_copy_topic(topic),
             Bytes::copy_from_slice(payload),
             Origin {
-                qos,
+                qos: origin.qos.min(QoS::AtLeastOnce),
                 retain: false,
                 ..origin
             },
         );
-        let delivery = Delivery {
-            message,
-            qos,
-            retain: false,
-            subscription_ids: Vec::new(),
-            stored: None,
-            redelivered: false,
-        };
-        waiting.enqueue(waiting.lock(), delivery, &self.metrics);
-        Outcome::Now(Told::accepted())
+        if self.deliver_reply(&client.space, message.clone()) {
+            return Outcome::Now(Told::accepted());
+        }
+        if let Some(relay) = self.relay.get() {
+            // Cluster mode: the requester may wait on another node (the address is
+            // unguessable: only the node holding it delivers).
+            relay.reply(client.space.id.as_str(), &message);
+            return Outcome::Now(Told::accepted());
+        }
+        client.space.denied(&self.metrics, "publish");
+        Outcome::Now(Told::new(
+            Verdict::NotAuthorized,
+            "nobody waits for an answer at this address",
+        ))
     }
 
-    /// Cluster mode: an answer relayed from another node, for a reply address that may be
-    /// waited at here.
-    pub fn deliver_reply(&self, space: &SolutionSpace, message: Arc<Message>) {
+    /// An answer for a reply address (`message.topic`), into the session waiting there:
+    /// whether one waits on this node.
+    pub fn deliver_reply(&self, space: &SolutionSpace, message: Arc<Message>) -> bool {
         let Some(waiting) = space.reply_session(message.topic.as_str()) else {
-            return;
+            return false;
         };
         let qos = message.qos;
         let delivery = Delivery {
@@ -794,6 +775,7 @@ impl Core {
             redelivered: false,
         };
         waiting.enqueue(waiting.lock(), delivery, &self.metrics);
+        true
     }
 
     fn execute_command(

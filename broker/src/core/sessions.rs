@@ -223,9 +223,14 @@ pub fn remove(store: &dyn TwinStore, space: &SolutionSpace, session: &Session) {
             return;
         }
     }
+    delete_stored(store, space, &session.client_id);
+}
+
+/// Deletes the record of session `client_id` of `space` and its queued deliveries.
+fn delete_stored(store: &dyn TwinStore, space: &SolutionSpace, client_id: &str) {
     // `{solution}/{client}/{seq}`: the rest after the prefix is the sequence number alone (a
     // client ID may hold `/`: `a/b`'s records are not `a`'s).
-    let prefix = format!("{}/{}/", space.id, session.client_id);
+    let prefix = format!("{}/{}/", space.id, client_id);
     for queued in store.keys(EntityKind::Queued) {
         if queued
             .id
@@ -235,7 +240,7 @@ pub fn remove(store: &dyn TwinStore, space: &SolutionSpace, session: &Session) {
             delete(store, &queued);
         }
     }
-    delete(store, &key(space.id.as_str(), &session.client_id));
+    delete(store, &key(space.id.as_str(), client_id));
 }
 
 fn options(doc: &Value) -> Option<(Box<str>, SubscriptionRecord)> {
@@ -381,21 +386,9 @@ pub fn adopt(
 /// Cluster mode: deletes the stored session `client_id` of `space` and its queued deliveries
 /// (a clean start on this node of a session another node left).
 pub fn forget_stored(store: &dyn TwinStore, space: &SolutionSpace, client_id: &str) {
-    let key = key(space.id.as_str(), client_id);
-    if store.get(&key).is_none() {
-        return;
+    if store.get(&key(space.id.as_str(), client_id)).is_some() {
+        delete_stored(store, space, client_id);
     }
-    let prefix = format!("{}/{}/", space.id, client_id);
-    for queued in store.keys(EntityKind::Queued) {
-        if queued
-            .id
-            .strip_prefix(&prefix)
-            .is_some_and(|seq| !seq.contains('/'))
-        {
-            delete(store, &queued);
-        }
-    }
-    delete(store, &key);
 }
 
 /// The stored session `key` put back into its space, offline (`None`: unreadable, expired or
